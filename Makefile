@@ -1,0 +1,28 @@
+# Two commands: `make demo` and `make test`. Both create .venv and install the pinned environment first.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
+
+.PHONY: install demo test bench-speed clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml requirements-dev.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements-dev.txt
+	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
+	touch $@
+
+demo: install
+	$(OFFLINE) $(PY) -m zotune.demo
+
+test: install
+	$(OFFLINE) $(PY) -m pytest -q
+
+bench-speed: install
+	$(OFFLINE) $(PY) -m zotune.bench.speed
+
+clean:
+	rm -rf $(VENV) runs results .pytest_cache
