@@ -1,0 +1,217 @@
+"""Seeded random directions, regenerated on demand instead of stored.
+
+A zeroth-order gradient in zotune is a list of ``(seed, coefficient)`` pairs. The direction ``z(seed)``
+is never kept: it is regenerated whenever it is needed, from keys that depend only on the seed, the
+parameter's index and the position inside the parameter.
+
+Keyed generation. Each parameter tensor is cut, in flattened order, into blocks of ``BLOCK_SIZE``
+values; block ``b`` of parameter ``i`` under seed ``s`` is drawn from its own generator, seeded with
+``block_key(s, i, b)``. So ``z_i(s)`` does not depend on which other parameters were generated before it
+(the reference MeZO code reseeds one global stream and walks the parameters in order), and any block can
+be regenerated alone: inside a module's forward hook, a backward hook, on one shard of a parameter, or on
+any of several threads.
+
+Values depend on the device type: CPU blocks come from torch's mt19937, CUDA blocks from Philox. torch's
+CPU generator keeps only the low 32 bits of a seed, so on the CPU a block key is effectively 32 bits
+(two blocks of one step share a key with probability ~1e-4 for a 135M-parameter model).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+
+GAUSSIAN = "gaussian"
+RADEMACHER = "rademacher"
+DISTRIBUTIONS = (GAUSSIAN, RADEMACHER)
+
+# Small enough that threads share the work of one large matrix, large enough that the per-block seeding
+# and dispatch cost (~10 us) stays around 1% of the drawing cost (measured on 2 cores: 2^17 was fastest
+# of 2^15..2^17 for a 135M-parameter sweep).
+BLOCK_SIZE = 1 << 17
+
+_MASK64 = (1 << 64) - 1
+
+Pair = tuple[int, float]
+
+
+def _splitmix64(value: int) -> int:
+    value = (value + 0x9E3779B97F4A7C15) & _MASK64
+    value = ((value ^ (value >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    value = ((value ^ (value >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return value ^ (value >> 31)
+
+
+def block_key(seed: int, param_index: int, block_index: int) -> int:
+    """The generator seed of one block: a 64-bit mix of (step seed, parameter index, block index)."""
+    return _splitmix64(_splitmix64(_splitmix64(seed & _MASK64) ^ param_index) ^ block_index)
+
+
+def derive_seed(base_seed: int, *counters: int) -> int:
+    """A 63-bit seed for one direction, e.g. ``derive_seed(base, step, sample)``."""
+    value = _splitmix64(base_seed & _MASK64)
+    for counter in counters:
+        value = _splitmix64(value ^ (counter & _MASK64))
+    return value >> 1
+
+
+def _draw(block: torch.Tensor, generator: torch.Generator, distribution: str) -> None:
+    if distribution == GAUSSIAN:
+        block.normal_(generator=generator)
+    else:
+        block.random_(0, 2, generator=generator).mul_(2).sub_(1)
+
+
+class DirectionEngine:
+    """Generates and applies keyed directions for a fixed list of parameter tensors.
+
+    ``params[i]`` is keyed by its position ``i``: build the engine from the same parameters in the same
+    order to regenerate the same directions (an optimizer does this from its ``param_groups``).
+    Directions are drawn in float32 whatever the parameter dtype; updates of bf16/fp16 parameters are
+    computed in float32 and rounded once.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[torch.Tensor],
+        distribution: str = GAUSSIAN,
+        num_threads: int | None = None,
+    ) -> None:
+        if distribution not in DISTRIBUTIONS:
+            raise ValueError(
+                f"unknown direction distribution {distribution!r}: choose one of {', '.join(DISTRIBUTIONS)}"
+            )
+        self.params = list(params)
+        self.distribution = distribution
+        self.num_threads = max(1, num_threads or torch.get_num_threads())
+        self._pool = ThreadPoolExecutor(self.num_threads - 1) if self.num_threads > 1 else None
+        self._local = threading.local()
+        self._schedules: dict[tuple[int, ...], list[list[tuple[int, int, int]]]] = {}
+
+    # ----- generation -------------------------------------------------------------------------
+
+    def direction(self, param_index: int, seed: int) -> torch.Tensor:
+        """``z_i(seed)`` as a new float32 tensor shaped like the parameter (for tests and references)."""
+        param = self.params[param_index]
+        out = torch.empty(param.shape, dtype=torch.float32, device=param.device)
+        flat = out.view(-1)
+        for start in range(0, flat.numel(), BLOCK_SIZE):
+            self._fill(flat[start : start + BLOCK_SIZE], seed, param_index, start // BLOCK_SIZE)
+        return out
+
+    def _fill(self, block: torch.Tensor, seed: int, param_index: int, block_index: int) -> None:
+        generator = self._generator(block.device)
+        generator.manual_seed(block_key(seed, param_index, block_index))
+        _draw(block, generator, self.distribution)
+
+    def _generator(self, device: torch.device) -> torch.Generator:
+        generators = self._thread_state("generators", dict)
+        if device not in generators:
+            generators[device] = torch.Generator(device=device)
+        return generators[device]
+
+    def _buffer(self, slot: int, numel: int, device: torch.device) -> torch.Tensor:
+        """A float32 scratch block owned by the calling thread, reused across calls."""
+        buffers = self._thread_state("buffers", dict)
+        key = (slot, device)
+        if key not in buffers:
+            buffers[key] = torch.empty(BLOCK_SIZE, dtype=torch.float32, device=device)
+        return buffers[key][:numel]
+
+    def _thread_state(self, name, factory):
+        if not hasattr(self._local, name):
+            setattr(self._local, name, factory())
+        return getattr(self._local, name)
+
+    # ----- application ------------------------------------------------------------------------
+
+    def apply(
+        self,
+        pairs: Sequence[Pair],
+        indices: Sequence[int] | None = None,
+        restore: Sequence[Pair] = (),
+        scale: float = 1.0,
+    ) -> None:
+        """In place, for each parameter ``i`` in ``indices`` (default: all):
+
+            θ_i ← (θ_i + Σ_restore r·z_i(s)) · scale + Σ_pairs a·z_i(s)
+
+        in one pass over the parameter, each distinct seed generated once per block. ``restore`` undoes
+        an in-place perturbation before ``scale`` (weight decay) so that decay sees the restored value.
+        Zero coefficients are skipped, so a zero update leaves parameters bit-identical.
+        """
+        restore = [(seed, coef) for seed, coef in restore if coef != 0.0]
+        pairs = [(seed, coef) for seed, coef in pairs if coef != 0.0]
+        if not restore and not pairs and scale == 1.0:
+            return
+        indices = tuple(range(len(self.params)) if indices is None else indices)
+
+        def process(param_index: int, block_index: int, start: int, stop: int) -> None:
+            target = self.params[param_index].detach().view(-1)[start:stop]
+            work = target if target.dtype == torch.float32 else target.float()
+            drawn: dict[int, torch.Tensor] = {}
+
+            def z(seed: int) -> torch.Tensor:
+                if seed not in drawn:
+                    drawn[seed] = self._buffer(len(drawn), stop - start, target.device)
+                    self._fill(drawn[seed], seed, param_index, block_index)
+                return drawn[seed]
+
+            for seed, coef in restore:
+                work.add_(z(seed), alpha=coef)
+            if scale != 1.0:
+                work.mul_(scale)
+            for seed, coef in pairs:
+                work.add_(z(seed), alpha=coef)
+            if work is not target:
+                target.copy_(work)
+
+        self._run(self._schedule(indices), process)
+
+    def perturbed_copy(self, param_index: int, seed: int, alpha: float) -> torch.Tensor:
+        """A new tensor ``θ_i + alpha·z_i(seed)`` (parameter dtype, computed in float32); θ_i is untouched."""
+        param = self.params[param_index].detach()
+        out = torch.empty_like(param)
+        source, target = param.reshape(-1), out.view(-1)
+
+        def process(_: int, block_index: int, start: int, stop: int) -> None:
+            z = self._buffer(0, stop - start, param.device)
+            self._fill(z, seed, param_index, block_index)
+            torch.add(source[start:stop], z, alpha=alpha, out=target[start:stop])
+
+        self._run(self._schedule((param_index,)), process)
+        return out
+
+    # ----- scheduling -------------------------------------------------------------------------
+
+    def _schedule(self, indices: tuple[int, ...]) -> list[list[tuple[int, int, int]]]:
+        """Blocks of the given parameters, split into one list per thread with balanced sizes."""
+        if indices not in self._schedules:
+            blocks = [
+                (i, start, min(start + BLOCK_SIZE, self.params[i].numel()))
+                for i in indices
+                for start in range(0, self.params[i].numel(), BLOCK_SIZE)
+            ]
+            parallel = self._pool is not None and all(self.params[i].device.type == "cpu" for i in indices)
+            workers = min(self.num_threads, len(blocks)) if parallel else 1
+            total = sum(stop - start for _, start, stop in blocks)
+            groups: list[list[tuple[int, int, int]]] = [[] for _ in range(max(workers, 1))]
+            done = 0
+            for block in blocks:
+                groups[min(done * workers // max(total, 1), workers - 1)].append(block)
+                done += block[2] - block[1]
+            self._schedules[indices] = groups
+        return self._schedules[indices]
+
+    def _run(self, groups, process) -> None:
+        def work(group):
+            for param_index, start, stop in group:
+                process(param_index, start // BLOCK_SIZE, start, stop)
+
+        futures = [self._pool.submit(work, group) for group in groups[1:]] if len(groups) > 1 else []
+        work(groups[0])
+        for future in futures:
+            future.result()

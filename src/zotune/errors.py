@@ -1,0 +1,17 @@
+"""Errors zotune raises on purpose, each with a message that names the problem and the fix."""
+
+
+class ZotuneError(Exception):
+    """Base class of zotune's own errors."""
+
+
+class NonFiniteLossError(ZotuneError, FloatingPointError):
+    """A loss was NaN or infinite; the parameters were left as they were before the step."""
+
+    def __init__(self, step: int, seed: int, losses: dict[str, float]) -> None:
+        shown = ", ".join(f"{name}={value}" for name, value in losses.items())
+        super().__init__(
+            f"non-finite loss at step {step} (direction seed {seed}): {shown}. The parameters were not "
+            "updated. Lower the learning rate or eps, or check the batch and the model's dtype."
+        )
+        self.step, self.seed, self.losses = step, seed, losses

@@ -1,0 +1,165 @@
+"""Two-point (SPSA) estimates of the projected gradient, and the two ways to evaluate θ ± εz.
+
+``c = (L(θ+εz) − L(θ−εz)) / 2ε`` estimates the directional derivative along ``z``; ``c·z`` is the
+zeroth-order gradient, kept as the pair ``(seed, c)``.
+
+Two perturbation modes:
+
+- **module** (exact; needs the model): a forward pre-hook on each module that owns trainable parameters
+  swaps in a fresh copy ``θ_i ± εz_i`` for the duration of that module's forward, then swaps the stored
+  tensor back. Stored parameters never change during the estimate, so a step with lr = 0 is
+  bit-identical in every dtype. Peak extra memory: one module's parameters (a tied parameter, e.g. a
+  shared embedding, stays perturbed until the closure returns). Cost: one generation per forward, so a
+  closure that runs several micro-batches regenerates z for each of them.
+- **inplace** (the MeZO paper's scheme; any parameters): θ += εz, forward, θ −= 2εz, forward, then the
+  caller folds the restoring +εz into its update pass (3 generations per step whatever the number of
+  micro-batches). Rounding makes θ+εz−2εz+εz differ from θ in the last bits, in fp32 too.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .directions import DirectionEngine, Pair
+from .errors import NonFiniteLossError
+
+Closure = Callable[[], "torch.Tensor | float"]
+
+
+@dataclass
+class Estimate:
+    """One two-point estimate. ``restore`` lists pairs the caller must still apply (inplace mode)."""
+
+    seed: int
+    eps: float
+    loss_plus: float
+    loss_minus: float
+    restore: list[Pair] = field(default_factory=list)
+
+    @property
+    def projected_gradient(self) -> float:
+        return (self.loss_plus - self.loss_minus) / (2.0 * self.eps)
+
+
+class TwoPointEstimator:
+    """Evaluates a loss closure at θ+εz and θ−εz; with ``model`` in module mode, else in place."""
+
+    def __init__(self, engine: DirectionEngine, eps: float, model: nn.Module | None = None) -> None:
+        if not eps > 0:
+            raise ValueError(f"eps must be positive, got {eps}: the paper default is 1e-3")
+        self.engine = engine
+        self.eps = eps
+        self.module_perturbation = ModulePerturbation(engine, model) if model is not None else None
+
+    @property
+    def mode(self) -> str:
+        return "module" if self.module_perturbation is not None else "inplace"
+
+    def estimate(self, closure: Closure, seed: int, step: int, fuse_restore: bool = False) -> Estimate:
+        """Two loss evaluations along ``z(seed)``. In inplace mode with ``fuse_restore`` the parameters are
+        left at θ−εz and ``Estimate.restore`` holds the pair that brings them back."""
+        if self.module_perturbation is not None:
+            with self.module_perturbation(seed, self.eps):
+                loss_plus = _evaluate(closure)
+            with self.module_perturbation(seed, -self.eps):
+                loss_minus = _evaluate(closure)
+            estimate = Estimate(seed, self.eps, loss_plus, loss_minus)
+        else:
+            self.engine.apply([(seed, self.eps)])
+            loss_plus = _evaluate(closure)
+            self.engine.apply([(seed, -2.0 * self.eps)])
+            loss_minus = _evaluate(closure)
+            estimate = Estimate(seed, self.eps, loss_plus, loss_minus, restore=[(seed, self.eps)])
+            if not fuse_restore or not _finite(estimate):
+                self.engine.apply(estimate.restore)
+                estimate.restore = []
+        if not _finite(estimate):
+            raise NonFiniteLossError(step, seed, {"loss+": loss_plus, "loss-": loss_minus})
+        return estimate
+
+
+def _finite(estimate: Estimate) -> bool:
+    return math.isfinite(estimate.loss_plus) and math.isfinite(estimate.loss_minus)
+
+
+def _evaluate(closure: Closure) -> float:
+    with torch.inference_mode():
+        return float(closure())
+
+
+def mean_over_micro_batches(loss_fn: Callable[[object], torch.Tensor], micro_batches: Sequence) -> Closure:
+    """Gradient accumulation for ZO: a closure returning the mean loss over ``micro_batches``.
+
+    Every micro-batch is evaluated at the same perturbed point (one seed), so with equal-sized
+    micro-batches and a mean-reduced loss the estimate equals the one on the whole batch.
+    """
+    if not micro_batches:
+        raise ValueError("mean_over_micro_batches needs at least one micro-batch")
+
+    def closure() -> torch.Tensor:
+        return sum(loss_fn(batch) for batch in micro_batches) / len(micro_batches)
+
+    return closure
+
+
+class ModulePerturbation:
+    """Context manager factory: ``with perturbation(seed, alpha): ...`` runs forwards at θ + alpha·z(seed)
+    without writing to the stored parameters (see the module docstring). Also puts the model in eval mode
+    for the duration, so dropout cannot make the two forwards disagree."""
+
+    def __init__(self, engine: DirectionEngine, model: nn.Module) -> None:
+        self.engine, self.model = engine, model
+        index_of = {id(param): i for i, param in enumerate(engine.params)}
+        self.owned: list[tuple[nn.Module, list[tuple[int, nn.Parameter]]]] = []
+        owners: dict[int, int] = {}
+        for module in model.modules():
+            mine = [(index_of[id(p)], p) for p in module.parameters(recurse=False) if id(p) in index_of]
+            if mine:
+                self.owned.append((module, mine))
+                for index, _ in mine:
+                    owners[index] = owners.get(index, 0) + 1
+        missing = [i for i in range(len(engine.params)) if i not in owners]
+        if missing:
+            raise ValueError(
+                f"{len(missing)} optimized parameter(s) do not belong to the model given for exact "
+                "perturbation: pass the model that owns every optimized parameter, or pass parameters "
+                "only (in-place perturbation)."
+            )
+        self.shared = {index for index, count in owners.items() if count > 1}
+
+    @contextmanager
+    def __call__(self, seed: int, alpha: float):
+        originals: dict[int, torch.Tensor] = {}
+
+        def swap_in(params: Iterable[tuple[int, nn.Parameter]]):
+            for index, param in params:
+                if index not in originals:
+                    originals[index] = param.data
+                    param.data = self.engine.perturbed_copy(index, seed, alpha)
+
+        def swap_back(params: Iterable[tuple[int, nn.Parameter]]):
+            for index, param in params:
+                if index in originals and index not in self.shared:
+                    param.data = originals.pop(index)
+
+        handles = []
+        for module, params in self.owned:
+            handles.append(module.register_forward_pre_hook(lambda *_, p=params: swap_in(p)))
+            handles.append(module.register_forward_hook(lambda *_, p=params: swap_back(p)))
+        training = {module: module.training for module in self.model.modules()}
+        self.model.eval()
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+            for index, original in originals.items():
+                self.engine.params[index].data = original
+            for module, mode in training.items():
+                module.training = mode

@@ -1,0 +1,31 @@
+"""Optimizers, one file each, all torch.optim.Optimizer subclasses, and a registry by name."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .inplace_sgd import InPlaceSGD
+from .mezo import MeZO
+from .params import is_decayed, trainable_groups
+
+OPTIMIZERS = {
+    "mezo": MeZO,
+    "ip-sgd": InPlaceSGD,
+    "sgd": torch.optim.SGD,
+    "adam": torch.optim.Adam,
+}
+
+
+def create_optimizer(name: str, model: nn.Module, **hyperparameters) -> torch.optim.Optimizer:
+    """Build optimizer ``name`` for the trainable parameters of ``model`` (no decay on biases/norms)."""
+    if name not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {name!r}: choose one of {', '.join(sorted(OPTIMIZERS))}")
+    cls = OPTIMIZERS[name]
+    if cls in (torch.optim.SGD, torch.optim.Adam):
+        _, groups = trainable_groups(model, hyperparameters.pop("weight_decay", 0.0))
+        return cls(groups, **hyperparameters)
+    return cls(model, **hyperparameters)
+
+
+__all__ = ["OPTIMIZERS", "InPlaceSGD", "MeZO", "create_optimizer", "is_decayed", "trainable_groups"]
