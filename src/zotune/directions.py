@@ -71,7 +71,7 @@ class DirectionEngine:
     ``params[i]`` is keyed by its position ``i``: build the engine from the same parameters in the same
     order to regenerate the same directions (an optimizer does this from its ``param_groups``).
     Directions are drawn in float32 whatever the parameter dtype; updates of bf16/fp16 parameters are
-    computed in float32 and rounded once.
+    computed in float32 and rounded once, those of float64 parameters in float64.
     """
 
     def __init__(
@@ -118,7 +118,10 @@ class DirectionEngine:
         buffers = self._thread_state("buffers", dict)
         key = (slot, device)
         if key not in buffers:
-            buffers[key] = torch.empty(BLOCK_SIZE, dtype=torch.float32, device=device)
+            # A normal tensor even when first asked for inside a forward under inference_mode, so that
+            # it can be written again outside it.
+            with torch.inference_mode(False):
+                buffers[key] = torch.empty(BLOCK_SIZE, dtype=torch.float32, device=device)
         return buffers[key][:numel]
 
     def _thread_state(self, name, factory):
@@ -151,7 +154,7 @@ class DirectionEngine:
 
         def process(param_index: int, block_index: int, start: int, stop: int) -> None:
             target = self.params[param_index].detach().view(-1)[start:stop]
-            work = target if target.dtype == torch.float32 else target.float()
+            work = target if target.dtype in (torch.float32, torch.float64) else target.float()
             drawn: dict[int, torch.Tensor] = {}
 
             def z(seed: int) -> torch.Tensor:

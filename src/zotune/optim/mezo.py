@@ -78,6 +78,7 @@ class MeZO(torch.optim.Optimizer):
             lr = group["lr"]
             pairs = [(e.seed, -lr * e.projected_gradient / self.n_directions) for e in estimates]
             self.engine.apply(pairs, indices, restore=estimates[-1].restore, scale=1.0 - lr * group["weight_decay"])
-        stream["step"] += 1
+        # A new dict, not an update in place, so that a state_dict() taken earlier stays a snapshot.
+        self.state["zo"] = {**stream, "step": stream["step"] + 1}
         self.last_estimates = estimates
         return sum(e.loss_plus + e.loss_minus for e in estimates) / (2 * len(estimates))

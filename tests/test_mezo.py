@@ -1,0 +1,216 @@
+import math
+
+import pytest
+import torch
+
+from conftest import lm_loss
+from zotune import MeZO, NonFiniteLossError
+from zotune.directions import derive_seed
+from zotune.estimators import mean_over_micro_batches
+from zotune.models import random_llama
+from zotune.optim import is_decayed
+
+
+def naive_mezo(model, input_ids, *, steps, lr, eps, weight_decay, n_directions, seed, direction):
+    """MeZO as the paper writes it, with every z stored densely and θ±εz built as new tensors.
+
+    ``direction(name, step_seed)`` supplies z for a parameter (the keyed generator under test elsewhere)."""
+    theta = {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+
+    def loss_at(params):
+        with torch.no_grad():
+            return lm_loss(model, input_ids, params).item()
+
+    for step in range(steps):
+        seeds = [derive_seed(seed, step, j) for j in range(n_directions)]
+        zs = [{name: direction(name, s).to(theta[name].dtype) for name in theta} for s in seeds]
+        grads = []
+        for z in zs:
+            plus = loss_at({n: theta[n] + eps * z[n] for n in theta})
+            minus = loss_at({n: theta[n] - eps * z[n] for n in theta})
+            grads.append((plus - minus) / (2 * eps))
+        for name in theta:
+            decay = weight_decay if is_decayed(name, theta[name]) else 0.0
+            estimate = sum(g * z[name] for g, z in zip(grads, zs)) / n_directions
+            theta[name] = theta[name] - lr * (estimate + decay * theta[name])
+    return theta
+
+
+def run_mezo(model, input_ids, steps, exact, **kwargs):
+    if exact:
+        optimizer = MeZO(model, **kwargs)
+    else:  # parameters only: apply MeZO's no-decay rule through groups, as a user would
+        groups = [{"params": [p for n, p in model.named_parameters() if is_decayed(n, p)]},
+                  {"params": [p for n, p in model.named_parameters() if not is_decayed(n, p)], "weight_decay": 0.0}]
+        optimizer = MeZO(groups, **kwargs)
+    for _ in range(steps):
+        optimizer.step(lambda: lm_loss(model, input_ids))
+    return optimizer
+
+
+def keyed_direction(model, optimizer):
+    index = {id(p): i for i, p in enumerate(optimizer.engine.params)}
+    params = dict(model.named_parameters())
+    return lambda name, s: optimizer.engine.direction(index[id(params[name])], s)
+
+
+# Float32 SPSA is noisy at the 1e-6 level: the loss (~4) is rounded to ~5e-7, which c = ΔL/2ε turns into
+# ~1e-4 relative noise, and in-place θ+εz−2εz rounds differently from a dense θ−εz. Module mode
+# evaluates exactly the reference's θ±εz, so it agrees in float32; in-place mode is checked in float64.
+@pytest.mark.parametrize("exact,dtype,tolerance", [(True, torch.float32, 1e-6), (True, torch.float64, 1e-10),
+                                                  (False, torch.float64, 1e-10)], ids=["module-fp32", "module-fp64", "inplace-fp64"])
+@pytest.mark.parametrize("n_directions,distribution", [(1, "gaussian"), (2, "gaussian"), (1, "rademacher")])
+@pytest.mark.parametrize("tie", [True, False], ids=["tied", "untied"])
+def test_mezo_matches_naive_reference(exact, dtype, tolerance, n_directions, distribution, tie, batch):
+    hyper = dict(lr=1e-3, eps=1e-3, weight_decay=0.1, n_directions=n_directions, seed=42)
+    model = random_llama("tiny", dtype=dtype, seed=0, tie_embeddings=tie)
+    reference_model = random_llama("tiny", dtype=dtype, seed=0, tie_embeddings=tie)
+    optimizer = run_mezo(model, batch, 3, exact, distribution=distribution, **hyper)
+    expected = naive_mezo(reference_model, batch, steps=3, direction=keyed_direction(model, optimizer), **hyper)
+    for name, param in model.named_parameters():
+        torch.testing.assert_close(param.detach(), expected[name], rtol=0, atol=tolerance, msg=name)
+    moved = sum((p.detach() - reference_model.state_dict()[n]).abs().sum() for n, p in model.named_parameters())
+    assert moved > 1e-3  # the comparison is not between two unchanged models
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_zero_learning_rate_leaves_parameters_bit_identical(dtype, batch):
+    model = random_llama("tiny", dtype=dtype, seed=3)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    optimizer = MeZO(model, lr=0.0, eps=1e-2, weight_decay=0.1)
+    for _ in range(20):
+        optimizer.step(lambda: lm_loss(model, batch))
+    assert all(e.projected_gradient != 0 for e in optimizer.last_estimates)
+    for name, param in model.named_parameters():
+        assert torch.equal(param.detach().view(torch.int16 if dtype != torch.float32 else torch.int32),
+                           before[name].view(torch.int16 if dtype != torch.float32 else torch.int32)), name
+
+
+def test_inplace_perturbation_drifts_in_bf16_which_is_why_module_mode_exists(batch):
+    model = random_llama("tiny", dtype=torch.bfloat16, seed=3)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    optimizer = MeZO(model.parameters(), lr=0.0, eps=1e-2)
+    for _ in range(5):
+        optimizer.step(lambda: lm_loss(model, batch))
+    assert any(not torch.equal(p.detach(), before[n]) for n, p in model.named_parameters())
+
+
+def test_gradient_accumulation_equals_full_batch(batch):
+    # float64: in float32 the two sums of token losses round differently, and c = ΔL/2ε magnifies that.
+    full_model = random_llama("tiny", dtype=torch.float64, seed=1)
+    accumulated_model = random_llama("tiny", dtype=torch.float64, seed=1)
+    full = MeZO(full_model, lr=1e-3, seed=5)
+    accumulated = MeZO(accumulated_model, lr=1e-3, seed=5)
+    micro_batches = [batch[:2], batch[2:]]
+    for _ in range(3):
+        full.step(lambda: lm_loss(full_model, batch))
+        accumulated.step(mean_over_micro_batches(lambda b: lm_loss(accumulated_model, b), micro_batches))
+        assert math.isclose(full.last_estimates[0].projected_gradient,
+                            accumulated.last_estimates[0].projected_gradient, rel_tol=1e-6)
+    for (name, a), b in zip(full_model.named_parameters(), accumulated_model.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-10, msg=name)
+
+
+def test_learning_rate_scheduler_drives_the_update(batch):
+    plain_model, scheduled_model = random_llama("tiny", seed=1), random_llama("tiny", seed=1)
+    plain = MeZO(plain_model, lr=1e-3, seed=2)
+    scheduled = MeZO(scheduled_model, lr=2e-3, seed=2)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(scheduled, lambda step: 0.5)
+    for _ in range(2):
+        plain.step(lambda: lm_loss(plain_model, batch))
+        scheduled.step(lambda: lm_loss(scheduled_model, batch))
+        scheduler.step()
+    for a, b in zip(plain_model.parameters(), scheduled_model.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-7)
+
+
+def test_state_dict_resumes_the_seed_stream_exactly(batch):
+    model = random_llama("tiny", seed=4)
+    optimizer = MeZO(model, lr=1e-3, seed=9)
+    for _ in range(2):
+        optimizer.step(lambda: lm_loss(model, batch))
+    saved_params = {n: p.detach().clone() for n, p in model.state_dict().items()}
+    saved_state = optimizer.state_dict()
+    for _ in range(2):
+        optimizer.step(lambda: lm_loss(model, batch))
+
+    resumed_model = random_llama("tiny", seed=123)
+    resumed_model.load_state_dict(saved_params)
+    resumed = MeZO(resumed_model, lr=1e-3, seed=0)
+    resumed.load_state_dict(saved_state)
+    assert resumed.state["zo"] == {"seed": 9, "step": 2}
+    for _ in range(2):
+        resumed.step(lambda: lm_loss(resumed_model, batch))
+    for a, b in zip(model.parameters(), resumed_model.parameters()):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("exact", [True, False], ids=["module", "inplace"])
+def test_only_trainable_parameters_are_touched(exact, batch):
+    model = random_llama("tiny", seed=5, tie_embeddings=False)
+    frozen = [n for n, _ in model.named_parameters() if "layers.0." in n or "embed" in n]
+    for name, param in model.named_parameters():
+        param.requires_grad_(name not in frozen)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    optimizer = MeZO(model if exact else model.parameters(), lr=1e-2)
+    optimizer.step(lambda: lm_loss(model, batch))
+    for name, param in model.named_parameters():
+        assert torch.equal(param, before[name]) == (name in frozen), name
+
+
+@pytest.mark.parametrize("exact", [True, False], ids=["module", "inplace"])
+def test_non_finite_loss_is_reported_and_parameters_are_kept(exact, batch):
+    model = random_llama("tiny", seed=6)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    optimizer = MeZO(model if exact else model.parameters(), lr=1e-2, seed=1)
+    optimizer.step(lambda: lm_loss(model, batch))
+    after_first = {n: p.detach().clone() for n, p in model.named_parameters()}
+    assert any(not torch.equal(after_first[n], before[n]) for n in before)
+    with pytest.raises(NonFiniteLossError, match=r"non-finite loss at step 1 \(direction seed \d+\): loss\+=nan"):
+        optimizer.step(lambda: lm_loss(model, batch) * float("nan"))
+    for name, param in model.named_parameters():
+        if exact:
+            assert torch.equal(param, after_first[name]), name
+        else:  # θ+εz−2εz+εz: restored up to rounding, the documented limit of in-place perturbation
+            torch.testing.assert_close(param, after_first[name], rtol=1e-6, atol=1e-7, msg=name)
+
+
+def test_mezo_lowers_the_loss_of_a_tiny_model(batch):
+    model = random_llama("tiny", seed=7)
+    optimizer = MeZO(model, lr=3e-3, eps=1e-3, seed=0)
+    with torch.no_grad():
+        initial = lm_loss(model, batch).item()
+    for _ in range(300):
+        optimizer.step(lambda: lm_loss(model, batch))
+    with torch.no_grad():
+        final = lm_loss(model, batch).item()
+    assert final < initial - 0.3, (initial, final)
+
+
+def test_dropout_is_disabled_during_the_estimate_and_training_mode_restored(batch):
+    model = random_llama("tiny", seed=8)
+    model.config.attention_dropout = 0.5
+    for layer in model.model.layers:
+        layer.self_attn.attention_dropout = 0.5
+    model.train()
+    optimizer = MeZO(model, lr=0.0)
+    modes = []
+    optimizer.step(lambda: modes.append(model.training) or lm_loss(model, batch))
+    assert modes == [False, False] and model.training
+    assert all(e.loss_plus != e.loss_minus for e in optimizer.last_estimates)
+
+
+def test_clear_errors_for_bad_arguments(tiny_llama):
+    with pytest.raises(ValueError, match="eps must be positive"):
+        MeZO(tiny_llama, eps=0.0)
+    with pytest.raises(ValueError, match="n_directions must be a positive integer"):
+        MeZO(tiny_llama, n_directions=0)
+    with pytest.raises(TypeError, match="needs a closure"):
+        MeZO(tiny_llama).step(None)
+    for param in tiny_llama.parameters():
+        param.requires_grad_(False)
+    with pytest.raises(ValueError, match="no parameter requires grad"):
+        MeZO(tiny_llama)
+    with pytest.raises(ValueError, match="do not belong to the model"):
+        MeZO([{"params": [torch.nn.Parameter(torch.zeros(3))]}], lr=1.0).estimator.__class__(
+            MeZO([torch.nn.Parameter(torch.zeros(3))]).engine, 1e-3, tiny_llama)
