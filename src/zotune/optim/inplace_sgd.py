@@ -50,11 +50,12 @@ class InPlaceSGD(torch.optim.Optimizer):
             return None
         with torch.enable_grad():
             loss = closure()
-            if not math.isfinite(float(loss)):
-                raise NonFiniteLossError(self._steps, seed=-1, losses={"loss": float(loss)})
+            value = loss.item()
+            if not math.isfinite(value):
+                raise NonFiniteLossError(self._steps, seed=-1, losses={"loss": value})
             loss.backward()
         self._steps += 1
-        return float(loss)
+        return value
 
     def remove_hooks(self) -> None:
         """Detach the optimizer from its parameters (afterwards, backward no longer updates them)."""
