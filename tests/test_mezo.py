@@ -5,7 +5,7 @@ import torch
 
 from conftest import lm_loss
 from zotune import MeZO, NonFiniteLossError
-from zotune.directions import derive_seed
+from zotune.directions import BLOCK_SIZE, derive_seed
 from zotune.estimators import mean_over_micro_batches
 from zotune.models import random_llama
 from zotune.optim import is_decayed
@@ -214,3 +214,22 @@ def test_clear_errors_for_bad_arguments(tiny_llama):
     with pytest.raises(ValueError, match="do not belong to the model"):
         MeZO([{"params": [torch.nn.Parameter(torch.zeros(3))]}], lr=1.0).estimator.__class__(
             MeZO([torch.nn.Parameter(torch.zeros(3))]).engine, 1e-3, tiny_llama)
+
+
+@pytest.mark.parametrize("exact", [True, False], ids=["module", "inplace"])
+def test_threads_and_multi_block_parameters_give_the_same_step(exact):
+    """Parameters larger than one block are split across threads, also inside a forward under inference_mode."""
+
+    def build():
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Linear(400, 400), torch.nn.Tanh(), torch.nn.Linear(400, 1))
+
+    inputs = torch.randn(8, 400, generator=torch.Generator().manual_seed(1))
+    models = [build(), build()]
+    assert models[0][0].weight.numel() > BLOCK_SIZE
+    for model, threads in zip(models, (1, 2)):
+        optimizer = MeZO(model if exact else model.parameters(), lr=1e-2, num_threads=threads)
+        for _ in range(2):
+            optimizer.step(lambda: model(inputs).square().mean())
+    for a, b in zip(*(m.parameters() for m in models)):
+        assert torch.equal(a, b)

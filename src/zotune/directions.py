@@ -210,9 +210,14 @@ class DirectionEngine:
         return self._schedules[indices]
 
     def _run(self, groups, process) -> None:
+        # Grad and inference mode are thread-local: workers must run in the caller's modes, e.g. to write
+        # into a tensor created under inference_mode inside a forward.
+        inference, grad = torch.is_inference_mode_enabled(), torch.is_grad_enabled()
+
         def work(group):
-            for param_index, start, stop in group:
-                process(param_index, start // BLOCK_SIZE, start, stop)
+            with torch.inference_mode(inference), torch.set_grad_enabled(grad):
+                for param_index, start, stop in group:
+                    process(param_index, start // BLOCK_SIZE, start, stop)
 
         futures = [self._pool.submit(work, group) for group in groups[1:]] if len(groups) > 1 else []
         work(groups[0])

@@ -8,10 +8,11 @@ class ZotuneError(Exception):
 class NonFiniteLossError(ZotuneError, FloatingPointError):
     """A loss was NaN or infinite; the parameters were left as they were before the step."""
 
-    def __init__(self, step: int, seed: int, losses: dict[str, float]) -> None:
+    def __init__(self, step: int, losses: dict[str, float], seed: int | None = None) -> None:
         shown = ", ".join(f"{name}={value}" for name, value in losses.items())
+        where = f"step {step}" if seed is None else f"step {step} (direction seed {seed})"
         super().__init__(
-            f"non-finite loss at step {step} (direction seed {seed}): {shown}. The parameters were not "
+            f"non-finite loss at {where}: {shown}. The parameters were not "
             "updated. Lower the learning rate or eps, or check the batch and the model's dtype."
         )
         self.step, self.seed, self.losses = step, seed, losses

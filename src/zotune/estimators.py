@@ -80,7 +80,7 @@ class TwoPointEstimator:
                 self.engine.apply(estimate.restore)
                 estimate.restore = []
         if not _finite(estimate):
-            raise NonFiniteLossError(step, seed, {"loss+": loss_plus, "loss-": loss_minus})
+            raise NonFiniteLossError(step, {"loss+": loss_plus, "loss-": loss_minus}, seed)
         return estimate
 
 

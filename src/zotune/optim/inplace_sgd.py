@@ -52,7 +52,7 @@ class InPlaceSGD(torch.optim.Optimizer):
             loss = closure()
             value = loss.item()
             if not math.isfinite(value):
-                raise NonFiniteLossError(self._steps, seed=-1, losses={"loss": value})
+                raise NonFiniteLossError(self._steps, {"loss": value})
             loss.backward()
         self._steps += 1
         return value

@@ -1,0 +1,1 @@
+"""Benchmarks of memory, speed and convergence (``python -m zotune.bench.<name>``)."""

@@ -1,0 +1,136 @@
+"""MeZO step time against two forward passes, and the cost of one direction sweep.
+
+    python -m zotune.bench.speed --shape smollm2-135m --batch 16 --length 32 --threads 2
+
+All timings come from one process, side by side, as medians of ``--repeats`` runs after a warm-up:
+- forward: the loss closure alone (the body of the model, logits only at the last position);
+- z sweep: one ``DirectionEngine.apply`` over all parameters (generate z and add it);
+- MeZO (module mode, exact) and MeZO (in-place mode, fused restore) steps;
+- a reference MeZO step written as the paper's code does it: global reseed, ``torch.normal`` per
+  parameter in order, out-of-place adds, four passes over the parameters.
+Writes ``speed.json`` and ``speed.md`` into ``--out`` and prints the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from ..directions import DirectionEngine
+from ..models import random_llama
+from ..optim import MeZO
+
+
+def last_token_loss(model, input_ids, targets):
+    """Cross-entropy of a prediction at the last position only: the logits a classification loss needs."""
+    hidden = model.model(input_ids=input_ids).last_hidden_state[:, -1]
+    return torch.nn.functional.cross_entropy(model.lm_head(hidden), targets)
+
+
+def reference_mezo_step(params, closure, seed, lr, eps):
+    """MeZO as in the paper's code: four sweeps, each reseeding the global RNG and walking the parameters."""
+
+    def perturb(scale):
+        torch.manual_seed(seed)
+        for param in params:
+            z = torch.normal(mean=0.0, std=1.0, size=param.size(), dtype=param.dtype)
+            param.data = param.data + scale * eps * z
+
+    perturb(1)
+    loss_plus = float(closure())
+    perturb(-2)
+    loss_minus = float(closure())
+    perturb(1)
+    projected = (loss_plus - loss_minus) / (2 * eps)
+    torch.manual_seed(seed)
+    for param in params:
+        z = torch.normal(mean=0.0, std=1.0, size=param.size(), dtype=param.dtype)
+        param.data = param.data - lr * projected * z
+
+
+def median_seconds(action, repeats):
+    action()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        action()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def run(shape, batch, length, threads, repeats, distribution):
+    torch.set_num_threads(threads)
+    model = random_llama(shape, seed=0).eval()
+    generator = torch.Generator().manual_seed(0)
+    input_ids = torch.randint(0, model.config.vocab_size, (batch, length), generator=generator)
+    targets = torch.randint(0, model.config.vocab_size, (batch,), generator=generator)
+
+    def closure():
+        return last_token_loss(model, input_ids, targets)
+
+    params = [p for p in model.parameters()]
+    module_mezo = MeZO(model, lr=1e-7, distribution=distribution, num_threads=threads)
+    inplace_mezo = MeZO(params, lr=1e-7, distribution=distribution, num_threads=threads)
+    engine = DirectionEngine(params, distribution, threads)
+    seeds = iter(range(10**9))
+    # no_grad, not inference_mode: the reference step assigns new tensors to param.data, and inference
+    # tensors there could not be updated in place by the MeZO steps that follow.
+    with torch.no_grad():
+        forward = median_seconds(closure, repeats)
+        sweep = median_seconds(lambda: engine.apply([(next(seeds), 1e-7)]), repeats)
+        reference = median_seconds(lambda: reference_mezo_step(params, closure, next(seeds), 1e-7, 1e-3), repeats)
+    module = median_seconds(lambda: module_mezo.step(closure), repeats)
+    inplace = median_seconds(lambda: inplace_mezo.step(closure), repeats)
+    return {
+        "config": dict(shape=shape, parameters=sum(p.numel() for p in params), batch=batch, length=length,
+                       threads=threads, repeats=repeats, distribution=distribution),
+        "machine": dict(platform=platform.platform(), processor=platform.processor(), torch=torch.__version__),
+        "seconds": dict(forward=forward, z_sweep=sweep, mezo_module=module, mezo_inplace=inplace,
+                        reference_mezo=reference),
+    }
+
+
+def markdown(result):
+    s = result["seconds"]
+    two_forwards = 2 * s["forward"]
+    rows = [
+        ("forward (loss closure)", s["forward"], ""),
+        ("z sweep (generate + add, all parameters)", s["z_sweep"], ""),
+        ("MeZO step, module mode (exact)", s["mezo_module"], f"{s['mezo_module'] / two_forwards:.2f}"),
+        ("MeZO step, in-place mode (fused)", s["mezo_inplace"], f"{s['mezo_inplace'] / two_forwards:.2f}"),
+        ("reference MeZO step (paper's code)", s["reference_mezo"], f"{s['reference_mezo'] / two_forwards:.2f}"),
+    ]
+    lines = [f"config: {json.dumps(result['config'])}", "", "| what | seconds | ÷ (2 × forward) |", "|---|---|---|"]
+    lines += [f"| {name} | {seconds:.3f} | {ratio} |" for name, seconds, ratio in rows]
+    speedup = s["reference_mezo"] / min(s["mezo_module"], s["mezo_inplace"])
+    lines += ["", f"speed-up of the fastest zotune MeZO step over the reference step: {speedup:.2f}x"]
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shape", default="smollm2-135m", help="model shape (see zotune.models.LLAMA_SHAPES)")
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--length", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--distribution", default="gaussian", choices=["gaussian", "rademacher"])
+    parser.add_argument("--out", default="results/speed", help="folder for speed.json and speed.md")
+    args = parser.parse_args(argv)
+    result = run(args.shape, args.batch, args.length, args.threads, args.repeats, args.distribution)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "speed.json").write_text(json.dumps(result, indent=2))
+    table = markdown(result)
+    (out / "speed.md").write_text(table + "\n")
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
