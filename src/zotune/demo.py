@@ -19,9 +19,10 @@ from tqdm import tqdm
 from .models import random_llama
 from .optim import create_optimizer
 
+# ZO needs far more (but cheaper, backward-free) steps than first-order methods, as in the papers.
 RECIPES = {
-    "mezo": dict(lr=3e-3, eps=1e-3, seed=0),
-    "ip-sgd": dict(lr=0.3),
+    "mezo": dict(steps=3000, hyperparameters=dict(lr=1e-3, eps=1e-3, seed=0)),
+    "ip-sgd": dict(steps=300, hyperparameters=dict(lr=0.3)),
 }
 
 
@@ -32,7 +33,7 @@ def sequence_loss(model, input_ids):
 
 def fine_tune(name, steps, input_ids, metrics_file, log_every):
     model = random_llama("tiny", seed=0)
-    optimizer = create_optimizer(name, model, **RECIPES[name])
+    optimizer = create_optimizer(name, model, **RECIPES[name]["hyperparameters"])
     with torch.no_grad():
         initial = sequence_loss(model, input_ids).item()
     start = time.perf_counter()
@@ -50,22 +51,22 @@ def fine_tune(name, steps, input_ids, metrics_file, log_every):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description="MeZO and IP-SGD on a tiny random Llama")
-    parser.add_argument("--steps", type=int, default=500)
+    parser.add_argument("--steps-scale", type=float, default=1.0, help="multiply every recipe's steps")
     parser.add_argument("--run-dir", default="runs/demo")
     args = parser.parse_args(argv)
     run_dir = Path(args.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    config = dict(model="tiny random Llama (zotune.models.random_llama('tiny'))", batch=[8, 16],
-                  steps=args.steps, optimizers=RECIPES)
+    recipes = {name: {**r, "steps": max(1, round(r["steps"] * args.steps_scale))} for name, r in RECIPES.items()}
+    config = dict(model="tiny random Llama (zotune.models.random_llama('tiny'))", batch=[8, 16], optimizers=recipes)
     (run_dir / "config.json").write_text(json.dumps(config, indent=2))
     input_ids = torch.randint(0, 64, (8, 16), generator=torch.Generator().manual_seed(0))
     results = {}
     with open(run_dir / "metrics.jsonl", "w") as metrics_file:
-        for name in RECIPES:
-            results[name] = fine_tune(name, args.steps, input_ids, metrics_file, log_every=10)
-    print(f"\nloss on the training batch after {args.steps} steps (run folder: {run_dir})")
+        for name, recipe in recipes.items():
+            results[name] = fine_tune(name, recipe["steps"], input_ids, metrics_file, log_every=10)
+    print(f"\nloss on the training batch (run folder: {run_dir})")
     for name, (initial, final) in results.items():
-        print(f"  {name:7s} {initial:.3f} -> {final:.3f}")
+        print(f"  {name:7s} {recipes[name]['steps']:5d} steps: {initial:.3f} -> {final:.3f}")
 
 
 if __name__ == "__main__":

@@ -174,10 +174,11 @@ class DirectionEngine:
 
         self._run(self._schedule(indices), process)
 
-    def perturbed_copy(self, param_index: int, seed: int, alpha: float) -> torch.Tensor:
-        """A new tensor ``θ_i + alpha·z_i(seed)`` (parameter dtype, computed in float32); θ_i is untouched."""
+    def perturbed_copy(self, param_index: int, seed: int, alpha: float, out: torch.Tensor | None = None) -> torch.Tensor:
+        """``θ_i + alpha·z_i(seed)`` in the parameter's dtype (computed in float32), written into ``out`` (a
+        contiguous tensor of the parameter's shape) or a new tensor; θ_i is untouched."""
         param = self.params[param_index].detach()
-        out = torch.empty_like(param)
+        out = torch.empty_like(param, memory_format=torch.contiguous_format) if out is None else out
         source, target = param.reshape(-1), out.view(-1)
 
         def process(_: int, block_index: int, start: int, stop: int) -> None:

@@ -132,6 +132,19 @@ class ModulePerturbation:
                 "only (in-place perturbation)."
             )
         self.shared = {index for index, count in owners.items() if count > 1}
+        # Copies are recycled across modules and steps: layers repeat shapes, and a fresh large
+        # allocation would page-fault its whole size on every forward.
+        self._spare: dict[tuple, list[torch.Tensor]] = {}
+
+    def _copy_buffer(self, param: torch.Tensor) -> torch.Tensor:
+        spares = self._spare.get((param.numel(), param.dtype, param.device))
+        if spares:
+            return spares.pop().view(param.shape)
+        with torch.inference_mode(False):  # a normal tensor, reusable outside inference mode
+            return torch.empty(param.shape, dtype=param.dtype, device=param.device)
+
+    def _recycle(self, buffer: torch.Tensor) -> None:
+        self._spare.setdefault((buffer.numel(), buffer.dtype, buffer.device), []).append(buffer)
 
     @contextmanager
     def __call__(self, seed: int, alpha: float):
@@ -141,11 +154,12 @@ class ModulePerturbation:
             for index, param in params:
                 if index not in originals:
                     originals[index] = param.data
-                    param.data = self.engine.perturbed_copy(index, seed, alpha)
+                    param.data = self.engine.perturbed_copy(index, seed, alpha, self._copy_buffer(param))
 
         def swap_back(params: Iterable[tuple[int, nn.Parameter]]):
             for index, param in params:
                 if index in originals and index not in self.shared:
+                    self._recycle(param.data)
                     param.data = originals.pop(index)
 
         handles = []
@@ -160,6 +174,7 @@ class ModulePerturbation:
             for handle in handles:
                 handle.remove()
             for index, original in originals.items():
+                self._recycle(self.engine.params[index].data)
                 self.engine.params[index].data = original
             for module, mode in training.items():
                 module.training = mode
