@@ -2,7 +2,8 @@
 
     python -m zotune.bench.speed --shape smollm2-135m --batch 16 --length 32 --threads 2
 
-All timings come from one process, side by side, as medians of ``--repeats`` runs after a warm-up:
+All timings come from one process, side by side, as medians of ``--repeats`` rounds after a warm-up
+round, each round timing every item once (round-robin):
 - forward: the loss closure alone (the body of the model, logits only at the last position);
 - z sweep: one ``DirectionEngine.apply`` over all parameters (generate z and add it);
 - MeZO (module mode, exact) and MeZO (in-place mode, fused restore) steps;
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import time
@@ -54,14 +56,17 @@ def reference_mezo_step(params, closure, seed, lr, eps):
         param.data = param.data - lr * projected * z
 
 
-def median_seconds(action, repeats):
-    action()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        action()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def interleaved_medians(actions, repeats):
+    """Median seconds of each action, timed round-robin (one of each per round) after one warm-up round,
+    so that a shared machine's slow drift affects every action alike and their ratios stay comparable."""
+    times = {name: [] for name in actions}
+    for round_index in range(repeats + 1):
+        for name, action in actions.items():
+            start = time.perf_counter()
+            action()
+            if round_index:
+                times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def run(shape, batch, length, threads, repeats, distribution):
@@ -79,20 +84,32 @@ def run(shape, batch, length, threads, repeats, distribution):
     inplace_mezo = MeZO(params, lr=1e-7, distribution=distribution, num_threads=threads)
     engine = DirectionEngine(params, distribution, threads)
     seeds = iter(range(10**9))
+
     # no_grad, not inference_mode: the reference step assigns new tensors to param.data, and inference
     # tensors there could not be updated in place by the MeZO steps that follow.
-    with torch.no_grad():
-        forward = median_seconds(closure, repeats)
-        sweep = median_seconds(lambda: engine.apply([(next(seeds), 1e-7)]), repeats)
-        reference = median_seconds(lambda: reference_mezo_step(params, closure, next(seeds), 1e-7, 1e-3), repeats)
-    module = median_seconds(lambda: module_mezo.step(closure), repeats)
-    inplace = median_seconds(lambda: inplace_mezo.step(closure), repeats)
+    @torch.no_grad()
+    def forward():
+        closure()
+
+    @torch.no_grad()
+    def z_sweep():
+        engine.apply([(next(seeds), 1e-7)])
+
+    @torch.no_grad()
+    def reference():
+        reference_mezo_step(params, closure, next(seeds), 1e-7, 1e-3)
+
+    seconds = interleaved_medians(
+        dict(forward=forward, z_sweep=z_sweep, mezo_module=lambda: module_mezo.step(closure),
+             mezo_inplace=lambda: inplace_mezo.step(closure), reference_mezo=reference),
+        repeats,
+    )
     return {
         "config": dict(shape=shape, parameters=sum(p.numel() for p in params), batch=batch, length=length,
                        threads=threads, repeats=repeats, distribution=distribution),
-        "machine": dict(platform=platform.platform(), processor=platform.processor(), torch=torch.__version__),
-        "seconds": dict(forward=forward, z_sweep=sweep, mezo_module=module, mezo_inplace=inplace,
-                        reference_mezo=reference),
+        "machine": dict(platform=platform.platform(), cpus=os.cpu_count(), torch=torch.__version__,
+                        omp_wait_policy=os.environ.get("OMP_WAIT_POLICY", "unset")),
+        "seconds": seconds,
     }
 
 
@@ -106,7 +123,7 @@ def markdown(result):
         ("MeZO step, in-place mode (fused)", s["mezo_inplace"], f"{s['mezo_inplace'] / two_forwards:.2f}"),
         ("reference MeZO step (paper's code)", s["reference_mezo"], f"{s['reference_mezo'] / two_forwards:.2f}"),
     ]
-    lines = [f"config: {json.dumps(result['config'])}", "", "| what | seconds | ÷ (2 × forward) |", "|---|---|---|"]
+    lines = [f"config: {json.dumps(result['config'])}", f"machine: {json.dumps(result['machine'])}", "", "| what | seconds | ÷ (2 × forward) |", "|---|---|---|"]
     lines += [f"| {name} | {seconds:.3f} | {ratio} |" for name, seconds, ratio in rows]
     speedup = s["reference_mezo"] / min(s["mezo_module"], s["mezo_inplace"])
     lines += ["", f"speed-up of the fastest zotune MeZO step over the reference step: {speedup:.2f}x"]
