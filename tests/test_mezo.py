@@ -233,3 +233,26 @@ def test_threads_and_multi_block_parameters_give_the_same_step(exact):
             optimizer.step(lambda: model(inputs).square().mean())
     for a, b in zip(*(m.parameters() for m in models)):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("exact", [True, False], ids=["module", "inplace"])
+def test_a_failing_closure_leaves_the_weights_unperturbed(exact, batch):
+    model = random_llama("tiny", seed=9)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    optimizer = MeZO(model if exact else model.parameters(), lr=1e-2)
+    calls = []
+
+    def closure():
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("out of memory (simulated)")
+        return lm_loss(model, batch)
+
+    with pytest.raises(RuntimeError, match="simulated"):
+        optimizer.step(closure)
+    for name, param in model.named_parameters():
+        if exact:
+            assert torch.equal(param, before[name]), name
+        else:  # restored up to rounding (θ+εz−2εz+εz: the in-place limit)
+            torch.testing.assert_close(param, before[name], rtol=1e-6, atol=1e-7, msg=name)
+    assert optimizer.state["zo"]["step"] == 0

@@ -57,10 +57,6 @@ class TwoPointEstimator:
         self.eps = eps
         self.module_perturbation = ModulePerturbation(engine, model) if model is not None else None
 
-    @property
-    def mode(self) -> str:
-        return "module" if self.module_perturbation is not None else "inplace"
-
     def estimate(self, closure: Closure, seed: int, step: int, fuse_restore: bool = False) -> Estimate:
         """Two loss evaluations along ``z(seed)``. In inplace mode with ``fuse_restore`` the parameters are
         left at θ−εz and ``Estimate.restore`` holds the pair that brings them back."""
@@ -71,10 +67,16 @@ class TwoPointEstimator:
                 loss_minus = _evaluate(closure)
             estimate = Estimate(seed, self.eps, loss_plus, loss_minus)
         else:
-            self.engine.apply([(seed, self.eps)])
-            loss_plus = _evaluate(closure)
-            self.engine.apply([(seed, -2.0 * self.eps)])
-            loss_minus = _evaluate(closure)
+            offset = self.eps
+            self.engine.apply([(seed, offset)])
+            try:
+                loss_plus = _evaluate(closure)
+                offset = -self.eps
+                self.engine.apply([(seed, -2.0 * self.eps)])
+                loss_minus = _evaluate(closure)
+            except BaseException:  # the closure failed: do not leave the weights perturbed
+                self.engine.apply([(seed, -offset)])
+                raise
             estimate = Estimate(seed, self.eps, loss_plus, loss_minus, restore=[(seed, self.eps)])
             if not fuse_restore or not _finite(estimate):
                 self.engine.apply(estimate.restore)

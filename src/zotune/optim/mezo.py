@@ -19,7 +19,8 @@ class MeZO(torch.optim.Optimizer):
         θ ← θ·(1 − lr·wd) − (lr/n)·Σ_j c_j·z(s_j)
 
     ``step(closure)``: the closure returns the loss on the current batch **without** calling backward;
-    it is called 2n times per step under ``torch.inference_mode``. For gradient accumulation return the
+    it is called 2n times per step under ``torch.inference_mode``. ``step`` returns the mean of the 2n
+    losses. For gradient accumulation return the
     mean over micro-batches from the closure (:func:`zotune.estimators.mean_over_micro_batches`): all of
     them see the same z.
 
