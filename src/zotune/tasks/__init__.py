@@ -1,0 +1,61 @@
+"""Task registry: built-in offline tasks (BIG-bench) and local JSONL/CSV files with a user template."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from . import bigbench
+from .base import DEFAULT_SIZES, SPLITS, DataError, Example, Task, read_rows, sample
+
+
+@dataclass
+class LoadedTask:
+    task: Task
+    splits: dict[str, list[Example]]
+
+
+def task_names() -> list[str]:
+    return sorted([*bigbench.TASKS, "local"])
+
+
+def load_task(
+    name: str,
+    data: str = "extract",
+    sizes: dict[str, int | None] | None = None,
+    seed: int = 0,
+    local: dict | None = None,
+) -> LoadedTask:
+    """Load a task's splits as examples.
+
+    ``data``: ``extract`` (the vendored BIG-bench extracts) or ``full`` (after ``zotune data fetch``).
+    ``sizes``: examples per split (MeZO's 1000/500/1000 by default; ``None`` keeps a split whole).
+    ``local``: for ``name == "local"``: ``{train, dev, test}`` paths plus ``template``, ``verbalizer``
+    (label -> candidate text) and optionally ``label_field``.
+    """
+    sizes = {**DEFAULT_SIZES, **(sizes or {})}
+    if name == "local":
+        task, paths = _local_task(local or {})
+    elif name in bigbench.TASKS:
+        if data not in ("extract", "full"):
+            raise DataError(f"unknown data source {data!r} for {name}: choose extract or full")
+        task, paths = bigbench.TASKS[name][2], bigbench.split_paths(name, data == "full")
+    else:
+        raise DataError(f"unknown task {name!r}: choose one of {', '.join(task_names())}")
+    splits = {}
+    for split in SPLITS:
+        examples = task.examples(read_rows(paths[split]), str(paths[split]))
+        splits[split] = sample(examples, sizes[split], seed)
+    return LoadedTask(task, splits)
+
+
+def _local_task(options: dict):
+    required = ["train", "dev", "test", "template", "verbalizer"]
+    missing = [key for key in required if key not in options]
+    if missing:
+        raise DataError(f"task 'local' needs task_options.{missing[0]} (required: {', '.join(required)})")
+    verbalizer = {str(label): text for label, text in dict(options["verbalizer"]).items()}
+    task = Task("local", options["template"], verbalizer, options.get("label_field", "label"))
+    return task, {split: options[split] for split in SPLITS}
+
+
+__all__ = ["DataError", "Example", "LoadedTask", "Task", "load_task", "task_names"]

@@ -1,0 +1,108 @@
+"""Prompt-based tasks: examples as prompt + verbalized candidates, read from JSONL/CSV with clear errors."""
+
+from __future__ import annotations
+
+import csv
+import json
+import random
+import string
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import ZotuneError
+
+SPLITS = ("train", "dev", "test")
+# MeZO's sampling: 1000 train, 500 dev, 1000 test examples.
+DEFAULT_SIZES = {"train": 1000, "dev": 500, "test": 1000}
+
+
+class DataError(ZotuneError, ValueError):
+    """A data file or row is unusable; the message names the file, the row and the field."""
+
+
+@dataclass(frozen=True)
+class Example:
+    """One scored example: ``prompt`` followed by each candidate; ``label`` indexes the right one."""
+
+    prompt: str
+    candidates: tuple[str, ...]
+    label: int
+
+
+@dataclass(frozen=True)
+class Task:
+    """A classification task: how a row becomes a prompt, and the verbalizer from labels to candidates."""
+
+    name: str
+    template: str  # str.format template over the row's fields
+    verbalizer: dict[str, str]  # label value (as text) -> candidate continuation
+    label_field: str = "label"
+    description: str = ""
+
+    @property
+    def fields(self) -> list[str]:
+        return [name for _, name, _, _ in string.Formatter().parse(self.template) if name]
+
+    def example(self, row: dict, where: str) -> Example:
+        missing = [name for name in [*self.fields, self.label_field] if name not in row]
+        if missing:
+            raise DataError(f"{where}: missing field {missing[0]!r} (task {self.name!r} needs {self.fields + [self.label_field]})")
+        label = str(row[self.label_field])
+        if label not in self.verbalizer:
+            raise DataError(f"{where}: label {label!r} is not one of {sorted(self.verbalizer)} (task {self.name!r})")
+        labels = list(self.verbalizer)
+        prompt = self.template.format(**{name: str(row[name]) for name in self.fields})
+        return Example(prompt, tuple(self.verbalizer[name] for name in labels), labels.index(label))
+
+    def examples(self, rows: Sequence[dict], source: str) -> list[Example]:
+        if not rows:
+            raise DataError(f"{source}: the split is empty; task {self.name!r} needs at least one example")
+        return [self.example(row, f"{source}, row {number}") for number, row in enumerate(rows, start=1)]
+
+
+def read_rows(path: str | Path) -> list[dict]:
+    """Rows of a JSONL (one object per line) or CSV (with a header) file."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such data file")
+    if path.suffix == ".csv":
+        with open(path, newline="", encoding="utf-8") as handle:
+            return list(csv.DictReader(handle))
+    rows = []
+    with open(path, encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise DataError(f"{path}, row {number}: not valid JSON ({error.msg}); each line must be one JSON object") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{path}, row {number}: expected a JSON object, got {type(row).__name__}")
+            rows.append(row)
+    return rows
+
+
+def split_rows(rows: Sequence[dict], sizes: dict[str, int], seed: int = 0) -> dict[str, list[dict]]:
+    """Disjoint train/dev/test samples of the given sizes from one seeded shuffle; with too few rows every
+    size shrinks in proportion, so no split is left empty."""
+    total = sum(sizes[split] for split in SPLITS)
+    if len(rows) < total:
+        sizes = {split: len(rows) * sizes[split] // total for split in SPLITS}
+    order = list(range(len(rows)))
+    random.Random(seed).shuffle(order)
+    splits, start = {}, 0
+    for split in SPLITS:
+        splits[split] = [rows[i] for i in order[start : start + sizes[split]]]
+        start += sizes[split]
+    return splits
+
+
+def sample(examples: list[Example], size: int | None, seed: int) -> list[Example]:
+    """At most ``size`` examples, a seeded sample when there are more (``None``: all)."""
+    if size is None or size >= len(examples):
+        return examples
+    return random.Random(seed).sample(examples, size)
+
+

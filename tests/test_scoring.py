@@ -1,0 +1,65 @@
+import pytest
+import torch
+
+from zotune.models import load_model
+from zotune.scoring import accuracy, candidate_scores, classification_loss, encode
+from zotune.tasks import Example
+
+
+@pytest.fixture(scope="module")
+def model_and_tokenizer():
+    model, tokenizer = load_model("random:tiny")
+    return model.eval(), tokenizer
+
+
+EXAMPLES = [
+    Example("The film was", (" bad", " good"), 1),
+    Example("A long prompt that goes on and on, it was", (" awful", " wonderful!"), 0),
+    Example("Yes or no?\n", ("Yes", "No"), 1),
+]
+
+
+def naive_scores(model, encoded):
+    """Each sequence alone, logits over the whole sequence and vocabulary."""
+    scores = []
+    for example in encoded:
+        row = []
+        for sequence, n in zip(example.sequences, example.candidate_lengths):
+            log_probs = torch.log_softmax(model(input_ids=torch.tensor([sequence])).logits[0], dim=-1)
+            row.append(sum(log_probs[t - 1, sequence[t]] for t in range(len(sequence) - n, len(sequence))) / n)
+        scores.append(row)
+    return torch.tensor(scores)
+
+
+def test_batched_position_only_scores_match_naive_full_logits(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    encoded = [encode(tokenizer, e, 64) for e in EXAMPLES]
+    with torch.no_grad():
+        torch.testing.assert_close(candidate_scores(model, encoded, tokenizer.pad_token_id),
+                                   naive_scores(model, encoded), rtol=1e-5, atol=1e-5)
+
+
+def test_loss_is_cross_entropy_over_candidate_scores_and_accuracy_is_argmax(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    encoded = [encode(tokenizer, e, 64) for e in EXAMPLES]
+    with torch.no_grad():
+        scores = naive_scores(model, encoded)
+        expected = torch.nn.functional.cross_entropy(scores, torch.tensor([1, 0, 1]))
+        torch.testing.assert_close(classification_loss(model, encoded, tokenizer.pad_token_id), expected,
+                                   rtol=1e-5, atol=1e-5)
+    predicted = scores.argmax(1).tolist()
+    assert accuracy(model, encoded, tokenizer.pad_token_id, batch_size=2) == sum(
+        p == l for p, l in zip(predicted, [1, 0, 1])) / 3
+
+
+def test_long_prompts_are_cut_from_the_left(model_and_tokenizer):
+    _, tokenizer = model_and_tokenizer
+    encoded = encode(tokenizer, Example("x" * 100 + "END", (" a", " bc"), 0), max_length=10)
+    assert encoded.truncated and all(len(s) == 10 for s in encoded.sequences)
+    assert tokenizer.decode(encoded.sequences[1]).endswith("END bc")
+
+
+def test_empty_candidate_is_a_clear_error(model_and_tokenizer):
+    _, tokenizer = model_and_tokenizer
+    with pytest.raises(ValueError, match="candidate '' tokenizes to nothing"):
+        encode(tokenizer, Example("p", ("", " b"), 0), 10)
