@@ -1,9 +1,25 @@
-"""zotune: fine-tune language models in about the memory of inference."""
+"""zotune: fine-tune language models in about the memory of inference.
 
-from .directions import DirectionEngine
-from .errors import NonFiniteLossError, ZotuneError
-from .optim import InPlaceSGD, MeZO, create_optimizer
+Names are imported on first use, so that ``zotune.cli`` can set OpenMP's environment before torch loads.
+"""
+
+from importlib import import_module
 
 __version__ = "0.1.0"
 
-__all__ = ["DirectionEngine", "InPlaceSGD", "MeZO", "NonFiniteLossError", "ZotuneError", "create_optimizer"]
+_EXPORTS = {
+    "DirectionEngine": "zotune.directions",
+    "NonFiniteLossError": "zotune.errors",
+    "ZotuneError": "zotune.errors",
+    "InPlaceSGD": "zotune.optim",
+    "MeZO": "zotune.optim",
+    "create_optimizer": "zotune.optim",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        return getattr(import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'zotune' has no attribute {name!r}")

@@ -1,0 +1,113 @@
+"""Run configuration: YAML recipes with ``key=value`` overrides, checked against the known keys."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from .errors import ZotuneError
+
+
+class ConfigError(ZotuneError, ValueError):
+    """A config file or override is wrong; the message names the key."""
+
+
+@dataclass
+class TrainConfig:
+    model: str = "smollm2-135m"  # built-in, random:<shape>, a local folder or a hub id
+    dtype: str = "fp32"  # fp32 | bf16 | fp16
+    task: str = "bigbench-sentiment"
+    data: str = "extract"  # extract (vendored) | full (after `zotune data fetch bigbench`)
+    task_options: dict = field(default_factory=dict)  # for task=local: train/dev/test paths, template, verbalizer
+    num_train: int | None = 1000  # MeZO's sampling; null keeps the whole split
+    num_dev: int | None = 500
+    num_test: int | None = 1000
+    max_length: int = 256  # prompt+candidate tokens; longer prompts lose their beginning (counted in the log)
+    optimizer: str = "mezo"  # mezo | ip-sgd | sgd | adam
+    lr: float = 1e-6
+    weight_decay: float = 0.0
+    optimizer_options: dict = field(default_factory=dict)  # e.g. mezo: {eps: 1e-3, n_directions: 1}
+    steps: int = 1000
+    batch_size: int = 16
+    eval_every: int = 100  # 0: only at the start and the end
+    eval_batch_size: int = 16
+    checkpoint_every: int = 0  # 0: only the final checkpoint
+    keep_checkpoints: int = 2
+    seed: int = 0
+    threads: int | None = None
+    zero_shot_eval: bool = True
+    output_dir: str = "runs/run"
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1 reads ``1e-3`` (no dot) as a string; learning rates are written that way, so read it as a float."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?|[0-9][0-9_]*[eE][-+]?[0-9]+|\.[0-9_]+(?:[eE][-+]?[0-9]+)?"
+               r"|\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"),
+    list("-+0123456789."),
+)
+
+
+def _parse(text: str):
+    return yaml.load(text, Loader=_Loader)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> TrainConfig:
+    """Defaults, then the YAML file, then ``key=value`` overrides (``a.b=v`` sets a key inside a dict)."""
+    values: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: no such config file")
+        loaded = _parse(path.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: a config must be a mapping of keys to values")
+        values.update(loaded)
+    for override in overrides:
+        key, sep, raw = override.partition("=")
+        if not sep:
+            raise ConfigError(f"override {override!r} is not key=value")
+        value = _parse(raw) if raw else ""
+        top, _, inner = key.partition(".")
+        if inner:
+            values[top] = {**(values.get(top) or {}), inner: value}
+        else:
+            values[key] = value
+    for key in values:
+        if key not in FIELDS:
+            close = difflib.get_close_matches(key, FIELDS, n=1)
+            hint = f": did you mean {close[0]!r}?" if close else f"; known keys: {', '.join(FIELDS)}"
+            raise ConfigError(f"unknown config key {key!r}{hint}")
+    config = TrainConfig(**values)
+    _check_types(config)
+    return config
+
+
+def _check_types(config: TrainConfig) -> None:
+    for name, expected in (("lr", float), ("weight_decay", float), ("steps", int), ("batch_size", int),
+                           ("eval_every", int), ("checkpoint_every", int), ("keep_checkpoints", int), ("seed", int)):
+        value = getattr(config, name)
+        if expected is float and isinstance(value, int) and not isinstance(value, bool):
+            setattr(config, name, float(value))
+        elif not isinstance(value, expected) or isinstance(value, bool):
+            raise ConfigError(f"config key {name!r} must be {expected.__name__}, got {value!r}")
+    for name in ("steps", "batch_size", "keep_checkpoints"):
+        if getattr(config, name) < 1:
+            raise ConfigError(f"config key {name!r} must be at least 1, got {getattr(config, name)}")
+    for name in ("task_options", "optimizer_options"):
+        if not isinstance(getattr(config, name), dict):
+            raise ConfigError(f"config key {name!r} must be a mapping, got {getattr(config, name)!r}")

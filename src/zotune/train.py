@@ -1,0 +1,241 @@
+"""The training loop: steps, evaluation, checkpoints, metrics, plot.
+
+A run folder holds ``config.yaml`` (the resolved config), ``metrics.jsonl`` (one record per step and per
+evaluation), ``checkpoint-NNNNNN.pt`` files, ``plot.png`` and ``summary.json``. Starting a run in a folder
+that has checkpoints resumes from the newest: model, optimizer (with MeZO's seed stream) and data order
+are restored, so the resumed run reaches the same parameters, bit for bit, as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import resource
+import time
+from pathlib import Path
+
+import torch
+import yaml
+from tqdm import tqdm
+
+from .config import TrainConfig
+from .errors import NonFiniteLossError, ZotuneError
+from .models import load_model
+from .optim import MeZO, create_optimizer
+from .optim.inplace_sgd import InPlaceSGD
+from .scoring import EncodedExample, accuracy, classification_loss, encode
+from .tasks import load_task
+
+
+class TrainingError(ZotuneError, RuntimeError):
+    """Training stopped; the message names the step and what to change."""
+
+
+class BatchSampler:
+    """Shuffled passes over the training set, one seeded permutation per epoch; resumable."""
+
+    def __init__(self, size: int, batch_size: int, seed: int) -> None:
+        self.size, self.batch_size, self.seed = size, batch_size, seed
+        self.epoch, self.position = 0, 0
+
+    def next_batch(self) -> list[int]:
+        batch = []
+        while len(batch) < self.batch_size:
+            if self.position == self.size:
+                self.epoch, self.position = self.epoch + 1, 0
+            take = min(self.batch_size - len(batch), self.size - self.position)
+            batch += self._permutation()[self.position : self.position + take]
+            self.position += take
+        return batch
+
+    def _permutation(self) -> list[int]:
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        return torch.randperm(self.size, generator=generator).tolist()
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "position": self.position}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.position = state["epoch"], state["position"]
+
+
+class Checkpoints:
+    """``checkpoint-NNNNNN.pt`` files in the run folder, written atomically (temp file, fsync, rename)."""
+
+    def __init__(self, folder: Path, keep: int) -> None:
+        self.folder, self.keep = folder, keep
+
+    def paths(self) -> list[Path]:
+        return sorted(self.folder.glob("checkpoint-[0-9]*.pt"))
+
+    def save(self, step: int, state: dict) -> Path:
+        target = self.folder / f"checkpoint-{step:06d}.pt"
+        partial = target.with_suffix(".pt.tmp")
+        with open(partial, "wb") as file:
+            torch.save(state, file)
+            file.flush()
+            os.fsync(file.fileno())
+        partial.replace(target)
+        for old in self.paths()[: -self.keep]:
+            old.unlink()
+        return target
+
+    def latest(self) -> dict | None:
+        paths = self.paths()
+        return torch.load(paths[-1], weights_only=False) if paths else None
+
+
+class MetricsLog:
+    """Append-only JSONL; on resume, records past the checkpoint's step are dropped (they will be redone)."""
+
+    def __init__(self, path: Path, resume_step: int | None) -> None:
+        self.path = path
+        if resume_step is None:
+            path.write_text("")
+        elif path.exists():
+            kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= resume_step]
+            path.write_text("".join(line + "\n" for line in kept))
+
+    def write(self, record: dict) -> None:
+        with open(self.path, "a") as file:
+            file.write(json.dumps(record) + "\n")
+
+    def records(self) -> list[dict]:
+        return [json.loads(line) for line in self.path.read_text().splitlines()]
+
+
+def peak_memory_mb() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def build_optimizer(config: TrainConfig, model) -> torch.optim.Optimizer:
+    options = dict(config.optimizer_options)
+    if config.optimizer == "mezo":
+        options.setdefault("seed", config.seed)
+    return create_optimizer(config.optimizer, model, lr=config.lr, weight_decay=config.weight_decay, **options)
+
+
+def train_step(optimizer, loss_fn, step: int) -> dict:
+    """One optimizer step on one batch; returns the step's log fields."""
+    if isinstance(optimizer, MeZO):
+        loss = optimizer.step(loss_fn)
+        estimates = optimizer.last_estimates
+        return dict(loss=loss, loss_plus=estimates[0].loss_plus, loss_minus=estimates[0].loss_minus,
+                    projected_grad=estimates[0].projected_gradient, seed=estimates[0].seed,
+                    forward_passes=2 * len(estimates))
+    if isinstance(optimizer, InPlaceSGD):
+        return dict(loss=optimizer.step(loss_fn), forward_passes=1)
+    optimizer.zero_grad(set_to_none=True)
+    loss = loss_fn()
+    if not math.isfinite(loss.item()):
+        raise NonFiniteLossError(step, {"loss": loss.item()})
+    loss.backward()
+    optimizer.step()
+    return dict(loss=loss.item(), forward_passes=1)
+
+
+def prepare(config: TrainConfig):
+    """Model, tokenizer and encoded splits for a config (shared by training and evaluation)."""
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    model, tokenizer = load_model(config.model, config.dtype)
+    sizes = {"train": config.num_train, "dev": config.num_dev, "test": config.num_test}
+    loaded = load_task(config.task, config.data, sizes, config.seed, config.task_options)
+    encoded = {split: [encode(tokenizer, example, config.max_length) for example in examples]
+               for split, examples in loaded.splits.items()}
+    return model, tokenizer, encoded
+
+
+def train(config: TrainConfig, progress: bool = True) -> dict:
+    torch.manual_seed(config.seed)
+    model, tokenizer, splits = prepare(config)
+    model.train()
+    optimizer = build_optimizer(config, model)
+    pad = tokenizer.pad_token_id
+    run_dir = Path(config.output_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    checkpoints = Checkpoints(run_dir, config.keep_checkpoints)
+    sampler = BatchSampler(len(splits["train"]), config.batch_size, config.seed)
+
+    start_step, forward_passes, seconds_before = 0, 0, 0.0
+    state = checkpoints.latest()
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        sampler.load_state_dict(state["sampler"])
+        start_step, forward_passes, seconds_before = state["step"], state["forward_passes"], state["seconds"]
+    metrics = MetricsLog(run_dir / "metrics.jsonl", start_step if state is not None else None)
+    truncated = {split: sum(e.truncated for e in examples) for split, examples in splits.items()}
+    if any(truncated.values()):
+        tqdm.write(f"prompts cut to max_length={config.max_length} tokens (from the left): {truncated}")
+
+    def evaluate(step: int, split: str) -> float:
+        value = accuracy(model, splits[split], pad, config.eval_batch_size)
+        metrics.write({"step": step, "split": split, "accuracy": value})
+        return value
+
+    if start_step == 0 and config.zero_shot_eval:
+        zero_shot = evaluate(0, "dev")
+        tqdm.write(f"zero-shot dev accuracy: {zero_shot:.3f}")
+    started = time.perf_counter()
+    bar = tqdm(range(start_step + 1, config.steps + 1), initial=start_step, total=config.steps,
+               desc=f"{config.optimizer} on {config.task}", unit="step", disable=not progress)
+    for step in bar:
+        batch: list[EncodedExample] = [splits["train"][i] for i in sampler.next_batch()]
+        try:
+            record = train_step(optimizer, lambda: classification_loss(model, batch, pad), step)
+        except NonFiniteLossError as error:
+            metrics.write({"step": step, "error": str(error)})
+            raise TrainingError(f"run step {step}: {error}") from None
+        forward_passes += record.pop("forward_passes")
+        record = dict(step=step, **record, lr=optimizer.param_groups[0]["lr"], forward_passes=forward_passes,
+                      seconds=seconds_before + time.perf_counter() - started, peak_memory_mb=peak_memory_mb())
+        metrics.write(record)
+        bar.set_postfix(loss=f"{record['loss']:.4f}")
+        if config.eval_every and step % config.eval_every == 0 and step != config.steps:
+            evaluate(step, "dev")
+        if step == config.steps or (config.checkpoint_every and step % config.checkpoint_every == 0):
+            checkpoints.save(step, dict(step=step, model=model.state_dict(), optimizer=optimizer.state_dict(),
+                                        sampler=sampler.state_dict(), forward_passes=forward_passes,
+                                        seconds=record["seconds"], config=config.to_dict()))
+    summary = dict(dev_accuracy=evaluate(config.steps, "dev"), test_accuracy=evaluate(config.steps, "test"),
+                   steps=config.steps, forward_passes=forward_passes)
+    records = metrics.records()
+    zero = [r["accuracy"] for r in records if r.get("split") == "dev" and r["step"] == 0]
+    summary["zero_shot_dev_accuracy"] = zero[0] if zero else None
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    plot(records, run_dir / "plot.png", f"{config.optimizer} on {config.task} ({config.model})")
+    return summary
+
+
+def plot(records: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [r for r in records if "loss" in r]
+    dev = [r for r in records if r.get("split") == "dev"]
+    figure, (loss_axis, accuracy_axis) = plt.subplots(1, 2, figsize=(10, 4))
+    loss_axis.plot([r["step"] for r in steps], [r["loss"] for r in steps], lw=0.8)
+    loss_axis.set(xlabel="step", ylabel="training loss (batch)", title="loss")
+    accuracy_axis.plot([r["step"] for r in dev], [r["accuracy"] for r in dev], marker="o")
+    accuracy_axis.set(xlabel="step", ylabel="dev accuracy", title="accuracy", ylim=(0, 1))
+    figure.suptitle(title)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+def evaluate_model(config: TrainConfig, checkpoint: str | None, split: str) -> float:
+    """Accuracy of the configured model (zero-shot) or of a checkpoint's weights on one split."""
+    model, tokenizer, splits = prepare(config)
+    if checkpoint is not None:
+        if not Path(checkpoint).is_file():
+            raise TrainingError(f"{checkpoint}: no such checkpoint file")
+        model.load_state_dict(torch.load(checkpoint, weights_only=False)["model"])
+    return accuracy(model, splits[split], tokenizer.pad_token_id, config.eval_batch_size)
