@@ -1,6 +1,7 @@
-"""The speed script and the demo run end to end on a tiny model and write what they promise."""
+"""The speed benchmark and the demo run end to end on a tiny model and write what they promise."""
 
 import json
+import os
 
 from zotune import demo
 from zotune.bench import speed
@@ -16,12 +17,14 @@ def test_speed_script_writes_json_and_table(tmp_path, capsys):
     assert "speed-up of the fastest zotune MeZO step" in capsys.readouterr().out
 
 
-def test_demo_writes_config_and_metrics_and_learns(tmp_path, capsys):
-    demo.main(["--steps-scale", "0.1", "--run-dir", str(tmp_path)])
-    config = json.loads((tmp_path / "config.json").read_text())
-    assert config["optimizers"]["mezo"]["steps"] == 300 and config["optimizers"]["ip-sgd"]["steps"] == 30
-    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    for name in ("mezo", "ip-sgd"):
-        losses = [r["loss"] for r in records if r["optimizer"] == name]
-        assert losses[-1] < losses[0], name
-    assert "ip-sgd" in capsys.readouterr().out
+def test_demo_runs_both_recipes_and_writes_the_table(tmp_path, monkeypatch, capsys):
+    repository = os.getcwd()
+    monkeypatch.chdir(tmp_path)
+    os.symlink(os.path.join(repository, "configs"), tmp_path / "configs")
+    demo.main(["model=random:tiny", "steps=4", "num_train=16", "num_dev=8", "num_test=8", "eval_every=2"])
+    table = (tmp_path / "runs" / "demo.md").read_text()
+    assert "| ip-sgd | 4 |" in table and "| mezo | 4 |" in table
+    for run in ("demo-ipsgd", "demo-mezo"):
+        assert (tmp_path / "runs" / run / "plot.png").is_file()
+        assert json.loads((tmp_path / "runs" / run / "summary.json").read_text())["steps"] == 4
+    assert table.strip() in capsys.readouterr().out

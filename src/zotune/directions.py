@@ -24,6 +24,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
+from .errors import OptionError
+
 GAUSSIAN = "gaussian"
 RADEMACHER = "rademacher"
 DISTRIBUTIONS = (GAUSSIAN, RADEMACHER)
@@ -81,7 +83,7 @@ class DirectionEngine:
         num_threads: int | None = None,
     ) -> None:
         if distribution not in DISTRIBUTIONS:
-            raise ValueError(
+            raise OptionError(
                 f"unknown direction distribution {distribution!r}: choose one of {', '.join(DISTRIBUTIONS)}"
             )
         self.params = list(params)

@@ -16,3 +16,7 @@ class NonFiniteLossError(ZotuneError, FloatingPointError):
             "updated. Lower the learning rate or eps, or check the batch and the model's dtype."
         )
         self.step, self.seed, self.losses = step, seed, losses
+
+
+class OptionError(ZotuneError, ValueError):
+    """An option (name or value) that cannot work; the message names it and what would."""

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from .directions import DirectionEngine, Pair
-from .errors import NonFiniteLossError
+from .errors import NonFiniteLossError, OptionError
 
 Closure = Callable[[], "torch.Tensor | float"]
 
@@ -52,7 +52,7 @@ class TwoPointEstimator:
 
     def __init__(self, engine: DirectionEngine, eps: float, model: nn.Module | None = None) -> None:
         if not eps > 0:
-            raise ValueError(f"eps must be positive, got {eps}: the paper default is 1e-3")
+            raise OptionError(f"eps must be positive, got {eps}: the paper default is 1e-3")
         self.engine = engine
         self.eps = eps
         self.module_perturbation = ModulePerturbation(engine, model) if model is not None else None
@@ -102,7 +102,7 @@ def mean_over_micro_batches(loss_fn: Callable[[object], torch.Tensor], micro_bat
     micro-batches and a mean-reduced loss the estimate equals the one on the whole batch.
     """
     if not micro_batches:
-        raise ValueError("mean_over_micro_batches needs at least one micro-batch")
+        raise OptionError("mean_over_micro_batches needs at least one micro-batch")
 
     def closure() -> torch.Tensor:
         return sum(loss_fn(batch) for batch in micro_batches) / len(micro_batches)
@@ -128,7 +128,7 @@ class ModulePerturbation:
                     owners[index] = owners.get(index, 0) + 1
         missing = [i for i in range(len(engine.params)) if i not in owners]
         if missing:
-            raise ValueError(
+            raise OptionError(
                 f"{len(missing)} optimized parameter(s) do not belong to the model given for exact "
                 "perturbation: pass the model that owns every optimized parameter, or pass parameters "
                 "only (in-place perturbation)."

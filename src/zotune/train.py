@@ -8,6 +8,7 @@ are restored, so the resumed run reaches the same parameters, bit for bit, as an
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import os
@@ -19,10 +20,10 @@ import torch
 import yaml
 from tqdm import tqdm
 
-from .config import TrainConfig
+from .config import ConfigError, TrainConfig
 from .errors import NonFiniteLossError, ZotuneError
 from .models import load_model
-from .optim import MeZO, create_optimizer
+from .optim import OPTIMIZERS, MeZO, create_optimizer
 from .optim.inplace_sgd import InPlaceSGD
 from .scoring import EncodedExample, accuracy, classification_loss, encode
 from .tasks import load_task
@@ -115,6 +116,12 @@ def build_optimizer(config: TrainConfig, model) -> torch.optim.Optimizer:
     options = dict(config.optimizer_options)
     if config.optimizer == "mezo":
         options.setdefault("seed", config.seed)
+    accepted = inspect.signature(OPTIMIZERS.get(config.optimizer, create_optimizer)).parameters
+    unknown = [name for name in options if name not in accepted]
+    if unknown and not any(p.kind is p.VAR_KEYWORD for p in accepted.values()):
+        known = [name for name in accepted if name not in ("self", "params", "params_or_model", "lr", "weight_decay")]
+        raise ConfigError(f"optimizer {config.optimizer!r} has no option {unknown[0]!r} (optimizer_options): "
+                          f"it takes {', '.join(known)}")
     return create_optimizer(config.optimizer, model, lr=config.lr, weight_decay=config.weight_decay, **options)
 
 
@@ -202,8 +209,9 @@ def train(config: TrainConfig, progress: bool = True) -> dict:
             checkpoints.save(step, dict(step=step, model=model.state_dict(), optimizer=optimizer.state_dict(),
                                         sampler=sampler.state_dict(), forward_passes=forward_passes,
                                         seconds=record["seconds"], config=config.to_dict()))
+    seconds = seconds_before + time.perf_counter() - started
     summary = dict(dev_accuracy=evaluate(config.steps, "dev"), test_accuracy=evaluate(config.steps, "test"),
-                   steps=config.steps, forward_passes=forward_passes)
+                   steps=config.steps, forward_passes=forward_passes, seconds=seconds)
     records = metrics.records()
     zero = [r["accuracy"] for r in records if r.get("split") == "dev" and r["step"] == 0]
     summary["zero_shot_dev_accuracy"] = zero[0] if zero else None

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import torch
+
+from ..errors import OptionError
 from torch import nn
 
 from .inplace_sgd import InPlaceSGD
@@ -20,7 +22,7 @@ OPTIMIZERS = {
 def create_optimizer(name: str, model: nn.Module, **hyperparameters) -> torch.optim.Optimizer:
     """Build optimizer ``name`` for the trainable parameters of ``model`` (no decay on biases/norms)."""
     if name not in OPTIMIZERS:
-        raise ValueError(f"unknown optimizer {name!r}: choose one of {', '.join(sorted(OPTIMIZERS))}")
+        raise OptionError(f"unknown optimizer {name!r}: choose one of {', '.join(sorted(OPTIMIZERS))}")
     cls = OPTIMIZERS[name]
     if cls in (torch.optim.SGD, torch.optim.Adam):
         _, groups = trainable_groups(model, hyperparameters.pop("weight_decay", 0.0))

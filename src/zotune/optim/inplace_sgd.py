@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from ..errors import NonFiniteLossError
+from ..errors import NonFiniteLossError, OptionError
 from .params import trainable_groups
 
 
@@ -23,7 +23,7 @@ class InPlaceSGD(torch.optim.Optimizer):
 
     def __init__(self, params_or_model, lr: float = 1e-3, weight_decay: float = 0.0) -> None:
         if lr < 0:
-            raise ValueError(f"lr must be >= 0, got {lr}")
+            raise OptionError(f"lr must be >= 0, got {lr}")
         _, groups = trainable_groups(params_or_model, weight_decay)
         super().__init__(groups, {"lr": lr, "weight_decay": weight_decay})
         self._steps = 0

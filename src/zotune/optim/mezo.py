@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import OptionError
+
 from ..directions import GAUSSIAN, DirectionEngine, derive_seed
 from ..estimators import Closure, TwoPointEstimator
 from .params import trainable_groups
@@ -45,11 +47,11 @@ class MeZO(torch.optim.Optimizer):
         num_threads: int | None = None,
     ) -> None:
         if lr < 0:
-            raise ValueError(f"lr must be >= 0, got {lr}")
+            raise OptionError(f"lr must be >= 0, got {lr}")
         if weight_decay < 0:
-            raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
+            raise OptionError(f"weight_decay must be >= 0, got {weight_decay}")
         if not (isinstance(n_directions, int) and n_directions >= 1):
-            raise ValueError(f"n_directions must be a positive integer, got {n_directions!r}")
+            raise OptionError(f"n_directions must be a positive integer, got {n_directions!r}")
         model, groups = trainable_groups(params_or_model, weight_decay)
         super().__init__(groups, {"lr": lr, "weight_decay": weight_decay})
         self.n_directions = n_directions

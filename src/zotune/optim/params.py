@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import torch
+
+from ..errors import OptionError
 from torch import nn
 
 
@@ -41,7 +43,7 @@ def trainable_groups(params_or_model, weight_decay: float = 0.0) -> tuple[nn.Mod
             groups = [{"params": [p for p in given if p.requires_grad]}]
     groups = [g for g in groups if g["params"]]
     if not groups:
-        raise ValueError(
+        raise OptionError(
             "no parameter requires grad: unfreeze the parameters to train (param.requires_grad_(True)) "
             "or select them with LoRA/prefix tuning"
         )

@@ -1,0 +1,111 @@
+"""End-to-end: the real CLI on a tiny random model, checking logged losses, files and exact resume."""
+
+import json
+
+import pytest
+import torch
+import yaml
+
+from zotune.cli import main
+from zotune.config import ConfigError, load_config
+from zotune.train import BatchSampler
+
+TINY = ["model=random:tiny", "num_train=32", "num_dev=16", "num_test=16", "batch_size=8", "max_length=64"]
+
+
+def read_metrics(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def run_cli(args):
+    return main(["train", *TINY, *args])
+
+
+@pytest.mark.parametrize("optimizer,lr,steps", [("mezo", 5e-3, 40), ("ip-sgd", 5e-2, 15), ("sgd", 5e-2, 15), ("adam", 1e-3, 15)])
+def test_train_cli_logs_losses_and_writes_run_files(tmp_path, optimizer, lr, steps):
+    run_dir = tmp_path / optimizer
+    assert run_cli([f"optimizer={optimizer}", f"lr={lr}", f"steps={steps}", "eval_every=5", f"output_dir={run_dir}"]) == 0
+    records = read_metrics(run_dir)
+    losses = [r["loss"] for r in records if "loss" in r]
+    assert len(losses) == steps
+    # The training batches change, so compare the mean loss of the first and last five steps.
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5, losses
+    evaluations = [r for r in records if r.get("split") == "dev"]
+    assert [r["step"] for r in evaluations] == [0, *range(5, steps, 5), steps]
+    last = [r for r in records if "loss" in r][-1]
+    assert last["forward_passes"] == steps * (2 if optimizer == "mezo" else 1) and last["peak_memory_mb"] > 0
+    if optimizer == "mezo":
+        assert {"loss_plus", "loss_minus", "projected_grad", "seed"} <= last.keys()
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert config["optimizer"] == optimizer and config["lr"] == lr
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert 0 <= summary["test_accuracy"] <= 1 and summary["zero_shot_dev_accuracy"] == evaluations[0]["accuracy"]
+    assert (run_dir / "plot.png").stat().st_size > 1000
+    assert [p.name for p in run_dir.glob("checkpoint-*.pt")] == [f"checkpoint-{steps:06d}.pt"]
+
+
+@pytest.mark.parametrize("optimizer,lr", [("mezo", 5e-3), ("adam", 1e-3)])
+def test_resumed_run_is_bit_identical_to_an_uninterrupted_one(tmp_path, optimizer, lr):
+    common = [f"optimizer={optimizer}", f"lr={lr}", "checkpoint_every=3", "keep_checkpoints=2", "eval_every=0",
+              "num_train=12"]  # 12 examples, batches of 8: the resumed run crosses an epoch boundary
+    run_cli([*common, "steps=9", f"output_dir={tmp_path / 'whole'}"])
+    run_cli([*common, "steps=4", f"output_dir={tmp_path / 'parts'}"])  # checkpoints at 3 and 4
+    (tmp_path / "parts" / "checkpoint-000004.pt").unlink()  # as if killed after step 4's metrics, before its save
+    run_cli([*common, "steps=9", f"output_dir={tmp_path / 'parts'}"])  # resumes from step 3
+    whole = torch.load(tmp_path / "whole" / "checkpoint-000009.pt", weights_only=False)
+    parts = torch.load(tmp_path / "parts" / "checkpoint-000009.pt", weights_only=False)
+    for name, tensor in whole["model"].items():
+        assert torch.equal(tensor, parts["model"][name]), name
+    assert whole["sampler"] == parts["sampler"] and whole["forward_passes"] == parts["forward_passes"]
+    strip = lambda records: [{k: v for k, v in r.items() if k not in ("seconds", "peak_memory_mb")} for r in records]
+    assert strip(read_metrics(tmp_path / "whole")) == strip(read_metrics(tmp_path / "parts"))
+    assert sorted(p.name for p in (tmp_path / "whole").glob("checkpoint-*.pt")) == ["checkpoint-000006.pt", "checkpoint-000009.pt"]
+
+
+def test_nan_loss_stops_the_run_with_the_step(tmp_path, capsys):
+    assert run_cli(["optimizer=sgd", "lr=1e30", "steps=5", "eval_every=0", f"output_dir={tmp_path}"]) == 2
+    error = capsys.readouterr().err.splitlines()[-1]  # above it: the progress bar
+    failed = read_metrics(tmp_path)[-1]
+    assert error.startswith(f"zotune: error: run step {failed['step']}: non-finite loss at step {failed['step']}: loss=")
+    assert failed["error"] in error and not (tmp_path / "summary.json").exists()
+
+
+def test_eval_cli_scores_a_checkpoint(tmp_path, capsys):
+    run_cli(["optimizer=adam", "lr=1e-3", "steps=3", "eval_every=0", f"output_dir={tmp_path}"])
+    capsys.readouterr()
+    assert main(["eval", *TINY, "--checkpoint", str(tmp_path / "checkpoint-000003.pt"), "--split", "dev"]) == 0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert f"{100 * summary['dev_accuracy']:.1f}%" in capsys.readouterr().out
+
+
+def test_config_file_overrides_and_errors(tmp_path):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("optimizer: mezo\nlr: 1e-6\noptimizer_options: {eps: 1e-3}\n")
+    config = load_config(recipe, ["lr=2e-6", "optimizer_options.n_directions=2"])
+    assert config.lr == 2e-6 and config.optimizer_options == {"eps": 1e-3, "n_directions": 2}
+    with pytest.raises(ConfigError, match="unknown config key 'lrr': did you mean 'lr'"):
+        load_config(recipe, ["lrr=1"])
+    with pytest.raises(ConfigError, match="config key 'steps' must be int, got 'many'"):
+        load_config(None, ["steps=many"])
+    with pytest.raises(ConfigError, match="no such config file"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_unknown_names_are_one_line_errors(tmp_path, capsys):
+    for override, message in [("optimizer=mezzo", "unknown optimizer 'mezzo'"), ("task=sst3", "unknown task 'sst3'"),
+                              ("dtype=fp8", "unknown dtype 'fp8'"), ("optimizer_options.epss=1", "optimizer 'mezo' has no option 'epss'"),
+                              ("optimizer_options.eps=0", "eps must be positive")]:
+        assert run_cli([override, f"output_dir={tmp_path}"]) == 2
+        assert message in capsys.readouterr().err
+
+
+def test_sampler_covers_each_epoch_once_and_resumes():
+    sampler = BatchSampler(10, 4, seed=3)
+    first = [sampler.next_batch() for _ in range(5)]  # 20 draws: two full epochs
+    assert sorted(sum(first, [])[:10]) == list(range(10)) and sorted(sum(first, [])[10:]) == list(range(10))
+    resumed = BatchSampler(10, 4, seed=3)
+    replay = BatchSampler(10, 4, seed=3)
+    for _ in range(2):
+        replay.next_batch()
+    resumed.load_state_dict(replay.state_dict())
+    assert [resumed.next_batch() for _ in range(3)] == first[2:]
