@@ -109,3 +109,37 @@ def test_sampler_covers_each_epoch_once_and_resumes():
         replay.next_batch()
     resumed.load_state_dict(replay.state_dict())
     assert [resumed.next_batch() for _ in range(3)] == first[2:]
+
+
+@pytest.mark.parametrize("optimizer,lr", [("mezo", 1e-2), ("ip-sgd", 1e-1)])
+def test_lora_trains_only_the_adapters(tmp_path, optimizer, lr):
+    assert run_cli([f"optimizer={optimizer}", f"lr={lr}", "steps=12", "eval_every=0", "trainable=lora",
+                    "lora.r=4", f"output_dir={tmp_path}"]) == 0
+    state = torch.load(tmp_path / "checkpoint-000012.pt", weights_only=False)["model"]
+    from zotune.models import load_model
+
+    base, _ = load_model("random:tiny")
+    adapters = [name for name in state if "lora_" in name]
+    assert adapters and all(".q_proj." in n or ".v_proj." in n for n in adapters)
+    assert any(state[n].abs().sum() > 0 for n in adapters if "lora_B" in n)  # B starts at zero, so it moved
+    for name, tensor in base.state_dict().items():  # every base weight is untouched
+        peft_name = next(n for n in state if n.endswith(name.replace("weight", "base_layer.weight")) or n.endswith(name))
+        assert torch.equal(state[peft_name], tensor), name
+
+
+def test_lora_errors(tmp_path, capsys):
+    assert run_cli(["trainable=lora", "lora.targets=[query]", f"output_dir={tmp_path}"]) == 2
+    assert "LoRA target 'query' is not a module of this model" in capsys.readouterr().err
+    assert run_cli(["trainable=lora", "lora.rank=4", f"output_dir={tmp_path}"]) == 2
+    assert "unknown LoRA option 'rank'" in capsys.readouterr().err
+
+
+def test_every_recipe_in_configs_loads():
+    from pathlib import Path
+
+    recipes = sorted(Path("configs").glob("*.yaml"))
+    assert len(recipes) >= 4
+    for recipe in recipes:
+        config = load_config(recipe)
+        assert recipe.read_text().startswith(f"# zotune train --config configs/{recipe.name}"), recipe
+        assert config.optimizer in ("mezo", "ip-sgd", "sgd", "adam")

@@ -118,3 +118,31 @@ def builtin_smollm2() -> Path:
     tokenizer.save_pretrained(partial)
     partial.replace(folder)
     return folder
+
+
+LORA_DEFAULTS = {"r": 8, "alpha": 16, "dropout": 0.0, "targets": ["q_proj", "v_proj"]}
+TRAINABLE = ("full", "lora")
+
+
+def select_trainable(model, mode: str = "full", lora: dict | None = None):
+    """``full``: every parameter trains. ``lora``: the model is wrapped with peft LoRA adapters (MeZO's
+    setting by default: r=8, alpha=16 on the query and value projections) and only they train."""
+    if mode not in TRAINABLE:
+        raise ModelError(f"unknown trainable mode {mode!r}: choose one of {', '.join(TRAINABLE)}")
+    if mode == "full":
+        return model
+    options = {**LORA_DEFAULTS, **(lora or {})}
+    unknown = sorted(set(options) - set(LORA_DEFAULTS))
+    if unknown:
+        raise ModelError(f"unknown LoRA option {unknown[0]!r}: the options are {', '.join(LORA_DEFAULTS)}")
+    if importlib.util.find_spec("peft") is None:
+        raise ModelError("trainable=lora needs the package peft: pip install peft")
+    from peft import LoraConfig, get_peft_model
+
+    names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    missing = [target for target in options["targets"] if target not in names]
+    if missing:
+        raise ModelError(f"LoRA target {missing[0]!r} is not a module of this model (set lora.targets)")
+    config = LoraConfig(r=options["r"], lora_alpha=options["alpha"], lora_dropout=options["dropout"],
+                        target_modules=list(options["targets"]), task_type="CAUSAL_LM")
+    return get_peft_model(model, config)

@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from .config import ConfigError, TrainConfig
 from .errors import NonFiniteLossError, ZotuneError
-from .models import load_model
+from .models import load_model, select_trainable
 from .optim import OPTIMIZERS, MeZO, create_optimizer
 from .optim.inplace_sgd import InPlaceSGD
 from .scoring import EncodedExample, accuracy, classification_loss, encode
@@ -149,6 +149,7 @@ def prepare(config: TrainConfig):
     if config.threads:
         torch.set_num_threads(config.threads)
     model, tokenizer = load_model(config.model, config.dtype)
+    model = select_trainable(model, config.trainable, config.lora)
     sizes = {"train": config.num_train, "dev": config.num_dev, "test": config.num_test}
     loaded = load_task(config.task, config.data, sizes, config.seed, config.task_options)
     encoded = {split: [encode(tokenizer, example, config.max_length) for example in examples]
