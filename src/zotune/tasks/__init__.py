@@ -4,18 +4,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from . import bigbench
-from .base import DEFAULT_SIZES, SPLITS, DataError, Example, Task, read_rows, sample
+from . import bigbench, hub
+from .base import DEFAULT_SIZES, SPLITS, DataError, Example, Task, read_rows, sample, split_rows
 
 
 @dataclass
 class LoadedTask:
-    task: Task
+    task: Task | hub.RowTask
     splits: dict[str, list[Example]]
 
 
 def task_names() -> list[str]:
-    return sorted([*bigbench.TASKS, "local"])
+    return sorted([*bigbench.TASKS, *hub.HUB_TASKS, "local"])
 
 
 def load_task(
@@ -33,6 +33,8 @@ def load_task(
     (label -> candidate text) and optionally ``label_field``.
     """
     sizes = {**DEFAULT_SIZES, **(sizes or {})}
+    if name in hub.HUB_TASKS:
+        return _hub_task(name, sizes, seed)
     if name == "local":
         task, paths = _local_task(local or {})
     elif name in bigbench.TASKS:
@@ -45,6 +47,16 @@ def load_task(
     for split in SPLITS:
         examples = task.examples(read_rows(paths[split]), str(paths[split]))
         splits[split] = sample(examples, sizes[split], seed)
+    return LoadedTask(task, splits)
+
+
+def _hub_task(name: str, sizes: dict, seed: int) -> LoadedTask:
+    task = hub.HUB_TASKS[name][2]
+    rows = hub.load_rows(name)
+    train_dev = split_rows(rows["train"], {"train": sizes["train"] or len(rows["train"]), "dev": sizes["dev"] or 0, "test": 0}, seed)
+    split_sources = {"train": train_dev["train"], "dev": train_dev["dev"], "test": rows["validation"]}
+    splits = {split: task.examples(split_rows_, f"{name} ({split})") for split, split_rows_ in split_sources.items()}
+    splits["test"] = sample(splits["test"], sizes["test"], seed)
     return LoadedTask(task, splits)
 
 

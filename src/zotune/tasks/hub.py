@@ -1,0 +1,91 @@
+"""GLUE/SuperGLUE classification tasks from the Hugging Face hub, with MeZO's prompt templates.
+
+Loading needs the network and the ``datasets`` package; the templates themselves are plain functions of
+a row and are tested offline. Sampling follows MeZO: train and dev are disjoint samples of the hub's
+training split, test is a sample of its validation split (the hub's test splits have no labels).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from .base import DataError, Example, Task
+
+
+@dataclass(frozen=True)
+class RowTask:
+    """A task whose examples need more than a template, e.g. candidates that differ per row."""
+
+    name: str
+    fields: tuple[str, ...]
+    build: Callable[[dict], Example]
+    description: str = ""
+
+    def example(self, row: dict, where: str) -> Example:
+        missing = [name for name in self.fields if name not in row]
+        if missing:
+            raise DataError(f"{where}: missing field {missing[0]!r} (task {self.name!r} needs {list(self.fields)})")
+        return self.build(row)
+
+    def examples(self, rows, source: str) -> list[Example]:
+        if not rows:
+            raise DataError(f"{source}: the split is empty; task {self.name!r} needs at least one example")
+        return [self.example(row, f"{source}, row {number}") for number, row in enumerate(rows, start=1)]
+
+
+def _copa(row: dict) -> Example:
+    connective = " so" if row["question"] == "effect" else " because"
+    premise = row["premise"].rstrip()
+    prompt = (premise[:-1] if premise.endswith(".") else premise) + connective
+    lower_first = lambda text: " " + text[:1].lower() + text[1:]
+    return Example(prompt, (lower_first(row["choice1"]), lower_first(row["choice2"])), int(row["label"]))
+
+
+def _record(row: dict) -> Example:
+    passage = re.sub(r"\s*@highlight\s*", "\n- ", row["passage"]).strip()
+    entities = list(dict.fromkeys(row["entities"]))
+    answers = [entity for entity in entities if entity in row["answers"]]
+    if not answers:
+        raise DataError(f"ReCoRD row: none of the answers {row['answers']} is among the entities")
+    candidates = tuple("\n" + row["query"].replace("@placeholder", entity) for entity in entities)
+    return Example(passage, candidates, entities.index(answers[0]))
+
+
+# name -> (dataset path, config, task). Label order follows the hub's label ids.
+HUB_TASKS = {
+    "sst2": ("glue", "sst2", Task("sst2", "{sentence} It was", {"0": " terrible", "1": " great"})),
+    "rte": ("super_glue", "rte", Task("rte", '{premise}\nDoes this mean that "{hypothesis}" is true? Yes or No?\n',
+                                       {"0": "Yes", "1": "No"})),
+    "cb": ("super_glue", "cb", Task("cb", '{premise}\nDoes this mean that "{hypothesis}" is true? Yes, No, or Maybe?\n',
+                                     {"0": "Yes", "1": "No", "2": "Maybe"})),
+    "boolq": ("super_glue", "boolq", Task("boolq", "{passage} {question}?", {"0": " No", "1": " Yes"})),
+    "wsc": ("super_glue", "wsc.fixed", Task(
+        "wsc", '{text}\nIn the previous sentence, does the pronoun "{span2_text}" refer to {span1_text}? Yes or No?\n',
+        {"0": "No", "1": "Yes"})),
+    "wic": ("super_glue", "wic", Task(
+        "wic", 'Does the word "{word}" have the same meaning in these two sentences? Yes, No?\n{sentence1}\n{sentence2}\n',
+        {"0": "No", "1": "Yes"})),
+    "multirc": ("super_glue", "multirc", Task(
+        "multirc", '{paragraph}\nQuestion: {question}\nI found this answer "{answer}". Is that correct? Yes or No?\n',
+        {"0": "No", "1": "Yes"})),
+    "copa": ("super_glue", "copa", RowTask("copa", ("premise", "choice1", "choice2", "question", "label"), _copa)),
+    "record": ("super_glue", "record", RowTask("record", ("passage", "query", "entities", "answers"), _record)),
+}
+
+
+def load_rows(name: str) -> dict[str, list[dict]]:
+    """The hub's training and validation rows of a task (needs ``datasets`` and the network)."""
+    if os.environ.get("HF_DATASETS_OFFLINE") == "1" or os.environ.get("HF_HUB_OFFLINE") == "1":
+        raise DataError(f"task {name!r} comes from the Hugging Face hub, which is offline here (HF_*_OFFLINE=1): "
+                        "use a bigbench-* task or task=local")
+    if importlib.util.find_spec("datasets") is None:
+        raise DataError(f"task {name!r} needs the package datasets: pip install datasets")
+    from datasets import load_dataset
+
+    path, config, _ = HUB_TASKS[name]
+    dataset = load_dataset(path, config)
+    return {"train": list(dataset["train"]), "validation": list(dataset["validation"])}
