@@ -39,7 +39,8 @@ def test_train_cli_logs_losses_and_writes_run_files(tmp_path, optimizer, lr, ste
     config = yaml.safe_load((run_dir / "config.yaml").read_text())
     assert config["optimizer"] == optimizer and config["lr"] == lr
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert 0 <= summary["test_accuracy"] <= 1 and summary["zero_shot_dev_accuracy"] == evaluations[0]["accuracy"]
+    assert summary["metric"] == "accuracy" and evaluations[0]["metric"] == "accuracy"
+    assert 0 <= summary["test"] <= 1 and summary["zero_shot_dev"] == evaluations[0]["value"]
     assert (run_dir / "plot.png").stat().st_size > 1000
     assert [p.name for p in run_dir.glob("checkpoint-*.pt")] == [f"checkpoint-{steps:06d}.pt"]
 
@@ -73,9 +74,11 @@ def test_nan_loss_stops_the_run_with_the_step(tmp_path, capsys):
 def test_eval_cli_scores_a_checkpoint(tmp_path, capsys):
     run_cli(["optimizer=adam", "lr=1e-3", "steps=3", "eval_every=0", f"output_dir={tmp_path}"])
     capsys.readouterr()
-    assert main(["eval", *TINY, "--checkpoint", str(tmp_path / "checkpoint-000003.pt"), "--split", "dev"]) == 0
+    checkpoint = tmp_path / "checkpoint-000003.pt"
+    assert main(["eval", *TINY, "--checkpoint", str(checkpoint), "--split", "dev"]) == 0
     summary = json.loads((tmp_path / "summary.json").read_text())
-    assert f"{100 * summary['dev_accuracy']:.1f}%" in capsys.readouterr().out
+    expected = f"dev accuracy of {checkpoint} on bigbench-sentiment: {100 * summary['dev']:.1f}%"
+    assert capsys.readouterr().out.strip() == expected
 
 
 def test_config_file_overrides_and_errors(tmp_path):
@@ -83,6 +86,8 @@ def test_config_file_overrides_and_errors(tmp_path):
     recipe.write_text("optimizer: mezo\nlr: 1e-6\noptimizer_options: {eps: 1e-3}\n")
     config = load_config(recipe, ["lr=2e-6", "optimizer_options.n_directions=2"])
     assert config.lr == 2e-6 and config.optimizer_options == {"eps": 1e-3, "n_directions": 2}
+    text = load_config(None, ["task_options.template=Q: {question}\nA:", "lora={r: 4}", "task_options.x=[1, 2]"])
+    assert text.task_options == {"template": "Q: {question}\nA:", "x": [1, 2]} and text.lora == {"r": 4}
     with pytest.raises(ConfigError, match="unknown config key 'lrr': did you mean 'lr'"):
         load_config(recipe, ["lrr=1"])
     with pytest.raises(ConfigError, match="config key 'steps' must be int, got 'many'"):

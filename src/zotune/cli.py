@@ -52,16 +52,16 @@ def _run(args) -> int:
 
         config = load_config(args.config, args.overrides)
         summary = train(config)
-        print(f"{config.optimizer} on {config.task}: zero-shot dev {_pct(summary['zero_shot_dev_accuracy'])}, "
-              f"after {config.steps} steps dev {_pct(summary['dev_accuracy'])}, test {_pct(summary['test_accuracy'])} "
+        print(f"{config.optimizer} on {config.task} ({summary['metric']}): zero-shot dev {_pct(summary['zero_shot_dev'])}, "
+              f"after {config.steps} steps dev {_pct(summary['dev'])}, test {_pct(summary['test'])} "
               f"(run folder {config.output_dir})")
     elif args.command == "eval":
         from .config import load_config
         from .train import evaluate_model
 
         config = load_config(args.config, args.overrides)
-        value = evaluate_model(config, args.checkpoint, args.split)
-        print(f"{args.split} accuracy of {args.checkpoint or config.model} on {config.task}: {_pct(value)}")
+        name, value = evaluate_model(config, args.checkpoint, args.split)
+        print(f"{args.split} {name} of {args.checkpoint or config.model} on {config.task}: {_pct(value)}")
     elif args.command == "data":
         from pathlib import Path
 

@@ -68,6 +68,18 @@ def _parse(text: str):
     return yaml.load(text, Loader=_Loader)
 
 
+def _override_value(raw: str):
+    """A number, boolean or null as such, ``{...}``/``[...]`` as a mapping/list, anything else as the
+    string given (so that a template like ``Q: {question}`` stays text)."""
+    try:
+        value = _parse(raw) if raw else ""
+    except yaml.YAMLError:
+        return raw
+    if isinstance(value, (dict, list)) and not raw.lstrip().startswith(("{", "[")):
+        return raw
+    return value
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> TrainConfig:
     """Defaults, then the YAML file, then ``key=value`` overrides (``a.b=v`` sets a key inside a dict)."""
     values: dict = {}
@@ -83,7 +95,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Tr
         key, sep, raw = override.partition("=")
         if not sep:
             raise ConfigError(f"override {override!r} is not key=value")
-        value = _parse(raw) if raw else ""
+        value = _override_value(raw)
         top, _, inner = key.partition(".")
         if inner:
             values[top] = {**(values.get(top) or {}), inner: value}

@@ -27,8 +27,8 @@ def main(argv: list[str] | None = None) -> None:
         config = load_config(Path(recipe), overrides)
         summary = train(config)
         seconds = summary["seconds"]
-        rows.append(f"| {config.optimizer} | {config.steps} | {seconds:.0f} | {100 * summary['zero_shot_dev_accuracy']:.1f}% "
-                    f"| {100 * summary['dev_accuracy']:.1f}% | {100 * summary['test_accuracy']:.1f}% | {config.output_dir} |")
+        rows.append(f"| {config.optimizer} | {config.steps} | {seconds:.0f} | {100 * summary['zero_shot_dev']:.1f}% "
+                    f"| {100 * summary['dev']:.1f}% | {100 * summary['test']:.1f}% | {config.output_dir} |")
     table = "\n".join([
         f"{config.model} on {config.task} ({config.num_dev} dev / {config.num_test} test examples)", "",
         "| optimizer | steps | train seconds | zero-shot dev | fine-tuned dev | fine-tuned test | run folder |",

@@ -96,3 +96,67 @@ def accuracy(model: nn.Module, examples: Sequence[EncodedExample], pad_id: int, 
         correct += sum(p == example.label for p, example in zip(predictions, chunk))
     model.train(training)
     return correct / len(examples)
+
+
+def generation_loss(model: nn.Module, examples: Sequence[EncodedExample], pad_id: int) -> torch.Tensor:
+    """Language-model loss on the answer tokens only (the prompt is context): minus the mean, over the
+    batch, of each answer's mean token log-probability."""
+    return -candidate_scores(model, examples, pad_id).mean()
+
+
+def normalize_answer(text: str) -> list[str]:
+    """SQuAD's normalization: lower case, no punctuation, no articles, single spaces; as tokens."""
+    text = "".join(ch for ch in text.lower() if ch not in _PUNCTUATION)
+    return [token for token in text.split() if token not in ("a", "an", "the")]
+
+
+_PUNCTUATION = set("!\"#$%&'()*+,-./:;<=>?@[\\]^_`{|}~")
+
+
+def f1(prediction: str, answers: Sequence[str]) -> float:
+    """Token-overlap F1 of a prediction against the best-matching gold answer (SQuAD's metric)."""
+    best = 0.0
+    predicted = normalize_answer(prediction)
+    for answer in answers:
+        gold = normalize_answer(answer)
+        common = sum(min(predicted.count(t), gold.count(t)) for t in set(predicted))
+        if not predicted or not gold:
+            score = float(predicted == gold)
+        elif common == 0:
+            score = 0.0
+        else:
+            precision, recall = common / len(predicted), common / len(gold)
+            score = 2 * precision * recall / (precision + recall)
+        best = max(best, score)
+    return best
+
+
+@torch.inference_mode()
+def greedy_answers(model: nn.Module, tokenizer, examples: Sequence[EncodedExample], max_new_tokens: int = 32,
+                   batch_size: int = 16) -> list[str]:
+    """Greedy continuations of each prompt (left-padded batches), cut at the first newline."""
+    training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    prompts = [seq[: len(seq) - n] for example in examples for seq, n in zip(example.sequences[:1], example.candidate_lengths[:1])]
+    outputs = []
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start : start + batch_size]
+        longest = max(map(len, chunk))
+        input_ids = torch.full((len(chunk), longest), tokenizer.pad_token_id, dtype=torch.long)
+        attention = torch.zeros_like(input_ids)
+        for row, prompt in enumerate(chunk):
+            input_ids[row, longest - len(prompt):] = torch.tensor(prompt)
+            attention[row, longest - len(prompt):] = 1
+        generated = model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device),
+                                   max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+        for row in generated[:, longest:]:
+            outputs.append(tokenizer.decode(row, skip_special_tokens=True).strip().split("\n")[0].strip())
+    model.train(training)
+    return outputs
+
+
+def mean_f1(model: nn.Module, tokenizer, examples: Sequence[EncodedExample], answers: Sequence[Sequence[str]],
+            batch_size: int = 16) -> float:
+    predictions = greedy_answers(model, tokenizer, examples, batch_size=batch_size)
+    return sum(f1(p, a) for p, a in zip(predictions, answers)) / len(examples)

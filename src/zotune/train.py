@@ -25,7 +25,7 @@ from .errors import NonFiniteLossError, ZotuneError
 from .models import load_model, select_trainable
 from .optim import OPTIMIZERS, MeZO, create_optimizer
 from .optim.inplace_sgd import InPlaceSGD
-from .scoring import EncodedExample, accuracy, classification_loss, encode
+from .scoring import EncodedExample, accuracy, classification_loss, encode, generation_loss, mean_f1
 from .tasks import load_task
 
 
@@ -154,12 +154,22 @@ def prepare(config: TrainConfig):
     loaded = load_task(config.task, config.data, sizes, config.seed, config.task_options)
     encoded = {split: [encode(tokenizer, example, config.max_length) for example in examples]
                for split, examples in loaded.splits.items()}
-    return model, tokenizer, encoded
+    answers = {split: [example.answers for example in examples] for split, examples in loaded.splits.items()}
+    generation = getattr(loaded.task, "generation", False)
+
+    def evaluate(split: str) -> tuple[str, float]:
+        """The task's metric on a split: accuracy (classification) or F1 of greedy answers (generation)."""
+        if generation:
+            return "f1", mean_f1(model, tokenizer, encoded[split], answers[split], config.eval_batch_size)
+        return "accuracy", accuracy(model, encoded[split], tokenizer.pad_token_id, config.eval_batch_size)
+
+    loss = generation_loss if generation else classification_loss
+    return model, tokenizer, encoded, evaluate, loss
 
 
 def train(config: TrainConfig, progress: bool = True) -> dict:
     torch.manual_seed(config.seed)
-    model, tokenizer, splits = prepare(config)
+    model, tokenizer, splits, metric, loss_of = prepare(config)
     model.train()
     optimizer = build_optimizer(config, model)
     pad = tokenizer.pad_token_id
@@ -182,20 +192,20 @@ def train(config: TrainConfig, progress: bool = True) -> dict:
         tqdm.write(f"prompts cut to max_length={config.max_length} tokens (from the left): {truncated}")
 
     def evaluate(step: int, split: str) -> float:
-        value = accuracy(model, splits[split], pad, config.eval_batch_size)
-        metrics.write({"step": step, "split": split, "accuracy": value})
+        name, value = metric(split)
+        metrics.write({"step": step, "split": split, "metric": name, "value": value})
         return value
 
     if start_step == 0 and config.zero_shot_eval:
         zero_shot = evaluate(0, "dev")
-        tqdm.write(f"zero-shot dev accuracy: {zero_shot:.3f}")
+        tqdm.write(f"zero-shot dev {metric_name(metrics)}: {zero_shot:.3f}")
     started = time.perf_counter()
     bar = tqdm(range(start_step + 1, config.steps + 1), initial=start_step, total=config.steps,
                desc=f"{config.optimizer} on {config.task}", unit="step", disable=not progress)
     for step in bar:
         batch: list[EncodedExample] = [splits["train"][i] for i in sampler.next_batch()]
         try:
-            record = train_step(optimizer, lambda: classification_loss(model, batch, pad), step)
+            record = train_step(optimizer, lambda: loss_of(model, batch, pad), step)
         except NonFiniteLossError as error:
             metrics.write({"step": step, "error": str(error)})
             raise TrainingError(f"run step {step}: {error}") from None
@@ -211,14 +221,18 @@ def train(config: TrainConfig, progress: bool = True) -> dict:
                                         sampler=sampler.state_dict(), forward_passes=forward_passes,
                                         seconds=record["seconds"], config=config.to_dict()))
     seconds = seconds_before + time.perf_counter() - started
-    summary = dict(dev_accuracy=evaluate(config.steps, "dev"), test_accuracy=evaluate(config.steps, "test"),
+    summary = dict(dev=evaluate(config.steps, "dev"), test=evaluate(config.steps, "test"),
                    steps=config.steps, forward_passes=forward_passes, seconds=seconds)
     records = metrics.records()
-    zero = [r["accuracy"] for r in records if r.get("split") == "dev" and r["step"] == 0]
-    summary["zero_shot_dev_accuracy"] = zero[0] if zero else None
+    zero = [r["value"] for r in records if r.get("split") == "dev" and r["step"] == 0]
+    summary.update(metric=metric_name(metrics), zero_shot_dev=zero[0] if zero else None)
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     plot(records, run_dir / "plot.png", f"{config.optimizer} on {config.task} ({config.model})")
     return summary
+
+
+def metric_name(metrics: MetricsLog) -> str:
+    return next(r["metric"] for r in reversed(metrics.records()) if "metric" in r)
 
 
 def plot(records: list[dict], path: Path, title: str) -> None:
@@ -229,22 +243,23 @@ def plot(records: list[dict], path: Path, title: str) -> None:
 
     steps = [r for r in records if "loss" in r]
     dev = [r for r in records if r.get("split") == "dev"]
-    figure, (loss_axis, accuracy_axis) = plt.subplots(1, 2, figsize=(10, 4))
+    figure, (loss_axis, metric_axis) = plt.subplots(1, 2, figsize=(10, 4))
     loss_axis.plot([r["step"] for r in steps], [r["loss"] for r in steps], lw=0.8)
     loss_axis.set(xlabel="step", ylabel="training loss (batch)", title="loss")
-    accuracy_axis.plot([r["step"] for r in dev], [r["accuracy"] for r in dev], marker="o")
-    accuracy_axis.set(xlabel="step", ylabel="dev accuracy", title="accuracy", ylim=(0, 1))
+    name = dev[0]["metric"] if dev else "accuracy"
+    metric_axis.plot([r["step"] for r in dev], [r["value"] for r in dev], marker="o")
+    metric_axis.set(xlabel="step", ylabel=f"dev {name}", title=name, ylim=(0, 1))
     figure.suptitle(title)
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)
 
 
-def evaluate_model(config: TrainConfig, checkpoint: str | None, split: str) -> float:
-    """Accuracy of the configured model (zero-shot) or of a checkpoint's weights on one split."""
-    model, tokenizer, splits = prepare(config)
+def evaluate_model(config: TrainConfig, checkpoint: str | None, split: str) -> tuple[str, float]:
+    """The task's metric for the configured model (zero-shot) or a checkpoint's weights on one split."""
+    model, _, _, metric, _ = prepare(config)
     if checkpoint is not None:
         if not Path(checkpoint).is_file():
             raise TrainingError(f"{checkpoint}: no such checkpoint file")
         model.load_state_dict(torch.load(checkpoint, weights_only=False)["model"])
-    return accuracy(model, splits[split], tokenizer.pad_token_id, config.eval_batch_size)
+    return metric(split)

@@ -61,12 +61,15 @@ def _hub_task(name: str, sizes: dict, seed: int) -> LoadedTask:
 
 
 def _local_task(options: dict):
-    required = ["train", "dev", "test", "template", "verbalizer"]
+    generation = "answer_field" in options
+    required = ["train", "dev", "test", "template", *([] if generation else ["verbalizer"])]
     missing = [key for key in required if key not in options]
     if missing:
-        raise DataError(f"task 'local' needs task_options.{missing[0]} (required: {', '.join(required)})")
-    verbalizer = {str(label): text for label, text in dict(options["verbalizer"]).items()}
-    task = Task("local", options["template"], verbalizer, options.get("label_field", "label"))
+        raise DataError(f"task 'local' needs task_options.{missing[0]} (required: {', '.join(required)}; "
+                        "verbalizer for classification, answer_field for generation)")
+    verbalizer = {str(label): text for label, text in dict(options.get("verbalizer", {})).items()}
+    task = Task("local", options["template"], verbalizer, options.get("label_field", "label"),
+                answer_field=options.get("answer_field"))
     return task, {split: options[split] for split in SPLITS}
 
 

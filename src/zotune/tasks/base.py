@@ -23,11 +23,14 @@ class DataError(ZotuneError, ValueError):
 
 @dataclass(frozen=True)
 class Example:
-    """One scored example: ``prompt`` followed by each candidate; ``label`` indexes the right one."""
+    """One scored example: ``prompt`` followed by each candidate; ``label`` indexes the right one.
+
+    A generation example has one candidate, the answer trained on, and all gold ``answers`` for F1."""
 
     prompt: str
     candidates: tuple[str, ...]
     label: int
+    answers: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -39,15 +42,27 @@ class Task:
     verbalizer: dict[str, str]  # label value (as text) -> candidate continuation
     label_field: str = "label"
     description: str = ""
+    answer_field: str | None = None  # set: a generation task whose answer is this field, scored by F1
+
+    @property
+    def generation(self) -> bool:
+        return self.answer_field is not None
 
     @property
     def fields(self) -> list[str]:
         return [name for _, name, _, _ in string.Formatter().parse(self.template) if name]
 
     def example(self, row: dict, where: str) -> Example:
-        missing = [name for name in [*self.fields, self.label_field] if name not in row]
+        needed = [*self.fields, self.answer_field or self.label_field]
+        missing = [name for name in needed if name not in row]
         if missing:
-            raise DataError(f"{where}: missing field {missing[0]!r} (task {self.name!r} needs {self.fields + [self.label_field]})")
+            raise DataError(f"{where}: missing field {missing[0]!r} (task {self.name!r} needs {needed})")
+        if self.generation:
+            prompt = self.template.format(**{name: str(row[name]) for name in self.fields})
+            answer = str(row[self.answer_field]).strip()
+            if not answer:
+                raise DataError(f"{where}: empty answer in field {self.answer_field!r}")
+            return Example(prompt, (" " + answer,), 0, (answer,))
         label = str(row[self.label_field])
         if label not in self.verbalizer:
             raise DataError(f"{where}: label {label!r} is not one of {sorted(self.verbalizer)} (task {self.name!r})")

@@ -1,4 +1,4 @@
-"""GLUE/SuperGLUE classification tasks from the Hugging Face hub, with MeZO's prompt templates.
+"""GLUE/SuperGLUE classification tasks, SQuAD and DROP from the Hugging Face hub, with MeZO's templates.
 
 Loading needs the network and the ``datasets`` package; the templates themselves are plain functions of
 a row and are tested offline. Sampling follows MeZO: train and dev are disjoint samples of the hub's
@@ -24,6 +24,7 @@ class RowTask:
     fields: tuple[str, ...]
     build: Callable[[dict], Example]
     description: str = ""
+    generation: bool = False
 
     def example(self, row: dict, where: str) -> Example:
         missing = [name for name in self.fields if name not in row]
@@ -55,6 +56,23 @@ def _record(row: dict) -> Example:
     return Example(passage, candidates, entities.index(answers[0]))
 
 
+def _answered(prompt: str, answers) -> Example:
+    answers = tuple(dict.fromkeys(a.strip() for a in answers if a.strip()))
+    if not answers:
+        raise DataError("a generation row has no non-empty answer")
+    return Example(prompt, (" " + answers[0],), 0, answers)
+
+
+def _squad(row: dict) -> Example:
+    prompt = f"Title: {row['title']}\nContext: {row['context']}\nQuestion: {row['question']}\nAnswer:"
+    return _answered(prompt, row["answers"]["text"])
+
+
+def _drop(row: dict) -> Example:
+    prompt = f"Passage: {row['passage']}\nQuestion: {row['question']}\nAnswer:"
+    return _answered(prompt, row["answers_spans"]["spans"])
+
+
 # name -> (dataset path, config, task). Label order follows the hub's label ids.
 HUB_TASKS = {
     "sst2": ("glue", "sst2", Task("sst2", "{sentence} It was", {"0": " terrible", "1": " great"})),
@@ -74,6 +92,8 @@ HUB_TASKS = {
         {"0": "No", "1": "Yes"})),
     "copa": ("super_glue", "copa", RowTask("copa", ("premise", "choice1", "choice2", "question", "label"), _copa)),
     "record": ("super_glue", "record", RowTask("record", ("passage", "query", "entities", "answers"), _record)),
+    "squad": ("squad", None, RowTask("squad", ("title", "context", "question", "answers"), _squad, generation=True)),
+    "drop": ("drop", None, RowTask("drop", ("passage", "question", "answers_spans"), _drop, generation=True)),
 }
 
 
