@@ -54,3 +54,28 @@ def test_random_model_with_byte_tokenizer_and_dtypes():
     assert tokenizer.decode(tokenizer("héllo\n", add_special_tokens=False)["input_ids"]) == "héllo\n"
     with pytest.raises(ModelError, match="unknown dtype 'fp8'"):
         load_model("random:tiny", dtype="fp8")
+
+
+def test_prefix_decoder_equals_the_model_on_the_initialising_tokens_plus_the_input():
+    from zotune.models import select_trainable
+
+    model, _ = load_model("random:tiny")
+    model.eval()
+    tuned = select_trainable(model, "prefix", prefix={"tokens": 4, "seed": 7})
+    assert [n for n, p in tuned.named_parameters() if p.requires_grad] == ["prefix.prefix_keys", "prefix.prefix_values"]
+    init_ids = torch.randint(0, model.config.vocab_size, (1, 4), generator=torch.Generator().manual_seed(7))
+    inputs = torch.randint(0, model.config.vocab_size, (3, 6))
+    with torch.no_grad():
+        with_prefix = tuned.get_decoder()(input_ids=inputs).last_hidden_state
+        concatenated = model.model(input_ids=torch.cat([init_ids.expand(3, -1), inputs], dim=1)).last_hidden_state[:, 4:]
+    torch.testing.assert_close(with_prefix, concatenated, rtol=1e-5, atol=1e-5)
+
+
+def test_prefix_options_are_checked():
+    from zotune.models import select_trainable
+
+    model, _ = load_model("random:tiny")
+    with pytest.raises(ModelError, match="unknown prefix option 'length'"):
+        select_trainable(model, "prefix", prefix={"length": 3})
+    with pytest.raises(ModelError, match="unknown trainable mode 'bitfit'"):
+        select_trainable(model, "bitfit")

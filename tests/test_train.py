@@ -148,3 +148,18 @@ def test_every_recipe_in_configs_loads():
         config = load_config(recipe)
         assert recipe.read_text().startswith(f"# zotune train --config configs/{recipe.name}"), recipe
         assert config.optimizer in ("mezo", "ip-sgd", "sgd", "adam")
+
+
+@pytest.mark.parametrize("optimizer,lr,extra", [("mezo", 1e-2, ["optimizer_options.eps=1e-1"]), ("adam", 1e-2, [])])
+def test_prefix_tuning_trains_only_the_prefix_and_lowers_the_loss(tmp_path, optimizer, lr, extra):
+    assert run_cli([f"optimizer={optimizer}", f"lr={lr}", *extra, "steps=40", "eval_every=0", "trainable=prefix",
+                    f"output_dir={tmp_path}"]) == 0
+    losses = [r["loss"] for r in read_metrics(tmp_path) if "loss" in r]
+    assert sum(losses[-8:]) < sum(losses[:8]), losses
+    state = torch.load(tmp_path / "checkpoint-000040.pt", weights_only=False)["model"]
+    from zotune.models import load_model
+
+    base, _ = load_model("random:tiny")
+    for name, tensor in base.state_dict().items():
+        assert torch.equal(state[f"lm.{name}"], tensor), name
+    assert {"prefix.prefix_keys", "prefix.prefix_values"} <= state.keys()

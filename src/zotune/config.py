@@ -21,8 +21,9 @@ class ConfigError(ZotuneError, ValueError):
 class TrainConfig:
     model: str = "smollm2-135m"  # built-in, random:<shape>, a local folder or a hub id
     dtype: str = "fp32"  # fp32 | bf16 | fp16
-    trainable: str = "full"  # full | lora
+    trainable: str = "full"  # full | lora | prefix
     lora: dict = field(default_factory=dict)  # r, alpha, dropout, targets (MeZO's: 8, 16, 0, [q_proj, v_proj])
+    prefix: dict = field(default_factory=dict)  # tokens, seed (MeZO's: 5 tokens)
     task: str = "bigbench-sentiment"
     data: str = "extract"  # extract (vendored) | full (after `zotune data fetch bigbench`)
     task_options: dict = field(default_factory=dict)  # for task=local: train/dev/test paths, template, verbalizer
@@ -122,6 +123,6 @@ def _check_types(config: TrainConfig) -> None:
     for name in ("steps", "batch_size", "keep_checkpoints"):
         if getattr(config, name) < 1:
             raise ConfigError(f"config key {name!r} must be at least 1, got {getattr(config, name)}")
-    for name in ("task_options", "optimizer_options", "lora"):
+    for name in ("task_options", "optimizer_options", "lora", "prefix"):
         if not isinstance(getattr(config, name), dict):
             raise ConfigError(f"config key {name!r} must be a mapping, got {getattr(config, name)!r}")

@@ -121,16 +121,75 @@ def builtin_smollm2() -> Path:
 
 
 LORA_DEFAULTS = {"r": 8, "alpha": 16, "dropout": 0.0, "targets": ["q_proj", "v_proj"]}
-TRAINABLE = ("full", "lora")
+PREFIX_DEFAULTS = {"tokens": 5, "seed": 0}
+TRAINABLE = ("full", "lora", "prefix")
 
 
-def select_trainable(model, mode: str = "full", lora: dict | None = None):
+class PrefixDecoder(torch.nn.Module):
+    """The model body with a trainable key/value prefix in every attention layer (MeZO's prefix tuning).
+
+    The prefix starts as the keys and values the frozen model computes for ``tokens`` random vocabulary
+    tokens (MeZO initialises from real activations, which trains more stably than random vectors), so at
+    initialisation the model behaves as if those tokens preceded every input. This module owns the prefix
+    and builds the cache in its own forward, so forward hooks (MeZO's exact perturbation) and backward
+    both reach it; the frozen body is held by reference, not registered twice.
+    """
+
+    def __init__(self, decoder, vocab_size: int, tokens: int, seed: int) -> None:
+        super().__init__()
+        self._body = [decoder]
+        ids = torch.randint(0, vocab_size, (1, tokens), generator=torch.Generator().manual_seed(seed))
+        with torch.no_grad():
+            cache = decoder(input_ids=ids.to(next(decoder.parameters()).device), use_cache=True).past_key_values
+        self.prefix_keys = torch.nn.Parameter(torch.stack([layer.keys[0] for layer in cache.layers]))
+        self.prefix_values = torch.nn.Parameter(torch.stack([layer.values[0] for layer in cache.layers]))
+
+    def forward(self, input_ids, attention_mask=None, **kwargs):
+        from transformers import DynamicCache
+
+        batch, tokens = input_ids.shape[0], self.prefix_keys.shape[2]
+        cache = DynamicCache()
+        for layer, (keys, values) in enumerate(zip(self.prefix_keys, self.prefix_values)):
+            cache.update(keys.expand(batch, -1, -1, -1), values.expand(batch, -1, -1, -1), layer)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        attention_mask = torch.cat([attention_mask.new_ones(batch, tokens), attention_mask], dim=1)
+        return self._body[0](input_ids=input_ids, attention_mask=attention_mask, past_key_values=cache,
+                             use_cache=False, **kwargs)
+
+
+class PrefixTunedLM(torch.nn.Module):
+    """A frozen causal LM whose decoder runs behind a :class:`PrefixDecoder`; scoring uses ``get_decoder``
+    and ``get_output_embeddings`` as with any model. (Greedy generation through the prefix is not
+    implemented: use full or LoRA fine-tuning for generation tasks.)"""
+
+    def __init__(self, model, tokens: int, seed: int) -> None:
+        super().__init__()
+        self.lm = model.requires_grad_(False)
+        self.prefix = PrefixDecoder(model.get_decoder(), model.config.vocab_size, tokens, seed)
+        self.config = model.config
+
+    def get_decoder(self):
+        return self.prefix
+
+    def get_output_embeddings(self):
+        return self.lm.get_output_embeddings()
+
+
+def select_trainable(model, mode: str = "full", lora: dict | None = None, prefix: dict | None = None):
     """``full``: every parameter trains. ``lora``: the model is wrapped with peft LoRA adapters (MeZO's
-    setting by default: r=8, alpha=16 on the query and value projections) and only they train."""
+    setting by default: r=8, alpha=16 on the query and value projections) and only they train.
+    ``prefix``: only a key/value prefix of ``tokens`` positions per layer trains (MeZO's: 5)."""
     if mode not in TRAINABLE:
         raise ModelError(f"unknown trainable mode {mode!r}: choose one of {', '.join(TRAINABLE)}")
     if mode == "full":
         return model
+    if mode == "prefix":
+        options = {**PREFIX_DEFAULTS, **(prefix or {})}
+        unknown = sorted(set(options) - set(PREFIX_DEFAULTS))
+        if unknown:
+            raise ModelError(f"unknown prefix option {unknown[0]!r}: the options are {', '.join(PREFIX_DEFAULTS)}")
+        return PrefixTunedLM(model, options["tokens"], options["seed"])
     options = {**LORA_DEFAULTS, **(lora or {})}
     unknown = sorted(set(options) - set(LORA_DEFAULTS))
     if unknown:

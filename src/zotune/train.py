@@ -149,13 +149,16 @@ def prepare(config: TrainConfig):
     if config.threads:
         torch.set_num_threads(config.threads)
     model, tokenizer = load_model(config.model, config.dtype)
-    model = select_trainable(model, config.trainable, config.lora)
     sizes = {"train": config.num_train, "dev": config.num_dev, "test": config.num_test}
     loaded = load_task(config.task, config.data, sizes, config.seed, config.task_options)
+    generation = getattr(loaded.task, "generation", False)
+    if generation and config.trainable == "prefix":
+        raise ConfigError(f"trainable=prefix supports classification tasks; {config.task!r} is a generation task: "
+                          "use trainable=full or trainable=lora")
+    model = select_trainable(model, config.trainable, config.lora, config.prefix)
     encoded = {split: [encode(tokenizer, example, config.max_length) for example in examples]
                for split, examples in loaded.splits.items()}
     answers = {split: [example.answers for example in examples] for split, examples in loaded.splits.items()}
-    generation = getattr(loaded.task, "generation", False)
 
     def evaluate(split: str) -> tuple[str, float]:
         """The task's metric on a split: accuracy (classification) or F1 of greedy answers (generation)."""
