@@ -14,6 +14,8 @@ import math
 import os
 import resource
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -144,8 +146,19 @@ def train_step(optimizer, loss_fn, step: int) -> dict:
     return dict(loss=loss.item(), forward_passes=1)
 
 
-def prepare(config: TrainConfig):
-    """Model, tokenizer and encoded splits for a config (shared by training and evaluation)."""
+@dataclass
+class Prepared:
+    """What training and evaluation share: the model, the encoded splits, the loss and the metric."""
+
+    model: torch.nn.Module
+    tokenizer: object
+    splits: dict[str, list[EncodedExample]]
+    metric: str  # accuracy (classification) or f1 (generation)
+    evaluate: Callable[[str], float]  # split name -> metric value
+    loss: Callable  # (model, batch, pad_id) -> loss tensor
+
+
+def prepare(config: TrainConfig) -> Prepared:
     if config.threads:
         torch.set_num_threads(config.threads)
     model, tokenizer = load_model(config.model, config.dtype)
@@ -160,19 +173,19 @@ def prepare(config: TrainConfig):
                for split, examples in loaded.splits.items()}
     answers = {split: [example.answers for example in examples] for split, examples in loaded.splits.items()}
 
-    def evaluate(split: str) -> tuple[str, float]:
-        """The task's metric on a split: accuracy (classification) or F1 of greedy answers (generation)."""
+    def evaluate(split: str) -> float:
         if generation:
-            return "f1", mean_f1(model, tokenizer, encoded[split], answers[split], config.eval_batch_size)
-        return "accuracy", accuracy(model, encoded[split], tokenizer.pad_token_id, config.eval_batch_size)
+            return mean_f1(model, tokenizer, encoded[split], answers[split], config.eval_batch_size)
+        return accuracy(model, encoded[split], tokenizer.pad_token_id, config.eval_batch_size)
 
-    loss = generation_loss if generation else classification_loss
-    return model, tokenizer, encoded, evaluate, loss
+    return Prepared(model, tokenizer, encoded, "f1" if generation else "accuracy", evaluate,
+                    generation_loss if generation else classification_loss)
 
 
-def train(config: TrainConfig, progress: bool = True) -> dict:
+def train(config: TrainConfig) -> dict:
     torch.manual_seed(config.seed)
-    model, tokenizer, splits, metric, loss_of = prepare(config)
+    prepared = prepare(config)
+    model, tokenizer, splits = prepared.model, prepared.tokenizer, prepared.splits
     model.train()
     optimizer = build_optimizer(config, model)
     pad = tokenizer.pad_token_id
@@ -195,20 +208,20 @@ def train(config: TrainConfig, progress: bool = True) -> dict:
         tqdm.write(f"prompts cut to max_length={config.max_length} tokens (from the left): {truncated}")
 
     def evaluate(step: int, split: str) -> float:
-        name, value = metric(split)
-        metrics.write({"step": step, "split": split, "metric": name, "value": value})
+        value = prepared.evaluate(split)
+        metrics.write({"step": step, "split": split, "metric": prepared.metric, "value": value})
         return value
 
     if start_step == 0 and config.zero_shot_eval:
         zero_shot = evaluate(0, "dev")
-        tqdm.write(f"zero-shot dev {metric_name(metrics)}: {zero_shot:.3f}")
+        tqdm.write(f"zero-shot dev {prepared.metric}: {zero_shot:.3f}")
     started = time.perf_counter()
     bar = tqdm(range(start_step + 1, config.steps + 1), initial=start_step, total=config.steps,
-               desc=f"{config.optimizer} on {config.task}", unit="step", disable=not progress)
+               desc=f"{config.optimizer} on {config.task}", unit="step")
     for step in bar:
         batch: list[EncodedExample] = [splits["train"][i] for i in sampler.next_batch()]
         try:
-            record = train_step(optimizer, lambda: loss_of(model, batch, pad), step)
+            record = train_step(optimizer, lambda: prepared.loss(model, batch, pad), step)
         except NonFiniteLossError as error:
             metrics.write({"step": step, "error": str(error)})
             raise TrainingError(f"run step {step}: {error}") from None
@@ -228,14 +241,10 @@ def train(config: TrainConfig, progress: bool = True) -> dict:
                    steps=config.steps, forward_passes=forward_passes, seconds=seconds)
     records = metrics.records()
     zero = [r["value"] for r in records if r.get("split") == "dev" and r["step"] == 0]
-    summary.update(metric=metric_name(metrics), zero_shot_dev=zero[0] if zero else None)
+    summary.update(metric=prepared.metric, zero_shot_dev=zero[0] if zero else None)
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     plot(records, run_dir / "plot.png", f"{config.optimizer} on {config.task} ({config.model})")
     return summary
-
-
-def metric_name(metrics: MetricsLog) -> str:
-    return next(r["metric"] for r in reversed(metrics.records()) if "metric" in r)
 
 
 def plot(records: list[dict], path: Path, title: str) -> None:
@@ -259,10 +268,10 @@ def plot(records: list[dict], path: Path, title: str) -> None:
 
 
 def evaluate_model(config: TrainConfig, checkpoint: str | None, split: str) -> tuple[str, float]:
-    """The task's metric for the configured model (zero-shot) or a checkpoint's weights on one split."""
-    model, _, _, metric, _ = prepare(config)
+    """The task's metric (name, value) for the configured model (zero-shot) or a checkpoint, on one split."""
+    prepared = prepare(config)
     if checkpoint is not None:
         if not Path(checkpoint).is_file():
             raise TrainingError(f"{checkpoint}: no such checkpoint file")
-        model.load_state_dict(torch.load(checkpoint, weights_only=False)["model"])
-    return metric(split)
+        prepared.model.load_state_dict(torch.load(checkpoint, weights_only=False)["model"])
+    return prepared.metric, prepared.evaluate(split)
