@@ -19,7 +19,7 @@ CPU generator keeps only the low 32 bits of a seed, so on the CPU a block key is
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -65,6 +65,28 @@ def _draw(block: torch.Tensor, generator: torch.Generator, distribution: str) ->
         block.normal_(generator=generator)
     else:
         block.random_(0, 2, generator=generator).mul_(2).sub_(1)
+
+
+class Block:
+    """One block of one parameter, as an update sees it (see :meth:`DirectionEngine.transform`)."""
+
+    def __init__(self, engine: DirectionEngine, param_index: int, block_index: int, start: int, stop: int) -> None:
+        self.engine, self.param_index, self.block_index = engine, param_index, block_index
+        self.target = engine.params[param_index].detach().view(-1)[start:stop]
+        self.work = self.target if self.target.dtype in (torch.float32, torch.float64) else self.target.float()
+        self._drawn: dict[int, torch.Tensor] = {}
+
+    def z(self, seed: int) -> torch.Tensor:
+        """This block of ``z(seed)``, drawn once per seed into the thread's reused buffers."""
+        if seed not in self._drawn:
+            buffer = self.engine._buffer(len(self._drawn), self.work.numel(), self.target.device)
+            self.engine._fill(buffer, seed, self.param_index, self.block_index)
+            self._drawn[seed] = buffer
+        return self._drawn[seed]
+
+    def scratch(self, name: str) -> torch.Tensor:
+        """A buffer of the block's size in ``work``'s dtype, owned by the thread and reused (contents undefined)."""
+        return self.engine._buffer(name, self.work.numel(), self.target.device, self.work.dtype)
 
 
 class DirectionEngine:
@@ -115,15 +137,15 @@ class DirectionEngine:
             generators[device] = torch.Generator(device=device)
         return generators[device]
 
-    def _buffer(self, slot: int, numel: int, device: torch.device) -> torch.Tensor:
-        """A float32 scratch block owned by the calling thread, reused across calls."""
+    def _buffer(self, slot: int | str, numel: int, device: torch.device, dtype=torch.float32) -> torch.Tensor:
+        """A scratch block owned by the calling thread, reused across calls."""
         buffers = self._thread_state("buffers", dict)
-        key = (slot, device)
+        key = (slot, device, dtype)
         if key not in buffers:
             # A normal tensor even when first asked for inside a forward under inference_mode, so that
             # it can be written again outside it.
             with torch.inference_mode(False):
-                buffers[key] = torch.empty(BLOCK_SIZE, dtype=torch.float32, device=device)
+                buffers[key] = torch.empty(BLOCK_SIZE, dtype=dtype, device=device)
         return buffers[key][:numel]
 
     def _thread_state(self, name, factory):
@@ -152,27 +174,28 @@ class DirectionEngine:
         pairs = [(seed, coef) for seed, coef in pairs if coef != 0.0]
         if not restore and not pairs and scale == 1.0:
             return
+
+        def update(block: Block) -> None:
+            for seed, coef in restore:
+                block.work.add_(block.z(seed), alpha=coef)
+            if scale != 1.0:
+                block.work.mul_(scale)
+            for seed, coef in pairs:
+                block.work.add_(block.z(seed), alpha=coef)
+
+        self.transform(update, indices)
+
+    def transform(self, update: Callable[[Block], None], indices: Sequence[int] | None = None) -> None:
+        """Run ``update`` on every block of the given parameters (default: all), spread over the threads.
+        ``update`` changes ``block.work`` in place (float32, or float64 for float64 parameters); the result
+        is written back to the parameter, rounded once for low-precision dtypes."""
         indices = tuple(range(len(self.params)) if indices is None else indices)
 
         def process(param_index: int, block_index: int, start: int, stop: int) -> None:
-            target = self.params[param_index].detach().view(-1)[start:stop]
-            work = target if target.dtype in (torch.float32, torch.float64) else target.float()
-            drawn: dict[int, torch.Tensor] = {}
-
-            def z(seed: int) -> torch.Tensor:
-                if seed not in drawn:
-                    drawn[seed] = self._buffer(len(drawn), stop - start, target.device)
-                    self._fill(drawn[seed], seed, param_index, block_index)
-                return drawn[seed]
-
-            for seed, coef in restore:
-                work.add_(z(seed), alpha=coef)
-            if scale != 1.0:
-                work.mul_(scale)
-            for seed, coef in pairs:
-                work.add_(z(seed), alpha=coef)
-            if work is not target:
-                target.copy_(work)
+            block = Block(self, param_index, block_index, start, stop)
+            update(block)
+            if block.work is not block.target:
+                block.target.copy_(block.work)
 
         self._run(self._schedule(indices), process)
 

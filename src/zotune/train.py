@@ -116,7 +116,7 @@ def peak_memory_mb() -> float:
 
 def build_optimizer(config: TrainConfig, model) -> torch.optim.Optimizer:
     options = dict(config.optimizer_options)
-    if config.optimizer == "mezo":
+    if config.optimizer in ("mezo", "adamezo"):
         options.setdefault("seed", config.seed)
     accepted = inspect.signature(OPTIMIZERS.get(config.optimizer, create_optimizer)).parameters
     unknown = [name for name in options if name not in accepted]

@@ -6,7 +6,8 @@ All timings come from one process, side by side, as medians of ``--repeats`` rou
 round, each round timing every item once (round-robin):
 - forward: the loss closure alone (the body of the model, logits only at the last position);
 - z sweep: one ``DirectionEngine.apply`` over all parameters (generate z and add it);
-- MeZO (module mode, exact) and MeZO (in-place mode, fused restore) steps;
+- MeZO (module mode, exact) and MeZO (in-place mode, fused restore) steps, and an AdaMeZO step with a
+  full window of 10 (its moments rebuilt from 10 regenerated directions);
 - a reference MeZO step written as the paper's code does it: global reseed, ``torch.normal`` per
   parameter in order, out-of-place adds, four passes over the parameters.
 Writes ``speed.json`` and ``speed.md`` into ``--out`` and prints the table.
@@ -26,7 +27,7 @@ import torch
 
 from ..directions import DirectionEngine
 from ..models import random_llama
-from ..optim import MeZO
+from ..optim import AdaMeZO, MeZO
 
 
 def last_token_loss(model, input_ids, targets):
@@ -82,6 +83,9 @@ def run(shape, batch, length, threads, repeats, distribution):
     params = [p for p in model.parameters()]
     module_mezo = MeZO(model, lr=1e-7, distribution=distribution, num_threads=threads)
     inplace_mezo = MeZO(params, lr=1e-7, distribution=distribution, num_threads=threads)
+    # Past its warm-up, so that every timed step rebuilds the moments from a full window of 10.
+    adamezo = AdaMeZO(model, lr=1e-7, window=10, distribution=distribution, num_threads=threads)
+    adamezo.state["zo"] = {**adamezo.state["zo"], "step": 10, "window": [[seed, 1.0] for seed in range(9)]}
     engine = DirectionEngine(params, distribution, threads)
     seeds = iter(range(10**9))
 
@@ -101,7 +105,8 @@ def run(shape, batch, length, threads, repeats, distribution):
 
     seconds = interleaved_medians(
         dict(forward=forward, z_sweep=z_sweep, mezo_module=lambda: module_mezo.step(closure),
-             mezo_inplace=lambda: inplace_mezo.step(closure), reference_mezo=reference),
+             mezo_inplace=lambda: inplace_mezo.step(closure), adamezo=lambda: adamezo.step(closure),
+             reference_mezo=reference),
         repeats,
     )
     return {
@@ -121,12 +126,14 @@ def markdown(result):
         ("z sweep (generate + add, all parameters)", s["z_sweep"], ""),
         ("MeZO step, module mode (exact)", s["mezo_module"], f"{s['mezo_module'] / two_forwards:.2f}"),
         ("MeZO step, in-place mode (fused)", s["mezo_inplace"], f"{s['mezo_inplace'] / two_forwards:.2f}"),
+        ("AdaMeZO step, window 10 (module mode)", s["adamezo"], f"{s['adamezo'] / two_forwards:.2f}"),
         ("reference MeZO step (paper's code)", s["reference_mezo"], f"{s['reference_mezo'] / two_forwards:.2f}"),
     ]
     lines = [f"config: {json.dumps(result['config'])}", f"machine: {json.dumps(result['machine'])}", "", "| what | seconds | ÷ (2 × forward) |", "|---|---|---|"]
     lines += [f"| {name} | {seconds:.3f} | {ratio} |" for name, seconds, ratio in rows]
     speedup = s["reference_mezo"] / min(s["mezo_module"], s["mezo_inplace"])
-    lines += ["", f"speed-up of the fastest zotune MeZO step over the reference step: {speedup:.2f}x"]
+    lines += ["", f"speed-up of the fastest zotune MeZO step over the reference step: {speedup:.2f}x",
+              f"AdaMeZO's window costs {s['adamezo'] - s['mezo_module']:.3f} s per step over MeZO (module mode)"]
     return "\n".join(lines)
 
 

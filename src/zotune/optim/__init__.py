@@ -7,12 +7,14 @@ import torch
 from ..errors import OptionError
 from torch import nn
 
+from .adamezo import AdaMeZO
 from .inplace_sgd import InPlaceSGD
 from .mezo import MeZO
 from .params import is_decayed, trainable_groups
 
 OPTIMIZERS = {
     "mezo": MeZO,
+    "adamezo": AdaMeZO,
     "ip-sgd": InPlaceSGD,
     "sgd": torch.optim.SGD,
     "adam": torch.optim.Adam,
@@ -30,4 +32,4 @@ def create_optimizer(name: str, model: nn.Module, **hyperparameters) -> torch.op
     return cls(model, **hyperparameters)
 
 
-__all__ = ["OPTIMIZERS", "InPlaceSGD", "MeZO", "create_optimizer", "is_decayed", "trainable_groups"]
+__all__ = ["OPTIMIZERS", "AdaMeZO", "InPlaceSGD", "MeZO", "create_optimizer", "is_decayed", "trainable_groups"]

@@ -77,11 +77,15 @@ class MeZO(torch.optim.Optimizer):
             seed = derive_seed(stream["seed"], stream["step"], j)
             last = j == self.n_directions - 1
             estimates.append(self.estimator.estimate(closure, seed, stream["step"], fuse_restore=last))
+        # A new dict, not an update in place, so that a state_dict() taken earlier stays a snapshot.
+        self.state["zo"] = {**stream, "step": stream["step"] + 1}
+        self._update(estimates)
+        self.last_estimates = estimates
+        return sum(e.loss_plus + e.loss_minus for e in estimates) / (2 * len(estimates))
+
+    def _update(self, estimates) -> None:
+        """θ ← θ·(1 − lr·wd) − (lr/n)·Σ c_j·z_j per group, the pending in-place restore folded in."""
         for group, indices in zip(self.param_groups, self._group_indices):
             lr = group["lr"]
             pairs = [(e.seed, -lr * e.projected_gradient / self.n_directions) for e in estimates]
             self.engine.apply(pairs, indices, restore=estimates[-1].restore, scale=1.0 - lr * group["weight_decay"])
-        # A new dict, not an update in place, so that a state_dict() taken earlier stays a snapshot.
-        self.state["zo"] = {**stream, "step": stream["step"] + 1}
-        self.last_estimates = estimates
-        return sum(e.loss_plus + e.loss_minus for e in estimates) / (2 * len(estimates))

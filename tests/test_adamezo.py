@@ -1,0 +1,125 @@
+import pytest
+import torch
+
+from conftest import lm_loss
+from zotune.directions import derive_seed
+from zotune.errors import OptionError
+from zotune.models import random_llama
+from zotune.optim import AdaMeZO, is_decayed
+
+
+def naive_adamezo(model, input_ids, *, steps, lr, eps, weight_decay, window, beta1, beta2, delta, m_scale, seed, direction):
+    """AdaMeZO with the last ``window`` directions stored densely and m, v computed explicitly."""
+    theta = {name: p.detach().clone() for name, p in model.named_parameters()}
+    history = []  # (projected gradient, {name: z}) newest last
+    for step in range(steps):
+        s = derive_seed(seed, step, 0)
+        z = {name: direction(name, s).to(theta[name].dtype) for name in theta}
+        with torch.no_grad():
+            plus = lm_loss(model, input_ids, {n: theta[n] + eps * z[n] for n in theta}).item()
+            minus = lm_loss(model, input_ids, {n: theta[n] - eps * z[n] for n in theta}).item()
+        projected = (plus - minus) / (2 * eps)
+        history = (history + [(projected, z)])[-window:]
+        for name in theta:
+            decay = weight_decay if is_decayed(name, theta[name]) else 0.0
+            if step + 1 <= window:
+                theta[name] = theta[name] - lr * (projected * z[name] + decay * theta[name])
+            else:
+                m = sum(beta1**k * p * zs[name] for k, (p, zs) in enumerate(reversed(history)))
+                v = sum(beta2**k * p**2 * zs[name] ** 2 for k, (p, zs) in enumerate(reversed(history)))
+                theta[name] = theta[name] - lr * (m_scale * m / (v.sqrt() + delta) + decay * theta[name])
+    return theta
+
+
+@pytest.mark.parametrize("exact", [True, False], ids=["module", "inplace"])
+def test_adamezo_matches_naive_reference_through_and_after_warm_up(exact, batch):
+    hyper = dict(lr=1e-4, eps=1e-3, weight_decay=0.1, window=3, beta1=0.7, beta2=0.9, delta=1e-5, m_scale=100.0, seed=11)
+    model = random_llama("tiny", dtype=torch.float64, seed=0)
+    reference = random_llama("tiny", dtype=torch.float64, seed=0)
+    if exact:
+        optimizer = AdaMeZO(model, **hyper)
+    else:
+        groups = [{"params": [p for n, p in model.named_parameters() if is_decayed(n, p)]},
+                  {"params": [p for n, p in model.named_parameters() if not is_decayed(n, p)], "weight_decay": 0.0}]
+        optimizer = AdaMeZO(groups, **hyper)
+    for _ in range(6):  # 3 warm-up (MeZO) steps, then 3 windowed steps
+        optimizer.step(lambda: lm_loss(model, batch))
+    index = {id(p): i for i, p in enumerate(optimizer.engine.params)}
+    named = dict(model.named_parameters())
+    expected = naive_adamezo(reference, batch, steps=6, direction=lambda n, s: optimizer.engine.direction(index[id(named[n])], s), **hyper)
+    for name, param in model.named_parameters():
+        torch.testing.assert_close(param.detach(), expected[name], rtol=0, atol=1e-10, msg=name)
+    assert len(optimizer.state["zo"]["window"]) == 3
+
+
+def test_moments_are_accumulated_in_float32_where_fp16_would_overflow():
+    """P = 300 gives P² = 9e4 > 65504, fp16's largest value: fp16 sums of v would be inf and the update 0."""
+    class Holder(torch.nn.Module):  # a model, so that the perturbation is module-wise and exact
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.zeros(1000, dtype=torch.float16))
+
+        def forward(self):
+            return 600.0 * self.weight.float().mean()
+
+    holder = Holder()
+    param = holder.weight
+    optimizer = AdaMeZO(holder, lr=1e-3, window=2, m_scale=1.0)
+    optimizer.state["zo"] = {**optimizer.state["zo"], "step": 2, "window": [[5, 300.0]]}
+    optimizer.step(holder)
+    estimate = optimizer.last_estimates[0]
+    window = [(5, 300.0), (estimate.seed, estimate.projected_gradient)]
+    z = {s: optimizer.engine.direction(0, s) for s, _ in window}  # float32
+    m = sum(0.7**k * p * z[s] for k, (s, p) in enumerate(reversed(window)))
+    v = sum(0.9**k * p**2 * z[s] ** 2 for k, (s, p) in enumerate(reversed(window)))
+    expected = (-1e-3 * m / (v.sqrt() + 1e-5)).to(torch.float16)  # float32 math, rounded once
+    assert torch.isfinite(param).all() and param.abs().max() > 0
+    torch.testing.assert_close(param.detach(), expected, rtol=1e-3, atol=1e-7)
+    assert torch.isinf(300.0**2 * z[5].half() ** 2).any()  # the same sum in fp16 overflows
+
+
+def test_zero_learning_rate_is_bit_exact_in_bf16(batch):
+    model = random_llama("tiny", dtype=torch.bfloat16, seed=2)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    optimizer = AdaMeZO(model, lr=0.0, window=2)
+    for _ in range(5):
+        optimizer.step(lambda: lm_loss(model, batch))
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
+def test_window_is_in_state_dict_and_resume_is_exact(batch):
+    model = random_llama("tiny", seed=4)
+    optimizer = AdaMeZO(model, lr=1e-5, window=2, seed=3)
+    for _ in range(3):
+        optimizer.step(lambda: lm_loss(model, batch))
+    saved_params = {n: p.detach().clone() for n, p in model.state_dict().items()}
+    saved = optimizer.state_dict()
+    for _ in range(3):
+        optimizer.step(lambda: lm_loss(model, batch))
+    resumed_model = random_llama("tiny", seed=99)
+    resumed_model.load_state_dict(saved_params)
+    resumed = AdaMeZO(resumed_model, lr=1e-5, window=2)
+    resumed.load_state_dict(saved)
+    assert len(resumed.state["zo"]["window"]) == 2
+    for _ in range(3):
+        resumed.step(lambda: lm_loss(resumed_model, batch))
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), resumed_model.parameters()))
+
+
+def test_adamezo_lowers_the_loss_of_a_tiny_model(batch):
+    model = random_llama("tiny", seed=7)
+    optimizer = AdaMeZO(model, lr=3e-5, window=10, seed=0)
+    with torch.no_grad():
+        initial = lm_loss(model, batch).item()
+    for _ in range(300):
+        optimizer.step(lambda: lm_loss(model, batch))
+    with torch.no_grad():
+        final = lm_loss(model, batch).item()
+    assert final < initial - 0.3, (initial, final)
+
+
+def test_bad_options(tiny_llama):
+    with pytest.raises(OptionError, match="window must be a positive integer"):
+        AdaMeZO(tiny_llama, window=0)
+    with pytest.raises(OptionError, match="beta2 must be in"):
+        AdaMeZO(tiny_llama, beta2=1.0)
