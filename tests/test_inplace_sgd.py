@@ -62,7 +62,7 @@ def test_remove_hooks_detaches_the_optimizer(batch):
     assert all(p.grad is not None for p in model.parameters())
 
 
-@pytest.mark.parametrize("name", ["mezo", "ip-sgd", "sgd", "adam"])
+@pytest.mark.parametrize("name", ["mezo", "adamezo", "ip-sgd", "sgd", "adam"])
 def test_registry_builds_every_optimizer_with_the_decay_rule(name, tiny_llama):
     optimizer = create_optimizer(name, tiny_llama, lr=1e-3, weight_decay=0.1)
     decays = {id(p): g["weight_decay"] for g in optimizer.param_groups for p in g["params"]}
@@ -73,5 +73,5 @@ def test_registry_builds_every_optimizer_with_the_decay_rule(name, tiny_llama):
 
 
 def test_unknown_optimizer_name(tiny_llama):
-    with pytest.raises(ValueError, match="unknown optimizer 'mezzo': choose one of adam, ip-sgd, mezo, sgd"):
+    with pytest.raises(ValueError, match="unknown optimizer 'mezzo': choose one of adam, adamezo, ip-sgd, mezo, sgd"):
         create_optimizer("mezzo", tiny_llama)
