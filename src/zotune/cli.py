@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     data.add_argument("--sdist", help="a local bigbench-1.0.0.tar.gz instead of downloading it from PyPI")
 
     bench = commands.add_parser("bench", help="benchmarks", add_help=False)
-    bench.add_argument("name", choices=["speed"])
+    bench.add_argument("name", choices=["speed", "convergence"])
     bench.add_argument("rest", nargs=argparse.REMAINDER)
 
     args = parser.parse_args(argv)
@@ -71,9 +71,9 @@ def _run(args) -> int:
         for name, sizes in counts.items():
             print(f"{name}: {sizes} -> {bigbench.full_data_dir() / name}")
     elif args.command == "bench":
-        from .bench import speed
+        from importlib import import_module
 
-        speed.main(args.rest)
+        import_module(f"zotune.bench.{args.name}").main(args.rest)
     return 0
 
 

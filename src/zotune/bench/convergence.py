@@ -1,0 +1,94 @@
+"""Accuracy and loss against steps, forward passes and wall time, for several optimizers on one recipe.
+
+    zotune bench convergence --config configs/demo-sentiment-mezo.yaml --optimizers mezo,adamezo \\
+        --set mezo:lr=5e-5 --set adamezo:lr=1e-6 steps=60 eval_every=10
+
+Each optimizer trains from the same pretrained model on the same data and seed, in its own run folder
+under ``--out``. Targets shared by all runs: the best dev metric every run reached, and the highest of the
+runs' lowest smoothed training losses (a moving mean over ``--smooth`` steps). For each run the table gives
+the forward passes and seconds at which it first reached each target. Writes convergence.json,
+convergence.md and convergence.png, and prints the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from ..config import load_config
+from ..train import train
+
+
+def first_reaching(points, target, lower_is_better):
+    for point in points:
+        if (point[0] <= target) if lower_is_better else (point[0] >= target):
+            return point[1:]
+    return None
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="zotune bench convergence", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--optimizers", required=True, help="comma-separated optimizer names")
+    parser.add_argument("--set", action="append", default=[], metavar="OPTIMIZER:key=value",
+                        help="an override for one optimizer's run (repeatable)")
+    parser.add_argument("--smooth", type=int, default=10)
+    parser.add_argument("--out", default="results/convergence")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="overrides for every run")
+    args = parser.parse_args(argv)
+    out = Path(args.out)
+    runs = {}
+    for name in args.optimizers.split(","):
+        own = [item.split(":", 1)[1] for item in args.set if item.split(":", 1)[0] == name]
+        config = load_config(args.config, [*args.overrides, f"optimizer={name}", f"output_dir={out / name}", *own])
+        summary = train(config)
+        records = [json.loads(line) for line in (out / name / "metrics.jsonl").read_text().splitlines()]
+        steps = [r for r in records if "loss" in r]
+        smoothed = []
+        for i, r in enumerate(steps):
+            window = steps[max(0, i - args.smooth + 1) : i + 1]
+            smoothed.append((sum(w["loss"] for w in window) / len(window), r["forward_passes"], r["seconds"]))
+        by_step = {r["step"]: r for r in steps}
+        evals = [(r["value"], by_step.get(r["step"], {"forward_passes": 0})["forward_passes"],
+                  by_step.get(r["step"], {"seconds": 0.0})["seconds"]) for r in records if r.get("split") == "dev"]
+        runs[name] = dict(config=config.to_dict(), summary=summary, smoothed=smoothed, evals=evals)
+    target_metric = min(max(value for value, *_ in run["evals"]) for run in runs.values())
+    target_loss = max(min(loss for loss, *_ in run["smoothed"]) for run in runs.values())
+    rows = []
+    for name, run in runs.items():
+        metric_at = first_reaching(run["evals"], target_metric, lower_is_better=False)
+        loss_at = first_reaching(run["smoothed"], target_loss, lower_is_better=True)
+        run.update(metric_target=target_metric, reached_metric_at=metric_at, loss_target=target_loss, reached_loss_at=loss_at)
+        show = lambda at: "not reached" if at is None else f"{at[0]} passes, {at[1]:.0f} s"
+        rows.append(f"| {name} | {run['config']['lr']:g} | {run['summary']['zero_shot_dev']:.3f} | {run['summary']['dev']:.3f} "
+                    f"| {run['summary']['test']:.3f} | {show(metric_at)} | {show(loss_at)} | {run['summary']['seconds']:.0f} |")
+    metric = next(iter(runs.values()))["summary"]["metric"]
+    table = "\n".join([
+        f"targets: dev {metric} {target_metric:.3f}; training loss (mean of {args.smooth} steps) {target_loss:.4f}", "",
+        f"| optimizer | lr | zero-shot dev | final dev | final test | dev {metric} target at | loss target at | train seconds |",
+        "|---|---|---|---|---|---|---|---|", *rows])
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "convergence.json").write_text(json.dumps(runs, indent=2))
+    (out / "convergence.md").write_text(table + "\n")
+    _plot(runs, out / "convergence.png", metric)
+    print(table)
+
+
+def _plot(runs, path, metric):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (loss_axis, metric_axis) = plt.subplots(1, 2, figsize=(11, 4))
+    for name, run in runs.items():
+        loss_axis.plot([p[1] for p in run["smoothed"]], [p[0] for p in run["smoothed"]], label=name)
+        metric_axis.plot([p[1] for p in run["evals"]], [p[0] for p in run["evals"]], marker="o", label=name)
+    loss_axis.set(xlabel="forward passes", ylabel="training loss (smoothed)")
+    metric_axis.set(xlabel="forward passes", ylabel=f"dev {metric}", ylim=(0, 1))
+    loss_axis.legend()
+    metric_axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
