@@ -28,3 +28,37 @@ def lm_loss(model, input_ids, params=None):
     else:
         logits = torch.func.functional_call(model, params, (), {"input_ids": input_ids}).logits
     return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), input_ids[:, 1:].flatten())
+
+
+def resume_and_compare(build_optimizer, batch, steps_before: int, steps_after: int):
+    """Train ``steps_before`` steps, save model and optimizer state, train on; then rebuild a different
+    model and a fresh optimizer, load the saved states, train the same steps, and check the parameters are
+    bit-identical. ``build_optimizer(model)`` makes the optimizer; returns the resumed optimizer."""
+    model = random_llama("tiny", seed=4)
+    optimizer = build_optimizer(model)
+    for _ in range(steps_before):
+        optimizer.step(lambda: lm_loss(model, batch))
+    saved_params = {n: p.detach().clone() for n, p in model.state_dict().items()}
+    saved_state = optimizer.state_dict()
+    for _ in range(steps_after):
+        optimizer.step(lambda: lm_loss(model, batch))
+    resumed_model = random_llama("tiny", seed=123)
+    resumed_model.load_state_dict(saved_params)
+    resumed = build_optimizer(resumed_model)
+    resumed.load_state_dict(saved_state)
+    loaded_stream = dict(resumed.state["zo"])
+    for _ in range(steps_after):
+        resumed.step(lambda: lm_loss(resumed_model, batch))
+    for a, b in zip(model.parameters(), resumed_model.parameters()):
+        assert torch.equal(a, b)
+    return loaded_stream
+
+
+def loss_before_and_after(model, optimizer, batch, steps: int) -> tuple[float, float]:
+    """The loss on ``batch`` before and after ``steps`` optimizer steps on it (a learning check)."""
+    with torch.no_grad():
+        initial = lm_loss(model, batch).item()
+    for _ in range(steps):
+        optimizer.step(lambda: lm_loss(model, batch))
+    with torch.no_grad():
+        return initial, lm_loss(model, batch).item()

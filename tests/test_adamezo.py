@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from conftest import lm_loss
+from conftest import lm_loss, loss_before_and_after, resume_and_compare
 from zotune.directions import derive_seed
 from zotune.errors import OptionError
 from zotune.models import random_llama
@@ -88,33 +88,14 @@ def test_zero_learning_rate_is_bit_exact_in_bf16(batch):
 
 
 def test_window_is_in_state_dict_and_resume_is_exact(batch):
-    model = random_llama("tiny", seed=4)
-    optimizer = AdaMeZO(model, lr=1e-5, window=2, seed=3)
-    for _ in range(3):
-        optimizer.step(lambda: lm_loss(model, batch))
-    saved_params = {n: p.detach().clone() for n, p in model.state_dict().items()}
-    saved = optimizer.state_dict()
-    for _ in range(3):
-        optimizer.step(lambda: lm_loss(model, batch))
-    resumed_model = random_llama("tiny", seed=99)
-    resumed_model.load_state_dict(saved_params)
-    resumed = AdaMeZO(resumed_model, lr=1e-5, window=2)
-    resumed.load_state_dict(saved)
-    assert len(resumed.state["zo"]["window"]) == 2
-    for _ in range(3):
-        resumed.step(lambda: lm_loss(resumed_model, batch))
-    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), resumed_model.parameters()))
+    # Saved after 3 steps with a window of 2: resumed past the warm-up, with a full window.
+    stream = resume_and_compare(lambda model: AdaMeZO(model, lr=1e-5, window=2, seed=3), batch, steps_before=3, steps_after=3)
+    assert stream["step"] == 3 and len(stream["window"]) == 2
 
 
 def test_adamezo_lowers_the_loss_of_a_tiny_model(batch):
     model = random_llama("tiny", seed=7)
-    optimizer = AdaMeZO(model, lr=3e-5, window=10, seed=0)
-    with torch.no_grad():
-        initial = lm_loss(model, batch).item()
-    for _ in range(300):
-        optimizer.step(lambda: lm_loss(model, batch))
-    with torch.no_grad():
-        final = lm_loss(model, batch).item()
+    initial, final = loss_before_and_after(model, AdaMeZO(model, lr=3e-5, window=10, seed=0), batch, steps=300)
     assert final < initial - 0.3, (initial, final)
 
 

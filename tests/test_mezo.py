@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from conftest import lm_loss
+from conftest import lm_loss, loss_before_and_after, resume_and_compare
 from zotune import MeZO, NonFiniteLossError
 from zotune.directions import BLOCK_SIZE, derive_seed
 from zotune.estimators import mean_over_micro_batches
@@ -125,24 +125,8 @@ def test_learning_rate_scheduler_drives_the_update(batch):
 
 
 def test_state_dict_resumes_the_seed_stream_exactly(batch):
-    model = random_llama("tiny", seed=4)
-    optimizer = MeZO(model, lr=1e-3, seed=9)
-    for _ in range(2):
-        optimizer.step(lambda: lm_loss(model, batch))
-    saved_params = {n: p.detach().clone() for n, p in model.state_dict().items()}
-    saved_state = optimizer.state_dict()
-    for _ in range(2):
-        optimizer.step(lambda: lm_loss(model, batch))
-
-    resumed_model = random_llama("tiny", seed=123)
-    resumed_model.load_state_dict(saved_params)
-    resumed = MeZO(resumed_model, lr=1e-3, seed=0)
-    resumed.load_state_dict(saved_state)
-    assert resumed.state["zo"] == {"seed": 9, "step": 2}
-    for _ in range(2):
-        resumed.step(lambda: lm_loss(resumed_model, batch))
-    for a, b in zip(model.parameters(), resumed_model.parameters()):
-        assert torch.equal(a, b)
+    stream = resume_and_compare(lambda model: MeZO(model, lr=1e-3, seed=9), batch, steps_before=2, steps_after=2)
+    assert stream == {"seed": 9, "step": 2}
 
 
 @pytest.mark.parametrize("exact", [True, False], ids=["module", "inplace"])
@@ -177,13 +161,7 @@ def test_non_finite_loss_is_reported_and_parameters_are_kept(exact, batch):
 
 def test_mezo_lowers_the_loss_of_a_tiny_model(batch):
     model = random_llama("tiny", seed=7)
-    optimizer = MeZO(model, lr=3e-3, eps=1e-3, seed=0)
-    with torch.no_grad():
-        initial = lm_loss(model, batch).item()
-    for _ in range(300):
-        optimizer.step(lambda: lm_loss(model, batch))
-    with torch.no_grad():
-        final = lm_loss(model, batch).item()
+    initial, final = loss_before_and_after(model, MeZO(model, lr=3e-3, eps=1e-3, seed=0), batch, steps=300)
     assert final < initial - 0.3, (initial, final)
 
 
