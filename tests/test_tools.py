@@ -33,17 +33,18 @@ def test_demo_runs_both_recipes_and_writes_the_table(tmp_path, monkeypatch, caps
 def test_convergence_benchmark_compares_optimizers_on_shared_targets(tmp_path, capsys):
     from zotune.cli import main
 
-    assert main(["bench", "convergence", "--config", "configs/demo-sentiment-mezo.yaml", "--optimizers", "mezo,adamezo",
-                 "--set", "adamezo:optimizer_options.window=2", "--set", "adamezo:lr=1e-4", "--smooth", "3",
+    assert main(["bench", "convergence", "--config", "configs/demo-sentiment-mezo.yaml", "--optimizers", "mezo,adamezo@1e-4",
+                 "--set", "adamezo@1e-4:optimizer_options.window=2", "--smooth", "3",
                  "--out", str(tmp_path), "model=random:tiny", "steps=8", "eval_every=4", "num_train=16",
                  "num_dev=8", "num_test=8", "lr=5e-3"]) == 0
     result = json.loads((tmp_path / "convergence.json").read_text())
-    assert set(result) == {"mezo", "adamezo"}
-    assert result["adamezo"]["config"]["optimizer_options"]["window"] == 2 and result["adamezo"]["config"]["lr"] == 1e-4
+    assert set(result) == {"mezo", "adamezo@1e-4"}
+    adamezo = result["adamezo@1e-4"]["config"]
+    assert adamezo["optimizer"] == "adamezo" and adamezo["optimizer_options"]["window"] == 2 and adamezo["lr"] == 1e-4
     assert result["mezo"]["config"]["lr"] == 5e-3
     for run in result.values():
         # the shared targets are reachable by construction: every run reaches the loss target
         assert run["reached_loss_at"] is not None and run["reached_metric_at"] is not None
         assert run["evals"][0][1] == 0  # the zero-shot evaluation is at zero forward passes
     assert (tmp_path / "convergence.png").stat().st_size > 1000
-    assert "| adamezo |" in capsys.readouterr().out
+    assert "| adamezo@1e-4 |" in capsys.readouterr().out

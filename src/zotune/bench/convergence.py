@@ -1,7 +1,7 @@
 """Accuracy and loss against steps, forward passes and wall time, for several optimizers on one recipe.
 
-    zotune bench convergence --config configs/demo-sentiment-mezo.yaml --optimizers mezo,adamezo \\
-        --set mezo:lr=5e-5 --set adamezo:lr=1e-6 steps=60 eval_every=10
+    zotune bench convergence --config configs/demo-sentiment-mezo.yaml --optimizers mezo@5e-5,adamezo@1e-6,adamezo@1e-5 \\
+        steps=60 eval_every=10
 
 Each optimizer trains from the same pretrained model on the same data and seed, in its own run folder
 under ``--out``. Targets shared by all runs: the best dev metric every run reached, and the highest of the
@@ -30,7 +30,8 @@ def first_reaching(points, target, lower_is_better):
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="zotune bench convergence", description=__doc__.splitlines()[0])
     parser.add_argument("--config", required=True)
-    parser.add_argument("--optimizers", required=True, help="comma-separated optimizer names")
+    parser.add_argument("--optimizers", required=True,
+                        help="comma-separated optimizer names, each optionally with @lr (e.g. mezo@5e-5,adamezo@1e-5)")
     parser.add_argument("--set", action="append", default=[], metavar="OPTIMIZER:key=value",
                         help="an override for one optimizer's run (repeatable)")
     parser.add_argument("--smooth", type=int, default=10)
@@ -40,8 +41,10 @@ def main(argv=None):
     out = Path(args.out)
     runs = {}
     for name in args.optimizers.split(","):
+        optimizer, _, lr = name.partition("@")  # "adamezo@1e-5": that optimizer at that learning rate
         own = [item.split(":", 1)[1] for item in args.set if item.split(":", 1)[0] == name]
-        config = load_config(args.config, [*args.overrides, f"optimizer={name}", f"output_dir={out / name}", *own])
+        config = load_config(args.config, [*args.overrides, f"optimizer={optimizer}", f"output_dir={out / name}",
+                                           *([f"lr={lr}"] if lr else []), *own])
         summary = train(config)
         records = [json.loads(line) for line in (out / name / "metrics.jsonl").read_text().splitlines()]
         steps = [r for r in records if "loss" in r]
