@@ -11,6 +11,8 @@ _EXPORTS = {
     "DirectionEngine": "zotune.directions",
     "NonFiniteLossError": "zotune.errors",
     "ZotuneError": "zotune.errors",
+    "AdaMeZO": "zotune.optim",
+    "Addax": "zotune.optim",
     "InPlaceSGD": "zotune.optim",
     "MeZO": "zotune.optim",
     "create_optimizer": "zotune.optim",

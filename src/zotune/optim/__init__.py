@@ -8,6 +8,7 @@ from ..errors import OptionError
 from torch import nn
 
 from .adamezo import AdaMeZO
+from .addax import Addax
 from .inplace_sgd import InPlaceSGD
 from .mezo import MeZO
 from .params import is_decayed, trainable_groups
@@ -15,6 +16,8 @@ from .params import is_decayed, trainable_groups
 OPTIMIZERS = {
     "mezo": MeZO,
     "adamezo": AdaMeZO,
+    "addax": Addax,
+    "addax-wa": Addax,  # the same optimizer; the trainer draws both batches from the whole set
     "ip-sgd": InPlaceSGD,
     "sgd": torch.optim.SGD,
     "adam": torch.optim.Adam,
@@ -32,4 +35,4 @@ def create_optimizer(name: str, model: nn.Module, **hyperparameters) -> torch.op
     return cls(model, **hyperparameters)
 
 
-__all__ = ["OPTIMIZERS", "AdaMeZO", "InPlaceSGD", "MeZO", "create_optimizer", "is_decayed", "trainable_groups"]
+__all__ = ["OPTIMIZERS", "AdaMeZO", "Addax", "InPlaceSGD", "MeZO", "create_optimizer", "is_decayed", "trainable_groups"]

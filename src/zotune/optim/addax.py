@@ -1,0 +1,138 @@
+"""Addax: a zeroth-order estimate on long sequences mixed into in-place SGD on short ones (Li et al., 2025)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..directions import GAUSSIAN, derive_seed
+from ..errors import NonFiniteLossError, OptionError
+from ..estimators import Closure
+from .mezo import MeZO
+
+MIXINGS = ("convex", "additive")
+
+
+class Addax(MeZO):
+    """One Addax step on a zeroth-order batch B0 and a first-order batch B1:
+
+        c  = (L_B0(θ+εz) − L_B0(θ−εz)) / 2ε          two forwards, θ restored, z = z(seed) never stored
+        θ_i ← θ_i·(1 − lr·wd) − lr·(w1·∇_i L_B1(θ) + w0·c·z_i)   for each tensor i, inside backward on B1
+
+    The second line runs in a post-accumulate-grad hook the moment ∇_i is complete, regenerating z_i from
+    the seed, and frees ∇_i at once: like IP-SGD, no full gradient is ever held. Peak memory is the larger of
+    an inference forward on B0 and an IP-SGD step on B1, which is why B0 gets the long sequences.
+
+    ``mixing``: ``convex`` (default) w1 = 1 − α, w0 = α; ``additive`` w1 = 1, w0 = α. The paper mixes with
+    one constant α; public text does not settle which form, so both are offered. α must be small either way:
+    c·z has about √d times the norm of the true gradient (d = trainable parameters).
+
+    ``step(zo_closure, fo_closure)``: ``zo_closure`` returns the loss on B0 without backward (called twice
+    under inference mode); ``fo_closure`` returns the loss on B1 as a tensor with a graph (``step`` calls
+    backward). Either may be ``None`` for a step on one batch only: with no B1 the step is MeZO's
+    (w0 = 1), with no B0 it is IP-SGD's (w1 = 1); the trainer uses this when a length bucket is empty.
+    ``step`` returns the mean of the losses it saw; ``last_losses`` holds each.
+
+    Calling ``backward`` outside ``step`` leaves the gradients in ``.grad`` as usual, updating nothing.
+    Communication (data parallel): the two ZO losses are all-reduced as in MeZO, the gradient of each
+    tensor inside its hook before the update.
+    """
+
+    def __init__(
+        self,
+        params_or_model,
+        lr: float = 1e-4,
+        alpha: float = 1e-3,
+        mixing: str = "convex",
+        eps: float = 1e-3,
+        weight_decay: float = 0.0,
+        distribution: str = GAUSSIAN,
+        seed: int = 0,
+        num_threads: int | None = None,
+    ) -> None:
+        if mixing not in MIXINGS:
+            raise OptionError(f"Addax mixing must be one of {', '.join(MIXINGS)}, got {mixing!r}")
+        if not (isinstance(alpha, (int, float)) and 0 <= alpha and (mixing == "additive" or alpha <= 1)):
+            raise OptionError(f"Addax alpha must be in [0, 1] for convex mixing (>= 0 for additive), got {alpha!r}")
+        super().__init__(params_or_model, lr=lr, eps=eps, weight_decay=weight_decay, distribution=distribution,
+                         seed=seed, num_threads=num_threads)
+        self.alpha, self.mixing = float(alpha), mixing
+        self.last_losses: dict[str, float] = {}
+        self._pending: tuple[list, float] | None = None  # (seed, w0·c) pairs and w1, during backward
+        self._updated: set[int] = set()
+        self._handles = [
+            param.register_post_accumulate_grad_hook(self._updater(group, index))
+            for group, indices in zip(self.param_groups, self._group_indices)
+            for param, index in zip(group["params"], indices)
+        ]
+
+    @property
+    def weights(self) -> tuple[float, float]:
+        """(w0, w1): the weights of the zeroth- and first-order terms."""
+        return (self.alpha, 1.0 - self.alpha) if self.mixing == "convex" else (self.alpha, 1.0)
+
+    def _updater(self, group: dict, index: int):
+        @torch.no_grad()
+        def update(param: torch.Tensor) -> None:
+            if self._pending is None:
+                return
+            zo_pairs, w1 = self._pending
+            lr = group["lr"]
+            self.engine.apply([(s, -lr * a) for s, a in zo_pairs], (index,), scale=1.0 - lr * group["weight_decay"])
+            param.add_(param.grad, alpha=-lr * w1)
+            param.grad = None
+            self._updated.add(index)
+
+        return update
+
+    @torch.no_grad()
+    def step(self, zo_closure: Closure | None = None, fo_closure: Closure | None = None) -> float:  # type: ignore[override]
+        if zo_closure is None and fo_closure is None:
+            raise TypeError("Addax.step needs zo_closure (loss on the long batch), fo_closure (loss on the short "
+                            "batch), or both")
+        stream = self.state["zo"]
+        step, seed = stream["step"], derive_seed(stream["seed"], stream["step"], 0)
+        self.state["zo"] = {**stream, "step": step + 1}
+        losses: dict[str, float] = {}
+        estimate, self.last_estimates = None, []
+        if zo_closure is not None:
+            # With a first-order batch to follow, θ must be restored before its forward: no fused restore.
+            estimate = self.estimator.estimate(zo_closure, seed, step, fuse_restore=fo_closure is None)
+            losses["zo"] = (estimate.loss_plus + estimate.loss_minus) / 2
+            self.last_estimates = [estimate]
+        if fo_closure is None:
+            self._update([estimate])  # MeZO's update, w0 = 1
+        else:
+            w0, w1 = self.weights if estimate is not None else (0.0, 1.0)
+            zo_pairs = [(seed, w0 * estimate.projected_gradient)] if estimate is not None else []
+            losses["fo"] = self._first_order_pass(fo_closure, zo_pairs, w1, step, seed)
+        self.last_losses = losses
+        return sum(losses.values()) / len(losses)
+
+    def _first_order_pass(self, fo_closure: Closure, zo_pairs: list, w1: float, step: int, seed: int) -> float:
+        """Backward on B1; each tensor is updated in its hook, then any tensor B1 did not reach."""
+        with torch.enable_grad():
+            loss = fo_closure()
+            value = loss.detach().item()
+            if not math.isfinite(value):
+                raise NonFiniteLossError(step, {"first-order loss": value}, seed)
+            self._pending, self._updated = (zo_pairs, w1), set()
+            try:
+                loss.backward()
+            finally:
+                self._pending = None
+        for group, indices in zip(self.param_groups, self._group_indices):
+            untouched = tuple(i for i in indices if i not in self._updated)
+            if untouched:
+                lr = group["lr"]
+                self.engine.apply([(s, -lr * a) for s, a in zo_pairs], untouched,
+                                  scale=1.0 - lr * group["weight_decay"])
+        return value
+
+    def remove_hooks(self) -> None:
+        """Detach the optimizer from its parameters (afterwards, backward no longer updates them)."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
