@@ -9,7 +9,7 @@ import yaml
 from zotune.cli import main
 from zotune.config import ConfigError, load_config
 from zotune.optim import OPTIMIZERS
-from zotune.train import BatchSampler
+from zotune.sampling import BatchSampler
 
 TINY = ["model=random:tiny", "num_train=32", "num_dev=16", "num_test=16", "batch_size=8", "max_length=64"]
 
@@ -48,10 +48,11 @@ def test_train_cli_logs_losses_and_writes_run_files(tmp_path, optimizer, lr, ste
     assert [p.name for p in run_dir.glob("checkpoint-*.pt")] == [f"checkpoint-{steps:06d}.pt"]
 
 
-@pytest.mark.parametrize("optimizer,lr", [("mezo", 5e-3), ("adamezo", 1e-4), ("adam", 1e-3)])
+@pytest.mark.parametrize("optimizer,lr", [("mezo", 5e-3), ("adamezo", 1e-4), ("adam", 1e-3), ("addax", 5e-2)])
 def test_resumed_run_is_bit_identical_to_an_uninterrupted_one(tmp_path, optimizer, lr):
     common = [f"optimizer={optimizer}", f"lr={lr}", "checkpoint_every=3", "keep_checkpoints=2", "eval_every=0",
-              "num_train=12"]  # 12 examples, batches of 8: the resumed run crosses an epoch boundary
+              "num_train=12", *(["max_length=200", "optimizer_options.K0=4", "optimizer_options.K1=4"]
+                                if optimizer == "addax" else [])]  # 12 examples, batches of 8: the resumed run crosses an epoch boundary
     run_cli([*common, "steps=9", f"output_dir={tmp_path / 'whole'}"])
     run_cli([*common, "steps=4", f"output_dir={tmp_path / 'parts'}"])  # checkpoints at 3 and 4
     (tmp_path / "parts" / "checkpoint-000004.pt").unlink()  # as if killed after step 4's metrics, before its save
@@ -64,6 +65,38 @@ def test_resumed_run_is_bit_identical_to_an_uninterrupted_one(tmp_path, optimize
     strip = lambda records: [{k: v for k, v in r.items() if k not in ("seconds", "peak_memory_mb")} for r in records]
     assert strip(read_metrics(tmp_path / "whole")) == strip(read_metrics(tmp_path / "parts"))
     assert sorted(p.name for p in (tmp_path / "whole").glob("checkpoint-*.pt")) == ["checkpoint-000006.pt", "checkpoint-000009.pt"]
+
+
+ADDAX = ["max_length=200", "lr=0.05", "optimizer_options.alpha=0.01", "optimizer_options.K0=4", "optimizer_options.K1=4"]
+
+
+@pytest.mark.parametrize("optimizer,extra", [("addax", ["optimizer_options.L_T=105"]), ("addax-wa", [])])
+def test_addax_runs_split_by_length_and_log_both_batches(tmp_path, optimizer, extra):
+    steps = 6
+    assert run_cli([*ADDAX, *extra, f"optimizer={optimizer}", f"steps={steps}", "eval_every=0", f"output_dir={tmp_path}"]) == 0
+    records = read_metrics(tmp_path)
+    notes = [r["note"] for r in records if "note" in r]
+    if optimizer == "addax":
+        assert notes == ["length split at L_T=105 tokens: D0 (zeroth-order, longer) 16 examples, D1 (first-order) 16; "
+                         "lengths 32..200"]
+    else:
+        assert notes == ["addax-wa: K0=4 and K1=4 examples per step, both from all 32 training examples"]
+    losses = [r for r in records if "loss" in r]
+    assert {"loss_zo", "loss_fo", "projected_grad", "seed"} <= losses[-1].keys()
+    assert losses[-1]["forward_passes"] == 3 * steps
+    assert all(r["loss"] == pytest.approx((r["loss_zo"] + r["loss_fo"]) / 2) for r in losses)
+
+
+def test_addax_with_an_empty_bucket_falls_back_to_ip_sgd_or_refuses(tmp_path, capsys):
+    assert run_cli([*ADDAX, "optimizer=addax", "optimizer_options.L_T=500", "steps=2", "eval_every=0",
+                    f"output_dir={tmp_path / 'fallback'}"]) == 0
+    last = [r for r in read_metrics(tmp_path / "fallback") if "loss" in r][-1]
+    assert "loss_fo" in last and "loss_zo" not in last and last["forward_passes"] == 2
+    assert "every step falls back to IP-SGD on D1" in capsys.readouterr().out
+    assert run_cli([*ADDAX, "optimizer=addax", "optimizer_options.L_T=500", "optimizer_options.on_empty_bucket=error",
+                    f"output_dir={tmp_path / 'refused'}"]) == 2
+    assert capsys.readouterr().err.strip().startswith("zotune: error: D0 is empty: no training example is longer than "
+                                                      "L_T=500 tokens")
 
 
 def test_nan_loss_stops_the_run_with_the_step(tmp_path, capsys):

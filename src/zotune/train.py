@@ -25,42 +25,19 @@ from tqdm import tqdm
 from .config import ConfigError, TrainConfig
 from .errors import NonFiniteLossError, ZotuneError
 from .models import load_model, select_trainable
-from .optim import OPTIMIZERS, MeZO, create_optimizer
+from .lengths import ADDAX_DATA_OPTIONS, first_order_peak_bytes, plan_addax
+from .optim import OPTIMIZERS, Addax, MeZO, create_optimizer
 from .optim.inplace_sgd import InPlaceSGD
 from .scoring import EncodedExample, accuracy, classification_loss, encode, generation_loss, mean_f1
+from .sampling import AddaxBatches, BatchSampler
 from .tasks import load_task
+
+
+ADDAX_OPTIMIZERS = ("addax", "addax-wa")
 
 
 class TrainingError(ZotuneError, RuntimeError):
     """Training stopped; the message names the step and what to change."""
-
-
-class BatchSampler:
-    """Shuffled passes over the training set, one seeded permutation per epoch; resumable."""
-
-    def __init__(self, size: int, batch_size: int, seed: int) -> None:
-        self.size, self.batch_size, self.seed = size, batch_size, seed
-        self.epoch, self.position = 0, 0
-
-    def next_batch(self) -> list[int]:
-        batch = []
-        while len(batch) < self.batch_size:
-            if self.position == self.size:
-                self.epoch, self.position = self.epoch + 1, 0
-            take = min(self.batch_size - len(batch), self.size - self.position)
-            batch += self._permutation()[self.position : self.position + take]
-            self.position += take
-        return batch
-
-    def _permutation(self) -> list[int]:
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        return torch.randperm(self.size, generator=generator).tolist()
-
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "position": self.position}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.epoch, self.position = state["epoch"], state["position"]
 
 
 class Checkpoints:
@@ -116,7 +93,9 @@ def peak_memory_mb() -> float:
 
 def build_optimizer(config: TrainConfig, model) -> torch.optim.Optimizer:
     options = dict(config.optimizer_options)
-    if config.optimizer in ("mezo", "adamezo"):
+    if config.optimizer in ADDAX_OPTIMIZERS:
+        options = {key: value for key, value in options.items() if key not in ADDAX_DATA_OPTIONS}
+    if config.optimizer in ("mezo", "adamezo", *ADDAX_OPTIMIZERS):
         options.setdefault("seed", config.seed)
     accepted = inspect.signature(OPTIMIZERS.get(config.optimizer, create_optimizer)).parameters
     unknown = [name for name in options if name not in accepted]
@@ -125,6 +104,20 @@ def build_optimizer(config: TrainConfig, model) -> torch.optim.Optimizer:
         raise ConfigError(f"optimizer {config.optimizer!r} has no option {unknown[0]!r} (optimizer_options): "
                           f"it takes {', '.join(known)}")
     return create_optimizer(config.optimizer, model, lr=config.lr, weight_decay=config.weight_decay, **options)
+
+
+def addax_step(optimizer: Addax, zo_closure, fo_closure, sizes: tuple[int, int]) -> dict:
+    """One Addax step; the logged loss is the mean over the examples of both batches."""
+    optimizer.step(zo_closure, fo_closure)
+    losses = optimizer.last_losses
+    present = {key: size for key, size in zip(("zo", "fo"), sizes) if key in losses}
+    record = dict(loss=sum(losses[key] * size for key, size in present.items()) / sum(present.values()),
+                  **{f"loss_{key}": value for key, value in losses.items()},
+                  forward_passes=2 * ("zo" in losses) + ("fo" in losses))
+    if optimizer.last_estimates:
+        estimate = optimizer.last_estimates[0]
+        record.update(projected_grad=estimate.projected_gradient, seed=estimate.seed)
+    return record
 
 
 def train_step(optimizer, loss_fn, step: int) -> dict:
@@ -187,13 +180,23 @@ def train(config: TrainConfig) -> dict:
     prepared = prepare(config)
     model, tokenizer, splits = prepared.model, prepared.tokenizer, prepared.splits
     model.train()
-    optimizer = build_optimizer(config, model)
     pad = tokenizer.pad_token_id
+    plan = None
+    if config.optimizer in ADDAX_OPTIMIZERS:
+        train_examples = splits["train"]
+        plan = plan_addax(config.optimizer, {k: v for k, v in config.optimizer_options.items() if k in ADDAX_DATA_OPTIONS},
+                          train_examples, config.batch_size,
+                          lambda indices: first_order_peak_bytes(
+                              model, lambda: prepared.loss(model, [train_examples[i] for i in indices], pad)))
+    optimizer = build_optimizer(config, model)
     run_dir = Path(config.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
     checkpoints = Checkpoints(run_dir, config.keep_checkpoints)
-    sampler = BatchSampler(len(splits["train"]), config.batch_size, config.seed)
+    if plan is None:
+        sampler = BatchSampler(len(splits["train"]), config.batch_size, config.seed)
+    else:
+        sampler = AddaxBatches(plan.split, plan.k0, plan.k1, config.seed)
 
     start_step, forward_passes, seconds_before = 0, 0, 0.0
     state = checkpoints.latest()
@@ -203,6 +206,10 @@ def train(config: TrainConfig) -> dict:
         sampler.load_state_dict(state["sampler"])
         start_step, forward_passes, seconds_before = state["step"], state["forward_passes"], state["seconds"]
     metrics = MetricsLog(run_dir / "metrics.jsonl", start_step if state is not None else None)
+    for note in plan.notes if plan is not None else []:
+        tqdm.write(note)
+        if state is None:
+            metrics.write({"step": 0, "note": note})
     truncated = {split: sum(e.truncated for e in examples) for split, examples in splits.items()}
     if any(truncated.values()):
         tqdm.write(f"prompts cut to max_length={config.max_length} tokens (from the left): {truncated}")
@@ -219,9 +226,15 @@ def train(config: TrainConfig) -> dict:
     bar = tqdm(range(start_step + 1, config.steps + 1), initial=start_step, total=config.steps,
                desc=f"{config.optimizer} on {config.task}", unit="step")
     for step in bar:
-        batch: list[EncodedExample] = [splits["train"][i] for i in sampler.next_batch()]
         try:
-            record = train_step(optimizer, lambda: prepared.loss(model, batch, pad), step)
+            if plan is None:
+                batch: list[EncodedExample] = [splits["train"][i] for i in sampler.next_batch()]
+                record = train_step(optimizer, lambda: prepared.loss(model, batch, pad), step)
+            else:
+                long, short = ([splits["train"][i] for i in indices] if indices else None
+                               for indices in sampler.next_batches())
+                record = addax_step(optimizer, long and (lambda: prepared.loss(model, long, pad)),
+                                    short and (lambda: prepared.loss(model, short, pad)), (plan.k0, plan.k1))
         except NonFiniteLossError as error:
             metrics.write({"step": step, "error": str(error)})
             raise TrainingError(f"run step {step}: {error}") from None
@@ -237,8 +250,9 @@ def train(config: TrainConfig) -> dict:
                                         sampler=sampler.state_dict(), forward_passes=forward_passes,
                                         seconds=record["seconds"], config=config.to_dict()))
     seconds = seconds_before + time.perf_counter() - started
+    training_peak = peak_memory_mb()
     summary = dict(dev=evaluate(config.steps, "dev"), test=evaluate(config.steps, "test"),
-                   steps=config.steps, forward_passes=forward_passes, seconds=seconds)
+                   steps=config.steps, forward_passes=forward_passes, seconds=seconds, peak_memory_mb=training_peak)
     records = metrics.records()
     zero = [r["value"] for r in records if r.get("split") == "dev" and r["step"] == 0]
     summary.update(metric=prepared.metric, zero_shot_dev=zero[0] if zero else None)

@@ -1,0 +1,64 @@
+"""Which training examples each step sees: shuffled epochs, and Addax's two length buckets. Resumable."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from .lengths import LengthSplit
+
+
+class BatchSampler:
+    """Shuffled passes over the training set, one seeded permutation per epoch; resumable."""
+
+    def __init__(self, size: int, batch_size: int, seed: int) -> None:
+        self.size, self.batch_size, self.seed = size, batch_size, seed
+        self.epoch, self.position = 0, 0
+
+    def next_batch(self) -> list[int]:
+        batch = []
+        while len(batch) < self.batch_size:
+            if self.position == self.size:
+                self.epoch, self.position = self.epoch + 1, 0
+            take = min(self.batch_size - len(batch), self.size - self.position)
+            batch += self._permutation()[self.position : self.position + take]
+            self.position += take
+        return batch
+
+    def _permutation(self) -> list[int]:
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        return torch.randperm(self.size, generator=generator).tolist()
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "position": self.position}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.position = state["epoch"], state["position"]
+
+
+class AddaxBatches:
+    """Each step: K0 indices from D0 and K1 from D1, each bucket in its own shuffled epochs; resumable.
+
+    An empty bucket yields ``None`` for its batch (the step then uses the other batch only)."""
+
+    def __init__(self, split: LengthSplit, k0: int, k1: int, seed: int) -> None:
+        self.split = split
+        self.samplers = [BatchSampler(len(bucket), k, seed + offset) if bucket else None
+                         for offset, (bucket, k) in enumerate(((split.long, k0), (split.short, k1)))]
+
+    def next_batches(self) -> tuple[list[int] | None, list[int] | None]:
+        buckets = (self.split.long, self.split.short)
+        return tuple(None if sampler is None else [bucket[i] for i in sampler.next_batch()]
+                     for sampler, bucket in zip(self.samplers, buckets))
+
+    def state_dict(self) -> dict:
+        return {"buckets": [None if s is None else s.state_dict() for s in self.samplers]}
+
+    def load_state_dict(self, state: dict) -> None:
+        for sampler, saved in zip(self.samplers, state["buckets"]):
+            if sampler is not None:
+                sampler.load_state_dict(saved)
+
+
