@@ -46,5 +46,6 @@ def test_convergence_benchmark_compares_optimizers_on_shared_targets(tmp_path, c
         # the shared targets are reachable by construction: every run reaches the loss target
         assert run["reached_loss_at"] is not None and run["reached_metric_at"] is not None
         assert run["evals"][0][1] == 0  # the zero-shot evaluation is at zero forward passes
+        assert run["summary"]["peak_memory_mb"] > 0
     assert (tmp_path / "convergence.png").stat().st_size > 1000
     assert "| adamezo@1e-4 |" in capsys.readouterr().out

@@ -4,7 +4,8 @@
         steps=60 eval_every=10
 
 Each optimizer trains from the same pretrained model on the same data and seed, in its own run folder
-under ``--out``. Targets shared by all runs: the best dev metric every run reached, and the highest of the
+under ``--out`` and in its own process, so that the peak memory reported for it (the process's peak
+resident set on CPU, the allocator's peak on CUDA, during training) is its own. Targets shared by all runs: the best dev metric every run reached, and the highest of the
 runs' lowest smoothed training losses (a moving mean over ``--smooth`` steps). For each run the table gives
 the forward passes and seconds at which it first reached each target. Writes convergence.json,
 convergence.md and convergence.png, and prints the table.
@@ -14,10 +15,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
+import sys
 from pathlib import Path
 
-from ..config import load_config
-from ..train import train
+import yaml
+
+from ..config import ConfigError, load_config
 
 
 def first_reaching(points, target, lower_is_better):
@@ -43,9 +47,13 @@ def main(argv=None):
     for name in args.optimizers.split(","):
         optimizer, _, lr = name.partition("@")  # "adamezo@1e-5": that optimizer at that learning rate
         own = [item.split(":", 1)[1] for item in args.set if item.split(":", 1)[0] == name]
-        config = load_config(args.config, [*args.overrides, f"optimizer={optimizer}", f"output_dir={out / name}",
-                                           *([f"lr={lr}"] if lr else []), *own])
-        summary = train(config)
+        overrides = [*args.overrides, f"optimizer={optimizer}", f"output_dir={out / name}", *([f"lr={lr}"] if lr else []), *own]
+        load_config(args.config, overrides)  # a bad override fails here, before any run starts
+        finished = subprocess.run([sys.executable, "-m", "zotune.cli", "train", "--config", args.config, *overrides])
+        if finished.returncode != 0:
+            raise ConfigError(f"the {name} run failed (exit code {finished.returncode}); its output is above")
+        config = yaml.safe_load((out / name / "config.yaml").read_text())
+        summary = json.loads((out / name / "summary.json").read_text())
         records = [json.loads(line) for line in (out / name / "metrics.jsonl").read_text().splitlines()]
         steps = [r for r in records if "loss" in r]
         smoothed = []
@@ -55,7 +63,7 @@ def main(argv=None):
         by_step = {r["step"]: r for r in steps}
         evals = [(r["value"], by_step.get(r["step"], {"forward_passes": 0})["forward_passes"],
                   by_step.get(r["step"], {"seconds": 0.0})["seconds"]) for r in records if r.get("split") == "dev"]
-        runs[name] = dict(config=config.to_dict(), summary=summary, smoothed=smoothed, evals=evals)
+        runs[name] = dict(config=config, summary=summary, smoothed=smoothed, evals=evals)
     target_metric = min(max(value for value, *_ in run["evals"]) for run in runs.values())
     target_loss = max(min(loss for loss, *_ in run["smoothed"]) for run in runs.values())
     rows = []
@@ -65,12 +73,14 @@ def main(argv=None):
         run.update(metric_target=target_metric, reached_metric_at=metric_at, loss_target=target_loss, reached_loss_at=loss_at)
         show = lambda at: "not reached" if at is None else f"{at[0]} passes, {at[1]:.0f} s"
         rows.append(f"| {name} | {run['config']['lr']:g} | {run['summary']['zero_shot_dev']:.3f} | {run['summary']['dev']:.3f} "
-                    f"| {run['summary']['test']:.3f} | {show(metric_at)} | {show(loss_at)} | {run['summary']['seconds']:.0f} |")
+                    f"| {run['summary']['test']:.3f} | {show(metric_at)} | {show(loss_at)} | {run['summary']['seconds']:.0f} "
+                    f"| {run['summary']['peak_memory_mb']:.0f} |")
     metric = next(iter(runs.values()))["summary"]["metric"]
     table = "\n".join([
         f"targets: dev {metric} {target_metric:.3f}; training loss (mean of {args.smooth} steps) {target_loss:.4f}", "",
-        f"| optimizer | lr | zero-shot dev | final dev | final test | dev {metric} target at | loss target at | train seconds |",
-        "|---|---|---|---|---|---|---|---|", *rows])
+        f"| optimizer | lr | zero-shot dev | final dev | final test | dev {metric} target at | loss target at | train seconds "
+        "| peak memory (MiB) |",
+        "|---|---|---|---|---|---|---|---|---|", *rows])
     out.mkdir(parents=True, exist_ok=True)
     (out / "convergence.json").write_text(json.dumps(runs, indent=2))
     (out / "convergence.md").write_text(table + "\n")
@@ -84,14 +94,16 @@ def _plot(runs, path, metric):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, (loss_axis, metric_axis) = plt.subplots(1, 2, figsize=(11, 4))
+    figure, (loss_axis, metric_axis, time_axis) = plt.subplots(1, 3, figsize=(15, 4))
     for name, run in runs.items():
         loss_axis.plot([p[1] for p in run["smoothed"]], [p[0] for p in run["smoothed"]], label=name)
         metric_axis.plot([p[1] for p in run["evals"]], [p[0] for p in run["evals"]], marker="o", label=name)
+        time_axis.plot([p[2] for p in run["evals"]], [p[0] for p in run["evals"]], marker="o", label=name)
     loss_axis.set(xlabel="forward passes", ylabel="training loss (smoothed)")
     metric_axis.set(xlabel="forward passes", ylabel=f"dev {metric}", ylim=(0, 1))
-    loss_axis.legend()
-    metric_axis.legend()
+    time_axis.set(xlabel="training seconds", ylabel=f"dev {metric}", ylim=(0, 1))
+    for axis in (loss_axis, metric_axis, time_axis):
+        axis.legend()
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)
