@@ -30,6 +30,13 @@ def lm_loss(model, input_ids, params=None):
     return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), input_ids[:, 1:].flatten())
 
 
+def keyed_direction(model, optimizer):
+    """``direction(name, seed)``: the optimizer's keyed z for a parameter named as in ``model``."""
+    index = {id(p): i for i, p in enumerate(optimizer.engine.params)}
+    params = dict(model.named_parameters())
+    return lambda name, s: optimizer.engine.direction(index[id(params[name])], s)
+
+
 def resume_and_compare(build_optimizer, batch, steps_before: int, steps_after: int):
     """Train ``steps_before`` steps, save model and optimizer state, train on; then rebuild a different
     model and a fresh optimizer, load the saved states, train the same steps, and check the parameters are

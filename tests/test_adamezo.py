@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from conftest import lm_loss, loss_before_and_after, resume_and_compare
+from conftest import keyed_direction, lm_loss, loss_before_and_after, resume_and_compare
 from zotune.directions import derive_seed
 from zotune.errors import OptionError
 from zotune.models import random_llama
@@ -44,9 +44,7 @@ def test_adamezo_matches_naive_reference_through_and_after_warm_up(exact, batch)
         optimizer = AdaMeZO(groups, **hyper)
     for _ in range(6):  # 3 warm-up (MeZO) steps, then 3 windowed steps
         optimizer.step(lambda: lm_loss(model, batch))
-    index = {id(p): i for i, p in enumerate(optimizer.engine.params)}
-    named = dict(model.named_parameters())
-    expected = naive_adamezo(reference, batch, steps=6, direction=lambda n, s: optimizer.engine.direction(index[id(named[n])], s), **hyper)
+    expected = naive_adamezo(reference, batch, steps=6, direction=keyed_direction(model, optimizer), **hyper)
     for name, param in model.named_parameters():
         torch.testing.assert_close(param.detach(), expected[name], rtol=0, atol=1e-10, msg=name)
     assert len(optimizer.state["zo"]["window"]) == 3

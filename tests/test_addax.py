@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import lm_loss
+from conftest import keyed_direction, lm_loss
 from zotune import Addax, InPlaceSGD, MeZO, NonFiniteLossError
 from zotune.directions import derive_seed
 from zotune.errors import OptionError
@@ -29,12 +29,6 @@ def naive_addax(model, long_batch, short_batch, *, steps, lr, alpha, mixing, eps
             direction_sum = w1 * grads[name] + w0 * projected * z[name]
             theta[name] = theta[name] - lr * (direction_sum + decay * theta[name])
     return theta
-
-
-def keyed_direction(model, optimizer):
-    index = {id(p): i for i, p in enumerate(optimizer.engine.params)}
-    params = dict(model.named_parameters())
-    return lambda name, s: optimizer.engine.direction(index[id(params[name])], s)
 
 
 def batches():

@@ -81,9 +81,12 @@ def test_perturbed_copy_leaves_parameter_untouched():
     params = make_params()
     before = params[1].clone()
     engine = DirectionEngine(params)
-    copy = engine.perturbed_copy(1, 7, 1e-2)
+    copy = engine.perturbed_copy(1, [(7, 1e-2)])
     assert torch.equal(params[1], before)
     torch.testing.assert_close(copy, before + 1e-2 * engine.direction(1, 7))
+    several = engine.perturbed_copy(1, [(7, 1e-2), (8, -3e-2)])
+    torch.testing.assert_close(several, before + 1e-2 * engine.direction(1, 7) - 3e-2 * engine.direction(1, 8))
+    assert torch.equal(params[1], before)
 
 
 def test_gaussian_and_rademacher_distributions():

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from conftest import lm_loss, loss_before_and_after, resume_and_compare
+from conftest import keyed_direction, lm_loss, loss_before_and_after, resume_and_compare
 from zotune import MeZO, NonFiniteLossError
 from zotune.directions import BLOCK_SIZE, derive_seed
 from zotune.estimators import mean_over_micro_batches
@@ -46,12 +46,6 @@ def run_mezo(model, input_ids, steps, exact, **kwargs):
     for _ in range(steps):
         optimizer.step(lambda: lm_loss(model, input_ids))
     return optimizer
-
-
-def keyed_direction(model, optimizer):
-    index = {id(p): i for i, p in enumerate(optimizer.engine.params)}
-    params = dict(model.named_parameters())
-    return lambda name, s: optimizer.engine.direction(index[id(params[name])], s)
 
 
 # Float32 SPSA is noisy at the 1e-6 level: the loss (~4) is rounded to ~5e-7, which c = ΔL/2ε turns into

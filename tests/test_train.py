@@ -48,7 +48,8 @@ def test_train_cli_logs_losses_and_writes_run_files(tmp_path, optimizer, lr, ste
     assert [p.name for p in run_dir.glob("checkpoint-*.pt")] == [f"checkpoint-{steps:06d}.pt"]
 
 
-@pytest.mark.parametrize("optimizer,lr", [("mezo", 5e-3), ("adamezo", 1e-4), ("adam", 1e-3), ("addax", 5e-2)])
+@pytest.mark.parametrize("optimizer,lr", [("mezo", 5e-3), ("adamezo", 1e-4), ("adam", 1e-3), ("addax", 5e-2),
+                                          ("svrg", 5e-3)])
 def test_resumed_run_is_bit_identical_to_an_uninterrupted_one(tmp_path, optimizer, lr):
     common = [f"optimizer={optimizer}", f"lr={lr}", "checkpoint_every=3", "keep_checkpoints=2", "eval_every=0",
               "num_train=12", *(["max_length=200", "optimizer_options.K0=4", "optimizer_options.K1=4"]
@@ -97,6 +98,17 @@ def test_addax_with_an_empty_bucket_falls_back_to_ip_sgd_or_refuses(tmp_path, ca
                     f"output_dir={tmp_path / 'refused'}"]) == 2
     assert capsys.readouterr().err.strip().startswith("zotune: error: D0 is empty: no training example is longer than "
                                                       "L_T=500 tokens")
+
+
+@pytest.mark.parametrize("memory", ["seeds", "dense"])
+def test_svrg_run_alternates_anchor_and_ordinary_steps(tmp_path, memory):
+    assert run_cli(["optimizer=svrg", "lr=5e-3", "optimizer_options.anchor_lr=5e-3", "optimizer_options.large_batch=16",
+                    f"optimizer_options.memory={memory}", "steps=6", "eval_every=0", f"output_dir={tmp_path}"]) == 0
+    steps = [r for r in read_metrics(tmp_path) if "loss" in r]
+    assert [r["anchor"] for r in steps] == [True, False] * 3
+    assert [r["forward_passes"] for r in steps] == [4, 8, 12, 16, 20, 24]  # anchor: 2 × 2 micro-batches of 8
+    assert all(("projected_grad_at_anchor" in r) != r["anchor"] for r in steps)
+    assert run_cli(["optimizer=svrg", "optimizer_options.large_batch=999", f"output_dir={tmp_path / 'bad'}"]) == 2
 
 
 def test_nan_loss_stops_the_run_with_the_step(tmp_path, capsys):

@@ -15,6 +15,7 @@ _EXPORTS = {
     "Addax": "zotune.optim",
     "InPlaceSGD": "zotune.optim",
     "MeZO": "zotune.optim",
+    "MeZOSVRG": "zotune.optim",
     "create_optimizer": "zotune.optim",
 }
 

@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     data.add_argument("--sdist", help="a local bigbench-1.0.0.tar.gz instead of downloading it from PyPI")
 
     bench = commands.add_parser("bench", help="benchmarks", add_help=False)
-    bench.add_argument("name", choices=["speed", "convergence"])
+    bench.add_argument("name", choices=["speed", "memory", "convergence"])
     bench.add_argument("rest", nargs=argparse.REMAINDER)
 
     args = parser.parse_args(argv)
@@ -41,8 +41,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _run(args)
     except ZotuneError as error:
-        print(f"zotune: error: {error}", file=sys.stderr)
-        return 2
+        interrupted = hasattr(error, "exit_code")  # SIGINT/SIGTERM after a saved step: not an error
+        print(f"zotune: {'stopped' if interrupted else 'error'}: {error}", file=sys.stderr)
+        return getattr(error, "exit_code", 2)
 
 
 def _run(args) -> int:

@@ -31,7 +31,7 @@ class TrainConfig:
     num_dev: int | None = 500
     num_test: int | None = 1000
     max_length: int = 256  # prompt+candidate tokens; longer prompts lose their beginning (counted in the log)
-    optimizer: str = "mezo"  # mezo | adamezo | addax | addax-wa | ip-sgd | sgd | adam
+    optimizer: str = "mezo"  # mezo | adamezo | addax | addax-wa | svrg | ip-sgd | sgd | adam
     lr: float = 1e-6
     weight_decay: float = 0.0
     optimizer_options: dict = field(default_factory=dict)  # e.g. mezo: {eps: 1e-3, n_directions: 1}

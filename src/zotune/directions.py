@@ -199,17 +199,28 @@ class DirectionEngine:
 
         self._run(self._schedule(indices), process)
 
-    def perturbed_copy(self, param_index: int, seed: int, alpha: float, out: torch.Tensor | None = None) -> torch.Tensor:
-        """``θ_i + alpha·z_i(seed)`` in the parameter's dtype (computed in float32), written into ``out`` (a
-        contiguous tensor of the parameter's shape) or a new tensor; θ_i is untouched."""
+    def perturbed_copy(self, param_index: int, pairs: Sequence[Pair], out: torch.Tensor | None = None) -> torch.Tensor:
+        """``θ_i + Σ a·z_i(s)`` over ``pairs``, in the parameter's dtype, written into ``out`` (a contiguous
+        tensor of the parameter's shape) or a new tensor; θ_i is untouched. One pair is added straight from
+        θ (a single rounding); several are summed in the work dtype first, then rounded once."""
         param = self.params[param_index].detach()
         out = torch.empty_like(param, memory_format=torch.contiguous_format) if out is None else out
         source, target = param.reshape(-1), out.view(-1)
+        work_dtype = torch.float64 if param.dtype == torch.float64 else torch.float32
 
         def process(_: int, block_index: int, start: int, stop: int) -> None:
             z = self._buffer(0, stop - start, param.device)
-            self._fill(z, seed, param_index, block_index)
-            torch.add(source[start:stop], z, alpha=alpha, out=target[start:stop])
+            if len(pairs) == 1:
+                (seed, alpha), = pairs
+                self._fill(z, seed, param_index, block_index)
+                torch.add(source[start:stop], z, alpha=alpha, out=target[start:stop])
+                return
+            work = self._buffer("sum", stop - start, param.device, work_dtype)
+            work.copy_(source[start:stop])
+            for seed, alpha in pairs:
+                self._fill(z, seed, param_index, block_index)
+                work.add_(z, alpha=alpha)
+            target[start:stop].copy_(work)
 
         self._run(self._schedule((param_index,)), process)
         return out

@@ -57,15 +57,23 @@ class TwoPointEstimator:
         self.eps = eps
         self.module_perturbation = ModulePerturbation(engine, model) if model is not None else None
 
-    def estimate(self, closure: Closure, seed: int, step: int, fuse_restore: bool = False) -> Estimate:
-        """Two loss evaluations along ``z(seed)``. In inplace mode with ``fuse_restore`` the parameters are
-        left at θ−εz and ``Estimate.restore`` holds the pair that brings them back."""
+    def estimate(self, closure: Closure, seed: int, step: int, fuse_restore: bool = False,
+                 base: Sequence[Pair] = ()) -> Estimate:
+        """Two loss evaluations along ``z(seed)``, around θ + Σ a·z(s) over the ``base`` pairs (default: θ).
+        In inplace mode with ``fuse_restore`` the parameters are left at θ−εz and ``Estimate.restore`` holds
+        the pair that brings them back; with a ``base`` they are moved there and back (rounding drift)."""
         if self.module_perturbation is not None:
-            with self.module_perturbation(seed, self.eps):
+            with self.module_perturbation([*base, (seed, self.eps)]):
                 loss_plus = _evaluate(closure)
-            with self.module_perturbation(seed, -self.eps):
+            with self.module_perturbation([*base, (seed, -self.eps)]):
                 loss_minus = _evaluate(closure)
             estimate = Estimate(seed, self.eps, loss_plus, loss_minus)
+        elif base:
+            self.engine.apply(base)
+            try:
+                estimate = self.estimate(closure, seed, step)
+            finally:
+                self.engine.apply([(s, -a) for s, a in base])
         else:
             offset = self.eps
             self.engine.apply([(seed, offset)])
@@ -111,7 +119,7 @@ def mean_over_micro_batches(loss_fn: Callable[[object], torch.Tensor], micro_bat
 
 
 class ModulePerturbation:
-    """Context manager factory: ``with perturbation(seed, alpha): ...`` runs forwards at θ + alpha·z(seed)
+    """Context manager factory: ``with perturbation(pairs): ...`` runs forwards at θ + Σ a·z(s) over the pairs
     without writing to the stored parameters (see the module docstring). Also puts the model in eval mode
     for the duration, so dropout cannot make the two forwards disagree."""
 
@@ -149,14 +157,14 @@ class ModulePerturbation:
         self._spare.setdefault((buffer.numel(), buffer.dtype, buffer.device), []).append(buffer)
 
     @contextmanager
-    def __call__(self, seed: int, alpha: float):
+    def __call__(self, pairs: Sequence[Pair]):
         originals: dict[int, torch.Tensor] = {}
 
         def swap_in(params: Iterable[tuple[int, nn.Parameter]]):
             for index, param in params:
                 if index not in originals:
                     originals[index] = param.data
-                    param.data = self.engine.perturbed_copy(index, seed, alpha, self._copy_buffer(param))
+                    param.data = self.engine.perturbed_copy(index, pairs, self._copy_buffer(param))
 
         def swap_back(params: Iterable[tuple[int, nn.Parameter]]):
             for index, param in params:

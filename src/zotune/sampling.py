@@ -62,3 +62,22 @@ class AddaxBatches:
                 sampler.load_state_dict(saved)
 
 
+
+
+class SVRGBatches:
+    """MeZO-SVRG's data: minibatches for its ordinary steps, and large batches for its anchor steps, each
+    from its own shuffled epochs over the whole training set; resumable."""
+
+    def __init__(self, size: int, batch_size: int, large_batch_size: int, seed: int) -> None:
+        self.small = BatchSampler(size, batch_size, seed)
+        self.large = BatchSampler(size, large_batch_size, seed + 2)
+
+    def next_batch(self, anchor: bool) -> list[int]:
+        return (self.large if anchor else self.small).next_batch()
+
+    def state_dict(self) -> dict:
+        return {"small": self.small.state_dict(), "large": self.large.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.small.load_state_dict(state["small"])
+        self.large.load_state_dict(state["large"])

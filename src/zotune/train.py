@@ -13,8 +13,11 @@ import json
 import math
 import os
 import resource
+import signal
+import threading
 import time
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,10 +29,11 @@ from .config import ConfigError, TrainConfig
 from .errors import NonFiniteLossError, ZotuneError
 from .models import load_model, select_trainable
 from .lengths import ADDAX_DATA_OPTIONS, first_order_peak_bytes, plan_addax
-from .optim import OPTIMIZERS, Addax, MeZO, create_optimizer
+from .estimators import mean_over_micro_batches
+from .optim import OPTIMIZERS, Addax, MeZO, MeZOSVRG, create_optimizer
 from .optim.inplace_sgd import InPlaceSGD
 from .scoring import EncodedExample, accuracy, classification_loss, encode, generation_loss, mean_f1
-from .sampling import AddaxBatches, BatchSampler
+from .sampling import AddaxBatches, BatchSampler, SVRGBatches
 from .tasks import load_task
 
 
@@ -38,6 +42,32 @@ ADDAX_OPTIMIZERS = ("addax", "addax-wa")
 
 class TrainingError(ZotuneError, RuntimeError):
     """Training stopped; the message names the step and what to change."""
+
+
+class RunInterrupted(TrainingError):
+    """SIGINT or SIGTERM arrived; the step in progress finished and was checkpointed."""
+
+    def __init__(self, message: str, signal_number: int) -> None:
+        super().__init__(message)
+        self.exit_code = 128 + signal_number
+
+
+@contextmanager
+def stop_requests():
+    """Within the block, SIGINT and SIGTERM set ``requested[0]`` instead of killing the process, so the loop
+    can finish its step and save it. Outside the main thread (where handlers cannot be set) a no-op."""
+    requested: list[int | None] = [None]
+    if threading.current_thread() is not threading.main_thread():
+        yield requested
+        return
+    previous = {number: signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM)}
+    for number in previous:
+        signal.signal(number, lambda received, _frame: requested.__setitem__(0, received))
+    try:
+        yield requested
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
 
 
 class Checkpoints:
@@ -95,7 +125,9 @@ def build_optimizer(config: TrainConfig, model) -> torch.optim.Optimizer:
     options = dict(config.optimizer_options)
     if config.optimizer in ADDAX_OPTIMIZERS:
         options = {key: value for key, value in options.items() if key not in ADDAX_DATA_OPTIONS}
-    if config.optimizer in ("mezo", "adamezo", *ADDAX_OPTIMIZERS):
+    if config.optimizer == "svrg":
+        options.pop("large_batch", None)  # the trainer's, not the optimizer's
+    if config.optimizer in ("mezo", "adamezo", "svrg", *ADDAX_OPTIMIZERS):
         options.setdefault("seed", config.seed)
     accepted = inspect.signature(OPTIMIZERS.get(config.optimizer, create_optimizer)).parameters
     unknown = [name for name in options if name not in accepted]
@@ -117,6 +149,19 @@ def addax_step(optimizer: Addax, zo_closure, fo_closure, sizes: tuple[int, int])
     if optimizer.last_estimates:
         estimate = optimizer.last_estimates[0]
         record.update(projected_grad=estimate.projected_gradient, seed=estimate.seed)
+    return record
+
+
+def svrg_step(optimizer: MeZOSVRG, loss_fn, large_batch_fn=None, micro_batches: int = 0) -> dict:
+    """One MeZO-SVRG step: an anchor step on ``large_batch_fn`` (``micro_batches`` forwards per
+    evaluation), or an ordinary step on ``loss_fn`` (four forwards)."""
+    anchor = large_batch_fn is not None
+    loss = optimizer.step(None, large_batch_fn) if anchor else optimizer.step(loss_fn)
+    live = optimizer.last_estimates[0]
+    record = dict(loss=loss, projected_grad=live.projected_gradient, seed=live.seed, anchor=anchor,
+                  forward_passes=2 * micro_batches if anchor else 4)
+    if not anchor:
+        record["projected_grad_at_anchor"] = optimizer.last_estimates[1].projected_gradient
     return record
 
 
@@ -193,10 +238,16 @@ def train(config: TrainConfig) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
     checkpoints = Checkpoints(run_dir, config.keep_checkpoints)
-    if plan is None:
-        sampler = BatchSampler(len(splits["train"]), config.batch_size, config.seed)
-    else:
+    if plan is not None:
         sampler = AddaxBatches(plan.split, plan.k0, plan.k1, config.seed)
+    elif isinstance(optimizer, MeZOSVRG):
+        large = config.optimizer_options.get("large_batch", len(splits["train"]))
+        if not isinstance(large, int) or isinstance(large, bool) or not 1 <= large <= len(splits["train"]):
+            raise ConfigError(f"optimizer_options.large_batch must be a number of training examples from 1 to "
+                              f"{len(splits['train'])} (the training set), got {large!r}")
+        sampler = SVRGBatches(len(splits["train"]), config.batch_size, large, config.seed)
+    else:
+        sampler = BatchSampler(len(splits["train"]), config.batch_size, config.seed)
 
     start_step, forward_passes, seconds_before = 0, 0, 0.0
     state = checkpoints.latest()
@@ -225,30 +276,44 @@ def train(config: TrainConfig) -> dict:
     started = time.perf_counter()
     bar = tqdm(range(start_step + 1, config.steps + 1), initial=start_step, total=config.steps,
                desc=f"{config.optimizer} on {config.task}", unit="step")
-    for step in bar:
-        try:
-            if plan is None:
-                batch: list[EncodedExample] = [splits["train"][i] for i in sampler.next_batch()]
-                record = train_step(optimizer, lambda: prepared.loss(model, batch, pad), step)
-            else:
-                long, short = ([splits["train"][i] for i in indices] if indices else None
-                               for indices in sampler.next_batches())
-                record = addax_step(optimizer, long and (lambda: prepared.loss(model, long, pad)),
-                                    short and (lambda: prepared.loss(model, short, pad)), (plan.k0, plan.k1))
-        except NonFiniteLossError as error:
-            metrics.write({"step": step, "error": str(error)})
-            raise TrainingError(f"run step {step}: {error}") from None
-        forward_passes += record.pop("forward_passes")
-        record = dict(step=step, **record, lr=optimizer.param_groups[0]["lr"], forward_passes=forward_passes,
-                      seconds=seconds_before + time.perf_counter() - started, peak_memory_mb=peak_memory_mb())
-        metrics.write(record)
-        bar.set_postfix(loss=f"{record['loss']:.4f}")
-        if config.eval_every and step % config.eval_every == 0 and step != config.steps:
-            evaluate(step, "dev")
-        if step == config.steps or (config.checkpoint_every and step % config.checkpoint_every == 0):
-            checkpoints.save(step, dict(step=step, model=model.state_dict(), optimizer=optimizer.state_dict(),
-                                        sampler=sampler.state_dict(), forward_passes=forward_passes,
-                                        seconds=record["seconds"], config=config.to_dict()))
+    with stop_requests() as requested:
+        for step in bar:
+            try:
+                if isinstance(sampler, SVRGBatches):
+                    anchor = optimizer.is_anchor_step
+                    batch = [splits["train"][i] for i in sampler.next_batch(anchor)]
+                    micro = [batch[i : i + config.batch_size] for i in range(0, len(batch), config.batch_size)]
+                    large_batch_fn = mean_over_micro_batches(lambda b: prepared.loss(model, b, pad), micro)
+                    record = svrg_step(optimizer, lambda: prepared.loss(model, batch, pad),
+                                       large_batch_fn if anchor else None, len(micro))
+                elif plan is None:
+                    batch: list[EncodedExample] = [splits["train"][i] for i in sampler.next_batch()]
+                    record = train_step(optimizer, lambda: prepared.loss(model, batch, pad), step)
+                else:
+                    long, short = ([splits["train"][i] for i in indices] if indices else None
+                                   for indices in sampler.next_batches())
+                    record = addax_step(optimizer, long and (lambda: prepared.loss(model, long, pad)),
+                                        short and (lambda: prepared.loss(model, short, pad)), (plan.k0, plan.k1))
+            except NonFiniteLossError as error:
+                metrics.write({"step": step, "error": str(error)})
+                raise TrainingError(f"run step {step}: {error}") from None
+            forward_passes += record.pop("forward_passes")
+            record = dict(step=step, **record, lr=optimizer.param_groups[0]["lr"], forward_passes=forward_passes,
+                          seconds=seconds_before + time.perf_counter() - started, peak_memory_mb=peak_memory_mb())
+            metrics.write(record)
+            bar.set_postfix(loss=f"{record['loss']:.4f}")
+            if config.eval_every and step % config.eval_every == 0 and step != config.steps:
+                evaluate(step, "dev")
+            stopping = requested[0] is not None
+            if step == config.steps or stopping or (config.checkpoint_every and step % config.checkpoint_every == 0):
+                checkpoints.save(step, dict(step=step, model=model.state_dict(), optimizer=optimizer.state_dict(),
+                                            sampler=sampler.state_dict(), forward_passes=forward_passes,
+                                            seconds=record["seconds"], config=config.to_dict()))
+            if stopping:
+                name = signal.Signals(requested[0]).name
+                metrics.write({"step": step, "stopped": name})
+                raise RunInterrupted(f"{name} at step {step}: saved checkpoint-{step:06d}.pt in {run_dir}; run the same "
+                                     "command to resume", requested[0])
     seconds = seconds_before + time.perf_counter() - started
     training_peak = peak_memory_mb()
     summary = dict(dev=evaluate(config.steps, "dev"), test=evaluate(config.steps, "test"),

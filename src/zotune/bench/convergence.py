@@ -15,6 +15,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import platform
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -35,7 +38,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(prog="zotune bench convergence", description=__doc__.splitlines()[0])
     parser.add_argument("--config", required=True)
     parser.add_argument("--optimizers", required=True,
-                        help="comma-separated optimizer names, each optionally with @lr (e.g. mezo@5e-5,adamezo@1e-5)")
+                        help="comma-separated optimizer names, each optionally with @lr and a #label "
+                             "(e.g. mezo@5e-5,adamezo@1e-5,svrg#dense)")
     parser.add_argument("--set", action="append", default=[], metavar="OPTIMIZER:key=value",
                         help="an override for one optimizer's run (repeatable)")
     parser.add_argument("--smooth", type=int, default=10)
@@ -45,7 +49,8 @@ def main(argv=None):
     out = Path(args.out)
     runs = {}
     for name in args.optimizers.split(","):
-        optimizer, _, lr = name.partition("@")  # "adamezo@1e-5": that optimizer at that learning rate
+        # "adamezo@1e-5": that optimizer at that learning rate; "svrg#dense": a label, to run one optimizer twice
+        optimizer, _, lr = name.partition("#")[0].partition("@")
         own = [item.split(":", 1)[1] for item in args.set if item.split(":", 1)[0] == name]
         overrides = [*args.overrides, f"optimizer={optimizer}", f"output_dir={out / name}", *([f"lr={lr}"] if lr else []), *own]
         load_config(args.config, overrides)  # a bad override fails here, before any run starts
@@ -76,7 +81,12 @@ def main(argv=None):
                     f"| {run['summary']['test']:.3f} | {show(metric_at)} | {show(loss_at)} | {run['summary']['seconds']:.0f} "
                     f"| {run['summary']['peak_memory_mb']:.0f} |")
     metric = next(iter(runs.values()))["summary"]["metric"]
+    import torch
+
+    machine = f"{platform.machine()}, {os.cpu_count()} cores" + (f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else "")
     table = "\n".join([
+        f"command: zotune bench convergence {shlex.join(sys.argv[1:] if argv is None else argv)}",
+        f"machine: {machine}; torch {torch.__version__}", "",
         f"targets: dev {metric} {target_metric:.3f}; training loss (mean of {args.smooth} steps) {target_loss:.4f}", "",
         f"| optimizer | lr | zero-shot dev | final dev | final test | dev {metric} target at | loss target at | train seconds "
         "| peak memory (MiB) |",

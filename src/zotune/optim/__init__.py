@@ -11,6 +11,7 @@ from .adamezo import AdaMeZO
 from .addax import Addax
 from .inplace_sgd import InPlaceSGD
 from .mezo import MeZO
+from .svrg import MeZOSVRG
 from .params import is_decayed, trainable_groups
 
 OPTIMIZERS = {
@@ -18,6 +19,7 @@ OPTIMIZERS = {
     "adamezo": AdaMeZO,
     "addax": Addax,
     "addax-wa": Addax,  # the same optimizer; the trainer draws both batches from the whole set
+    "svrg": MeZOSVRG,
     "ip-sgd": InPlaceSGD,
     "sgd": torch.optim.SGD,
     "adam": torch.optim.Adam,
@@ -35,4 +37,4 @@ def create_optimizer(name: str, model: nn.Module, **hyperparameters) -> torch.op
     return cls(model, **hyperparameters)
 
 
-__all__ = ["OPTIMIZERS", "AdaMeZO", "Addax", "InPlaceSGD", "MeZO", "create_optimizer", "is_decayed", "trainable_groups"]
+__all__ = ["OPTIMIZERS", "AdaMeZO", "Addax", "InPlaceSGD", "MeZO", "MeZOSVRG", "create_optimizer", "is_decayed", "trainable_groups"]

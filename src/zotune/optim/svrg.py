@@ -1,0 +1,134 @@
+"""MeZO-SVRG: zeroth-order SVRG with a periodic large-batch estimate at an anchor (Gautam et al., 2024)."""
+
+from __future__ import annotations
+
+import torch
+
+from ..directions import GAUSSIAN, Pair, derive_seed
+from ..errors import OptionError
+from ..estimators import Closure
+from .mezo import MeZO
+
+MEMORY_MODES = ("seeds", "dense")
+
+
+class MeZOSVRG(MeZO):
+    """The paper's algorithm (not its code, whose anchor aliases the live weights so its correction is zero):
+
+        every q-th step (an anchor step):  θ̃ ← θ;  G ← c_G·z_G, a ZO estimate on a large batch at θ̃;  θ ← θ − η1·G
+        otherwise:                          θ ← θ − η2·(c(θ)·z − c(θ̃)·z + G)
+
+    where c(θ) and c(θ̃) are two-point estimates on the same minibatch with the same z (four forwards).
+    ``lr`` is η2 and ``anchor_lr`` η1 (both in the param groups, so schedulers reach them); ``anchor_every``
+    is q. ``step(closure, large_batch_closure)``: ``large_batch_closure`` (e.g. a
+    :func:`~zotune.estimators.mean_over_micro_batches` over many examples) is called on anchor steps only;
+    ``is_anchor_step`` says whether the next step is one.
+
+    ``memory``:
+      - ``dense`` keeps θ̃ and G as two parameter-sized tensors, as the paper does (state: 2× parameters).
+      - ``seeds`` keeps G as its pair (seed, c_G) and θ̃ as the path of (seed, coefficient) pairs that led
+        from it to θ; evaluating at θ̃ ± εz builds θ − path ± εz, regenerating each path direction: at most
+        q pairs, so ``q`` extra generations per block for each of the two forwards at θ̃ (none for q=2 beyond
+        one). MeZO's memory. Given the model (module mode) θ is never written during an estimate, so θ̃ is
+        reconstructed with one rounding from θ, not from a stored copy: it differs from the dense θ̃ in the
+        last bits of float32, not more. Given parameters only (in-place mode), θ is moved there and back.
+    No weight decay: the paper has none, and decay would leave θ̃ off the (seed, scalar) path.
+    """
+
+    def __init__(
+        self,
+        params_or_model,
+        lr: float = 1e-6,
+        anchor_lr: float = 1e-4,
+        anchor_every: int = 2,
+        memory: str = "seeds",
+        eps: float = 1e-3,
+        weight_decay: float = 0.0,
+        distribution: str = GAUSSIAN,
+        seed: int = 0,
+        num_threads: int | None = None,
+    ) -> None:
+        if weight_decay:
+            raise OptionError(f"MeZO-SVRG takes no weight decay (got {weight_decay}): the paper has none, and decay would "
+                              "take θ off the (seed, scalar) path from the anchor; set weight_decay=0")
+        if memory not in MEMORY_MODES:
+            raise OptionError(f"MeZO-SVRG memory must be one of {', '.join(MEMORY_MODES)}, got {memory!r}")
+        if not (isinstance(anchor_every, int) and anchor_every >= 2):
+            raise OptionError(f"anchor_every (q) must be an integer >= 2, got {anchor_every!r}: q = 1 would be MeZO "
+                              "on the large batch")
+        if anchor_lr < 0:
+            raise OptionError(f"anchor_lr must be >= 0, got {anchor_lr}")
+        super().__init__(params_or_model, lr=lr, eps=eps, distribution=distribution, seed=seed, num_threads=num_threads)
+        for group in self.param_groups:
+            group.setdefault("anchor_lr", anchor_lr)
+        self.anchor_every, self.memory = anchor_every, memory
+        self.state["zo"] = {**self.state["zo"], "anchor_gradient": None, "path": []}
+
+    @property
+    def is_anchor_step(self) -> bool:
+        return self.state["zo"]["step"] % self.anchor_every == 0
+
+    @torch.no_grad()
+    def step(self, closure: Closure, large_batch_closure: Closure | None = None) -> float:  # type: ignore[override]
+        stream = self.state["zo"]
+        step = stream["step"]
+        seed = derive_seed(stream["seed"], step, 0)
+        if self.is_anchor_step:
+            if large_batch_closure is None:
+                raise TypeError(f"step {step} is an anchor step (every {self.anchor_every}): pass large_batch_closure, "
+                                "the loss on the large batch")
+            estimate = self.estimator.estimate(large_batch_closure, seed, step)
+            gradient = (seed, estimate.projected_gradient)
+            if self.memory == "dense":
+                for index, param in enumerate(self.engine.params):  # new dicts: an earlier state_dict() stays a snapshot
+                    self.state[param] = {"anchor": param.detach().clone(),
+                                         "anchor_gradient": gradient[1] * self.engine.direction(index, seed).to(param.dtype)}
+            path: list[Pair] = []
+            self._apply_by_group(lambda group: [(seed, -group["anchor_lr"] * gradient[1])],
+                                 path if self.memory == "seeds" else None)
+            self.state["zo"] = {**stream, "step": step + 1, "anchor_gradient": list(gradient), "path": path}
+            self.last_estimates = [estimate]
+            return (estimate.loss_plus + estimate.loss_minus) / 2
+        live = self.estimator.estimate(closure, seed, step)
+        anchored = self._estimate_at_anchor(closure, seed, step)
+        difference = live.projected_gradient - anchored.projected_gradient
+        anchor_seed, anchor_c = stream["anchor_gradient"]
+        path = [tuple(pair) for pair in stream["path"]]
+        if self.memory == "dense":
+            self._apply_by_group(lambda group: [(seed, -group["lr"] * difference)], None)
+            for group in self.param_groups:  # the stored G, as the paper
+                for param in group["params"]:
+                    param.add_(self.state[param]["anchor_gradient"], alpha=-group["lr"])
+        else:
+            self._apply_by_group(lambda group: [(seed, -group["lr"] * difference), (anchor_seed, -group["lr"] * anchor_c)],
+                                 path)
+        self.state["zo"] = {**stream, "step": step + 1, "path": path}
+        self.last_estimates = [live, anchored]
+        return (live.loss_plus + live.loss_minus) / 2
+
+    def _estimate_at_anchor(self, closure: Closure, seed: int, step: int):
+        if self.memory == "seeds":
+            return self.estimator.estimate(closure, seed, step, base=[(s, -a) for s, a in self.state["zo"]["path"]])
+        live = [param.data for param in self.engine.params]
+        for param in self.engine.params:
+            param.data = self.state[param]["anchor"]
+        try:
+            return self.estimator.estimate(closure, seed, step)
+        finally:
+            for param, data in zip(self.engine.params, live):
+                param.data = data
+
+    def _apply_by_group(self, pairs_of, path: list | None) -> None:
+        """Apply each group's pairs; record them on the ``path`` from θ̃ if given (one entry per seed, summed)."""
+        if path is not None and len({(g["lr"], g["anchor_lr"]) for g in self.param_groups}) > 1:
+            raise OptionError("MeZO-SVRG in seeds mode needs the same lr and anchor_lr in every parameter group (the "
+                              "path from the anchor is one list of pairs): use memory=dense for per-group rates")
+        for group, indices in zip(self.param_groups, self._group_indices):
+            self.engine.apply(pairs_of(group), indices)
+        for seed, coefficient in pairs_of(self.param_groups[0]) if path is not None else []:
+            for i, (known, total) in enumerate(path):
+                if known == seed:
+                    path[i] = (seed, total + coefficient)
+                    break
+            else:
+                path.append((seed, coefficient))
