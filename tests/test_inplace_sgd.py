@@ -73,5 +73,5 @@ def test_registry_builds_every_optimizer_with_the_decay_rule(name, tiny_llama):
 
 
 def test_unknown_optimizer_name(tiny_llama):
-    with pytest.raises(ValueError, match="unknown optimizer 'mezzo': choose one of adam, adamezo, ip-sgd, mezo, sgd"):
+    with pytest.raises(ValueError, match="unknown optimizer 'mezzo': choose one of adam, adamezo, addax, addax-wa, ip-sgd, mezo, sgd, svrg"):
         create_optimizer("mezzo", tiny_llama)
