@@ -9,12 +9,13 @@ import torch
 from ..directions import GAUSSIAN, derive_seed
 from ..errors import NonFiniteLossError, OptionError
 from ..estimators import Closure
+from .inplace_sgd import UpdatesInBackward
 from .mezo import MeZO
 
 MIXINGS = ("convex", "additive")
 
 
-class Addax(MeZO):
+class Addax(UpdatesInBackward, MeZO):
     """One Addax step on a zeroth-order batch B0 and a first-order batch B1:
 
         c  = (L_B0(θ+εz) − L_B0(θ−εz)) / 2ε          two forwards, θ restored, z = z(seed) never stored
@@ -61,11 +62,9 @@ class Addax(MeZO):
         self.last_losses: dict[str, float] = {}
         self._pending: tuple[list, float] | None = None  # (seed, w0·c) pairs and w1, during backward
         self._updated: set[int] = set()
-        self._handles = [
-            param.register_post_accumulate_grad_hook(self._updater(group, index))
-            for group, indices in zip(self.param_groups, self._group_indices)
-            for param, index in zip(group["params"], indices)
-        ]
+        self._register_update_hooks((param, self._updater(group, index))
+                                    for group, indices in zip(self.param_groups, self._group_indices)
+                                    for param, index in zip(group["params"], indices))
 
     @property
     def weights(self) -> tuple[float, float]:
@@ -129,10 +128,3 @@ class Addax(MeZO):
                 self.engine.apply([(s, -lr * a) for s, a in zo_pairs], untouched,
                                   scale=1.0 - lr * group["weight_decay"])
         return value
-
-    def remove_hooks(self) -> None:
-        """Detach the optimizer from its parameters (afterwards, backward no longer updates them)."""
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
-

@@ -10,7 +10,21 @@ from ..errors import NonFiniteLossError, OptionError
 from .params import trainable_groups
 
 
-class InPlaceSGD(torch.optim.Optimizer):
+class UpdatesInBackward:
+    """For optimizers whose updates run in post-accumulate-grad hooks (IP-SGD, Addax): owns the hooks."""
+
+    def _register_update_hooks(self, hooks) -> None:
+        """``hooks``: (parameter, hook) pairs; each hook runs when that parameter's gradient is complete."""
+        self._handles = [param.register_post_accumulate_grad_hook(hook) for param, hook in hooks]
+
+    def remove_hooks(self) -> None:
+        """Detach the optimizer from its parameters (afterwards, backward no longer updates them)."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+
+class InPlaceSGD(UpdatesInBackward, torch.optim.Optimizer):
     """Plain SGD (θ ← θ·(1 − lr·wd) − lr·∇θ), applied to each parameter the moment its gradient is
     complete, from a post-accumulate-grad hook that then frees the gradient.
 
@@ -27,11 +41,8 @@ class InPlaceSGD(torch.optim.Optimizer):
         _, groups = trainable_groups(params_or_model, weight_decay)
         super().__init__(groups, {"lr": lr, "weight_decay": weight_decay})
         self._steps = 0
-        self._handles = [
-            param.register_post_accumulate_grad_hook(self._updater(group))
-            for group in self.param_groups
-            for param in group["params"]
-        ]
+        self._register_update_hooks((param, self._updater(group)) for group in self.param_groups
+                                    for param in group["params"])
 
     @staticmethod
     def _updater(group: dict):
@@ -56,9 +67,3 @@ class InPlaceSGD(torch.optim.Optimizer):
             loss.backward()
         self._steps += 1
         return value
-
-    def remove_hooks(self) -> None:
-        """Detach the optimizer from its parameters (afterwards, backward no longer updates them)."""
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
