@@ -140,7 +140,6 @@ class AddaxPlan:
     k0: int
     k1: int
     notes: list[str]
-    measurements: dict[int, int]  # length -> peak bytes, when L_T was chosen from a memory budget
 
 
 def plan_addax(optimizer: str, options: dict, examples: Sequence[EncodedExample], batch_size: int,
@@ -161,7 +160,7 @@ def plan_addax(optimizer: str, options: dict, examples: Sequence[EncodedExample]
     on_empty = options.get("on_empty_bucket", "fallback")
     if on_empty not in ("fallback", "error"):
         raise ConfigError(f"optimizer_options.on_empty_bucket must be fallback or error, got {on_empty!r}")
-    notes, measurements = [], {}
+    notes = []
     everything = tuple(range(len(lengths)))
     if optimizer == "addax-wa":
         if "L_T" in options or "memory_budget" in options:
@@ -204,4 +203,4 @@ def plan_addax(optimizer: str, options: dict, examples: Sequence[EncodedExample]
         if bucket and k > len(bucket):
             raise ConfigError(f"K{name[1]}={k} is larger than {name}, which holds {len(bucket)} examples: lower "
                               f"K{name[1]} or move L_T")
-    return AddaxPlan(split, k0, k1, notes, measurements)
+    return AddaxPlan(split, k0, k1, notes)

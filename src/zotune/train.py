@@ -38,6 +38,8 @@ from .tasks import load_task
 
 
 ADDAX_OPTIMIZERS = ("addax", "addax-wa")
+# Keys of optimizer_options that tell the trainer how to draw batches; the optimizer never sees them.
+DATA_OPTIONS = {"addax": ADDAX_DATA_OPTIONS, "addax-wa": ADDAX_DATA_OPTIONS, "svrg": ("large_batch",)}
 
 
 class TrainingError(ZotuneError, RuntimeError):
@@ -121,12 +123,15 @@ def peak_memory_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
+def split_options(config: TrainConfig) -> tuple[dict, dict]:
+    """``config.optimizer_options`` as (the optimizer's options, the trainer's data options)."""
+    data_keys = DATA_OPTIONS.get(config.optimizer, ())
+    options = config.optimizer_options
+    return ({k: v for k, v in options.items() if k not in data_keys}, {k: v for k, v in options.items() if k in data_keys})
+
+
 def build_optimizer(config: TrainConfig, model) -> torch.optim.Optimizer:
-    options = dict(config.optimizer_options)
-    if config.optimizer in ADDAX_OPTIMIZERS:
-        options = {key: value for key, value in options.items() if key not in ADDAX_DATA_OPTIONS}
-    if config.optimizer == "svrg":
-        options.pop("large_batch", None)  # the trainer's, not the optimizer's
+    options, _ = split_options(config)
     if config.optimizer in ("mezo", "adamezo", "svrg", *ADDAX_OPTIMIZERS):
         options.setdefault("seed", config.seed)
     accepted = inspect.signature(OPTIMIZERS.get(config.optimizer, create_optimizer)).parameters
@@ -227,10 +232,10 @@ def train(config: TrainConfig) -> dict:
     model.train()
     pad = tokenizer.pad_token_id
     plan = None
+    _, data_options = split_options(config)
     if config.optimizer in ADDAX_OPTIMIZERS:
         train_examples = splits["train"]
-        plan = plan_addax(config.optimizer, {k: v for k, v in config.optimizer_options.items() if k in ADDAX_DATA_OPTIONS},
-                          train_examples, config.batch_size,
+        plan = plan_addax(config.optimizer, data_options, train_examples, config.batch_size,
                           lambda indices: first_order_peak_bytes(
                               model, lambda: prepared.loss(model, [train_examples[i] for i in indices], pad)))
     optimizer = build_optimizer(config, model)
@@ -241,7 +246,7 @@ def train(config: TrainConfig) -> dict:
     if plan is not None:
         sampler = AddaxBatches(plan.split, plan.k0, plan.k1, config.seed)
     elif isinstance(optimizer, MeZOSVRG):
-        large = config.optimizer_options.get("large_batch", len(splits["train"]))
+        large = data_options.get("large_batch", len(splits["train"]))
         if not isinstance(large, int) or isinstance(large, bool) or not 1 <= large <= len(splits["train"]):
             raise ConfigError(f"optimizer_options.large_batch must be a number of training examples from 1 to "
                               f"{len(splits['train'])} (the training set), got {large!r}")
@@ -282,10 +287,12 @@ def train(config: TrainConfig) -> dict:
                 if isinstance(sampler, SVRGBatches):
                     anchor = optimizer.is_anchor_step
                     batch = [splits["train"][i] for i in sampler.next_batch(anchor)]
-                    micro = [batch[i : i + config.batch_size] for i in range(0, len(batch), config.batch_size)]
-                    large_batch_fn = mean_over_micro_batches(lambda b: prepared.loss(model, b, pad), micro)
-                    record = svrg_step(optimizer, lambda: prepared.loss(model, batch, pad),
-                                       large_batch_fn if anchor else None, len(micro))
+                    if anchor:
+                        micro = [batch[i : i + config.batch_size] for i in range(0, len(batch), config.batch_size)]
+                        record = svrg_step(optimizer, None, mean_over_micro_batches(
+                            lambda b: prepared.loss(model, b, pad), micro), len(micro))
+                    else:
+                        record = svrg_step(optimizer, lambda: prepared.loss(model, batch, pad))
                 elif plan is None:
                     batch: list[EncodedExample] = [splits["train"][i] for i in sampler.next_batch()]
                     record = train_step(optimizer, lambda: prepared.loss(model, batch, pad), step)
