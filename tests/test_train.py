@@ -111,11 +111,15 @@ def test_svrg_run_alternates_anchor_and_ordinary_steps(tmp_path, memory):
     assert run_cli(["optimizer=svrg", "optimizer_options.large_batch=999", f"output_dir={tmp_path / 'bad'}"]) == 2
 
 
-def test_nan_loss_stops_the_run_with_the_step(tmp_path, capsys):
+def test_overflowing_gradient_stops_the_run_with_the_step(tmp_path, capsys):
+    """lr = 1e30: step 1 is finite and blows the weights up; step 2's loss is finite, its gradient is not,
+    and it is caught before SGD writes it into the weights."""
     assert run_cli(["optimizer=sgd", "lr=1e30", "steps=5", "eval_every=0", f"output_dir={tmp_path}"]) == 2
     error = capsys.readouterr().err.splitlines()[-1]  # above it: the progress bar
     failed = read_metrics(tmp_path)[-1]
-    assert error.startswith(f"zotune: error: run step {failed['step']}: non-finite loss at step {failed['step']}: loss=")
+    assert failed["step"] == 2
+    assert error.startswith("zotune: error: run step 2: non-finite gradient at step 2 with a finite loss: the "
+                            "parameters were not updated.")
     assert failed["error"] in error and not (tmp_path / "summary.json").exists()
 
 
@@ -211,3 +215,18 @@ def test_prefix_tuning_trains_only_the_prefix_and_lowers_the_loss(tmp_path, opti
     for name, tensor in base.state_dict().items():
         assert torch.equal(state[f"lm.{name}"], tensor), name
     assert {"prefix.prefix_keys", "prefix.prefix_values"} <= state.keys()
+
+
+def test_sequences_longer_than_the_models_context_are_refused(tmp_path, capsys):
+    """random:tiny has 1024 positions and a byte tokenizer: a 1500-character row is longer than that."""
+    rows = "".join(json.dumps({"text": text, "label": label}) + "\n" for text, label in [("x" * 1500, 1), ("bad", 0)])
+    (tmp_path / "rows.jsonl").write_text(rows)
+    data = [f"task_options.{split}={tmp_path / 'rows.jsonl'}" for split in ("train", "dev", "test")]
+    local = ["task=local", *data, "task_options.template={text} It was", "task_options.verbalizer={0: ' bad', 1: ' good'}"]
+    assert run_cli([*local, "max_length=2000", f"output_dir={tmp_path / 'run'}"]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        "zotune: error: train example 0 is 1512 tokens long, more than the model's context of 1024 positions: set "
+        "max_length to at most 1024 (longer prompts then lose their beginning)")
+    assert run_cli([*local, "max_length=1024", "trainable=prefix", "prefix.tokens=5", f"output_dir={tmp_path / 'run'}"]) == 2
+    error = capsys.readouterr().err
+    assert "(including 5 prefix positions)" in error and "set max_length to at most 1019" in error

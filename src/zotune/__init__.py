@@ -10,6 +10,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "DirectionEngine": "zotune.directions",
     "NonFiniteLossError": "zotune.errors",
+    "NonFiniteGradientError": "zotune.errors",
     "ZotuneError": "zotune.errors",
     "AdaMeZO": "zotune.optim",
     "Addax": "zotune.optim",

@@ -53,9 +53,11 @@ def _run(args) -> int:
 
         config = load_config(args.config, args.overrides)
         summary = train(config)
-        print(f"{config.optimizer} on {config.task} ({summary['metric']}): zero-shot dev {_pct(summary['zero_shot_dev'])}, "
-              f"after {config.steps} steps dev {_pct(summary['dev'])}, test {_pct(summary['test'])} "
-              f"(run folder {config.output_dir})")
+        if summary is not None:  # None on the ranks of a distributed run but the first
+            print(f"{config.optimizer} on {config.task} ({summary['metric']}): zero-shot dev "
+                  f"{_pct(summary['zero_shot_dev'])}, "
+                  f"after {config.steps} steps dev {_pct(summary['dev'])}, test {_pct(summary['test'])} "
+                  f"(run folder {config.output_dir})")
     elif args.command == "eval":
         from .config import load_config
         from .train import evaluate_model

@@ -42,6 +42,9 @@ class TrainConfig:
     checkpoint_every: int = 0  # 0: only the final checkpoint
     keep_checkpoints: int = 2
     seed: int = 0
+    on_nonfinite: str = "stop"  # stop | skip: what a NaN/inf loss or projected gradient does (see README)
+    max_skipped_steps: int = 10  # with on_nonfinite=skip: more skips in a row than this stop the run
+    outlier_factor: float = 10.0  # report a projected gradient beyond this many times the recent median |c|; 0: off
     threads: int | None = None
     zero_shot_eval: bool = True
     output_dir: str = "runs/run"
@@ -50,6 +53,7 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
+NONFINITE_POLICIES = ("stop", "skip")
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 
 
@@ -113,7 +117,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Tr
 
 
 def _check_types(config: TrainConfig) -> None:
-    for name, expected in (("lr", float), ("weight_decay", float), ("steps", int), ("batch_size", int),
+    for name, expected in (("lr", float), ("weight_decay", float), ("outlier_factor", float),
+                           ("max_skipped_steps", int), ("steps", int), ("batch_size", int),
                            ("eval_every", int), ("checkpoint_every", int), ("keep_checkpoints", int), ("seed", int)):
         value = getattr(config, name)
         if expected is float and isinstance(value, int) and not isinstance(value, bool):
@@ -123,6 +128,11 @@ def _check_types(config: TrainConfig) -> None:
     for name in ("steps", "batch_size", "keep_checkpoints"):
         if getattr(config, name) < 1:
             raise ConfigError(f"config key {name!r} must be at least 1, got {getattr(config, name)}")
+    if config.on_nonfinite not in NONFINITE_POLICIES:
+        raise ConfigError(f"config key 'on_nonfinite' must be one of {', '.join(NONFINITE_POLICIES)}, "
+                          f"got {config.on_nonfinite!r}")
+    if config.outlier_factor < 0 or config.max_skipped_steps < 0:
+        raise ConfigError("config keys 'outlier_factor' and 'max_skipped_steps' must be >= 0")
     for name in ("task_options", "optimizer_options", "lora", "prefix"):
         if not isinstance(getattr(config, name), dict):
             raise ConfigError(f"config key {name!r} must be a mapping, got {getattr(config, name)!r}")

@@ -55,6 +55,8 @@ class TwoPointEstimator:
             raise OptionError(f"eps must be positive, got {eps}: the paper default is 1e-3")
         self.engine = engine
         self.eps = eps
+        # Data parallel: replaces this rank's (L+, L−) by the means over the ranks (zotune.distributed).
+        self.reduce: Callable[[list[float]], list[float]] | None = None
         self.module_perturbation = ModulePerturbation(engine, model) if model is not None else None
 
     def estimate(self, closure: Closure, seed: int, step: int, fuse_restore: bool = False,
@@ -67,7 +69,7 @@ class TwoPointEstimator:
                 loss_plus = _evaluate(closure)
             with self.module_perturbation([*base, (seed, -self.eps)]):
                 loss_minus = _evaluate(closure)
-            estimate = Estimate(seed, self.eps, loss_plus, loss_minus)
+            estimate = Estimate(seed, self.eps, *self._reduced(loss_plus, loss_minus))
         elif base:
             self.engine.apply(base)
             try:
@@ -85,17 +87,23 @@ class TwoPointEstimator:
             except BaseException:  # the closure failed: do not leave the weights perturbed
                 self.engine.apply([(seed, -offset)])
                 raise
-            estimate = Estimate(seed, self.eps, loss_plus, loss_minus, restore=[(seed, self.eps)])
+            estimate = Estimate(seed, self.eps, *self._reduced(loss_plus, loss_minus), restore=[(seed, self.eps)])
             if not fuse_restore or not _finite(estimate):
                 self.engine.apply(estimate.restore)
                 estimate.restore = []
         if not _finite(estimate):
-            raise NonFiniteLossError(step, {"loss+": loss_plus, "loss-": loss_minus}, seed)
+            raise NonFiniteLossError(step, {"loss+": estimate.loss_plus, "loss-": estimate.loss_minus,
+                                            "projected gradient": estimate.projected_gradient}, seed)
         return estimate
 
 
+    def _reduced(self, loss_plus: float, loss_minus: float) -> list[float]:
+        return [loss_plus, loss_minus] if self.reduce is None else self.reduce([loss_plus, loss_minus])
+
+
 def _finite(estimate: Estimate) -> bool:
-    return math.isfinite(estimate.loss_plus) and math.isfinite(estimate.loss_minus)
+    """Finite losses can still give an infinite c when their difference overflows after division by 2ε."""
+    return all(math.isfinite(x) for x in (estimate.loss_plus, estimate.loss_minus, estimate.projected_gradient))
 
 
 def _evaluate(closure: Closure) -> float:

@@ -14,7 +14,7 @@ from .paths import cache_dir
 # Shapes of Llama-family models. "smollm2-135m" is SmolLM2-135M's architecture (134.5M parameters).
 LLAMA_SHAPES = {
     "tiny": dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128),
+                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024),
     "smollm2-135m": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
                          num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192),
 }

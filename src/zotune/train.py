@@ -26,9 +26,11 @@ import yaml
 from tqdm import tqdm
 
 from .config import ConfigError, TrainConfig
-from .errors import NonFiniteLossError, ZotuneError
-from .models import load_model, select_trainable
+from .distributed import DataParallel, data_parallel, from_environment
+from .errors import NonFiniteGradientError, NonFiniteLossError, ZotuneError
+from .models import PREFIX_DEFAULTS, load_model, select_trainable
 from .lengths import ADDAX_DATA_OPTIONS, first_order_peak_bytes, plan_addax
+from .numerics import ProjectedGradientMonitor
 from .estimators import mean_over_micro_batches
 from .optim import OPTIMIZERS, Addax, MeZO, MeZOSVRG, create_optimizer
 from .optim.inplace_sgd import InPlaceSGD
@@ -38,6 +40,7 @@ from .tasks import load_task
 
 
 ADDAX_OPTIMIZERS = ("addax", "addax-wa")
+TORCH_OPTIMIZERS = ("sgd", "adam")  # plain torch.optim: the trainer all-reduces their gradients itself
 # Keys of optimizer_options that tell the trainer how to draw batches; the optimizer never sees them.
 DATA_OPTIONS = {"addax": ADDAX_DATA_OPTIONS, "addax-wa": ADDAX_DATA_OPTIONS, "svrg": ("large_batch",)}
 
@@ -101,8 +104,10 @@ class Checkpoints:
 class MetricsLog:
     """Append-only JSONL; on resume, records past the checkpoint's step are dropped (they will be redone)."""
 
-    def __init__(self, path: Path, resume_step: int | None) -> None:
-        self.path = path
+    def __init__(self, path: Path, resume_step: int | None, enabled: bool = True) -> None:
+        self.path, self.enabled = path, enabled  # disabled on every rank but the first of a distributed run
+        if not enabled:
+            return
         if resume_step is None:
             path.write_text("")
         elif path.exists():
@@ -110,6 +115,8 @@ class MetricsLog:
             path.write_text("".join(line + "\n" for line in kept))
 
     def write(self, record: dict) -> None:
+        if not self.enabled:
+            return
         with open(self.path, "a") as file:
             file.write(json.dumps(record) + "\n")
 
@@ -170,8 +177,8 @@ def svrg_step(optimizer: MeZOSVRG, loss_fn, large_batch_fn=None, micro_batches: 
     return record
 
 
-def train_step(optimizer, loss_fn, step: int) -> dict:
-    """One optimizer step on one batch; returns the step's log fields."""
+def train_step(optimizer, loss_fn, step: int, group: DataParallel | None = None) -> dict:
+    """One optimizer step on one batch (this rank's slice of it, data parallel); returns the step's log fields."""
     if isinstance(optimizer, MeZO):
         loss = optimizer.step(loss_fn)
         estimates = optimizer.last_estimates
@@ -182,11 +189,19 @@ def train_step(optimizer, loss_fn, step: int) -> dict:
         return dict(loss=optimizer.step(loss_fn), forward_passes=1)
     optimizer.zero_grad(set_to_none=True)
     loss = loss_fn()
-    if not math.isfinite(loss.item()):
-        raise NonFiniteLossError(step, {"loss": loss.item()})
+    value = loss.item() if group is None else group.mean([loss.item()])[0]
+    if not math.isfinite(value):
+        raise NonFiniteLossError(step, {"loss": value})
     loss.backward()
+    if group is not None:
+        for param in (p for g in optimizer.param_groups for p in g["params"] if p.grad is not None):
+            group.mean_gradient(param.grad)
+    if not all(torch.isfinite(p.grad).all() for group in optimizer.param_groups for p in group["params"]
+               if p.grad is not None):
+        optimizer.zero_grad(set_to_none=True)
+        raise NonFiniteGradientError(step, applied=False)
     optimizer.step()
-    return dict(loss=loss.item(), forward_passes=1)
+    return dict(loss=value, forward_passes=1)
 
 
 @dataclass
@@ -211,9 +226,12 @@ def prepare(config: TrainConfig) -> Prepared:
     if generation and config.trainable == "prefix":
         raise ConfigError(f"trainable=prefix supports classification tasks; {config.task!r} is a generation task: "
                           "use trainable=full or trainable=lora")
+    context = getattr(model.config, "max_position_embeddings", None)
     model = select_trainable(model, config.trainable, config.lora, config.prefix)
     encoded = {split: [encode(tokenizer, example, config.max_length) for example in examples]
                for split, examples in loaded.splits.items()}
+    if context is not None:
+        check_context(encoded, context, config.prefix.get("tokens", PREFIX_DEFAULTS["tokens"]) if config.trainable == "prefix" else 0)
     answers = {split: [example.answers for example in examples] for split, examples in loaded.splits.items()}
 
     def evaluate(split: str) -> float:
@@ -225,7 +243,34 @@ def prepare(config: TrainConfig) -> Prepared:
                     generation_loss if generation else classification_loss)
 
 
-def train(config: TrainConfig) -> dict:
+def check_context(encoded: dict[str, list[EncodedExample]], context: int, reserved: int) -> None:
+    """Refuses sequences the model has no positions for (OPT's learned positions would fail deep in torch,
+    rotary models would silently run beyond what they were trained on)."""
+    for split, examples in encoded.items():
+        for index, example in enumerate(examples):
+            length = reserved + max(len(sequence) for sequence in example.sequences)
+            if length > context:
+                prefix = f" (including {reserved} prefix positions)" if reserved else ""
+                raise ConfigError(f"{split} example {index} is {length} tokens long{prefix}, more than the model's "
+                                  f"context of {context} positions: set max_length to at most {context - reserved} "
+                                  "(longer prompts then lose their beginning)")
+
+
+def train(config: TrainConfig) -> dict | None:
+    """Trains as configured; under torchrun, data parallel over its processes. Returns the summary (None on
+    every rank but the first of a distributed run, which alone logs, evaluates and saves)."""
+    joined = not torch.distributed.is_initialized()
+    group = from_environment()
+    try:
+        return _train(config, group)
+    finally:
+        if group is not None and joined:
+            torch.distributed.destroy_process_group()
+
+
+def _train(config: TrainConfig, group: DataParallel | None) -> dict | None:
+    main = group is None or group.is_main
+    say = tqdm.write if main else (lambda _: None)
     torch.manual_seed(config.seed)
     prepared = prepare(config)
     model, tokenizer, splits = prepared.model, prepared.tokenizer, prepared.splits
@@ -239,9 +284,13 @@ def train(config: TrainConfig) -> dict:
                           lambda indices: first_order_peak_bytes(
                               model, lambda: prepared.loss(model, [train_examples[i] for i in indices], pad)))
     optimizer = build_optimizer(config, model)
+    if group is not None and config.optimizer not in TORCH_OPTIMIZERS:  # those all-reduce in train_step
+        data_parallel(optimizer, group)
+    shard = (lambda batch, name="batch": batch) if group is None else group.shard
     run_dir = Path(config.output_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
     checkpoints = Checkpoints(run_dir, config.keep_checkpoints)
     if plan is not None:
         sampler = AddaxBatches(plan.split, plan.k0, plan.k1, config.seed)
@@ -254,74 +303,105 @@ def train(config: TrainConfig) -> dict:
     else:
         sampler = BatchSampler(len(splits["train"]), config.batch_size, config.seed)
 
-    start_step, forward_passes, seconds_before = 0, 0, 0.0
+    start_step, forward_passes, seconds_before, skipped_in_a_row = 0, 0, 0.0, 0
+    monitor = ProjectedGradientMonitor(config.outlier_factor)
     state = checkpoints.latest()
     if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         sampler.load_state_dict(state["sampler"])
+        monitor.load_state_dict(state["monitor"])
+        skipped_in_a_row = state["skipped_in_a_row"]
         start_step, forward_passes, seconds_before = state["step"], state["forward_passes"], state["seconds"]
-    metrics = MetricsLog(run_dir / "metrics.jsonl", start_step if state is not None else None)
+    metrics = MetricsLog(run_dir / "metrics.jsonl", start_step if state is not None else None, enabled=main)
     for note in plan.notes if plan is not None else []:
-        tqdm.write(note)
+        say(note)
         if state is None:
             metrics.write({"step": 0, "note": note})
     truncated = {split: sum(e.truncated for e in examples) for split, examples in splits.items()}
     if any(truncated.values()):
-        tqdm.write(f"prompts cut to max_length={config.max_length} tokens (from the left): {truncated}")
+        say(f"prompts cut to max_length={config.max_length} tokens (from the left): {truncated}")
 
-    def evaluate(step: int, split: str) -> float:
+    def evaluate(step: int, split: str) -> float | None:
+        if not main:  # the other ranks go on to the next step's all-reduce and wait there
+            return None
         value = prepared.evaluate(split)
         metrics.write({"step": step, "split": split, "metric": prepared.metric, "value": value})
         return value
 
-    if start_step == 0 and config.zero_shot_eval:
+    if start_step == 0 and config.zero_shot_eval and main:
         zero_shot = evaluate(0, "dev")
-        tqdm.write(f"zero-shot dev {prepared.metric}: {zero_shot:.3f}")
+        say(f"zero-shot dev {prepared.metric}: {zero_shot:.3f}")
     started = time.perf_counter()
     bar = tqdm(range(start_step + 1, config.steps + 1), initial=start_step, total=config.steps,
-               desc=f"{config.optimizer} on {config.task}", unit="step")
+               desc=f"{config.optimizer} on {config.task}", unit="step", disable=not main)
+
+    def run_step() -> dict:
+        if isinstance(sampler, SVRGBatches):
+            anchor = optimizer.is_anchor_step
+            batch = shard([splits["train"][i] for i in sampler.next_batch(anchor)], "large batch" if anchor else "batch")
+            if not anchor:
+                return svrg_step(optimizer, lambda: prepared.loss(model, batch, pad))
+            size = len(shard(list(range(config.batch_size))))  # micro-batches of this rank's share of batch_size
+            micro = [batch[i : i + size] for i in range(0, len(batch), size)]
+            return svrg_step(optimizer, None, mean_over_micro_batches(lambda b: prepared.loss(model, b, pad), micro),
+                             len(micro))
+        if plan is None:
+            batch: list[EncodedExample] = shard([splits["train"][i] for i in sampler.next_batch()])
+            return train_step(optimizer, lambda: prepared.loss(model, batch, pad), step,
+                              group if config.optimizer in TORCH_OPTIMIZERS else None)
+        long, short = (shard([splits["train"][i] for i in indices], name) if indices else None
+                       for indices, name in zip(sampler.next_batches(), ("K0 batch", "K1 batch")))
+        return addax_step(optimizer, long and (lambda: prepared.loss(model, long, pad)),
+                          short and (lambda: prepared.loss(model, short, pad)), (plan.k0, plan.k1))
+
     with stop_requests() as requested:
         for step in bar:
             try:
-                if isinstance(sampler, SVRGBatches):
-                    anchor = optimizer.is_anchor_step
-                    batch = [splits["train"][i] for i in sampler.next_batch(anchor)]
-                    if anchor:
-                        micro = [batch[i : i + config.batch_size] for i in range(0, len(batch), config.batch_size)]
-                        record = svrg_step(optimizer, None, mean_over_micro_batches(
-                            lambda b: prepared.loss(model, b, pad), micro), len(micro))
-                    else:
-                        record = svrg_step(optimizer, lambda: prepared.loss(model, batch, pad))
-                elif plan is None:
-                    batch: list[EncodedExample] = [splits["train"][i] for i in sampler.next_batch()]
-                    record = train_step(optimizer, lambda: prepared.loss(model, batch, pad), step)
-                else:
-                    long, short = ([splits["train"][i] for i in indices] if indices else None
-                                   for indices in sampler.next_batches())
-                    record = addax_step(optimizer, long and (lambda: prepared.loss(model, long, pad)),
-                                        short and (lambda: prepared.loss(model, short, pad)), (plan.k0, plan.k1))
-            except NonFiniteLossError as error:
-                metrics.write({"step": step, "error": str(error)})
-                raise TrainingError(f"run step {step}: {error}") from None
+                record = run_step()
+                skipped_in_a_row = 0
+            except (NonFiniteLossError, NonFiniteGradientError) as error:
+                skipped_in_a_row += 1
+                too_many = skipped_in_a_row > config.max_skipped_steps
+                if config.on_nonfinite == "stop" or getattr(error, "applied", False) or too_many:
+                    metrics.write({"step": step, "error": str(error)})
+                    why = (f" ({skipped_in_a_row} steps in a row, more than max_skipped_steps="
+                           f"{config.max_skipped_steps})" if config.on_nonfinite == "skip" and too_many else "")
+                    raise TrainingError(f"run step {step}{why}: {error}") from None
+                say(f"step {step} skipped (on_nonfinite=skip): {error}")
+                record = dict(skipped=str(error), forward_passes=0)
+            report = monitor.check(record["projected_grad"]) if "projected_grad" in record else None
+            if report is not None:
+                say(f"step {step}: {report}")
+                record["warning"] = report
             forward_passes += record.pop("forward_passes")
             record = dict(step=step, **record, lr=optimizer.param_groups[0]["lr"], forward_passes=forward_passes,
                           seconds=seconds_before + time.perf_counter() - started, peak_memory_mb=peak_memory_mb())
+            if group is not None:
+                record["communicated_bytes"] = group.communicated_bytes  # this run's all-reduces so far, per rank
             metrics.write(record)
-            bar.set_postfix(loss=f"{record['loss']:.4f}")
+            if "loss" in record:
+                bar.set_postfix(loss=f"{record['loss']:.4f}")
             if config.eval_every and step % config.eval_every == 0 and step != config.steps:
                 evaluate(step, "dev")
             stopping = requested[0] is not None
-            if step == config.steps or stopping or (config.checkpoint_every and step % config.checkpoint_every == 0):
+            if group is not None:  # a signal may reach some ranks a step before the others: stop all at once
+                stopping = group.agree(stopping)
+            saving = step == config.steps or stopping or (config.checkpoint_every and step % config.checkpoint_every == 0)
+            if saving and main:
                 checkpoints.save(step, dict(step=step, model=model.state_dict(), optimizer=optimizer.state_dict(),
-                                            sampler=sampler.state_dict(), forward_passes=forward_passes,
+                                            sampler=sampler.state_dict(), monitor=monitor.state_dict(),
+                                            skipped_in_a_row=skipped_in_a_row, forward_passes=forward_passes,
                                             seconds=record["seconds"], config=config.to_dict()))
             if stopping:
-                name = signal.Signals(requested[0]).name
+                number = requested[0] or signal.SIGTERM  # on a rank the signal had not reached
+                name = signal.Signals(number).name
                 metrics.write({"step": step, "stopped": name})
                 raise RunInterrupted(f"{name} at step {step}: saved checkpoint-{step:06d}.pt in {run_dir}; run the same "
-                                     "command to resume", requested[0])
+                                     "command to resume", number)
     seconds = seconds_before + time.perf_counter() - started
+    if not main:
+        return None
     training_peak = peak_memory_mb()
     summary = dict(dev=evaluate(config.steps, "dev"), test=evaluate(config.steps, "test"),
                    steps=config.steps, forward_passes=forward_passes, seconds=seconds, peak_memory_mb=training_peak)

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from ..directions import GAUSSIAN, derive_seed
-from ..errors import NonFiniteLossError, OptionError
+from ..errors import OptionError
 from ..estimators import Closure
 from .inplace_sgd import UpdatesInBackward
 from .mezo import MeZO
@@ -79,7 +77,7 @@ class Addax(UpdatesInBackward, MeZO):
             zo_pairs, w1 = self._pending
             lr = group["lr"]
             self.engine.apply([(s, -lr * a) for s, a in zo_pairs], (index,), scale=1.0 - lr * group["weight_decay"])
-            param.add_(param.grad, alpha=-lr * w1)
+            param.add_(self._take_gradient(param), alpha=-lr * w1)
             param.grad = None
             self._updated.add(index)
 
@@ -92,7 +90,6 @@ class Addax(UpdatesInBackward, MeZO):
                             "batch), or both")
         stream = self.state["zo"]
         step, seed = stream["step"], derive_seed(stream["seed"], stream["step"], 0)
-        self.state["zo"] = {**stream, "step": step + 1}
         losses: dict[str, float] = {}
         estimate, self.last_estimates = None, []
         if zo_closure is not None:
@@ -106,6 +103,8 @@ class Addax(UpdatesInBackward, MeZO):
             w0, w1 = self.weights if estimate is not None else (0.0, 1.0)
             zo_pairs = [(seed, w0 * estimate.projected_gradient)] if estimate is not None else []
             losses["fo"] = self._first_order_pass(fo_closure, zo_pairs, w1, step, seed)
+        # Advanced only now: a step refused for a non-finite loss leaves the optimizer as it was.
+        self.state["zo"] = {**stream, "step": step + 1}
         self.last_losses = losses
         return sum(losses.values()) / len(losses)
 
@@ -113,12 +112,10 @@ class Addax(UpdatesInBackward, MeZO):
         """Backward on B1; each tensor is updated in its hook, then any tensor B1 did not reach."""
         with torch.enable_grad():
             loss = fo_closure()
-            value = loss.detach().item()
-            if not math.isfinite(value):
-                raise NonFiniteLossError(step, {"first-order loss": value}, seed)
+            value = self._checked_loss(loss, step, seed, "first-order loss")
             self._pending, self._updated = (zo_pairs, w1), set()
             try:
-                loss.backward()
+                self._backward_and_check(loss, step, seed)
             finally:
                 self._pending = None
         for group, indices in zip(self.param_groups, self._group_indices):

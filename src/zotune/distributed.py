@@ -1,0 +1,99 @@
+"""Data-parallel training on torch.distributed (launched by ``torchrun``).
+
+Every rank holds the whole model and the same seed stream, and takes its own equal slice of each batch.
+A zeroth-order step then needs only the batch-mean losses L+ and L−: each rank evaluates them on its
+slice, one all-reduce of those two numbers (16 bytes) makes them the means over the whole batch, and
+every rank computes the same c and applies the same update to identical weights. No parameter or
+gradient ever crosses the network. First-order parts (IP-SGD, Addax's short batch) all-reduce each
+gradient inside its backward hook, just before the in-place update, so they still never hold more than
+one gradient.
+
+With equal slices, the mean of the per-rank means is the mean over the batch, so a run on N ranks
+equals a one-process run on the concatenated batch up to float rounding (tested). Losses that average
+over tokens (generation tasks) are averaged per rank first, which weighs each rank's slice equally.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+from .errors import OptionError
+
+
+@dataclass
+class DataParallel:
+    """The process group as the optimizers see it; counts the bytes it all-reduces."""
+
+    rank: int
+    world_size: int
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    communicated_bytes: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def mean(self, values: list[float]) -> list[float]:
+        """The mean of each value over the ranks, in one all-reduce."""
+        tensor = torch.tensor(values, dtype=torch.float64, device=self.device)
+        dist.all_reduce(tensor)
+        self.communicated_bytes += tensor.numel() * tensor.element_size()
+        return (tensor / self.world_size).tolist()
+
+    def mean_gradient(self, grad: torch.Tensor) -> None:
+        """Replaces ``grad`` by its mean over the ranks, in place."""
+        dist.all_reduce(grad)
+        grad.div_(self.world_size)
+        self.communicated_bytes += grad.numel() * grad.element_size()
+
+    def agree(self, flag: bool) -> bool:
+        """True on every rank if it is true on any rank (e.g. a stop request that reached only some)."""
+        tensor = torch.tensor([float(flag)], device=self.device)
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+        return bool(tensor.item())
+
+    def shard(self, batch: list, name: str = "batch") -> list:
+        """This rank's contiguous slice of ``batch``: rank r takes items [r·k, (r+1)·k), k = len / world size."""
+        if len(batch) % self.world_size:
+            raise OptionError(f"the {name} of {len(batch)} examples cannot be split evenly over {self.world_size} "
+                              f"processes: make it a multiple of {self.world_size}")
+        size = len(batch) // self.world_size
+        return batch[self.rank * size : (self.rank + 1) * size]
+
+
+def from_environment() -> DataParallel | None:
+    """Joins the process group torchrun describes in the environment (gloo on CPU, NCCL on CUDA);
+    None in a single process."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    if torch.cuda.is_available():
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return DataParallel(dist.get_rank(), dist.get_world_size(), device)
+
+
+def data_parallel(optimizer: torch.optim.Optimizer, group: DataParallel) -> torch.optim.Optimizer:
+    """Makes a zotune optimizer's steps data parallel over ``group``: its losses (and, for updates fused
+    into backward, its gradients) are averaged over the ranks. Each rank's closure must return the loss on
+    its own slice of the batch (:meth:`DataParallel.shard`). Plain ``torch.optim`` optimizers are refused:
+    wrap the model in DistributedDataParallel for them."""
+    from .optim.inplace_sgd import UpdatesInBackward
+
+    estimator = getattr(optimizer, "estimator", None)
+    if estimator is None and not isinstance(optimizer, UpdatesInBackward):
+        raise OptionError(f"{type(optimizer).__name__} is not a zotune optimizer: wrap the model in "
+                          "torch.nn.parallel.DistributedDataParallel instead")
+    if estimator is not None:
+        estimator.reduce = group.mean
+    if isinstance(optimizer, UpdatesInBackward):
+        optimizer.reduce_losses, optimizer.reduce_gradient = group.mean, group.mean_gradient
+    return optimizer

@@ -1,0 +1,125 @@
+"""Data parallel on gloo with 2 processes: every rank ends with the same parameters as a one-process run over
+the concatenated batch (to float tolerance), and zeroth-order steps all-reduce nothing but their losses."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from conftest import lm_loss
+from zotune.distributed import DataParallel, data_parallel
+from zotune.errors import OptionError
+from zotune.models import random_llama
+from zotune.optim import create_optimizer
+
+WORLD = 2
+STEPS = 3
+OPTIMIZERS = {  # name: (options, which closure(s) each step takes)
+    "mezo": dict(lr=1e-2, eps=1e-3),
+    "adamezo": dict(lr=1e-3, eps=1e-3, window=2),
+    "svrg": dict(lr=1e-2, anchor_lr=1e-2, eps=1e-3),
+    "ip-sgd": dict(lr=1e-1),
+    "addax": dict(lr=1e-1, alpha=0.3, eps=1e-3),
+}
+
+
+def run_steps(name, model, batch, shard=lambda rows: rows, group=None):
+    """``STEPS`` steps of ``name`` on ``batch`` (float64); data parallel when given a group. Addax's long and
+    short batches are the batch's two halves, each sharded over the ranks."""
+    optimizer = create_optimizer(name, model, **OPTIMIZERS[name])
+    if group is not None:
+        data_parallel(optimizer, group)
+    own = shard(batch)
+    for _ in range(STEPS):
+        if name == "addax":
+            half = len(batch) // 2
+            long, short = shard(batch[:half]), shard(batch[half:])
+            optimizer.step(lambda: lm_loss(model, long), lambda: lm_loss(model, short))
+        elif name == "svrg":
+            optimizer.step(lambda: lm_loss(model, own), lambda: lm_loss(model, own))
+        else:
+            optimizer.step(lambda: lm_loss(model, own))
+    return {n: p.detach().clone() for n, p in model.named_parameters()}, optimizer
+
+
+def worker(rank, init_file, out_dir, batch):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    group = DataParallel(rank, WORLD)
+    results = {}
+    for name in OPTIMIZERS:
+        before = group.communicated_bytes
+        model = random_llama("tiny", dtype=torch.float64, seed=2)
+        params, _ = run_steps(name, model, batch, lambda rows: group.shard(rows), group)
+        results[name] = (params, group.communicated_bytes - before)
+    torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def two_rank_results(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("dp")
+    batch = torch.randint(0, 64, (8, 10), generator=torch.Generator().manual_seed(0))
+    mp.spawn(worker, args=(str(folder / "init"), str(folder), batch), nprocs=WORLD, join=True)
+    return batch, [torch.load(folder / f"rank{rank}.pt") for rank in range(WORLD)]
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_two_ranks_match_one_process_on_the_whole_batch(name, two_rank_results):
+    batch, ranks = two_rank_results
+    expected, _ = run_steps(name, random_llama("tiny", dtype=torch.float64, seed=2), batch)
+    start = {n: p.detach() for n, p in random_llama("tiny", dtype=torch.float64, seed=2).named_parameters()}
+    for param_name, value in expected.items():
+        assert torch.equal(ranks[0][name][0][param_name], ranks[1][name][0][param_name]), param_name  # identical ranks
+        torch.testing.assert_close(ranks[0][name][0][param_name], value, rtol=0, atol=1e-9, msg=param_name)
+    assert any(not torch.equal(value, start[n]) for n, value in expected.items())  # the steps moved the weights
+
+
+def test_zeroth_order_steps_communicate_only_their_losses(two_rank_results):
+    _, ranks = two_rank_results
+    sent = {name: ranks[0][name][1] for name in OPTIMIZERS}
+    assert sent["mezo"] == sent["adamezo"] == STEPS * 2 * 8  # L+ and L−, two float64 per step
+    assert sent["svrg"] == 8 * 2 * (1 + 2 + 1)  # anchor steps 0 and 2: one estimate; step 1: two
+    parameter_bytes = sum(p.numel() * 8 for p in random_llama("tiny", dtype=torch.float64).parameters())
+    assert sent["ip-sgd"] == STEPS * (8 + parameter_bytes)  # the loss, then every gradient once
+    assert sent["addax"] == STEPS * (16 + 8 + parameter_bytes)  # the long batch's L±, then as IP-SGD
+
+
+def test_batches_that_do_not_split_evenly_and_plain_torch_optimizers_are_refused():
+    group = DataParallel(rank=1, world_size=2)
+    assert group.shard(list(range(6))) == [3, 4, 5]
+    with pytest.raises(OptionError, match="the batch of 5 examples cannot be split evenly over 2 processes"):
+        group.shard(list(range(5)))
+    with pytest.raises(OptionError, match="SGD is not a zotune optimizer: wrap the model in"):
+        data_parallel(torch.optim.SGD(random_llama("tiny").parameters(), lr=0.1), group)
+
+
+TRAIN = ["train", "model=random:tiny", "num_train=32", "num_dev=8", "num_test=8", "batch_size=8", "max_length=64",
+         "steps=4", "eval_every=0", "zero_shot_eval=false"]
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+
+
+def test_torchrun_training_equals_one_process_and_only_rank_0_writes(tmp_path):
+    """Addax through the CLI: both of its batches are sharded, and it uses both kinds of all-reduce."""
+    options = ["optimizer=addax", "lr=5e-2"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    subprocess.run([sys.executable, "-m", "zotune.cli", *TRAIN, *options, f"output_dir={one}"], env=ENV, check=True,
+                   capture_output=True)
+    launched = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "zotune.cli",
+                               *TRAIN, *options, f"output_dir={two}"], env=ENV, capture_output=True, text=True)
+    assert launched.returncode == 0, launched.stderr[-3000:]
+    assert launched.stdout.count("after 4 steps dev") == 1  # the summary line, from rank 0 only
+    expected = torch.load(one / "checkpoint-000004.pt", weights_only=False)["model"]
+    got = torch.load(two / "checkpoint-000004.pt", weights_only=False)["model"]
+    for name, value in expected.items():
+        torch.testing.assert_close(got[name], value, rtol=0, atol=2e-5, msg=name)
+    records = [json.loads(line) for line in (two / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if "loss" in r]
+    assert [r["step"] for r in steps] == [1, 2, 3, 4]  # one line per step: rank 0 alone writes
+    single = [json.loads(line)["loss"] for line in (one / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
+    assert [r["loss"] for r in steps] == pytest.approx(single, abs=1e-5)
