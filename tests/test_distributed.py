@@ -1,5 +1,6 @@
-"""Data parallel on gloo with 2 processes: every rank ends with the same parameters as a one-process run over
-the concatenated batch (to float tolerance), and zeroth-order steps all-reduce nothing but their losses."""
+"""Data parallel and FSDP2 on gloo with 2 processes: every rank ends with the same parameters as a one-process
+run over the concatenated batch (to float tolerance), and zeroth-order steps all-reduce nothing but their
+losses. With FSDP2 each rank holds half of every parameter and perturbs and updates only that half."""
 
 import json
 import os
@@ -12,7 +13,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from conftest import lm_loss
-from zotune.distributed import DataParallel, data_parallel
+from zotune.distributed import DataParallel, data_parallel, shard_model
 from zotune.errors import OptionError
 from zotune.models import random_llama
 from zotune.optim import create_optimizer
@@ -28,10 +29,14 @@ OPTIMIZERS = {  # name: (options, which closure(s) each step takes)
 }
 
 
-def run_steps(name, model, batch, shard=lambda rows: rows, group=None):
+FSDP = ("mezo", "adamezo", "svrg")
+
+
+def run_steps(name, model, batch, shard=lambda rows: rows, group=None, params=None):
     """``STEPS`` steps of ``name`` on ``batch`` (float64); data parallel when given a group. Addax's long and
-    short batches are the batch's two halves, each sharded over the ranks."""
-    optimizer = create_optimizer(name, model, **OPTIMIZERS[name])
+    short batches are the batch's two halves, each sharded over the ranks. ``params``: optimize these
+    (in-place perturbation) instead of the model (module perturbation)."""
+    optimizer = create_optimizer(name, model if params is None else params, **OPTIMIZERS[name])
     if group is not None:
         data_parallel(optimizer, group)
     own = shard(batch)
@@ -57,6 +62,11 @@ def worker(rank, init_file, out_dir, batch):
         model = random_llama("tiny", dtype=torch.float64, seed=2)
         params, _ = run_steps(name, model, batch, lambda rows: group.shard(rows), group)
         results[name] = (params, group.communicated_bytes - before)
+    for name in FSDP:
+        model = shard_model(random_llama("tiny", dtype=torch.float64, seed=2))
+        held = {n: p.to_local().numel() for n, p in model.named_parameters()}
+        run_steps(name, model, batch, lambda rows: group.shard(rows), group, params=list(model.parameters()))
+        results["fsdp", name] = ({n: p.full_tensor() for n, p in model.named_parameters()}, held)
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     dist.destroy_process_group()
 
@@ -80,6 +90,17 @@ def test_two_ranks_match_one_process_on_the_whole_batch(name, two_rank_results):
     assert any(not torch.equal(value, start[n]) for n, value in expected.items())  # the steps moved the weights
 
 
+@pytest.mark.parametrize("name", FSDP)
+def test_fsdp2_shards_match_the_unsharded_run(name, two_rank_results):
+    batch, ranks = two_rank_results
+    model = random_llama("tiny", dtype=torch.float64, seed=2)
+    expected, _ = run_steps(name, model, batch, params=list(model.parameters()))  # in place, as the shards are
+    for param_name, value in expected.items():
+        torch.testing.assert_close(ranks[0]["fsdp", name][0][param_name], value, rtol=0, atol=1e-9, msg=param_name)
+    held = [ranks[rank]["fsdp", name][1]["model.embed_tokens.weight"] for rank in range(WORLD)]
+    assert held == [32 * 32, 32 * 32]  # each rank holds half of the 64×32 embedding
+
+
 def test_zeroth_order_steps_communicate_only_their_losses(two_rank_results):
     _, ranks = two_rank_results
     sent = {name: ranks[0][name][1] for name in OPTIMIZERS}
@@ -88,6 +109,19 @@ def test_zeroth_order_steps_communicate_only_their_losses(two_rank_results):
     parameter_bytes = sum(p.numel() * 8 for p in random_llama("tiny", dtype=torch.float64).parameters())
     assert sent["ip-sgd"] == STEPS * (8 + parameter_bytes)  # the loss, then every gradient once
     assert sent["addax"] == STEPS * (16 + 8 + parameter_bytes)  # the long batch's L±, then as IP-SGD
+
+
+def test_optimizers_that_cannot_work_on_fsdp2_shards_are_refused(monkeypatch):
+    from zotune.optim import params as params_module
+
+    model = random_llama("tiny")
+    monkeypatch.setattr(params_module, "is_sharded", lambda param: True)  # as if fully_shard had run
+    for make, why in [(lambda: create_optimizer("ip-sgd", model.parameters(), lr=0.1), "InPlaceSGD updates each"),
+                      (lambda: create_optimizer("addax", model.parameters(), lr=0.1), "Addax updates each"),
+                      (lambda: create_optimizer("mezo", model, lr=0.1), "module perturbation swaps"),
+                      (lambda: create_optimizer("svrg", model.parameters(), memory="dense"), "memory=dense swaps")]:
+        with pytest.raises(OptionError, match=f"FSDP2-sharded parameters: {why}.*With fully_shard use mezo, adamezo, svrg"):
+            make()
 
 
 def test_batches_that_do_not_split_evenly_and_plain_torch_optimizers_are_refused():

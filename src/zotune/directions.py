@@ -11,6 +11,11 @@ values; block ``b`` of parameter ``i`` under seed ``s`` is drawn from its own ge
 be regenerated alone: inside a module's forward hook, a backward hook, on one shard of a parameter, or on
 any of several threads.
 
+Sharded parameters (FSDP2's ``fully_shard``: DTensors split along dim 0) are keyed by their position in
+the whole parameter: a rank generates only the blocks its shard overlaps, and slices the edge blocks, so
+its part of ``z`` equals the same rows of the unsharded ``z``. Each rank then perturbs and updates its own
+shard; no direction or parameter crosses the network.
+
 Values depend on the device type: CPU blocks come from torch's mt19937, CUDA blocks from Philox. torch's
 CPU generator keeps only the low 32 bits of a seed, so on the CPU a block key is effectively 32 bits
 (two blocks of one step share a key with probability ~1e-4 for a 135M-parameter model).
@@ -67,11 +72,27 @@ def _draw(block: torch.Tensor, generator: torch.Generator, distribution: str) ->
         block.random_(0, 2, generator=generator).mul_(2).sub_(1)
 
 
+def _local_view(param: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+    """(the tensor this process holds, its flat offset in the whole parameter, the whole parameter's size)."""
+    from torch.distributed.tensor import DTensor, Shard
+
+    if not isinstance(param, DTensor):
+        return param, 0, param.numel()
+    if param.device_mesh.ndim != 1 or tuple(param.placements) != (Shard(0),):
+        raise OptionError(f"a parameter sharded as {tuple(param.placements)} on a {param.device_mesh.ndim}-D mesh: "
+                          "zotune's keyed directions support FSDP2's default, Shard(0) on a 1-D mesh")
+    rows = param.shape[0]
+    chunk = -(-rows // param.device_mesh.size())  # torch.chunk's split: ceil(rows / ranks) rows per rank
+    first_row = min(param.device_mesh.get_local_rank() * chunk, rows)
+    return param.to_local(), first_row * (param.numel() // max(rows, 1)), param.numel()
+
+
 class Block:
     """One block of one parameter, as an update sees it (see :meth:`DirectionEngine.transform`)."""
 
     def __init__(self, engine: DirectionEngine, param_index: int, block_index: int, start: int, stop: int) -> None:
         self.engine, self.param_index, self.block_index = engine, param_index, block_index
+        self.skip = engine._offsets[param_index] + start - block_index * BLOCK_SIZE  # into the keyed block
         self.target = engine.params[param_index].detach().view(-1)[start:stop]
         self.work = self.target if self.target.dtype in (torch.float32, torch.float64) else self.target.float()
         self._drawn: dict[int, torch.Tensor] = {}
@@ -80,7 +101,7 @@ class Block:
         """This block of ``z(seed)``, drawn once per seed into the thread's reused buffers."""
         if seed not in self._drawn:
             buffer = self.engine._buffer(len(self._drawn), self.work.numel(), self.target.device)
-            self.engine._fill(buffer, seed, self.param_index, self.block_index)
+            self.engine._fill(buffer, seed, self.param_index, self.block_index, self.skip)
             self._drawn[seed] = buffer
         return self._drawn[seed]
 
@@ -93,7 +114,8 @@ class DirectionEngine:
     """Generates and applies keyed directions for a fixed list of parameter tensors.
 
     ``params[i]`` is keyed by its position ``i``: build the engine from the same parameters in the same
-    order to regenerate the same directions (an optimizer does this from its ``param_groups``).
+    order to regenerate the same directions (an optimizer does this from its ``param_groups``). A sharded
+    parameter (DTensor) is replaced by the shard this process holds, keyed by its place in the whole.
     Directions are drawn in float32 whatever the parameter dtype; updates of bf16/fp16 parameters are
     computed in float32 and rounded once, those of float64 parameters in float64.
     """
@@ -108,28 +130,47 @@ class DirectionEngine:
             raise OptionError(
                 f"unknown direction distribution {distribution!r}: choose one of {', '.join(DISTRIBUTIONS)}"
             )
-        self.params = list(params)
+        views = [_local_view(param) for param in params]
+        self.params = [local for local, _, _ in views]
+        self._offsets = [offset for _, offset, _ in views]  # flat offset of the held part in the whole parameter
+        self._sizes = [size for _, _, size in views]  # the whole parameter's number of values
         self.distribution = distribution
         self.num_threads = max(1, num_threads or torch.get_num_threads())
         self._pool = ThreadPoolExecutor(self.num_threads - 1) if self.num_threads > 1 else None
         self._local = threading.local()
-        self._schedules: dict[tuple[int, ...], list[list[tuple[int, int, int]]]] = {}
+        self._schedules: dict[tuple[int, ...], list[list[tuple[int, int, int, int]]]] = {}
 
     # ----- generation -------------------------------------------------------------------------
 
     def direction(self, param_index: int, seed: int) -> torch.Tensor:
-        """``z_i(seed)`` as a new float32 tensor shaped like the parameter (for tests and references)."""
+        """``z_i(seed)`` as a new float32 tensor shaped like the parameter, or like this process's shard of
+        it (for tests and references)."""
         param = self.params[param_index]
         out = torch.empty(param.shape, dtype=torch.float32, device=param.device)
         flat = out.view(-1)
-        for start in range(0, flat.numel(), BLOCK_SIZE):
-            self._fill(flat[start : start + BLOCK_SIZE], seed, param_index, start // BLOCK_SIZE)
+        for block_index, start, stop in self._blocks(param_index):
+            self._fill(flat[start:stop], seed, param_index, block_index,
+                       self._offsets[param_index] + start - block_index * BLOCK_SIZE)
         return out
 
-    def _fill(self, block: torch.Tensor, seed: int, param_index: int, block_index: int) -> None:
+    def _fill(self, block: torch.Tensor, seed: int, param_index: int, block_index: int, skip: int = 0) -> None:
+        """``block`` ← values [skip, skip + len) of keyed block ``block_index``. A shard's edge block is drawn
+        whole and sliced: a draw of fewer values is not a prefix of the whole draw."""
         generator = self._generator(block.device)
         generator.manual_seed(block_key(seed, param_index, block_index))
-        _draw(block, generator, self.distribution)
+        whole = min(BLOCK_SIZE, self._sizes[param_index] - block_index * BLOCK_SIZE)
+        if whole == block.numel():
+            _draw(block, generator, self.distribution)
+            return
+        drawn = self._buffer("whole", whole, block.device)
+        _draw(drawn, generator, self.distribution)
+        block.copy_(drawn[skip : skip + block.numel()])
+
+    def _blocks(self, param_index: int) -> list[tuple[int, int, int]]:
+        """(keyed block index, start, stop) of this process's part of the parameter, start/stop local."""
+        offset, local = self._offsets[param_index], self.params[param_index].numel()
+        return [(b, max(b * BLOCK_SIZE, offset) - offset, min((b + 1) * BLOCK_SIZE, offset + local) - offset)
+                for b in range(offset // BLOCK_SIZE, -(-(offset + local) // BLOCK_SIZE))]
 
     def _generator(self, device: torch.device) -> torch.Generator:
         generators = self._thread_state("generators", dict)
@@ -209,16 +250,17 @@ class DirectionEngine:
         work_dtype = torch.float64 if param.dtype == torch.float64 else torch.float32
 
         def process(_: int, block_index: int, start: int, stop: int) -> None:
+            skip = self._offsets[param_index] + start - block_index * BLOCK_SIZE
             z = self._buffer(0, stop - start, param.device)
             if len(pairs) == 1:
                 (seed, alpha), = pairs
-                self._fill(z, seed, param_index, block_index)
+                self._fill(z, seed, param_index, block_index, skip)
                 torch.add(source[start:stop], z, alpha=alpha, out=target[start:stop])
                 return
             work = self._buffer("sum", stop - start, param.device, work_dtype)
             work.copy_(source[start:stop])
             for seed, alpha in pairs:
-                self._fill(z, seed, param_index, block_index)
+                self._fill(z, seed, param_index, block_index, skip)
                 work.add_(z, alpha=alpha)
             target[start:stop].copy_(work)
 
@@ -227,22 +269,18 @@ class DirectionEngine:
 
     # ----- scheduling -------------------------------------------------------------------------
 
-    def _schedule(self, indices: tuple[int, ...]) -> list[list[tuple[int, int, int]]]:
-        """Blocks of the given parameters, split into one list per thread with balanced sizes."""
+    def _schedule(self, indices: tuple[int, ...]) -> list[list[tuple[int, int, int, int]]]:
+        """Blocks (parameter, keyed block, start, stop) of the given parameters, one list per thread, balanced."""
         if indices not in self._schedules:
-            blocks = [
-                (i, start, min(start + BLOCK_SIZE, self.params[i].numel()))
-                for i in indices
-                for start in range(0, self.params[i].numel(), BLOCK_SIZE)
-            ]
+            blocks = [(i, *block) for i in indices for block in self._blocks(i)]
             parallel = self._pool is not None and all(self.params[i].device.type == "cpu" for i in indices)
             workers = min(self.num_threads, len(blocks)) if parallel else 1
-            total = sum(stop - start for _, start, stop in blocks)
-            groups: list[list[tuple[int, int, int]]] = [[] for _ in range(max(workers, 1))]
+            total = sum(stop - start for _, _, start, stop in blocks)
+            groups: list[list[tuple[int, int, int, int]]] = [[] for _ in range(max(workers, 1))]
             done = 0
             for block in blocks:
                 groups[min(done * workers // max(total, 1), workers - 1)].append(block)
-                done += block[2] - block[1]
+                done += block[3] - block[2]
             self._schedules[indices] = groups
         return self._schedules[indices]
 
@@ -253,8 +291,8 @@ class DirectionEngine:
 
         def work(group):
             with torch.inference_mode(inference), torch.set_grad_enabled(grad):
-                for param_index, start, stop in group:
-                    process(param_index, start // BLOCK_SIZE, start, stop)
+                for param_index, block_index, start, stop in group:
+                    process(param_index, block_index, start, stop)
 
         futures = [self._pool.submit(work, group) for group in groups[1:]] if len(groups) > 1 else []
         work(groups[0])

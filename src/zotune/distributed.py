@@ -81,6 +81,24 @@ def from_environment() -> DataParallel | None:
     return DataParallel(dist.get_rank(), dist.get_world_size(), device)
 
 
+def shard_model(model: torch.nn.Module) -> torch.nn.Module:
+    """FSDP2: shards a Hugging Face decoder's layers and the rest of the model over the default process
+    group, each rank keeping 1/N of every parameter (rows of dim 0). For zeroth-order training: pass
+    ``model.parameters()`` to MeZO, AdaMeZO or MeZO-SVRG (memory=seeds), which perturb and update each
+    rank's shard with directions keyed by position in the whole parameter, and make the optimizer
+    :func:`data_parallel` so the ranks agree on the losses.
+
+    Every module, the root too, frees its gathered parameters after its forward: with no backward to
+    follow, a root left gathered would keep serving its stale copy while the optimizer updates the shards.
+    """
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in model.get_decoder().layers:
+        fully_shard(layer)
+    fully_shard(model, reshard_after_forward=True)
+    return model
+
+
 def data_parallel(optimizer: torch.optim.Optimizer, group: DataParallel) -> torch.optim.Optimizer:
     """Makes a zotune optimizer's steps data parallel over ``group``: its losses (and, for updates fused
     into backward, its gradients) are averaged over the ranks. Each rank's closure must return the loss on

@@ -8,7 +8,7 @@ from collections.abc import Callable
 import torch
 
 from ..errors import NonFiniteGradientError, NonFiniteLossError, OptionError
-from .params import trainable_groups
+from .params import refuse_sharded, trainable_groups
 
 
 class UpdatesInBackward:
@@ -23,6 +23,9 @@ class UpdatesInBackward:
 
     def _register_update_hooks(self, hooks) -> None:
         """``hooks``: (parameter, hook) pairs; each hook runs when that parameter's gradient is complete."""
+        hooks = list(hooks)
+        refuse_sharded([param for param, _ in hooks], f"{type(self).__name__} updates each parameter inside backward, "
+                       "before FSDP2 has reduce-scattered its gradient")
         self._handles = [param.register_post_accumulate_grad_hook(hook) for param, hook in hooks]
         self._gradient_total: torch.Tensor | None = None
         # Data parallel (zotune.distributed): averages losses over the ranks, and each gradient in place.

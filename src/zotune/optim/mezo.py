@@ -8,7 +8,7 @@ from ..errors import OptionError
 
 from ..directions import GAUSSIAN, DirectionEngine, derive_seed
 from ..estimators import Closure, TwoPointEstimator
-from .params import trainable_groups
+from .params import refuse_sharded, trainable_groups
 
 
 class MeZO(torch.optim.Optimizer):
@@ -56,6 +56,8 @@ class MeZO(torch.optim.Optimizer):
         super().__init__(groups, {"lr": lr, "weight_decay": weight_decay})
         self.n_directions = n_directions
         params = [p for group in self.param_groups for p in group["params"]]
+        if model is not None:
+            refuse_sharded(params, "module perturbation swaps whole parameter tensors, which FSDP2 owns")
         self.engine = DirectionEngine(params, distribution, num_threads)
         self.estimator = TwoPointEstimator(self.engine, eps, model)
         offsets = [0]

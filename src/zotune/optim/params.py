@@ -16,6 +16,22 @@ def is_decayed(name: str, param: torch.Tensor) -> bool:
     return param.ndim >= 2 and "bias" not in lowered and "norm" not in lowered
 
 
+FSDP_OPTIMIZERS = ("mezo", "adamezo", "svrg")  # in-place perturbation; svrg in seeds memory
+
+
+def is_sharded(param: torch.Tensor) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(param, DTensor)
+
+
+def refuse_sharded(params, why: str) -> None:
+    """Raises if any parameter is an FSDP2 shard (a DTensor), naming what does support them."""
+    if any(is_sharded(p) for p in params):
+        raise OptionError(f"FSDP2-sharded parameters: {why}. With fully_shard use {', '.join(FSDP_OPTIMIZERS)} "
+                          "(svrg with memory=seeds), given the parameters, not the model (in-place perturbation)")
+
+
 def trainable_groups(params_or_model, weight_decay: float = 0.0) -> tuple[nn.Module | None, list[dict]]:
     """Return ``(model or None, param_groups)`` holding only parameters with ``requires_grad``.
 

@@ -8,6 +8,7 @@ from ..directions import GAUSSIAN, Pair, derive_seed
 from ..errors import OptionError
 from ..estimators import Closure
 from .mezo import MeZO
+from .params import refuse_sharded
 
 MEMORY_MODES = ("seeds", "dense")
 
@@ -62,6 +63,9 @@ class MeZOSVRG(MeZO):
         for group in self.param_groups:
             group.setdefault("anchor_lr", anchor_lr)
         self.anchor_every, self.memory = anchor_every, memory
+        if memory == "dense":
+            refuse_sharded([p for group in self.param_groups for p in group["params"]],
+                           "memory=dense swaps whole parameter tensors for the anchor's")
         self.state["zo"] = {**self.state["zo"], "anchor_gradient": None, "path": []}
 
     @property
