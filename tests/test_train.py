@@ -230,3 +230,27 @@ def test_sequences_longer_than_the_models_context_are_refused(tmp_path, capsys):
     assert run_cli([*local, "max_length=1024", "trainable=prefix", "prefix.tokens=5", f"output_dir={tmp_path / 'run'}"]) == 2
     error = capsys.readouterr().err
     assert "(including 5 prefix positions)" in error and "set max_length to at most 1019" in error
+
+
+PEFT_RUNS = {  # optimizer: the options for a few steps that move the adapters on the tiny model
+    "mezo": ["lr=1e-2"], "adamezo": ["lr=1e-3"], "svrg": ["lr=1e-2", "optimizer_options.anchor_lr=1e-2",
+                                                          "optimizer_options.large_batch=16"],
+    "addax": ["lr=1e-1", "optimizer_options.L_T=62"], "addax-wa": ["lr=1e-1"], "ip-sgd": ["lr=1e-1"],
+    "sgd": ["lr=1e-1"], "adam": ["lr=1e-2"],
+}
+
+
+@pytest.mark.parametrize("trainable", ["lora", "prefix"])
+@pytest.mark.parametrize("optimizer", list(PEFT_RUNS))
+def test_every_optimizer_trains_lora_and_prefix_and_only_them(tmp_path, optimizer, trainable):
+    assert run_cli([f"optimizer={optimizer}", *PEFT_RUNS[optimizer], "steps=4", "eval_every=0", "zero_shot_eval=false",
+                    f"trainable={trainable}", f"output_dir={tmp_path}"]) == 0
+    state = torch.load(tmp_path / "checkpoint-000004.pt", weights_only=False)["model"]
+    from zotune.models import load_model, select_trainable
+
+    start = select_trainable(load_model("random:tiny")[0], trainable).state_dict()
+    changed = {name for name, tensor in state.items() if not torch.equal(tensor, start[name])}
+    trained = {name for name in state if ("lora_" in name if trainable == "lora" else name.startswith("prefix."))}
+    assert changed <= trained, changed - trained  # no base weight moved
+    moved = [name for name in changed if "lora_B" in name or name.startswith("prefix.")]  # lora_B starts at zero
+    assert moved, changed
