@@ -157,3 +157,39 @@ def test_torchrun_training_equals_one_process_and_only_rank_0_writes(tmp_path):
     assert [r["step"] for r in steps] == [1, 2, 3, 4]  # one line per step: rank 0 alone writes
     single = [json.loads(line)["loss"] for line in (one / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
     assert [r["loss"] for r in steps] == pytest.approx(single, abs=1e-5)
+
+
+def test_torchrun_fsdp_training_equals_one_process(tmp_path):
+    """fsdp: true shards every parameter over the 2 ranks; the run matches the unsharded one-process run (which
+    perturbs module-wise, not in place: the two differ by rounding only), evaluation included."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    options = ["optimizer=mezo", "lr=5e-3", "zero_shot_eval=true", "eval_every=2"]
+    subprocess.run([sys.executable, "-m", "zotune.cli", *TRAIN, *options, f"output_dir={one}"], env=ENV, check=True,
+                   capture_output=True)
+    launched = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "zotune.cli",
+                               *TRAIN, *options, "fsdp=true", f"output_dir={two}"], env=ENV, capture_output=True, text=True)
+    assert launched.returncode == 0, launched.stderr[-3000:]
+    expected = torch.load(one / "checkpoint-000004.pt", weights_only=False)["model"]
+    got = torch.load(two / "checkpoint-000004.pt", weights_only=False)["model"]  # gathered from the shards
+    assert got.keys() == expected.keys()
+    for name, value in expected.items():
+        torch.testing.assert_close(got[name], value, rtol=0, atol=2e-5, msg=name)
+    evaluations = [[r["value"] for r in map(json.loads, (folder / "metrics.jsonl").read_text().splitlines())
+                    if "split" in r] for folder in (one, two)]
+    assert evaluations[0] == evaluations[1] and len(evaluations[0]) == 4  # zero-shot, step 2, dev and test at 4
+
+
+def test_fsdp_options_that_cannot_work_are_one_line_errors():
+    from zotune.config import ConfigError, load_config
+    from zotune.train import check_fsdp
+
+    group = DataParallel(rank=0, world_size=2)
+    with pytest.raises(ConfigError, match="fsdp: true shards the model over processes: launch with torchrun"):
+        check_fsdp(load_config(None, ["fsdp=true"]), None)
+    for overrides, message in [(["optimizer=ip-sgd"], "supports the optimizers mezo, adamezo, svrg .*got 'ip-sgd'"),
+                               (["optimizer=svrg", "optimizer_options.memory=dense"], "got 'svrg' with memory=dense"),
+                               (["trainable=lora"], "supports trainable=full, got 'lora'")]:
+        with pytest.raises(ConfigError, match=message):
+            check_fsdp(load_config(None, ["fsdp=true", *overrides]), group)
+    with pytest.raises(ConfigError, match="config key 'fsdp' must be true or false"):
+        load_config(None, ["fsdp=yes please"])

@@ -45,6 +45,7 @@ class TrainConfig:
     on_nonfinite: str = "stop"  # stop | skip: what a NaN/inf loss or projected gradient does (see README)
     max_skipped_steps: int = 10  # with on_nonfinite=skip: more skips in a row than this stop the run
     outlier_factor: float = 10.0  # report a projected gradient beyond this many times the recent median |c|; 0: off
+    fsdp: bool = False  # under torchrun: shard the model over the processes (FSDP2); mezo, adamezo, svrg
     threads: int | None = None
     zero_shot_eval: bool = True
     output_dir: str = "runs/run"
@@ -128,6 +129,9 @@ def _check_types(config: TrainConfig) -> None:
     for name in ("steps", "batch_size", "keep_checkpoints"):
         if getattr(config, name) < 1:
             raise ConfigError(f"config key {name!r} must be at least 1, got {getattr(config, name)}")
+    for name in ("fsdp", "zero_shot_eval"):
+        if not isinstance(getattr(config, name), bool):
+            raise ConfigError(f"config key {name!r} must be true or false, got {getattr(config, name)!r}")
     if config.on_nonfinite not in NONFINITE_POLICIES:
         raise ConfigError(f"config key 'on_nonfinite' must be one of {', '.join(NONFINITE_POLICIES)}, "
                           f"got {config.on_nonfinite!r}")

@@ -89,14 +89,33 @@ def shard_model(model: torch.nn.Module) -> torch.nn.Module:
     :func:`data_parallel` so the ranks agree on the losses.
 
     Every module, the root too, frees its gathered parameters after its forward: with no backward to
-    follow, a root left gathered would keep serving its stale copy while the optimizer updates the shards.
+    follow, a module left gathered would keep serving its stale copy while the optimizer updates the shards.
     """
     from torch.distributed.fsdp import fully_shard
 
     for layer in model.get_decoder().layers:
         fully_shard(layer)
     fully_shard(model, reshard_after_forward=True)
+    # FSDP2 makes the first module whose forward runs the root, and a root keeps its parameters gathered.
+    # Scoring calls the body and the head directly, so without this one-token forward through the model
+    # every layer would become a root and serve stale gathered copies after the shards are updated.
+    with torch.no_grad():
+        model(input_ids=torch.zeros(1, 1, dtype=torch.long, device=next(model.parameters()).device))
     return model
+
+
+def full_state_dict(model: torch.nn.Module) -> dict:
+    """The whole model's weights on the CPU, gathered from the shards (every rank must call it)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def load_full_state_dict(model: torch.nn.Module, state: dict) -> None:
+    """Loads whole weights (as :func:`full_state_dict` saves them) into a sharded model; each rank keeps its shard."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True))
 
 
 def data_parallel(optimizer: torch.optim.Optimizer, group: DataParallel) -> torch.optim.Optimizer:

@@ -9,6 +9,7 @@ the whole sequence, the output head (vocabulary-sized) only on the gathered hidd
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -63,14 +64,32 @@ def candidate_scores(model: nn.Module, examples: Sequence[EncodedExample], pad_i
             position.append(t - 1)
             target.append(seq[t])
     input_ids, attention = input_ids.to(device), attention.to(device)
-    hidden = _hidden_states(model, input_ids, attention)
-    rows_t = torch.tensor(row_index, device=device)
-    picked = hidden[rows_t, torch.tensor(position, device=device)]
-    log_probs = torch.log_softmax(model.get_output_embeddings()(picked).float(), dim=-1)
+    with _gathered(model):
+        hidden = _hidden_states(model, input_ids, attention)
+        rows_t = torch.tensor(row_index, device=device)
+        picked = hidden[rows_t, torch.tensor(position, device=device)]
+        log_probs = torch.log_softmax(model.get_output_embeddings()(picked).float(), dim=-1)
     token_scores = log_probs.gather(1, torch.tensor(target, device=device)[:, None])[:, 0]
     sums = torch.zeros(len(rows), device=device).index_add(0, rows_t, token_scores)
     counts = torch.tensor([n for _, n in rows], device=device, dtype=sums.dtype)
     return (sums / counts).view(len(examples), -1)
+
+
+@contextmanager
+def _gathered(model: nn.Module):
+    """FSDP2 gathers a module's parameters in its forward hooks, but scoring calls the body and the head
+    directly, never the model's own forward: gather the parameters the model itself holds (embeddings,
+    final norm, head) around them. The layers are gathered by their own hooks inside the body."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if not isinstance(model, FSDPModule):
+        yield
+        return
+    model.unshard()
+    try:
+        yield
+    finally:
+        model.reshard()
 
 
 def _hidden_states(model, input_ids, attention):

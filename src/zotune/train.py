@@ -26,7 +26,8 @@ import yaml
 from tqdm import tqdm
 
 from .config import ConfigError, TrainConfig
-from .distributed import DataParallel, data_parallel, from_environment
+from .distributed import (DataParallel, data_parallel, from_environment, full_state_dict, load_full_state_dict,
+                          shard_model)
 from .errors import NonFiniteGradientError, NonFiniteLossError, ZotuneError
 from .models import PREFIX_DEFAULTS, load_model, select_trainable
 from .lengths import ADDAX_DATA_OPTIONS, first_order_peak_bytes, plan_addax
@@ -34,6 +35,7 @@ from .numerics import ProjectedGradientMonitor
 from .estimators import mean_over_micro_batches
 from .optim import OPTIMIZERS, Addax, MeZO, MeZOSVRG, create_optimizer
 from .optim.inplace_sgd import InPlaceSGD
+from .optim.params import FSDP_OPTIMIZERS, trainable_groups
 from .scoring import EncodedExample, accuracy, classification_loss, encode, generation_loss, mean_f1
 from .sampling import AddaxBatches, BatchSampler, SVRGBatches
 from .tasks import load_task
@@ -243,6 +245,20 @@ def prepare(config: TrainConfig) -> Prepared:
                     generation_loss if generation else classification_loss)
 
 
+def check_fsdp(config: TrainConfig, group: DataParallel | None) -> None:
+    if group is None:
+        raise ConfigError("fsdp: true shards the model over processes: launch with torchrun --nproc_per_node N "
+                          "(N >= 2), or set fsdp: false")
+    memory = config.optimizer_options.get("memory", "seeds")
+    if config.optimizer not in FSDP_OPTIMIZERS or memory != "seeds":
+        raise ConfigError(f"fsdp: true supports the optimizers {', '.join(FSDP_OPTIMIZERS)} (svrg with memory=seeds), "
+                          f"got {config.optimizer!r}{f' with memory={memory}' if config.optimizer == 'svrg' else ''}: "
+                          "first-order updates fused into backward and dense buffers do not work on shards")
+    if config.trainable != "full":
+        raise ConfigError(f"fsdp: true supports trainable=full, got {config.trainable!r}: LoRA and prefix "
+                          "parameters are small enough to train data parallel without fsdp")
+
+
 def check_context(encoded: dict[str, list[EncodedExample]], context: int, reserved: int) -> None:
     """Refuses sequences the model has no positions for (OPT's learned positions would fail deep in torch,
     rotary models would silently run beyond what they were trained on)."""
@@ -283,7 +299,12 @@ def _train(config: TrainConfig, group: DataParallel | None) -> dict | None:
         plan = plan_addax(config.optimizer, data_options, train_examples, config.batch_size,
                           lambda indices: first_order_peak_bytes(
                               model, lambda: prepared.loss(model, [train_examples[i] for i in indices], pad)))
-    optimizer = build_optimizer(config, model)
+    if config.fsdp:
+        check_fsdp(config, group)
+        shard_model(model)
+    # Sharded parameters are perturbed in place (FSDP2 owns the tensors that module perturbation would swap),
+    # in the model's parameter groups: the same decay rule, and the same keys for z as without FSDP.
+    optimizer = build_optimizer(config, trainable_groups(model, config.weight_decay)[1] if config.fsdp else model)
     if group is not None and config.optimizer not in TORCH_OPTIMIZERS:  # those all-reduce in train_step
         data_parallel(optimizer, group)
     shard = (lambda batch, name="batch": batch) if group is None else group.shard
@@ -307,7 +328,7 @@ def _train(config: TrainConfig, group: DataParallel | None) -> dict | None:
     monitor = ProjectedGradientMonitor(config.outlier_factor)
     state = checkpoints.latest()
     if state is not None:
-        model.load_state_dict(state["model"])
+        load_full_state_dict(model, state["model"]) if config.fsdp else model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         sampler.load_state_dict(state["sampler"])
         monitor.load_state_dict(state["monitor"])
@@ -323,13 +344,13 @@ def _train(config: TrainConfig, group: DataParallel | None) -> dict | None:
         say(f"prompts cut to max_length={config.max_length} tokens (from the left): {truncated}")
 
     def evaluate(step: int, split: str) -> float | None:
-        if not main:  # the other ranks go on to the next step's all-reduce and wait there
+        if not main and not config.fsdp:  # the other ranks go on to the next step's all-reduce and wait there
             return None
-        value = prepared.evaluate(split)
+        value = prepared.evaluate(split)  # with FSDP on every rank: each forward gathers from all of them
         metrics.write({"step": step, "split": split, "metric": prepared.metric, "value": value})
         return value
 
-    if start_step == 0 and config.zero_shot_eval and main:
+    if start_step == 0 and config.zero_shot_eval:
         zero_shot = evaluate(0, "dev")
         say(f"zero-shot dev {prepared.metric}: {zero_shot:.3f}")
     started = time.perf_counter()
@@ -388,8 +409,9 @@ def _train(config: TrainConfig, group: DataParallel | None) -> dict | None:
             if group is not None:  # a signal may reach some ranks a step before the others: stop all at once
                 stopping = group.agree(stopping)
             saving = step == config.steps or stopping or (config.checkpoint_every and step % config.checkpoint_every == 0)
+            weights = full_state_dict(model) if saving and config.fsdp else model.state_dict()  # gathered by all ranks
             if saving and main:
-                checkpoints.save(step, dict(step=step, model=model.state_dict(), optimizer=optimizer.state_dict(),
+                checkpoints.save(step, dict(step=step, model=weights, optimizer=optimizer.state_dict(),
                                             sampler=sampler.state_dict(), monitor=monitor.state_dict(),
                                             skipped_in_a_row=skipped_in_a_row, forward_passes=forward_passes,
                                             seconds=record["seconds"], config=config.to_dict()))
@@ -400,11 +422,11 @@ def _train(config: TrainConfig, group: DataParallel | None) -> dict | None:
                 raise RunInterrupted(f"{name} at step {step}: saved checkpoint-{step:06d}.pt in {run_dir}; run the same "
                                      "command to resume", number)
     seconds = seconds_before + time.perf_counter() - started
+    training_peak = peak_memory_mb()
+    dev, test = evaluate(config.steps, "dev"), evaluate(config.steps, "test")
     if not main:
         return None
-    training_peak = peak_memory_mb()
-    summary = dict(dev=evaluate(config.steps, "dev"), test=evaluate(config.steps, "test"),
-                   steps=config.steps, forward_passes=forward_passes, seconds=seconds, peak_memory_mb=training_peak)
+    summary = dict(dev=dev, test=test, steps=config.steps, forward_passes=forward_passes, seconds=seconds, peak_memory_mb=training_peak)
     records = metrics.records()
     zero = [r["value"] for r in records if r.get("split") == "dev" and r["step"] == 0]
     summary.update(metric=prepared.metric, zero_shot_dev=zero[0] if zero else None)
