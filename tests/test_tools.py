@@ -65,3 +65,17 @@ def test_memory_benchmark_orders_addax_between_mezo_and_sgd(tmp_path, capsys):
     assert extra["sgd"] - max(extra["mezo"], extra["inference"]) > 32 * 2**20  # the long part's activations
     assert extra["addax"] < extra["mezo"] + (extra["sgd"] - extra["mezo"]) / 2
     assert "| addax |" in capsys.readouterr().out and (tmp_path / "memory.png").stat().st_size > 1000
+
+
+def test_parallel_benchmark_times_one_and_two_processes(tmp_path, capsys):
+    from zotune.cli import main
+
+    assert main(["bench", "parallel", "--config", "configs/demo-sentiment-mezo.yaml", "--processes", "1,2",
+                 "--out", str(tmp_path), "model=random:tiny", "steps=4", "num_train=32", "lr=5e-3"]) == 0
+    result = json.loads((tmp_path / "parallel.json").read_text())
+    assert set(result) == {"1", "2"}
+    assert result["1"]["bytes_per_step"] == 0  # one process: no all-reduce at all
+    assert result["2"]["bytes_per_step"] == 16 + 4  # L+ and L− (float64), and the stop flag (float32)
+    assert result["2"]["threads_per_process"] == max(1, (os.cpu_count() or 1) // 2)
+    assert all(r["examples_per_second"] > 0 for r in result.values())
+    assert "| 2 |" in capsys.readouterr().out and (tmp_path / "parallel.png").stat().st_size > 1000

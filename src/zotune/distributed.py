@@ -54,6 +54,7 @@ class DataParallel:
         """True on every rank if it is true on any rank (e.g. a stop request that reached only some)."""
         tensor = torch.tensor([float(flag)], device=self.device)
         dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+        self.communicated_bytes += tensor.element_size()
         return bool(tensor.item())
 
     def shard(self, batch: list, name: str = "batch") -> list:

@@ -18,6 +18,7 @@ import json
 import os
 import platform
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -54,6 +55,7 @@ def main(argv=None):
         own = [item.split(":", 1)[1] for item in args.set if item.split(":", 1)[0] == name]
         overrides = [*args.overrides, f"optimizer={optimizer}", f"output_dir={out / name}", *([f"lr={lr}"] if lr else []), *own]
         load_config(args.config, overrides)  # a bad override fails here, before any run starts
+        shutil.rmtree(out / name, ignore_errors=True)  # else the trainer would resume an earlier run there
         finished = subprocess.run([sys.executable, "-m", "zotune.cli", "train", "--config", args.config, *overrides])
         if finished.returncode != 0:
             raise ConfigError(f"the {name} run failed (exit code {finished.returncode}); its output is above")
