@@ -50,6 +50,14 @@ class DataParallel:
         grad.div_(self.world_size)
         self.communicated_bytes += grad.numel() * grad.element_size()
 
+    def from_first(self, value: int) -> int:
+        """Rank 0's ``value`` on every rank (e.g. a length threshold chosen from a memory measurement,
+        which may differ slightly between devices)."""
+        tensor = torch.tensor([value], dtype=torch.int64, device=self.device)
+        dist.broadcast(tensor, src=0)
+        self.communicated_bytes += tensor.element_size()
+        return int(tensor.item())
+
     def agree(self, flag: bool) -> bool:
         """True on every rank if it is true on any rank (e.g. a stop request that reached only some)."""
         tensor = torch.tensor([float(flag)], device=self.device)

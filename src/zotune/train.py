@@ -299,6 +299,11 @@ def _train(config: TrainConfig, group: DataParallel | None) -> dict | None:
         plan = plan_addax(config.optimizer, data_options, train_examples, config.batch_size,
                           lambda indices: first_order_peak_bytes(
                               model, lambda: prepared.loss(model, [train_examples[i] for i in indices], pad)))
+        if group is not None and data_options.get("L_T") == "auto":  # every rank must split the data alike
+            chosen = group.from_first(plan.split.threshold)
+            if chosen != plan.split.threshold:
+                given = {key: value for key, value in data_options.items() if key != "memory_budget"}
+                plan = plan_addax(config.optimizer, {**given, "L_T": chosen}, train_examples, config.batch_size)
     if config.fsdp:
         check_fsdp(config, group)
         shard_model(model)
