@@ -1,5 +1,4 @@
 import pytest
-import torch
 
 from zotune.config import ConfigError
 from zotune.lengths import (LengthSplit, choose_threshold, even_threshold, example_length, first_order_peak_bytes,

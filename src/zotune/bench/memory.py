@@ -28,6 +28,8 @@ from pathlib import Path
 
 import torch
 
+from .report import write_report
+
 ENTRIES = ("inference", "mezo", "adamezo", "svrg", "svrg-dense", "addax", "addax-wa", "ip-sgd", "sgd", "adam")
 
 
@@ -138,27 +140,9 @@ def main(argv=None):
         f"peak memory of two steps; {device}; parameters {mib(first['parameter_bytes'])} MiB; batch: long "
         f"{first['batch']['long']} + short {first['batch']['short']} tokens (L_T={first['L_T']})", "",
         f"| optimizer | peak (MiB) | above the loaded model (MiB) | × {reference['name']} |", "|---|---|---|---|", *rows])
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "memory.json").write_text(json.dumps(dict(results=results, command=sys.argv, device=device,
-                                                     torch=torch.__version__), indent=2))
-    (out / "memory.md").write_text(table + "\n")
-    _plot(results, out / "memory.png")
-    print(table)
-
-
-def _plot(results, path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axis = plt.subplots(figsize=(8, 4))
-    axis.bar(list(results), [r["peak_bytes"] / 2**20 for r in results.values()])
-    axis.set(ylabel="peak memory (MiB)", title="one training step, same model and batch")
-    figure.tight_layout()
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
+    write_report(Path(args.out), "memory", dict(results=results, command=sys.argv, device=device, torch=torch.__version__),
+                 table, (list(results), [r["peak_bytes"] / 2**20 for r in results.values()],
+                         dict(ylabel="peak memory (MiB)", title="one training step, same model and batch")))
 
 
 if __name__ == "__main__":

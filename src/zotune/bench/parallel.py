@@ -22,6 +22,7 @@ import sys
 from pathlib import Path
 
 from ..config import ConfigError, load_config
+from .report import write_report
 
 # Small evaluation splits: the benchmark times training, and evaluation runs once at the end anyway.
 DEFAULTS = ["eval_every=0", "zero_shot_eval=false", "num_dev=8", "num_test=8"]
@@ -72,22 +73,6 @@ def main(argv=None):
         f"{config.optimizer} on {config.task}, {config.model}, batch {config.batch_size}", "",
         f"| processes | threads each | seconds/step | examples/s | vs {counts[0]} process(es) | bytes all-reduced per step per rank |",
         "|---|---|---|---|---|---|", *rows])
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "parallel.json").write_text(json.dumps(results, indent=2))
-    (out / "parallel.md").write_text(table + "\n")
-    _plot(results, out / "parallel.png")
-    print(table)
-
-
-def _plot(results, path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axis = plt.subplots(figsize=(5, 4))
-    axis.bar([str(n) for n in results], [r["examples_per_second"] for r in results.values()])
-    axis.set(xlabel="processes", ylabel="training examples / s")
-    figure.tight_layout()
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
+    write_report(out, "parallel", results, table, ([str(n) for n in results],
+                                                  [r["examples_per_second"] for r in results.values()],
+                                                  dict(xlabel="processes", ylabel="training examples / s")))

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 from ..directions import Block
 from ..errors import OptionError
 from .mezo import MeZO
