@@ -101,3 +101,21 @@ def test_first_order_peak_grows_with_sequence_length():
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     assert weights < peaks[0] < peaks[1]
     assert all(p.grad is None for p in model.parameters())
+
+
+def test_auto_threshold_under_data_parallel_is_rank_zeros():
+    """Ranks measure memory on their own devices; a rank whose L_T: auto came out different takes rank 0's."""
+    from zotune.train import rank_zeros_plan
+
+    class RankOneOfTwo:
+        def from_first(self, value):
+            return 20  # what rank 0 chose
+
+    options = {"L_T": "auto", "memory_budget": "1GB"}
+    own = plan_addax("addax", options, EXAMPLES, 4, measure=lambda indices: 100 * max(
+        example_length(EXAMPLES[i]) for i in indices))  # this rank's device allows every length: L_T = 55
+    assert own.split.threshold == 55
+    agreed = rank_zeros_plan(own, RankOneOfTwo(), "addax", options, EXAMPLES, 4)
+    assert agreed.split == plan_addax("addax", {"L_T": 20}, EXAMPLES, 4).split
+    same = plan_addax("addax", {"L_T": 20}, EXAMPLES, 4)
+    assert rank_zeros_plan(same, RankOneOfTwo(), "addax", options, EXAMPLES, 4) is same

@@ -30,7 +30,7 @@ from .distributed import (DataParallel, data_parallel, from_environment, full_st
                           shard_model)
 from .errors import NonFiniteGradientError, NonFiniteLossError, ZotuneError
 from .models import PREFIX_DEFAULTS, load_model, select_trainable
-from .lengths import ADDAX_DATA_OPTIONS, first_order_peak_bytes, plan_addax
+from .lengths import ADDAX_DATA_OPTIONS, AddaxPlan, first_order_peak_bytes, plan_addax
 from .numerics import ProjectedGradientMonitor
 from .estimators import mean_over_micro_batches
 from .optim import OPTIMIZERS, Addax, MeZO, MeZOSVRG, create_optimizer
@@ -245,6 +245,17 @@ def prepare(config: TrainConfig) -> Prepared:
                     generation_loss if generation else classification_loss)
 
 
+def rank_zeros_plan(plan: AddaxPlan, group: DataParallel, optimizer: str, data_options: dict,
+                    examples: list[EncodedExample], batch_size: int) -> AddaxPlan:
+    """Every rank must split the data alike, but ``L_T: auto`` measures memory on each rank's own device,
+    which may differ slightly: all ranks take rank 0's threshold."""
+    chosen = group.from_first(plan.split.threshold)
+    if chosen == plan.split.threshold:
+        return plan
+    given = {key: value for key, value in data_options.items() if key != "memory_budget"}
+    return plan_addax(optimizer, {**given, "L_T": chosen}, examples, batch_size)
+
+
 def check_fsdp(config: TrainConfig, group: DataParallel | None) -> None:
     if group is None:
         raise ConfigError("fsdp: true shards the model over processes: launch with torchrun --nproc_per_node N "
@@ -299,11 +310,8 @@ def _train(config: TrainConfig, group: DataParallel | None) -> dict | None:
         plan = plan_addax(config.optimizer, data_options, train_examples, config.batch_size,
                           lambda indices: first_order_peak_bytes(
                               model, lambda: prepared.loss(model, [train_examples[i] for i in indices], pad)))
-        if group is not None and data_options.get("L_T") == "auto":  # every rank must split the data alike
-            chosen = group.from_first(plan.split.threshold)
-            if chosen != plan.split.threshold:
-                given = {key: value for key, value in data_options.items() if key != "memory_budget"}
-                plan = plan_addax(config.optimizer, {**given, "L_T": chosen}, train_examples, config.batch_size)
+        if group is not None and data_options.get("L_T") == "auto":
+            plan = rank_zeros_plan(plan, group, config.optimizer, data_options, train_examples, config.batch_size)
     if config.fsdp:
         check_fsdp(config, group)
         shard_model(model)
