@@ -298,6 +298,8 @@ def train(config: TrainConfig) -> dict | None:
 def _train(config: TrainConfig, group: DataParallel | None) -> dict | None:
     main = group is None or group.is_main
     say = tqdm.write if main else (lambda _: None)
+    if config.fsdp:
+        check_fsdp(config, group)  # before loading anything
     torch.manual_seed(config.seed)
     prepared = prepare(config)
     model, tokenizer, splits = prepared.model, prepared.tokenizer, prepared.splits
@@ -313,7 +315,6 @@ def _train(config: TrainConfig, group: DataParallel | None) -> dict | None:
         if group is not None and data_options.get("L_T") == "auto":
             plan = rank_zeros_plan(plan, group, config.optimizer, data_options, train_examples, config.batch_size)
     if config.fsdp:
-        check_fsdp(config, group)
         shard_model(model)
     # Sharded parameters are perturbed in place (FSDP2 owns the tensors that module perturbation would swap),
     # in the model's parameter groups: the same decay rule, and the same keys for z as without FSDP.
