@@ -21,6 +21,7 @@ class ConfigError(ZotuneError, ValueError):
 class TrainConfig:
     model: str = "smollm2-135m"  # built-in, random:<shape>, a local folder or a hub id
     dtype: str = "fp32"  # fp32 | bf16 | fp16
+    device: str = "auto"  # auto (the GPU if there is one) | cpu | cuda | cuda:N
     trainable: str = "full"  # full | lora | prefix
     lora: dict = field(default_factory=dict)  # r, alpha, dropout, targets (MeZO's: 8, 16, 0, [q_proj, v_proj])
     prefix: dict = field(default_factory=dict)  # tokens, seed (MeZO's: 5 tokens)

@@ -74,12 +74,12 @@ class DataParallel:
         return batch[self.rank * size : (self.rank + 1) * size]
 
 
-def from_environment() -> DataParallel | None:
-    """Joins the process group torchrun describes in the environment (gloo on CPU, NCCL on CUDA);
-    None in a single process."""
+def from_environment(cuda: bool | None = None) -> DataParallel | None:
+    """Joins the process group torchrun describes in the environment: NCCL with one GPU per rank when
+    ``cuda`` (default: when the machine has a GPU), else gloo. None in a single process."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return None
-    if torch.cuda.is_available():
+    if torch.cuda.is_available() if cuda is None else cuda:
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         torch.cuda.set_device(local_rank)
         device = torch.device("cuda", local_rank)

@@ -17,6 +17,9 @@ LLAMA_SHAPES = {
                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024),
     "smollm2-135m": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
                          num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192),
+    # Llama-3.2-1B's architecture (1.24B parameters with tied embeddings), for GPU speed and memory benchmarks.
+    "llama-1b": dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                     num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192),
 }
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 BUILTIN = "smollm2-135m"

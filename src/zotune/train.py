@@ -126,9 +126,10 @@ class MetricsLog:
         return [json.loads(line) for line in self.path.read_text().splitlines()]
 
 
-def peak_memory_mb() -> float:
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2**20
+def peak_memory_mb(device: torch.device | None = None) -> float:
+    """The CUDA allocator's peak on a GPU run, else the process's peak resident set."""
+    if device is not None and device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
@@ -218,10 +219,23 @@ class Prepared:
     loss: Callable  # (model, batch, pad_id) -> loss tensor
 
 
+def resolve_device(name: str) -> torch.device:
+    """``auto``: the GPU when there is one (under torchrun, the rank's own: from_environment selected it)."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {name!r}: this machine has no CUDA device; use device=cpu or device=auto")
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
 def prepare(config: TrainConfig) -> Prepared:
     if config.threads:
         torch.set_num_threads(config.threads)
     model, tokenizer = load_model(config.model, config.dtype)
+    model = model.to(resolve_device(config.device))
     sizes = {"train": config.num_train, "dev": config.num_dev, "test": config.num_test}
     loaded = load_task(config.task, config.data, sizes, config.seed, config.task_options)
     generation = getattr(loaded.task, "generation", False)
@@ -287,7 +301,7 @@ def train(config: TrainConfig) -> dict | None:
     """Trains as configured; under torchrun, data parallel over its processes. Returns the summary (None on
     every rank but the first of a distributed run, which alone logs, evaluates and saves)."""
     joined = not torch.distributed.is_initialized()
-    group = from_environment()
+    group = from_environment(cuda=config.device != "cpu" and torch.cuda.is_available())
     try:
         return _train(config, group)
     finally:
@@ -303,6 +317,7 @@ def _train(config: TrainConfig, group: DataParallel | None) -> dict | None:
     torch.manual_seed(config.seed)
     prepared = prepare(config)
     model, tokenizer, splits = prepared.model, prepared.tokenizer, prepared.splits
+    device = next(model.parameters()).device
     model.train()
     pad = tokenizer.pad_token_id
     plan = None
@@ -411,7 +426,7 @@ def _train(config: TrainConfig, group: DataParallel | None) -> dict | None:
                 record["warning"] = report
             forward_passes += record.pop("forward_passes")
             record = dict(step=step, **record, lr=optimizer.param_groups[0]["lr"], forward_passes=forward_passes,
-                          seconds=seconds_before + time.perf_counter() - started, peak_memory_mb=peak_memory_mb())
+                          seconds=seconds_before + time.perf_counter() - started, peak_memory_mb=peak_memory_mb(device))
             if group is not None:
                 record["communicated_bytes"] = group.communicated_bytes  # this run's all-reduces so far, per rank
             metrics.write(record)
@@ -436,7 +451,7 @@ def _train(config: TrainConfig, group: DataParallel | None) -> dict | None:
                 raise RunInterrupted(f"{name} at step {step}: saved checkpoint-{step:06d}.pt in {run_dir}; run the same "
                                      "command to resume", number)
     seconds = seconds_before + time.perf_counter() - started
-    training_peak = peak_memory_mb()
+    training_peak = peak_memory_mb(device)
     dev, test = evaluate(config.steps, "dev"), evaluate(config.steps, "test")
     if not main:
         return None

@@ -1,6 +1,7 @@
 """MeZO step time against two forward passes, and the cost of one direction sweep.
 
     python -m zotune.bench.speed --shape smollm2-135m --batch 16 --length 32 --threads 2
+    python -m zotune.bench.speed --shape llama-1b --device cuda --dtype bf16     # on a GPU
 
 All timings come from one process, side by side, as medians of ``--repeats`` rounds after a warm-up
 round, each round timing every item once (round-robin):
@@ -10,7 +11,8 @@ round, each round timing every item once (round-robin):
   full window of 10 (its moments rebuilt from 10 regenerated directions);
 - a reference MeZO step written as the paper's code does it: global reseed, ``torch.normal`` per
   parameter in order, out-of-place adds, four passes over the parameters.
-Writes ``speed.json`` and ``speed.md`` into ``--out`` and prints the table.
+On CUDA every timed action ends with a synchronisation, so the times are the GPU's work, not the
+launches. Writes ``speed.json`` and ``speed.md`` into ``--out`` and prints the table.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from pathlib import Path
 import torch
 
 from ..directions import DirectionEngine
-from ..models import random_llama
+from ..models import DTYPES, random_llama
 from ..optim import AdaMeZO, MeZO
 
 
@@ -42,7 +44,7 @@ def reference_mezo_step(params, closure, seed, lr, eps):
     def perturb(scale):
         torch.manual_seed(seed)
         for param in params:
-            z = torch.normal(mean=0.0, std=1.0, size=param.size(), dtype=param.dtype)
+            z = torch.normal(mean=0.0, std=1.0, size=param.size(), dtype=param.dtype, device=param.device)
             param.data = param.data + scale * eps * z
 
     perturb(1)
@@ -53,29 +55,31 @@ def reference_mezo_step(params, closure, seed, lr, eps):
     projected = (loss_plus - loss_minus) / (2 * eps)
     torch.manual_seed(seed)
     for param in params:
-        z = torch.normal(mean=0.0, std=1.0, size=param.size(), dtype=param.dtype)
+        z = torch.normal(mean=0.0, std=1.0, size=param.size(), dtype=param.dtype, device=param.device)
         param.data = param.data - lr * projected * z
 
 
-def interleaved_medians(actions, repeats):
+def interleaved_medians(actions, repeats, synchronize=lambda: None):
     """Median seconds of each action, timed round-robin (one of each per round) after one warm-up round,
     so that a shared machine's slow drift affects every action alike and their ratios stay comparable."""
     times = {name: [] for name in actions}
     for round_index in range(repeats + 1):
         for name, action in actions.items():
+            synchronize()
             start = time.perf_counter()
             action()
+            synchronize()
             if round_index:
                 times[name].append(time.perf_counter() - start)
     return {name: statistics.median(values) for name, values in times.items()}
 
 
-def run(shape, batch, length, threads, repeats, distribution):
+def run(shape, batch, length, threads, repeats, distribution, device="cpu", dtype="fp32"):
     torch.set_num_threads(threads)
-    model = random_llama(shape, seed=0).eval()
+    model = random_llama(shape, dtype=DTYPES[dtype], seed=0).to(device).eval()
     generator = torch.Generator().manual_seed(0)
-    input_ids = torch.randint(0, model.config.vocab_size, (batch, length), generator=generator)
-    targets = torch.randint(0, model.config.vocab_size, (batch,), generator=generator)
+    input_ids = torch.randint(0, model.config.vocab_size, (batch, length), generator=generator).to(device)
+    targets = torch.randint(0, model.config.vocab_size, (batch,), generator=generator).to(device)
 
     def closure():
         return last_token_loss(model, input_ids, targets)
@@ -107,13 +111,14 @@ def run(shape, batch, length, threads, repeats, distribution):
         dict(forward=forward, z_sweep=z_sweep, mezo_module=lambda: module_mezo.step(closure),
              mezo_inplace=lambda: inplace_mezo.step(closure), adamezo=lambda: adamezo.step(closure),
              reference_mezo=reference),
-        repeats,
+        repeats, torch.cuda.synchronize if torch.device(device).type == "cuda" else lambda: None,
     )
     return {
         "config": dict(shape=shape, parameters=sum(p.numel() for p in params), batch=batch, length=length,
-                       threads=threads, repeats=repeats, distribution=distribution),
+                       threads=threads, repeats=repeats, distribution=distribution, device=device, dtype=dtype),
         "machine": dict(platform=platform.platform(), cpus=os.cpu_count(), torch=torch.__version__,
-                        omp_wait_policy=os.environ.get("OMP_WAIT_POLICY", "unset")),
+                        omp_wait_policy=os.environ.get("OMP_WAIT_POLICY", "unset"),
+                        gpu=torch.cuda.get_device_name() if torch.device(device).type == "cuda" else None),
         "seconds": seconds,
     }
 
@@ -145,9 +150,14 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--distribution", default="gaussian", choices=["gaussian", "rademacher"])
+    parser.add_argument("--device", default="cpu", help="cpu, or cuda on a GPU machine")
+    parser.add_argument("--dtype", default="fp32", choices=list(DTYPES))
     parser.add_argument("--out", default="results/speed", help="folder for speed.json and speed.md")
     args = parser.parse_args(argv)
-    result = run(args.shape, args.batch, args.length, args.threads, args.repeats, args.distribution)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: this machine has no CUDA device; use --device cpu")
+    result = run(args.shape, args.batch, args.length, args.threads, args.repeats, args.distribution, args.device,
+                 args.dtype)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "speed.json").write_text(json.dumps(result, indent=2))

@@ -1,0 +1,89 @@
+"""The CUDA paths, run where a GPU is present (the lent GPU machine; CI has none and skips them): keyed
+directions drawn by the CUDA generator, MeZO and Addax against their naive references on the GPU, exact
+lr = 0 in bf16, the allocator-based memory measurement, and `zotune train` end to end on the GPU."""
+
+import json
+
+import pytest
+import torch
+
+from conftest import keyed_direction, lm_loss
+from test_addax import batches, naive_addax
+from test_mezo import naive_mezo
+from zotune.directions import DirectionEngine
+from zotune.lengths import first_order_peak_bytes
+from zotune.models import random_llama
+from zotune.optim import Addax, MeZO
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+CUDA = torch.device("cuda")
+
+
+def test_cuda_directions_are_keyed_deterministic_and_gaussian():
+    params = [torch.zeros(3_000_000, device=CUDA), torch.zeros(70, 30, device=CUDA)]
+    engine, reordered = DirectionEngine(params), DirectionEngine(params)
+    z = engine.direction(0, 11)
+    assert torch.equal(z, engine.direction(0, 11)) and not torch.equal(z, engine.direction(0, 12))
+    assert torch.equal(reordered.direction(1, 11), engine.direction(1, 11))  # no dependence on order or history
+    assert abs(z.mean().item()) < 3e-3 and abs(z.var().item() - 1) < 3e-3
+    engine.apply([(11, 0.5)])
+    torch.testing.assert_close(params[0], 0.5 * z)
+
+
+def test_mezo_on_cuda_matches_the_naive_reference():
+    input_ids = torch.randint(0, 64, (4, 12), generator=torch.Generator().manual_seed(1)).to(CUDA)
+    hyper = dict(lr=1e-3, eps=1e-3, weight_decay=0.1, n_directions=2, seed=42)
+    model = random_llama("tiny", dtype=torch.float64, seed=0).to(CUDA)
+    reference = random_llama("tiny", dtype=torch.float64, seed=0).to(CUDA)
+    optimizer = MeZO(model, **hyper)
+    for _ in range(3):
+        optimizer.step(lambda: lm_loss(model, input_ids))
+    expected = naive_mezo(reference, input_ids, steps=3, direction=keyed_direction(model, optimizer), **hyper)
+    for name, param in model.named_parameters():
+        torch.testing.assert_close(param.detach(), expected[name], rtol=0, atol=1e-10, msg=name)
+
+
+def test_addax_on_cuda_matches_the_naive_reference():
+    long_batch, short_batch = (batch.to(CUDA) for batch in batches())
+    options = dict(lr=0.05, alpha=0.3, mixing="convex", eps=1e-3, weight_decay=0.1, seed=7)
+    model = random_llama("tiny", seed=0).double().to(CUDA)
+    reference = random_llama("tiny", seed=0).double().to(CUDA)
+    optimizer = Addax(model, **options)
+    for _ in range(3):
+        optimizer.step(lambda: lm_loss(model, long_batch), lambda: lm_loss(model, short_batch))
+    expected = naive_addax(reference, long_batch, short_batch, steps=3, direction=keyed_direction(model, optimizer),
+                           **options)
+    for name, param in model.named_parameters():
+        torch.testing.assert_close(param, expected[name], rtol=1e-10, atol=1e-10, msg=name)
+
+
+def test_zero_learning_rate_is_bit_exact_in_bf16_on_cuda():
+    model = random_llama("tiny", dtype=torch.bfloat16, seed=3).to(CUDA)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    optimizer = MeZO(model, lr=0.0, eps=1e-2, weight_decay=0.1)
+    tokens = torch.randint(0, 64, (2, 6), device=CUDA)
+    for _ in range(200):
+        optimizer.step(lambda: lm_loss(model, tokens))
+    for name, param in model.named_parameters():
+        assert torch.equal(param.detach().view(torch.int16), before[name].view(torch.int16)), name
+
+
+def test_first_order_peak_is_the_allocators_and_grows_with_length():
+    model = random_llama("tiny", seed=0).to(CUDA)
+    peaks = [first_order_peak_bytes(model, lambda n=n: lm_loss(model, torch.randint(0, 64, (8, n), device=CUDA)))
+             for n in (16, 256)]
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    assert weights < peaks[0] < peaks[1]
+
+
+@pytest.mark.parametrize("optimizer,lr", [("mezo", 5e-3), ("addax", 5e-2)])
+def test_train_cli_runs_on_the_gpu(tmp_path, optimizer, lr):
+    from test_train import TINY
+    from zotune.cli import main
+
+    assert main(["train", *TINY, f"optimizer={optimizer}", f"lr={lr}", "steps=6", "eval_every=3", "device=cuda",
+                 f"output_dir={tmp_path}"]) == 0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert 0 < summary["peak_memory_mb"] < 2000  # the allocator's peak for a tiny model, not the process's RSS
+    state = torch.load(tmp_path / "checkpoint-000006.pt", map_location="cpu", weights_only=False)
+    assert all(tensor.device.type == "cpu" for tensor in state["model"].values())
