@@ -10,7 +10,7 @@ import torch
 from conftest import keyed_direction, lm_loss
 from test_addax import batches, naive_addax
 from test_mezo import naive_mezo
-from zotune.directions import DirectionEngine
+from zotune.directions import CUDA_BLOCK_SIZE, DirectionEngine
 from zotune.lengths import first_order_peak_bytes
 from zotune.models import random_llama
 from zotune.optim import Addax, MeZO
@@ -20,10 +20,11 @@ CUDA = torch.device("cuda")
 
 
 def test_cuda_directions_are_keyed_deterministic_and_gaussian():
-    params = [torch.zeros(3_000_000, device=CUDA), torch.zeros(70, 30, device=CUDA)]
+    params = [torch.zeros(CUDA_BLOCK_SIZE + 3_000_000, device=CUDA), torch.zeros(70, 30, device=CUDA)]
     engine, reordered = DirectionEngine(params), DirectionEngine(params)
     z = engine.direction(0, 11)
     assert torch.equal(z, engine.direction(0, 11)) and not torch.equal(z, engine.direction(0, 12))
+    assert not torch.equal(z[:1000], z[CUDA_BLOCK_SIZE : CUDA_BLOCK_SIZE + 1000])  # two blocks, two keys
     assert torch.equal(reordered.direction(1, 11), engine.direction(1, 11))  # no dependence on order or history
     assert abs(z.mean().item()) < 3e-3 and abs(z.var().item() - 1) < 3e-3
     engine.apply([(11, 0.5)])
