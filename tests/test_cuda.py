@@ -88,3 +88,21 @@ def test_train_cli_runs_on_the_gpu(tmp_path, optimizer, lr):
     assert 0 < summary["peak_memory_mb"] < 2000  # the allocator's peak for a tiny model, not the process's RSS
     state = torch.load(tmp_path / "checkpoint-000006.pt", map_location="cpu", weights_only=False)
     assert all(tensor.device.type == "cpu" for tensor in state["model"].values())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("distribution", ["gaussian", "rademacher"])
+def test_fused_cuda_update_equals_the_same_update_from_drawn_directions(dtype, distribution):
+    """apply and perturbed_copy (fused kernels, z in registers) against direction() (z drawn into memory) and
+    plain torch arithmetic, with a restore and a weight-decay scale, over a two-block parameter."""
+    param = torch.randn(CUDA_BLOCK_SIZE + 5_000, generator=torch.Generator().manual_seed(0)).to(CUDA, dtype)
+    start = param.clone()
+    engine = DirectionEngine([param], distribution)
+    z3, z4 = engine.direction(0, 3), engine.direction(0, 4)
+    if distribution == "rademacher":
+        assert set(z3[:100_000].unique().tolist()) == {-1.0, 1.0}
+    expected = ((start.float() + 0.25 * z3) * 0.9 - 0.5 * z4).to(dtype)
+    copy = engine.perturbed_copy(0, [(4, -0.5)])
+    torch.testing.assert_close(copy, (start.float() - 0.5 * z4).to(dtype), rtol=0, atol=0)
+    engine.apply([(4, -0.5)], restore=[(3, 0.25)], scale=0.9)
+    torch.testing.assert_close(param, expected, rtol=0, atol=1e-6 if dtype == torch.float32 else 0)
