@@ -103,6 +103,9 @@ def test_fused_cuda_update_equals_the_same_update_from_drawn_directions(dtype, d
         assert set(z3[:100_000].unique().tolist()) == {-1.0, 1.0}
     expected = ((start.float() + 0.25 * z3) * 0.9 - 0.5 * z4).to(dtype)
     copy = engine.perturbed_copy(0, [(4, -0.5)])
-    torch.testing.assert_close(copy, (start.float() - 0.5 * z4).to(dtype), rtol=0, atol=0)
     engine.apply([(4, -0.5)], restore=[(3, 0.25)], scale=0.9)
-    torch.testing.assert_close(param, expected, rtol=0, atol=1e-6 if dtype == torch.float32 else 0)
+    for got, want in [(copy, (start.float() - 0.5 * z4).to(dtype)), (param, expected)]:
+        # The kernel may fuse a multiply and an add (one rounding fewer than torch's ops): in bf16 that can
+        # move a rare value by one unit in the last place, never more.
+        torch.testing.assert_close(got, want, rtol=1e-5 if dtype == torch.float32 else 8e-3, atol=1e-5)
+        assert (got != want).float().mean() < 1e-3
