@@ -92,9 +92,9 @@ def test_train_cli_runs_on_the_gpu(tmp_path, optimizer, lr):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("distribution", ["gaussian", "rademacher"])
-def test_fused_cuda_update_equals_the_same_update_from_drawn_directions(dtype, distribution):
-    """apply and perturbed_copy (fused kernels, z in registers) against direction() (z drawn into memory) and
-    plain torch arithmetic, with a restore and a weight-decay scale, over a two-block parameter."""
+def test_cuda_update_equals_the_same_update_from_drawn_directions(dtype, distribution):
+    """apply and perturbed_copy against direction() and plain torch arithmetic, with a restore and a
+    weight-decay scale, over a two-block parameter."""
     param = torch.randn(CUDA_BLOCK_SIZE + 5_000, generator=torch.Generator().manual_seed(0)).to(CUDA, dtype)
     start = param.clone()
     engine = DirectionEngine([param], distribution)
@@ -105,7 +105,7 @@ def test_fused_cuda_update_equals_the_same_update_from_drawn_directions(dtype, d
     copy = engine.perturbed_copy(0, [(4, -0.5)])
     engine.apply([(4, -0.5)], restore=[(3, 0.25)], scale=0.9)
     for got, want in [(copy, (start.float() - 0.5 * z4).to(dtype)), (param, expected)]:
-        # The kernel may fuse a multiply and an add (one rounding fewer than torch's ops): in bf16 that can
-        # move a rare value by one unit in the last place, never more.
+        # add_(z, alpha) may fuse the multiply and the add (one rounding fewer than z * a then + ): in bf16
+        # that can move a rare value by one unit in the last place, never more.
         torch.testing.assert_close(got, want, rtol=1e-5 if dtype == torch.float32 else 8e-3, atol=1e-5)
         assert (got != want).float().mean() < 1e-3

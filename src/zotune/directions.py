@@ -165,15 +165,9 @@ class DirectionEngine:
     def _fill(self, block: torch.Tensor, seed: int, param_index: int, block_index: int, skip: int = 0) -> None:
         """``block`` ← values [skip, skip + len) of keyed block ``block_index``. A shard's edge block is drawn
         whole and sliced: a draw of fewer values is not a prefix of the whole draw."""
-        size = self._block_sizes[param_index]
-        if block.device.type == "cuda":  # counter-based: any range is drawn alone, no whole block needed
-            from . import cuda_directions
-
-            cuda_directions.fill(block, block_key(seed, param_index, 0), block_index * size + skip,
-                                 self.distribution == RADEMACHER)
-            return
         generator = self._generator(block.device)
         generator.manual_seed(block_key(seed, param_index, block_index))
+        size = self._block_sizes[param_index]
         whole = min(size, self._sizes[param_index] - block_index * size)
         if whole == block.numel():
             _draw(block, generator, self.distribution)
@@ -231,16 +225,6 @@ class DirectionEngine:
         pairs = [(seed, coef) for seed, coef in pairs if coef != 0.0]
         if not restore and not pairs and scale == 1.0:
             return
-        indices = tuple(range(len(self.params)) if indices is None else indices)
-        if all(self.params[i].is_cuda and self.params[i].is_contiguous() for i in indices):
-            from . import cuda_directions
-
-            for i in indices:  # one fused kernel per parameter: z made in registers, θ read and written once
-                flat = self.params[i].detach().view(-1)
-                key = lambda s, i=i: block_key(s, i, 0)  # noqa: E731
-                cuda_directions.combine(flat, flat, self._offsets[i], [(key(s), c) for s, c in restore],
-                                        [(key(s), c) for s, c in pairs], scale, self.distribution == RADEMACHER)
-            return
 
         def update(block: Block) -> None:
             for seed, coef in restore:
@@ -273,13 +257,6 @@ class DirectionEngine:
         param = self.params[param_index].detach()
         out = torch.empty_like(param, memory_format=torch.contiguous_format) if out is None else out
         source, target = param.reshape(-1), out.view(-1)
-        if param.is_cuda:
-            from . import cuda_directions
-
-            cuda_directions.combine(source, target, self._offsets[param_index], [],
-                                    [(block_key(seed, param_index, 0), alpha) for seed, alpha in pairs], 1.0,
-                                    self.distribution == RADEMACHER)
-            return out
         work_dtype = torch.float64 if param.dtype == torch.float64 else torch.float32
 
         def process(_: int, block_index: int, start: int, stop: int) -> None:
