@@ -40,9 +40,14 @@ def batches():
 @pytest.mark.parametrize("mixing,alpha", [("convex", 0.3), ("additive", 0.05)])
 @pytest.mark.parametrize("tie", [True, False])
 def test_addax_matches_naive_reference(exact, mixing, alpha, tie):
-    long_batch, short_batch = batches()
-    model = random_llama("tiny", seed=0, tie_embeddings=tie).double()
-    reference_model = random_llama("tiny", seed=0, tie_embeddings=tie).double()
+    check_against_naive_reference(exact, mixing, alpha, tie)
+
+
+def check_against_naive_reference(exact, mixing, alpha, tie, device="cpu"):
+    """Three float64 Addax steps on ``device`` against :func:`naive_addax` with the same keyed directions."""
+    long_batch, short_batch = (batch.to(device) for batch in batches())
+    model = random_llama("tiny", seed=0, tie_embeddings=tie).double().to(device)
+    reference_model = random_llama("tiny", seed=0, tie_embeddings=tie).double().to(device)
     options = dict(lr=0.05, alpha=alpha, mixing=mixing, eps=1e-3, weight_decay=0.1, seed=7)
     if exact:
         optimizer = Addax(model, **options)

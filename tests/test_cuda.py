@@ -8,12 +8,12 @@ import pytest
 import torch
 
 from conftest import keyed_direction, lm_loss
-from test_addax import batches, naive_addax
+from test_addax import check_against_naive_reference
 from test_mezo import naive_mezo
 from zotune.directions import CUDA_BLOCK_SIZE, DirectionEngine
 from zotune.lengths import first_order_peak_bytes
 from zotune.models import random_llama
-from zotune.optim import Addax, MeZO
+from zotune.optim import MeZO
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 CUDA = torch.device("cuda")
@@ -45,17 +45,7 @@ def test_mezo_on_cuda_matches_the_naive_reference():
 
 
 def test_addax_on_cuda_matches_the_naive_reference():
-    long_batch, short_batch = (batch.to(CUDA) for batch in batches())
-    options = dict(lr=0.05, alpha=0.3, mixing="convex", eps=1e-3, weight_decay=0.1, seed=7)
-    model = random_llama("tiny", seed=0).double().to(CUDA)
-    reference = random_llama("tiny", seed=0).double().to(CUDA)
-    optimizer = Addax(model, **options)
-    for _ in range(3):
-        optimizer.step(lambda: lm_loss(model, long_batch), lambda: lm_loss(model, short_batch))
-    expected = naive_addax(reference, long_batch, short_batch, steps=3, direction=keyed_direction(model, optimizer),
-                           **options)
-    for name, param in model.named_parameters():
-        torch.testing.assert_close(param, expected[name], rtol=1e-10, atol=1e-10, msg=name)
+    check_against_naive_reference(exact=True, mixing="convex", alpha=0.3, tie=True, device=CUDA)
 
 
 def test_zero_learning_rate_is_bit_exact_in_bf16_on_cuda():
