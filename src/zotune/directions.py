@@ -8,8 +8,8 @@ Keyed generation. Each parameter tensor is cut, in flattened order, into blocks 
 values (``CUDA_BLOCK_SIZE`` for parameters on a GPU); block ``b`` of parameter ``i`` under seed ``s`` is
 drawn from its own generator, seeded with ``block_key(s, i, b)``. So ``z_i(s)`` does not depend on which
 other parameters were generated before it (the reference MeZO code reseeds one global stream and walks
-the parameters in order), and any block can be regenerated alone: inside a module's forward hook, a backward hook, on one shard of a parameter, or on
-any of several threads.
+the parameters in order), and any block can be regenerated alone: inside a module's forward hook, a
+backward hook, on one shard of a parameter, or on any of several threads.
 
 Sharded parameters (FSDP2's ``fully_shard``: DTensors split along dim 0) are keyed by their position in
 the whole parameter: a rank generates only the blocks its shard overlaps, and slices the edge blocks, so
@@ -99,8 +99,7 @@ class Block:
     """One block of one parameter, as an update sees it (see :meth:`DirectionEngine.transform`)."""
 
     def __init__(self, engine: DirectionEngine, param_index: int, block_index: int, start: int, stop: int) -> None:
-        self.engine, self.param_index, self.block_index = engine, param_index, block_index
-        self.skip = engine._offsets[param_index] + start - block_index * engine._block_sizes[param_index]
+        self.engine, self.param_index, self.block_index, self.start = engine, param_index, block_index, start
         self.target = engine.params[param_index].detach().view(-1)[start:stop]
         self.work = self.target if self.target.dtype in (torch.float32, torch.float64) else self.target.float()
         self._drawn: dict[int, torch.Tensor] = {}
@@ -109,7 +108,7 @@ class Block:
         """This block of ``z(seed)``, drawn once per seed into the thread's reused buffers."""
         if seed not in self._drawn:
             buffer = self.engine._buffer(len(self._drawn), self.work.numel(), self.target.device)
-            self.engine._fill(buffer, seed, self.param_index, self.block_index, self.skip)
+            self.engine._fill(buffer, seed, self.param_index, self.block_index, self.start)
             self._drawn[seed] = buffer
         return self._drawn[seed]
 
@@ -158,16 +157,17 @@ class DirectionEngine:
         out = torch.empty(param.shape, dtype=torch.float32, device=param.device)
         flat = out.view(-1)
         for block_index, start, stop in self._blocks(param_index):
-            self._fill(flat[start:stop], seed, param_index, block_index,
-                       self._offsets[param_index] + start - block_index * self._block_sizes[param_index])
+            self._fill(flat[start:stop], seed, param_index, block_index, start)
         return out
 
-    def _fill(self, block: torch.Tensor, seed: int, param_index: int, block_index: int, skip: int = 0) -> None:
-        """``block`` ← values [skip, skip + len) of keyed block ``block_index``. A shard's edge block is drawn
-        whole and sliced: a draw of fewer values is not a prefix of the whole draw."""
+    def _fill(self, block: torch.Tensor, seed: int, param_index: int, block_index: int, start: int) -> None:
+        """``block`` ← z at this process's positions [start, start + len) of the parameter, all inside keyed
+        block ``block_index``. A shard's edge block is drawn whole and sliced: a draw of fewer values is not
+        a prefix of the whole draw."""
         generator = self._generator(block.device)
         generator.manual_seed(block_key(seed, param_index, block_index))
         size = self._block_sizes[param_index]
+        skip = self._offsets[param_index] + start - block_index * size  # into the keyed block
         whole = min(size, self._sizes[param_index] - block_index * size)
         if whole == block.numel():
             _draw(block, generator, self.distribution)
@@ -260,17 +260,16 @@ class DirectionEngine:
         work_dtype = torch.float64 if param.dtype == torch.float64 else torch.float32
 
         def process(_: int, block_index: int, start: int, stop: int) -> None:
-            skip = self._offsets[param_index] + start - block_index * self._block_sizes[param_index]
             z = self._buffer(0, stop - start, param.device)
             if len(pairs) == 1:
                 (seed, alpha), = pairs
-                self._fill(z, seed, param_index, block_index, skip)
+                self._fill(z, seed, param_index, block_index, start)
                 torch.add(source[start:stop], z, alpha=alpha, out=target[start:stop])
                 return
             work = self._buffer("sum", stop - start, param.device, work_dtype)
             work.copy_(source[start:stop])
             for seed, alpha in pairs:
-                self._fill(z, seed, param_index, block_index, skip)
+                self._fill(z, seed, param_index, block_index, start)
                 work.add_(z, alpha=alpha)
             target[start:stop].copy_(work)
 

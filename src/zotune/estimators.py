@@ -96,7 +96,6 @@ class TwoPointEstimator:
                                             "projected gradient": estimate.projected_gradient}, seed)
         return estimate
 
-
     def _reduced(self, loss_plus: float, loss_minus: float) -> list[float]:
         return [loss_plus, loss_minus] if self.reduce is None else self.reduce([loss_plus, loss_minus])
 

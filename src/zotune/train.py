@@ -196,11 +196,11 @@ def train_step(optimizer, loss_fn, step: int, group: DataParallel | None = None)
     if not math.isfinite(value):
         raise NonFiniteLossError(step, {"loss": value})
     loss.backward()
+    grads = [p.grad for param_group in optimizer.param_groups for p in param_group["params"] if p.grad is not None]
     if group is not None:
-        for param in (p for g in optimizer.param_groups for p in g["params"] if p.grad is not None):
-            group.mean_gradient(param.grad)
-    if not all(torch.isfinite(p.grad).all() for group in optimizer.param_groups for p in group["params"]
-               if p.grad is not None):
+        for grad in grads:
+            group.mean_gradient(grad)
+    if not all(torch.isfinite(grad).all() for grad in grads):
         optimizer.zero_grad(set_to_none=True)
         raise NonFiniteGradientError(step, applied=False)
     optimizer.step()
@@ -247,7 +247,8 @@ def prepare(config: TrainConfig) -> Prepared:
     encoded = {split: [encode(tokenizer, example, config.max_length) for example in examples]
                for split, examples in loaded.splits.items()}
     if context is not None:
-        check_context(encoded, context, config.prefix.get("tokens", PREFIX_DEFAULTS["tokens"]) if config.trainable == "prefix" else 0)
+        prefix_tokens = config.prefix.get("tokens", PREFIX_DEFAULTS["tokens"]) if config.trainable == "prefix" else 0
+        check_context(encoded, context, prefix_tokens)
     answers = {split: [example.answers for example in examples] for split, examples in loaded.splits.items()}
 
     def evaluate(split: str) -> float:
@@ -437,13 +438,13 @@ def _train(config: TrainConfig, group: DataParallel | None) -> dict | None:
             stopping = requested[0] is not None
             if group is not None:  # a signal may reach some ranks a step before the others: stop all at once
                 stopping = group.agree(stopping)
-            saving = step == config.steps or stopping or (config.checkpoint_every and step % config.checkpoint_every == 0)
-            weights = full_state_dict(model) if saving and config.fsdp else model.state_dict()  # gathered by all ranks
-            if saving and main:
-                checkpoints.save(step, dict(step=step, model=weights, optimizer=optimizer.state_dict(),
-                                            sampler=sampler.state_dict(), monitor=monitor.state_dict(),
-                                            skipped_in_a_row=skipped_in_a_row, forward_passes=forward_passes,
-                                            seconds=record["seconds"], config=config.to_dict()))
+            if step == config.steps or stopping or (config.checkpoint_every and step % config.checkpoint_every == 0):
+                weights = full_state_dict(model) if config.fsdp else model.state_dict()  # FSDP: every rank gathers
+                if main:
+                    checkpoints.save(step, dict(step=step, model=weights, optimizer=optimizer.state_dict(),
+                                                sampler=sampler.state_dict(), monitor=monitor.state_dict(),
+                                                skipped_in_a_row=skipped_in_a_row, forward_passes=forward_passes,
+                                                seconds=record["seconds"], config=config.to_dict()))
             if stopping:
                 number = requested[0] or signal.SIGTERM  # on a rank the signal had not reached
                 name = signal.Signals(number).name
@@ -455,7 +456,8 @@ def _train(config: TrainConfig, group: DataParallel | None) -> dict | None:
     dev, test = evaluate(config.steps, "dev"), evaluate(config.steps, "test")
     if not main:
         return None
-    summary = dict(dev=dev, test=test, steps=config.steps, forward_passes=forward_passes, seconds=seconds, peak_memory_mb=training_peak)
+    summary = dict(dev=dev, test=test, steps=config.steps, forward_passes=forward_passes, seconds=seconds,
+                   peak_memory_mb=training_peak)
     records = metrics.records()
     zero = [r["value"] for r in records if r.get("split") == "dev" and r["step"] == 0]
     summary.update(metric=prepared.metric, zero_shot_dev=zero[0] if zero else None)

@@ -41,15 +41,16 @@ def main(argv=None):
     results = {}
     for n in counts:
         threads = max(1, cores // n)
-        overrides = [*DEFAULTS, *args.overrides, f"threads={threads}", f"output_dir={out / f'processes-{n}'}"]
+        run_dir = out / f"processes-{n}"
+        overrides = [*DEFAULTS, *args.overrides, f"threads={threads}", f"output_dir={run_dir}"]
         config = load_config(args.config, overrides)  # a bad override fails here, before any run starts
-        shutil.rmtree(out / f"processes-{n}", ignore_errors=True)  # else the trainer would resume an earlier run
+        shutil.rmtree(run_dir, ignore_errors=True)  # else the trainer would resume an earlier run
         command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n), "-m", "zotune.cli",
                    "train", "--config", args.config, *overrides]
         finished = subprocess.run(command, env={**os.environ, "OMP_NUM_THREADS": str(threads)})
         if finished.returncode != 0:
             raise ConfigError(f"the run on {n} processes failed (exit code {finished.returncode}); its output is above")
-        records = [json.loads(line) for line in (out / f"processes-{n}" / "metrics.jsonl").read_text().splitlines()]
+        records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
         steps = [r for r in records if "loss" in r]
         if len(steps) < 2:
             raise ConfigError("the benchmark needs at least 2 steps (the first is warm-up): set steps=")
@@ -66,7 +67,6 @@ def main(argv=None):
             f"{r['examples_per_second'] / base:.2f} | {r['bytes_per_step']:.0f} |" for n, r in results.items()]
     import torch
 
-    config = load_config(args.config, [*DEFAULTS, *args.overrides])
     table = "\n".join([
         f"command: zotune bench parallel {shlex.join(sys.argv[1:] if argv is None else argv)}",
         f"machine: {platform.machine()}, {cores} cores; torch {torch.__version__}; "

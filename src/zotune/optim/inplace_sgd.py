@@ -72,8 +72,8 @@ class InPlaceSGD(UpdatesInBackward, torch.optim.Optimizer):
     Peak memory: parameters + activations + the largest single gradient (SGD holds all gradients).
     ``step(closure)``: the closure returns the loss without calling backward; ``step`` checks that the
     loss is finite, then runs backward, which performs the update, then checks that the gradients were
-    finite (:class:`NonFiniteGradientError` otherwise: the weights are already changed). Calling ``loss.backward()`` yourself
-    updates the parameters too (``step()`` without a closure then does nothing). Gradient accumulation is
+    finite (:class:`NonFiniteGradientError` otherwise: the weights are already changed). Calling
+    ``loss.backward()`` yourself updates the parameters too (``step()`` without a closure then does nothing). Gradient accumulation is
     impossible by construction: each backward is a step.
     """
 
