@@ -16,9 +16,9 @@ the whole parameter: a rank generates only the blocks its shard overlaps, and sl
 its part of ``z`` equals the same rows of the unsharded ``z``. Each rank then perturbs and updates its own
 shard; no direction or parameter crosses the network.
 
-Values depend on the device type: CPU blocks come from torch's mt19937, CUDA blocks from Philox. torch's
-CPU generator keeps only the low 32 bits of a seed, so on the CPU a block key is effectively 32 bits
-(two blocks of one step share a key with probability ~1e-4 for a 135M-parameter model).
+Values depend on the device type. CPU blocks come from a counter-based SplitMix64 stream per key
+(:mod:`zotune.counter_rng`), so any stretch of a block is computed alone, with full 64-bit keys. CUDA
+blocks come from torch's Philox generator seeded with the key.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
+from . import counter_rng
 from .errors import OptionError
 
 GAUSSIAN = "gaussian"
@@ -112,6 +113,14 @@ class Block:
             self._drawn[seed] = buffer
         return self._drawn[seed]
 
+    def add_z(self, seed: int, coefficient: float) -> None:
+        """``work += coefficient · z(seed)``; on the CPU, generated and added in one pass unless z is drawn already."""
+        if self.work.device.type == "cpu" and self.work.dtype == torch.float32 and seed not in self._drawn:
+            key, skip = self.engine._key_and_skip(seed, self.param_index, self.block_index, self.start)
+            counter_rng.add(self.work.numpy(), key, coefficient, skip, self.engine.distribution)
+        else:
+            self.work.add_(self.z(seed), alpha=coefficient)
+
     def scratch(self, name: str) -> torch.Tensor:
         """A buffer of the block's size in ``work``'s dtype, owned by the thread and reused (contents undefined)."""
         return self.engine._buffer(name, self.work.numel(), self.target.device, self.work.dtype)
@@ -162,19 +171,28 @@ class DirectionEngine:
 
     def _fill(self, block: torch.Tensor, seed: int, param_index: int, block_index: int, start: int) -> None:
         """``block`` ← z at this process's positions [start, start + len) of the parameter, all inside keyed
-        block ``block_index``. A shard's edge block is drawn whole and sliced: a draw of fewer values is not
-        a prefix of the whole draw."""
+        block ``block_index``."""
+        key, skip = self._key_and_skip(seed, param_index, block_index, start)
+        if block.device.type == "cpu":
+            counter_rng.fill(block.numpy(), key, skip, self.distribution)
+            return
         generator = self._generator(block.device)
-        generator.manual_seed(block_key(seed, param_index, block_index))
+        generator.manual_seed(key)
         size = self._block_sizes[param_index]
-        skip = self._offsets[param_index] + start - block_index * size  # into the keyed block
         whole = min(size, self._sizes[param_index] - block_index * size)
         if whole == block.numel():
             _draw(block, generator, self.distribution)
             return
+        # torch's draw of fewer values is not a prefix of the whole draw: a shard's edge block is drawn
+        # whole and sliced.
         drawn = self._buffer("whole", whole, block.device)
         _draw(drawn, generator, self.distribution)
         block.copy_(drawn[skip : skip + block.numel()])
+
+    def _key_and_skip(self, seed: int, param_index: int, block_index: int, start: int) -> tuple[int, int]:
+        """The keyed block's generator key, and where local position ``start`` lies inside the keyed block."""
+        skip = self._offsets[param_index] + start - block_index * self._block_sizes[param_index]
+        return block_key(seed, param_index, block_index), skip
 
     def _blocks(self, param_index: int) -> list[tuple[int, int, int]]:
         """(keyed block index, start, stop) of this process's part of the parameter, start/stop local."""
@@ -217,22 +235,25 @@ class DirectionEngine:
 
             θ_i ← (θ_i + Σ_restore r·z_i(s)) · scale + Σ_pairs a·z_i(s)
 
-        in one pass over the parameter, each distinct seed generated once per block. ``restore`` undoes
-        an in-place perturbation before ``scale`` (weight decay) so that decay sees the restored value.
-        Zero coefficients are skipped, so a zero update leaves parameters bit-identical.
+        in one pass over the parameter, computed as θ_i·scale + Σ_s c_s·z_i(s) with one coefficient per
+        distinct seed, so each seed is generated once per block. ``restore`` undoes an in-place
+        perturbation before ``scale`` (weight decay), so that decay sees the restored value. Zero
+        coefficients are skipped, so a zero update leaves parameters bit-identical.
         """
-        restore = [(seed, coef) for seed, coef in restore if coef != 0.0]
-        pairs = [(seed, coef) for seed, coef in pairs if coef != 0.0]
-        if not restore and not pairs and scale == 1.0:
+        coefficients: dict[int, float] = {}
+        for seed, coef in restore:
+            coefficients[seed] = coefficients.get(seed, 0.0) + coef * scale
+        for seed, coef in pairs:
+            coefficients[seed] = coefficients.get(seed, 0.0) + coef
+        terms = [(seed, coef) for seed, coef in coefficients.items() if coef != 0.0]
+        if not terms and scale == 1.0:
             return
 
         def update(block: Block) -> None:
-            for seed, coef in restore:
-                block.work.add_(block.z(seed), alpha=coef)
             if scale != 1.0:
                 block.work.mul_(scale)
-            for seed, coef in pairs:
-                block.work.add_(block.z(seed), alpha=coef)
+            for seed, coef in terms:
+                block.add_z(seed, coef)
 
         self.transform(update, indices)
 
@@ -253,7 +274,7 @@ class DirectionEngine:
     def perturbed_copy(self, param_index: int, pairs: Sequence[Pair], out: torch.Tensor | None = None) -> torch.Tensor:
         """``θ_i + Σ a·z_i(s)`` over ``pairs``, in the parameter's dtype, written into ``out`` (a contiguous
         tensor of the parameter's shape) or a new tensor; θ_i is untouched. One pair is added straight from
-        θ (a single rounding); several are summed in the work dtype first, then rounded once."""
+        θ, bit-identical to ``θ + a·z`` computed densely; several are summed in the work dtype first, then rounded once."""
         param = self.params[param_index].detach()
         out = torch.empty_like(param, memory_format=torch.contiguous_format) if out is None else out
         source, target = param.reshape(-1), out.view(-1)
@@ -264,7 +285,9 @@ class DirectionEngine:
             if len(pairs) == 1:
                 (seed, alpha), = pairs
                 self._fill(z, seed, param_index, block_index, start)
-                torch.add(source[start:stop], z, alpha=alpha, out=target[start:stop])
+                scaled = z if work_dtype == torch.float32 else self._buffer("sum", stop - start, param.device, work_dtype).copy_(z)
+                # θ + (a·z, rounded), as a dense reference computes it: add's alpha may fuse the two roundings
+                torch.add(source[start:stop], scaled.mul_(alpha), out=target[start:stop])
                 return
             work = self._buffer("sum", stop - start, param.device, work_dtype)
             work.copy_(source[start:stop])

@@ -1,0 +1,99 @@
+import math
+
+import numpy as np
+import pytest
+
+from zotune import counter_rng
+from zotune.counter_rng import add, fill
+
+MASK64 = (1 << 64) - 1
+
+
+def splitmix64_outputs(key: int, first: int, count: int) -> list[int]:
+    """SplitMix64's outputs first..first+count-1 for a stream starting at state ``key``, in Python integers."""
+    outputs = []
+    for counter in range(first, first + count):
+        value = (key + (counter + 1) * 0x9E3779B97F4A7C15) & MASK64
+        value = ((value ^ (value >> 30)) * 0xBF58476D1CE4E5B9) & MASK64
+        value = ((value ^ (value >> 27)) * 0x94D049BB133111EB) & MASK64
+        outputs.append(value ^ (value >> 31))
+    return outputs
+
+
+def reference_gaussian(key: int, count: int) -> np.ndarray:
+    """Box-Muller from the same bits, with float64 library log, sqrt, cos and sin."""
+    values = []
+    for bits in splitmix64_outputs(key, 0, (count + 1) // 2):
+        low, high = bits & 0xFFFFFFFF, bits >> 32
+        u1 = float(np.float32(np.float32(low) * np.float32(2.0**-32) + np.float32(2.0**-33)))
+        quadrant, fraction = high >> 30, (((high >> 6) & 0xFFFFFF) + 0.5) * 2.0**-24
+        angle = (quadrant + fraction) * math.pi / 2
+        radius = math.sqrt(-2 * math.log(u1))
+        values += [radius * math.cos(angle), radius * math.sin(angle)]
+    return np.array(values[:count])
+
+
+@pytest.mark.parametrize("key", [0, 1, 0xDEADBEEF, MASK64])
+def test_gaussian_values_match_a_float64_box_muller_of_the_same_bits(key):
+    out = np.empty(4001, np.float32)
+    fill(out, key)
+    np.testing.assert_allclose(out, reference_gaussian(key, out.size), rtol=0, atol=2e-6)
+
+
+def test_radius_and_angle_are_accurate_over_their_whole_range():
+    # The extreme words: u1 at its smallest and largest, and the angle at every quadrant's edges.
+    for low in (0, 1, 2**23, 2**31, 2**32 - 1):
+        for high in (0, 2**30 - 1, 2**30, 2**31, 3 * 2**30, 2**32 - 1):
+            u1 = float(np.float32(np.float32(low) * np.float32(2.0**-32) + np.float32(2.0**-33)))
+            angle = ((high >> 30) + (((high >> 6) & 0xFFFFFF) + 0.5) * 2.0**-24) * math.pi / 2
+            radius = math.sqrt(-2 * math.log(u1))
+            lows, highs = np.array([low], np.uint32), np.array([high], np.uint32)
+            values = np.empty(2, np.float32)
+            counter_rng._gaussian_pairs(lows, highs, values, 1)
+            np.testing.assert_allclose(values, [radius * math.cos(angle), radius * math.sin(angle)], atol=2e-6)
+
+
+@pytest.mark.parametrize("start, length", [(0, 1), (1, 1), (3, 1024), (1023, 2), (5, 3000), (64, 63)])
+def test_any_stretch_equals_the_same_slice_of_the_whole_stream(start, length):
+    whole = np.empty(5000, np.float32)
+    part = np.empty(length, np.float32)
+    for distribution in ("gaussian", "rademacher"):
+        fill(whole, 77, 0, distribution)
+        fill(part, 77, start, distribution)
+        np.testing.assert_array_equal(part, whole[start : start + length])
+        accumulated = np.linspace(-1, 1, length, dtype=np.float32)
+        expected = accumulated + np.float32(0.25) * part
+        add(accumulated, 77, 0.25, start, distribution)
+        np.testing.assert_array_equal(accumulated, expected)
+
+
+def test_rademacher_signs_are_the_stream_bits():
+    out = np.empty(200, np.float32)
+    fill(out, 9, distribution="rademacher")
+    bits = splitmix64_outputs(9, 0, 4)
+    expected = [1.0 - 2.0 * ((bits[p // 64] >> (p % 64)) & 1) for p in range(200)]
+    np.testing.assert_array_equal(out, expected)
+
+
+def test_gaussian_distribution():
+    out = np.empty(1 << 22, np.float32)
+    fill(out, 2024)
+    values = out.astype(np.float64)
+    assert abs(values.mean()) < 3e-3 and abs(values.var() - 1) < 3e-3
+    assert abs((values**4).mean() - 3) < 0.03  # the normal's kurtosis; a uniform's is 1.8
+    # The empirical CDF against Φ at a few points, well inside the binomial noise (~2.5e-4).
+    for x in (-3.0, -1.5, -0.5, 0.0, 0.7, 2.0, 3.5):
+        phi = 0.5 * (1 + math.erf(x / math.sqrt(2)))
+        assert abs((values <= x).mean() - phi) < 1.5e-3, x
+    # The tails: P(|z| > 4) = 6.33e-5, so ~266 ± 16 of 4M values.
+    assert 186 < (np.abs(values) > 4).sum() < 346
+    assert np.abs(values).max() < 6.8
+
+
+def test_neighbouring_keys_give_uncorrelated_streams():
+    first, second = np.empty(1 << 16, np.float32), np.empty(1 << 16, np.float32)
+    fill(first, 1000)
+    fill(second, 1001)
+    assert abs(np.corrcoef(first, second)[0, 1]) < 0.02
+    # Adjacent values of one stream (cos and sin of the same angle) are uncorrelated too.
+    assert abs(np.corrcoef(first[0::2], first[1::2])[0, 1]) < 0.02
