@@ -15,8 +15,9 @@ every step of the computation is element-wise, so LLVM vectorizes it (8 float32 
   float32 can tell.
 - Rademacher: bit b of output j (low 32 bits first) is the sign at position 64j + b: + for 0, - for 1.
 
-The arithmetic uses no fused multiply-add or approximate instruction, so a key gives the same values on
-every x86-64 or ARM machine, vectorized or not.
+The arithmetic uses only correctly rounded float32 operations, with no fused multiply-add, so a key gives
+the same values whether LLVM vectorizes the loops or not (checked on x86-64 with AVX2).
+:mod:`zotune.triton_rng` computes the same stream on a GPU.
 """
 
 from __future__ import annotations

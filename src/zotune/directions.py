@@ -5,8 +5,8 @@ is never kept: it is regenerated whenever it is needed, from keys that depend on
 parameter's index and the position inside the parameter.
 
 Keyed generation. Each parameter tensor is cut, in flattened order, into blocks of ``BLOCK_SIZE``
-values (``CUDA_BLOCK_SIZE`` for parameters on a GPU); block ``b`` of parameter ``i`` under seed ``s`` is
-drawn from its own generator, seeded with ``block_key(s, i, b)``. So ``z_i(s)`` does not depend on which
+values; block ``b`` of parameter ``i`` under seed ``s`` is drawn from its own counter-based stream, keyed
+with ``block_key(s, i, b)`` (:mod:`zotune.counter_rng`). So ``z_i(s)`` does not depend on which
 other parameters were generated before it (the reference MeZO code reseeds one global stream and walks
 the parameters in order), and any block can be regenerated alone: inside a module's forward hook, a
 backward hook, on one shard of a parameter, or on any of several threads.
@@ -16,13 +16,14 @@ the whole parameter: a rank generates only the blocks its shard overlaps, and sl
 its part of ``z`` equals the same rows of the unsharded ``z``. Each rank then perturbs and updates its own
 shard; no direction or parameter crosses the network.
 
-Values depend on the device type. CPU blocks come from a counter-based SplitMix64 stream per key
-(:mod:`zotune.counter_rng`), so any stretch of a block is computed alone, with full 64-bit keys. CUDA
-blocks come from torch's Philox generator seeded with the key.
+The stream is computed by numba-compiled code on the CPU and by a Triton kernel on a GPU
+(:mod:`zotune.triton_rng`, which also fuses generation into the update); both give the same values, up to
+float32 rounding. Parameters on other devices are refused.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import threading
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -36,18 +37,23 @@ GAUSSIAN = "gaussian"
 RADEMACHER = "rademacher"
 DISTRIBUTIONS = (GAUSSIAN, RADEMACHER)
 
-# Small enough that threads share the work of one large matrix, large enough that the per-block seeding
-# and dispatch cost (~10 us) stays around 1% of the drawing cost (measured on 2 cores: 2^17 was fastest
-# of 2^15..2^17 for a 135M-parameter sweep).
+# Keys change every BLOCK_SIZE values. On the CPU a block is also the unit of work: small enough that threads
+# share the work of one large matrix and that its scratch stays in cache, large enough that the per-block
+# dispatch (~10 us) stays around 1% of the drawing cost.
 BLOCK_SIZE = 1 << 17
-# On a GPU each block costs a few kernel launches (~10 us each) whatever its size: 2^17 made a sweep over a
-# 1.2B-parameter model launch-bound (0.55 s on an H100, against 0.03 s for one torch.normal per tensor).
-# 2^24 values (64 MiB of float32 scratch) keep a sweep at a few hundred launches.
-CUDA_BLOCK_SIZE = 1 << 24
+# On a GPU every piece of work costs kernel launches (~10 us each) whatever its size: work done through
+# torch ops (``transform``) goes in chunks of 2^24 values (64 MiB of float32 scratch), each spanning 128
+# keyed blocks, whose keys the kernel computes itself.
+CUDA_CHUNK = 1 << 24
 
 
-def block_size(device: torch.device) -> int:
-    return CUDA_BLOCK_SIZE if device.type == "cuda" else BLOCK_SIZE
+# Updated on a GPU by one Triton kernel per parameter, in float32, with no z tensor (float64 goes through
+# ``transform``: the kernel's coefficients are float32).
+_FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _chunk_size(device: torch.device) -> int:
+    return CUDA_CHUNK if device.type == "cuda" else BLOCK_SIZE
 
 _MASK64 = (1 << 64) - 1
 
@@ -61,9 +67,13 @@ def _splitmix64(value: int) -> int:
     return value ^ (value >> 31)
 
 
+def param_key(seed: int, param_index: int) -> int:
+    return _splitmix64(_splitmix64(seed & _MASK64) ^ param_index)
+
+
 def block_key(seed: int, param_index: int, block_index: int) -> int:
-    """The generator seed of one block: a 64-bit mix of (step seed, parameter index, block index)."""
-    return _splitmix64(_splitmix64(_splitmix64(seed & _MASK64) ^ param_index) ^ block_index)
+    """The stream key of one block: a 64-bit mix of (step seed, parameter index, block index)."""
+    return _splitmix64(param_key(seed, param_index) ^ block_index)
 
 
 def derive_seed(base_seed: int, *counters: int) -> int:
@@ -72,13 +82,6 @@ def derive_seed(base_seed: int, *counters: int) -> int:
     for counter in counters:
         value = _splitmix64(value ^ (counter & _MASK64))
     return value >> 1
-
-
-def _draw(block: torch.Tensor, generator: torch.Generator, distribution: str) -> None:
-    if distribution == GAUSSIAN:
-        block.normal_(generator=generator)
-    else:
-        block.random_(0, 2, generator=generator).mul_(2).sub_(1)
 
 
 def _local_view(param: torch.Tensor) -> tuple[torch.Tensor, int, int]:
@@ -99,8 +102,8 @@ def _local_view(param: torch.Tensor) -> tuple[torch.Tensor, int, int]:
 class Block:
     """One block of one parameter, as an update sees it (see :meth:`DirectionEngine.transform`)."""
 
-    def __init__(self, engine: DirectionEngine, param_index: int, block_index: int, start: int, stop: int) -> None:
-        self.engine, self.param_index, self.block_index, self.start = engine, param_index, block_index, start
+    def __init__(self, engine: DirectionEngine, param_index: int, start: int, stop: int) -> None:
+        self.engine, self.param_index, self.start = engine, param_index, start
         self.target = engine.params[param_index].detach().view(-1)[start:stop]
         self.work = self.target if self.target.dtype in (torch.float32, torch.float64) else self.target.float()
         self._drawn: dict[int, torch.Tensor] = {}
@@ -109,14 +112,14 @@ class Block:
         """This block of ``z(seed)``, drawn once per seed into the thread's reused buffers."""
         if seed not in self._drawn:
             buffer = self.engine._buffer(len(self._drawn), self.work.numel(), self.target.device)
-            self.engine._fill(buffer, seed, self.param_index, self.block_index, self.start)
+            self.engine._fill(buffer, seed, self.param_index, self.start)
             self._drawn[seed] = buffer
         return self._drawn[seed]
 
     def add_z(self, seed: int, coefficient: float) -> None:
         """``work += coefficient · z(seed)``; on the CPU, generated and added in one pass unless z is drawn already."""
         if self.work.device.type == "cpu" and self.work.dtype == torch.float32 and seed not in self._drawn:
-            key, skip = self.engine._key_and_skip(seed, self.param_index, self.block_index, self.start)
+            key, skip = self.engine._key_and_skip(seed, self.param_index, self.start)
             counter_rng.add(self.work.numpy(), key, coefficient, skip, self.engine.distribution)
         else:
             self.work.add_(self.z(seed), alpha=coefficient)
@@ -150,7 +153,14 @@ class DirectionEngine:
         self.params = [local for local, _, _ in views]
         self._offsets = [offset for _, offset, _ in views]  # flat offset of the held part in the whole parameter
         self._sizes = [size for _, _, size in views]  # the whole parameter's number of values
-        self._block_sizes = [block_size(local.device) for local in self.params]
+        unsupported = sorted({str(p.device) for p in self.params if p.device.type not in ("cpu", "cuda")})
+        if unsupported:
+            raise OptionError(f"parameters on {', '.join(unsupported)}: zotune generates directions on the CPU "
+                              "(numba) or on CUDA GPUs (Triton) only")
+        if any(p.device.type == "cuda" for p in self.params) and importlib.util.find_spec("triton") is None:
+            raise OptionError("parameters on CUDA need Triton for zotune's direction kernel: pip install triton "
+                              "(torch's Linux CUDA wheels bring it)")
+        self._chunk_sizes = [_chunk_size(local.device) for local in self.params]
         self.distribution = distribution
         self.num_threads = max(1, num_threads or torch.get_num_threads())
         self._pool = ThreadPoolExecutor(self.num_threads - 1) if self.num_threads > 1 else None
@@ -165,46 +175,33 @@ class DirectionEngine:
         param = self.params[param_index]
         out = torch.empty(param.shape, dtype=torch.float32, device=param.device)
         flat = out.view(-1)
-        for block_index, start, stop in self._blocks(param_index):
-            self._fill(flat[start:stop], seed, param_index, block_index, start)
+        for start, stop in self._blocks(param_index):
+            self._fill(flat[start:stop], seed, param_index, start)
         return out
 
-    def _fill(self, block: torch.Tensor, seed: int, param_index: int, block_index: int, start: int) -> None:
-        """``block`` ← z at this process's positions [start, start + len) of the parameter, all inside keyed
-        block ``block_index``."""
-        key, skip = self._key_and_skip(seed, param_index, block_index, start)
-        if block.device.type == "cpu":
-            counter_rng.fill(block.numpy(), key, skip, self.distribution)
-            return
-        generator = self._generator(block.device)
-        generator.manual_seed(key)
-        size = self._block_sizes[param_index]
-        whole = min(size, self._sizes[param_index] - block_index * size)
-        if whole == block.numel():
-            _draw(block, generator, self.distribution)
-            return
-        # torch's draw of fewer values is not a prefix of the whole draw: a shard's edge block is drawn
-        # whole and sliced.
-        drawn = self._buffer("whole", whole, block.device)
-        _draw(drawn, generator, self.distribution)
-        block.copy_(drawn[skip : skip + block.numel()])
+    def _fill(self, out: torch.Tensor, seed: int, param_index: int, start: int) -> None:
+        """``out`` ← z at this process's positions [start, start + len) of the parameter (inside one keyed
+        block on the CPU, any stretch on a GPU)."""
+        if out.device.type == "cuda":
+            from . import triton_rng
 
-    def _key_and_skip(self, seed: int, param_index: int, block_index: int, start: int) -> tuple[int, int]:
-        """The keyed block's generator key, and where local position ``start`` lies inside the keyed block."""
-        skip = self._offsets[param_index] + start - block_index * self._block_sizes[param_index]
+            triton_rng.fill(out, self._offsets[param_index] + start, param_key(seed, param_index), self.distribution,
+                            BLOCK_SIZE)
+        else:
+            key, skip = self._key_and_skip(seed, param_index, start)
+            counter_rng.fill(out.numpy(), key, skip, self.distribution)
+
+    def _key_and_skip(self, seed: int, param_index: int, start: int) -> tuple[int, int]:
+        """The key of the keyed block holding local position ``start``, and where ``start`` lies inside it."""
+        block_index, skip = divmod(self._offsets[param_index] + start, BLOCK_SIZE)
         return block_key(seed, param_index, block_index), skip
 
-    def _blocks(self, param_index: int) -> list[tuple[int, int, int]]:
-        """(keyed block index, start, stop) of this process's part of the parameter, start/stop local."""
-        offset, local, size = self._offsets[param_index], self.params[param_index].numel(), self._block_sizes[param_index]
-        return [(b, max(b * size, offset) - offset, min((b + 1) * size, offset + local) - offset)
+    def _blocks(self, param_index: int) -> list[tuple[int, int]]:
+        """(start, stop) of the pieces of work on this process's part of the parameter, local positions,
+        cut where the whole parameter's chunks (keyed blocks on the CPU) end."""
+        offset, local, size = self._offsets[param_index], self.params[param_index].numel(), self._chunk_sizes[param_index]
+        return [(max(b * size, offset) - offset, min((b + 1) * size, offset + local) - offset)
                 for b in range(offset // size, -(-(offset + local) // size))]
-
-    def _generator(self, device: torch.device) -> torch.Generator:
-        generators = self._thread_state("generators", dict)
-        if device not in generators:
-            generators[device] = torch.Generator(device=device)
-        return generators[device]
 
     def _buffer(self, slot: int | str, numel: int, device: torch.device, dtype=torch.float32) -> torch.Tensor:
         """A scratch block owned by the calling thread, reused across calls."""
@@ -214,7 +211,7 @@ class DirectionEngine:
             # A normal tensor even when first asked for inside a forward under inference_mode, so that
             # it can be written again outside it.
             with torch.inference_mode(False):
-                buffers[key] = torch.empty(block_size(device), dtype=dtype, device=device)
+                buffers[key] = torch.empty(_chunk_size(device), dtype=dtype, device=device)
         return buffers[key][:numel]
 
     def _thread_state(self, name, factory):
@@ -255,7 +252,18 @@ class DirectionEngine:
             for seed, coef in terms:
                 block.add_z(seed, coef)
 
-        self.transform(update, indices)
+        indices = list(range(len(self.params)) if indices is None else indices)
+        fused = [i for i in indices if self.params[i].device.type == "cuda" and self.params[i].dtype in _FUSED_DTYPES]
+        if fused:
+            from . import triton_rng
+
+            for i in fused:
+                triton_rng.update(self.params[i].detach().view(-1), self._offsets[i],
+                                  [(param_key(seed, i), coef) for seed, coef in terms], scale, self.distribution,
+                                  BLOCK_SIZE)
+        rest = [i for i in indices if i not in fused]
+        if rest:
+            self.transform(update, rest)
 
     def transform(self, update: Callable[[Block], None], indices: Sequence[int] | None = None) -> None:
         """Run ``update`` on every block of the given parameters (default: all), spread over the threads.
@@ -263,8 +271,8 @@ class DirectionEngine:
         is written back to the parameter, rounded once for low-precision dtypes."""
         indices = tuple(range(len(self.params)) if indices is None else indices)
 
-        def process(param_index: int, block_index: int, start: int, stop: int) -> None:
-            block = Block(self, param_index, block_index, start, stop)
+        def process(param_index: int, start: int, stop: int) -> None:
+            block = Block(self, param_index, start, stop)
             update(block)
             if block.work is not block.target:
                 block.target.copy_(block.work)
@@ -280,11 +288,11 @@ class DirectionEngine:
         source, target = param.reshape(-1), out.view(-1)
         work_dtype = torch.float64 if param.dtype == torch.float64 else torch.float32
 
-        def process(_: int, block_index: int, start: int, stop: int) -> None:
+        def process(_: int, start: int, stop: int) -> None:
             z = self._buffer(0, stop - start, param.device)
             if len(pairs) == 1:
                 (seed, alpha), = pairs
-                self._fill(z, seed, param_index, block_index, start)
+                self._fill(z, seed, param_index, start)
                 scaled = z if work_dtype == torch.float32 else self._buffer("sum", stop - start, param.device, work_dtype).copy_(z)
                 # θ + (a·z, rounded), as a dense reference computes it: add's alpha may fuse the two roundings
                 torch.add(source[start:stop], scaled.mul_(alpha), out=target[start:stop])
@@ -292,7 +300,7 @@ class DirectionEngine:
             work = self._buffer("sum", stop - start, param.device, work_dtype)
             work.copy_(source[start:stop])
             for seed, alpha in pairs:
-                self._fill(z, seed, param_index, block_index, start)
+                self._fill(z, seed, param_index, start)
                 work.add_(z, alpha=alpha)
             target[start:stop].copy_(work)
 
@@ -301,18 +309,18 @@ class DirectionEngine:
 
     # ----- scheduling -------------------------------------------------------------------------
 
-    def _schedule(self, indices: tuple[int, ...]) -> list[list[tuple[int, int, int, int]]]:
-        """Blocks (parameter, keyed block, start, stop) of the given parameters, one list per thread, balanced."""
+    def _schedule(self, indices: tuple[int, ...]) -> list[list[tuple[int, int, int]]]:
+        """Blocks (parameter, start, stop) of the given parameters, one list per thread, balanced."""
         if indices not in self._schedules:
             blocks = [(i, *block) for i in indices for block in self._blocks(i)]
             parallel = self._pool is not None and all(self.params[i].device.type == "cpu" for i in indices)
             workers = min(self.num_threads, len(blocks)) if parallel else 1
-            total = sum(stop - start for _, _, start, stop in blocks)
-            groups: list[list[tuple[int, int, int, int]]] = [[] for _ in range(max(workers, 1))]
+            total = sum(stop - start for _, start, stop in blocks)
+            groups: list[list[tuple[int, int, int]]] = [[] for _ in range(max(workers, 1))]
             done = 0
             for block in blocks:
                 groups[min(done * workers // max(total, 1), workers - 1)].append(block)
-                done += block[3] - block[2]
+                done += block[2] - block[1]
             self._schedules[indices] = groups
         return self._schedules[indices]
 
@@ -323,8 +331,8 @@ class DirectionEngine:
 
         def work(group):
             with torch.inference_mode(inference), torch.set_grad_enabled(grad):
-                for param_index, block_index, start, stop in group:
-                    process(param_index, block_index, start, stop)
+                for param_index, start, stop in group:
+                    process(param_index, start, stop)
 
         futures = [self._pool.submit(work, group) for group in groups[1:]] if len(groups) > 1 else []
         work(groups[0])
