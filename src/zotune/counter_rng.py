@@ -157,3 +157,11 @@ def add(out: np.ndarray, key: int, coefficient: float, start: int = 0, distribut
     """``out`` (1-D float32) += coefficient × the values at positions [start, start + len) of key's stream,
     generated and added chunk by chunk, with no buffer the size of ``out``."""
     _stream(out, np.uint64(key), start, np.float32(coefficient), True, distribution == "gaussian")
+
+
+def warm_up() -> None:
+    """Compile the generator now (or load it from numba's cache), instead of inside the first step."""
+    values = np.empty(3, np.float32)
+    for distribution in ("gaussian", "rademacher"):
+        fill(values, 1, 1, distribution)
+        add(values, 1, 1.0, 1, distribution)

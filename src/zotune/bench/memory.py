@@ -58,6 +58,7 @@ def current_bytes() -> int:
 def measure(name: str, config_path: str | None, overrides: list[str]) -> dict:
     """One entry's peak, in this process (the parent runs each entry in a fresh one)."""
     from ..config import load_config
+    from ..counter_rng import warm_up
     from ..lengths import ADDAX_DATA_OPTIONS, example_length, plan_addax
     from ..train import addax_step, build_optimizer, prepare, svrg_step, train_step
 
@@ -84,6 +85,9 @@ def measure(name: str, config_path: str | None, overrides: list[str]) -> dict:
     whole = long + short
     model.train()
     optimizer = None if name == "inference" else build_optimizer(config, model)
+    # numba compiles the direction generator on its first call (LLVM holds tens of MB while it does, once per
+    # cold cache): done before the baseline, so that the peak is the step's and not the compiler's.
+    warm_up()
     baseline = current_bytes()
     reset_peak()
     for step in range(2):
