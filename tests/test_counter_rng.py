@@ -20,16 +20,19 @@ def splitmix64_outputs(key: int, first: int, count: int) -> list[int]:
     return outputs
 
 
+def reference_pair(low: int, high: int) -> list[float]:
+    """Box-Muller of one 64-bit word's halves, with float64 library log, sqrt, cos and sin."""
+    u1 = float(np.float32(np.float32(low) * np.float32(2.0**-32) + np.float32(2.0**-33)))
+    quadrant, fraction = high >> 30, (((high >> 6) & 0xFFFFFF) + 0.5) * 2.0**-24
+    angle = (quadrant + fraction) * math.pi / 2
+    radius = math.sqrt(-2 * math.log(u1))
+    return [radius * math.cos(angle), radius * math.sin(angle)]
+
+
 def reference_gaussian(key: int, count: int) -> np.ndarray:
-    """Box-Muller from the same bits, with float64 library log, sqrt, cos and sin."""
     values = []
     for bits in splitmix64_outputs(key, 0, (count + 1) // 2):
-        low, high = bits & 0xFFFFFFFF, bits >> 32
-        u1 = float(np.float32(np.float32(low) * np.float32(2.0**-32) + np.float32(2.0**-33)))
-        quadrant, fraction = high >> 30, (((high >> 6) & 0xFFFFFF) + 0.5) * 2.0**-24
-        angle = (quadrant + fraction) * math.pi / 2
-        radius = math.sqrt(-2 * math.log(u1))
-        values += [radius * math.cos(angle), radius * math.sin(angle)]
+        values += reference_pair(bits & 0xFFFFFFFF, bits >> 32)
     return np.array(values[:count])
 
 
@@ -44,13 +47,10 @@ def test_radius_and_angle_are_accurate_over_their_whole_range():
     # The extreme words: u1 at its smallest and largest, and the angle at every quadrant's edges.
     for low in (0, 1, 2**23, 2**31, 2**32 - 1):
         for high in (0, 2**30 - 1, 2**30, 2**31, 3 * 2**30, 2**32 - 1):
-            u1 = float(np.float32(np.float32(low) * np.float32(2.0**-32) + np.float32(2.0**-33)))
-            angle = ((high >> 30) + (((high >> 6) & 0xFFFFFF) + 0.5) * 2.0**-24) * math.pi / 2
-            radius = math.sqrt(-2 * math.log(u1))
             lows, highs = np.array([low], np.uint32), np.array([high], np.uint32)
             values = np.empty(2, np.float32)
             counter_rng._gaussian_pairs(lows, highs, values, 1)
-            np.testing.assert_allclose(values, [radius * math.cos(angle), radius * math.sin(angle)], atol=2e-6)
+            np.testing.assert_allclose(values, reference_pair(low, high), atol=2e-6)
 
 
 @pytest.mark.parametrize("start, length", [(0, 1), (1, 1), (3, 1024), (1023, 2), (5, 3000), (64, 63)])

@@ -15,6 +15,7 @@ def test_speed_script_writes_json_and_table(tmp_path, capsys):
     assert result["config"]["parameters"] == 20640
     assert "÷ (2 × forward)" in (tmp_path / "speed.md").read_text()
     assert "speed-up of the fastest zotune MeZO step" in capsys.readouterr().out
+    assert (tmp_path / "speed.png").stat().st_size > 1000
 
 
 def test_demo_runs_both_recipes_and_writes_the_table(tmp_path, monkeypatch, capsys):

@@ -38,7 +38,7 @@ _SQRT2 = np.float32(math.sqrt(2.0))
 _SQRT_HALF = np.float32(math.sqrt(0.5))
 _QUARTER_TURN = np.float32(math.pi / 2)
 
-# Pairs per chunk: the chunk's scratch (4 arrays of this many 32-bit values) stays in the L1 cache.
+# Words per chunk: a Gaussian chunk's scratch (4 arrays of this many 32-bit values) stays in the L1 cache.
 _CHUNK = 512
 
 # error_model="numpy": no Python ZeroDivisionError checks, whose branches would stop vectorization.

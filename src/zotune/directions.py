@@ -84,19 +84,19 @@ def derive_seed(base_seed: int, *counters: int) -> int:
     return value >> 1
 
 
-def _local_view(param: torch.Tensor) -> tuple[torch.Tensor, int, int]:
-    """(the tensor this process holds, its flat offset in the whole parameter, the whole parameter's size)."""
+def _local_view(param: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """(the tensor this process holds, its flat offset in the whole parameter)."""
     from torch.distributed.tensor import DTensor, Shard
 
     if not isinstance(param, DTensor):
-        return param, 0, param.numel()
+        return param, 0
     if param.device_mesh.ndim != 1 or tuple(param.placements) != (Shard(0),):
         raise OptionError(f"a parameter sharded as {tuple(param.placements)} on a {param.device_mesh.ndim}-D mesh: "
                           "zotune's keyed directions support FSDP2's default, Shard(0) on a 1-D mesh")
     rows = param.shape[0]
     chunk = -(-rows // param.device_mesh.size())  # torch.chunk's split: ceil(rows / ranks) rows per rank
     first_row = min(param.device_mesh.get_local_rank() * chunk, rows)
-    return param.to_local(), first_row * (param.numel() // max(rows, 1)), param.numel()
+    return param.to_local(), first_row * (param.numel() // max(rows, 1))
 
 
 class Block:
@@ -150,9 +150,8 @@ class DirectionEngine:
                 f"unknown direction distribution {distribution!r}: choose one of {', '.join(DISTRIBUTIONS)}"
             )
         views = [_local_view(param) for param in params]
-        self.params = [local for local, _, _ in views]
-        self._offsets = [offset for _, offset, _ in views]  # flat offset of the held part in the whole parameter
-        self._sizes = [size for _, _, size in views]  # the whole parameter's number of values
+        self.params = [local for local, _ in views]
+        self._offsets = [offset for _, offset in views]  # flat offset of the held part in the whole parameter
         unsupported = sorted({str(p.device) for p in self.params if p.device.type not in ("cpu", "cuda")})
         if unsupported:
             raise OptionError(f"parameters on {', '.join(unsupported)}: zotune generates directions on the CPU "
@@ -165,7 +164,7 @@ class DirectionEngine:
         self.num_threads = max(1, num_threads or torch.get_num_threads())
         self._pool = ThreadPoolExecutor(self.num_threads - 1) if self.num_threads > 1 else None
         self._local = threading.local()
-        self._schedules: dict[tuple[int, ...], list[list[tuple[int, int, int, int]]]] = {}
+        self._schedules: dict[tuple[int, ...], list[list[tuple[int, int, int]]]] = {}
 
     # ----- generation -------------------------------------------------------------------------
 
@@ -261,7 +260,8 @@ class DirectionEngine:
                 triton_rng.update(self.params[i].detach().view(-1), self._offsets[i],
                                   [(param_key(seed, i), coef) for seed, coef in terms], scale, self.distribution,
                                   BLOCK_SIZE)
-        rest = [i for i in indices if i not in fused]
+        fused_indices = set(fused)
+        rest = [i for i in indices if i not in fused_indices]
         if rest:
             self.transform(update, rest)
 

@@ -12,7 +12,7 @@ round, each round timing every item once (round-robin):
 - a reference MeZO step written as the paper's code does it: global reseed, ``torch.normal`` per
   parameter in order, out-of-place adds, four passes over the parameters.
 On CUDA every timed action ends with a synchronisation, so the times are the GPU's work, not the
-launches. Writes ``speed.json`` and ``speed.md`` into ``--out`` and prints the table.
+launches. Writes ``speed.json``, ``speed.md`` and ``speed.png`` into ``--out`` and prints the table.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ import torch
 from ..directions import DirectionEngine
 from ..models import DTYPES, random_llama
 from ..optim import AdaMeZO, MeZO
+from .report import write_report
 
 
 def last_token_loss(model, input_ids, targets):
@@ -152,18 +153,15 @@ def main(argv=None):
     parser.add_argument("--distribution", default="gaussian", choices=["gaussian", "rademacher"])
     parser.add_argument("--device", default="cpu", help="cpu, or cuda on a GPU machine")
     parser.add_argument("--dtype", default="fp32", choices=list(DTYPES))
-    parser.add_argument("--out", default="results/speed", help="folder for speed.json and speed.md")
+    parser.add_argument("--out", default="results/speed", help="folder for speed.json, speed.md and speed.png")
     args = parser.parse_args(argv)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error(f"--device {args.device}: this machine has no CUDA device; use --device cpu")
     result = run(args.shape, args.batch, args.length, args.threads, args.repeats, args.distribution, args.device,
                  args.dtype)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "speed.json").write_text(json.dumps(result, indent=2))
-    table = markdown(result)
-    (out / "speed.md").write_text(table + "\n")
-    print(table)
+    seconds = result["seconds"]
+    write_report(Path(args.out), "speed", result, markdown(result),
+                 (list(seconds), list(seconds.values()), dict(ylabel="seconds (median)", title=result["config"]["shape"])))
 
 
 if __name__ == "__main__":
