@@ -40,14 +40,18 @@ def batch():
     return torch.randint(0, 64, (4, 12), generator=generator)
 
 
-def lm_loss(model, input_ids, params=None):
+def lm_loss(model, input_ids, params=None, copies=1):
     """Next-token cross-entropy in the model's own dtype (transformers' loss upcasts to float32, which would
-    put float32 noise into float64 comparisons). ``params`` evaluates the model at other weights."""
+    put float32 noise into float64 comparisons). ``params`` evaluates the model at other weights. ``copies``
+    > 1: one forward over the batch stacked that many times, one loss per copy (MeZO's dual forward)."""
+    stacked = input_ids.repeat(copies, 1)
     if params is None:
-        logits = model(input_ids=input_ids).logits
+        logits = model(input_ids=stacked).logits
     else:
-        logits = torch.func.functional_call(model, params, (), {"input_ids": input_ids}).logits
-    return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), input_ids[:, 1:].flatten())
+        logits = torch.func.functional_call(model, params, (), {"input_ids": stacked}).logits
+    losses = [torch.nn.functional.cross_entropy(part[:, :-1].flatten(0, 1), input_ids[:, 1:].flatten())
+              for part in logits.chunk(copies)]
+    return losses[0] if copies == 1 else torch.stack(losses)
 
 
 def keyed_direction(model, optimizer):

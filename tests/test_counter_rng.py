@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from zotune import counter_rng
-from zotune.counter_rng import add, fill
+from zotune.counter_rng import add, fill, pair
 
 MASK64 = (1 << 64) - 1
 
@@ -65,6 +65,10 @@ def test_any_stretch_equals_the_same_slice_of_the_whole_stream(start, length):
         expected = accumulated + np.float32(0.25) * part
         add(accumulated, 77, 0.25, start, distribution)
         np.testing.assert_array_equal(accumulated, expected)
+        source, plus, minus = np.linspace(-1, 1, length, dtype=np.float32), np.empty_like(part), np.empty_like(part)
+        pair(source, plus, minus, 77, 1e-3, start, distribution)
+        np.testing.assert_array_equal(plus, source + np.float32(1e-3) * part)
+        np.testing.assert_array_equal(minus, source - np.float32(1e-3) * part)
 
 
 def test_rademacher_signs_are_the_stream_bits():

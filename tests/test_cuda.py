@@ -1,6 +1,7 @@
 """The CUDA paths, run where a GPU is present (the lent GPU machine; CI has none and skips them): keyed
-directions drawn by the Triton kernel (equal to the CPU's), MeZO and Addax against their naive references on the GPU, exact
-lr = 0 in bf16, the allocator-based memory measurement, and `zotune train` end to end on the GPU."""
+directions drawn by the Triton kernel (equal to the CPU's), MeZO (with separate and dual forwards) and Addax
+against their naive references on the GPU, exact lr = 0 in bf16, the allocator-based memory measurement, and
+`zotune train` end to end on the GPU."""
 
 import json
 
@@ -50,14 +51,15 @@ def test_cuda_directions_equal_the_cpu_directions(distribution):
         torch.testing.assert_close(part.cpu(), whole[offset : offset + length], rtol=0, atol=2e-6)
 
 
-def test_mezo_on_cuda_matches_the_naive_reference():
+@pytest.mark.parametrize("dual", [False, True], ids=["module", "dual-forward"])
+def test_mezo_on_cuda_matches_the_naive_reference(dual):
     input_ids = torch.randint(0, 64, (4, 12), generator=torch.Generator().manual_seed(1)).to(CUDA)
     hyper = dict(lr=1e-3, eps=1e-3, weight_decay=0.1, n_directions=2, seed=42)
     model = random_llama("tiny", dtype=torch.float64, seed=0).to(CUDA)
     reference = random_llama("tiny", dtype=torch.float64, seed=0).to(CUDA)
-    optimizer = MeZO(model, **hyper)
+    optimizer = MeZO(model, dual_forward=dual, **hyper)
     for _ in range(3):
-        optimizer.step(lambda: lm_loss(model, input_ids))
+        optimizer.step(lambda copies=1: lm_loss(model, input_ids, copies=copies))
     expected = naive_mezo(reference, input_ids, steps=3, direction=keyed_direction(model, optimizer), **hyper)
     for name, param in model.named_parameters():
         torch.testing.assert_close(param.detach(), expected[name], rtol=0, atol=1e-10, msg=name)

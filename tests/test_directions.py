@@ -89,6 +89,26 @@ def test_perturbed_copy_leaves_parameter_untouched():
     assert torch.equal(params[1], before)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_perturbed_pair_is_the_two_perturbed_copies(dtype):
+    params = [p.to(dtype) for p in make_params()]
+    engine = DirectionEngine(params, num_threads=2)
+    for index in (1, 3):
+        plus, minus = torch.empty_like(params[index]), torch.empty_like(params[index])
+        engine.perturbed_pair(index, 7, 1e-2, plus, minus)
+        assert torch.equal(plus, engine.perturbed_copy(index, [(7, 1e-2)]))
+        assert torch.equal(minus, engine.perturbed_copy(index, [(7, -1e-2)]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_perturbed_rows_are_rows_of_the_perturbed_copy(dtype):
+    table = torch.randn(300, 1000, generator=torch.Generator().manual_seed(2)).to(dtype)  # rows 131 and 262 span two keyed blocks
+    engine = DirectionEngine([table])
+    rows = torch.tensor([0, 5, 131, 132, 262, 299])
+    for pairs in ([(7, 1e-2)], [(7, 1e-2), (8, -3e-2)]):
+        assert torch.equal(engine.perturbed_rows(0, pairs, rows), engine.perturbed_copy(0, pairs)[rows])
+
+
 def test_gaussian_and_rademacher_distributions():
     param = torch.zeros(4 * BLOCK_SIZE)
     gaussian = DirectionEngine([param]).direction(0, 11)

@@ -37,6 +37,11 @@ def naive_mezo(model, input_ids, *, steps, lr, eps, weight_decay, n_directions, 
 
 
 def run_mezo(model, input_ids, steps, exact, **kwargs):
+    if exact == "dual":
+        optimizer = MeZO(model, dual_forward=True, **kwargs)
+        for _ in range(steps):
+            optimizer.step(lambda copies=1: lm_loss(model, input_ids, copies=copies))
+        return optimizer
     if exact:
         optimizer = MeZO(model, **kwargs)
     else:  # parameters only: apply MeZO's no-decay rule through groups, as a user would
@@ -50,9 +55,11 @@ def run_mezo(model, input_ids, steps, exact, **kwargs):
 
 # Float32 SPSA is noisy at the 1e-6 level: the loss (~4) is rounded to ~5e-7, which c = ΔL/2ε turns into
 # ~1e-4 relative noise, and in-place θ+εz−2εz rounds differently from a dense θ−εz. Module mode
-# evaluates exactly the reference's θ±εz, so it agrees in float32; in-place mode is checked in float64.
+# evaluates exactly the reference's θ±εz, so it agrees in float32; in-place mode is checked in float64, and so
+# is the dual forward, whose batched matmuls and per-copy means round differently from separate forwards.
 @pytest.mark.parametrize("exact,dtype,tolerance", [(True, torch.float32, 1e-6), (True, torch.float64, 1e-10),
-                                                  (False, torch.float64, 1e-10)], ids=["module-fp32", "module-fp64", "inplace-fp64"])
+                                                  (False, torch.float64, 1e-10), ("dual", torch.float64, 1e-10)],
+                         ids=["module-fp32", "module-fp64", "inplace-fp64", "dual-fp64"])
 @pytest.mark.parametrize("n_directions,distribution", [(1, "gaussian"), (2, "gaussian"), (1, "rademacher")])
 @pytest.mark.parametrize("tie", [True, False], ids=["tied", "untied"])
 def test_mezo_matches_naive_reference(exact, dtype, tolerance, n_directions, distribution, tie, batch):

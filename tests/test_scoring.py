@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from zotune.models import load_model
-from zotune.scoring import accuracy, candidate_scores, classification_loss, encode
+from zotune.scoring import accuracy, candidate_scores, classification_loss, encode, generation_loss
 from zotune.tasks import Example
 
 
@@ -50,6 +50,16 @@ def test_loss_is_cross_entropy_over_candidate_scores_and_accuracy_is_argmax(mode
     predicted = scores.argmax(1).tolist()
     assert accuracy(model, encoded, tokenizer.pad_token_id, batch_size=2) == sum(
         p == l for p, l in zip(predicted, [1, 0, 1])) / 3
+
+
+def test_stacked_copies_give_one_loss_per_copy(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    encoded = [encode(tokenizer, e, 64) for e in EXAMPLES]
+    with torch.no_grad():
+        for loss in (classification_loss, generation_loss):
+            single = loss(model, encoded, tokenizer.pad_token_id)
+            torch.testing.assert_close(loss(model, encoded, tokenizer.pad_token_id, copies=2), single.repeat(2),
+                                       rtol=1e-6, atol=1e-6)
 
 
 def test_long_prompts_are_cut_from_the_left(model_and_tokenizer):

@@ -10,7 +10,8 @@ from zotune.bench import speed
 def test_speed_script_writes_json_and_table(tmp_path, capsys):
     speed.main(["--shape", "tiny", "--batch", "2", "--length", "8", "--repeats", "1", "--out", str(tmp_path)])
     result = json.loads((tmp_path / "speed.json").read_text())
-    assert set(result["seconds"]) == {"forward", "z_sweep", "mezo_module", "mezo_inplace", "adamezo", "reference_mezo"}
+    assert set(result["seconds"]) == {"forward", "doubled_forward", "z_sweep", "mezo_module", "mezo_inplace",
+                                      "mezo_dual", "adamezo", "reference_mezo"}
     assert all(seconds > 0 for seconds in result["seconds"].values())
     assert result["config"]["parameters"] == 20640
     assert "÷ (2 × forward)" in (tmp_path / "speed.md").read_text()

@@ -116,19 +116,29 @@ def _rademacher_words(low, high, values, count):
             values[64 * t + 32 + b] = np.float32(1.0) - np.float32(2.0) * np.float32((high[t] >> np.uint32(b)) & np.uint32(1))
 
 
+_FILL, _ADD, _PAIR = 0, 1, 2
+
+
 @njit(**_INLINE)
-def _write(out, values, count, coefficient, accumulate):
-    if accumulate:
+def _write(out, values, count, coefficient, mode, source, minus):
+    if mode == _ADD:
         for k in range(count):
             out[k] += coefficient * values[k]
+    elif mode == _PAIR:
+        for k in range(count):
+            scaled = coefficient * values[k]
+            out[k] = source[k] + scaled
+            minus[k] = source[k] - scaled
     else:
         for k in range(count):
             out[k] = values[k]
 
 
 @njit(**_COMPILE)
-def _stream(out, key, start, coefficient, accumulate, gaussian):
-    """out ← (or +=, times coefficient) the stream's values at positions [start, start + len(out))."""
+def _stream(out, key, start, coefficient, mode, gaussian, source, minus):
+    """The stream's values z at positions [start, start + len(out)), written as ``mode`` says: out ← z
+    (fill), out += coefficient·z (add), or out ← source + coefficient·z and minus ← source − coefficient·z
+    (pair)."""
     per_word = 2 if gaussian else 64
     low = np.empty(_CHUNK, np.uint32)
     high = np.empty(_CHUNK, np.uint32)
@@ -144,24 +154,37 @@ def _stream(out, key, start, coefficient, accumulate, gaussian):
             _rademacher_words(low, high, values, count)
         first = max(per_word * word, start)
         last = min(per_word * (word + count), stop)
-        _write(out[first - start:], values[first - per_word * word:], last - first, coefficient, accumulate)
+        at = first - start
+        _write(out[at:], values[first - per_word * word:], last - first, coefficient, mode, source[at:], minus[at:])
         word += count
+
+
+_UNUSED = np.empty(0, np.float32)
 
 
 def fill(out: np.ndarray, key: int, start: int = 0, distribution: str = "gaussian") -> None:
     """``out`` (1-D float32) ← the values at positions [start, start + len) of key's stream."""
-    _stream(out, np.uint64(key), start, np.float32(0.0), False, distribution == "gaussian")
+    _stream(out, np.uint64(key), start, np.float32(0.0), _FILL, distribution == "gaussian", _UNUSED, _UNUSED)
 
 
 def add(out: np.ndarray, key: int, coefficient: float, start: int = 0, distribution: str = "gaussian") -> None:
     """``out`` (1-D float32) += coefficient × the values at positions [start, start + len) of key's stream,
     generated and added chunk by chunk, with no buffer the size of ``out``."""
-    _stream(out, np.uint64(key), start, np.float32(coefficient), True, distribution == "gaussian")
+    _stream(out, np.uint64(key), start, np.float32(coefficient), _ADD, distribution == "gaussian", _UNUSED, _UNUSED)
+
+
+def pair(source: np.ndarray, plus: np.ndarray, minus: np.ndarray, key: int, coefficient: float, start: int = 0,
+         distribution: str = "gaussian") -> None:
+    """``plus`` ← source + d and ``minus`` ← source − d, with d = coefficient × the values at positions
+    [start, start + len) of key's stream, rounded to float32 before the add (1-D float32 arrays of one
+    length): the two sides of a two-point estimate from one generation."""
+    _stream(plus, np.uint64(key), start, np.float32(coefficient), _PAIR, distribution == "gaussian", source, minus)
 
 
 def warm_up() -> None:
     """Compile the generator now (or load it from numba's cache), instead of inside the first step."""
-    values = np.empty(3, np.float32)
+    values, plus, minus = np.empty(3, np.float32), np.empty(3, np.float32), np.empty(3, np.float32)
     for distribution in ("gaussian", "rademacher"):
         fill(values, 1, 1, distribution)
         add(values, 1, 1.0, 1, distribution)
+        pair(values, plus, minus, 1, 1.0, 1, distribution)

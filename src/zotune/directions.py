@@ -52,6 +52,27 @@ CUDA_CHUNK = 1 << 24
 _FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
+def _work_dtype(param: torch.Tensor) -> torch.dtype:
+    return torch.float64 if param.dtype == torch.float64 else torch.float32
+
+
+def _perturb(target: torch.Tensor, source: torch.Tensor, pairs: Sequence[Pair], direction: Callable[[int], torch.Tensor],
+             work: torch.Tensor) -> None:
+    """``target`` ← ``source`` + Σ a·direction(s) over the pairs. One pair adds the rounded a·z straight to θ,
+    as a dense reference does (add's alpha may fuse the two roundings); several are summed in ``work``
+    (float32, float64 for float64 parameters) and rounded once. ``direction(s)`` is float32, and may be scaled in place."""
+    if len(pairs) == 1:
+        (seed, alpha), = pairs
+        z = direction(seed)
+        scaled = z if work.dtype == torch.float32 else work.copy_(z)
+        torch.add(source, scaled.mul_(alpha), out=target)
+        return
+    work.copy_(source)
+    for seed, alpha in pairs:
+        work.add_(direction(seed), alpha=alpha)
+    target.copy_(work)
+
+
 def _chunk_size(device: torch.device) -> int:
     return CUDA_CHUNK if device.type == "cuda" else BLOCK_SIZE
 
@@ -286,26 +307,67 @@ class DirectionEngine:
         param = self.params[param_index].detach()
         out = torch.empty_like(param, memory_format=torch.contiguous_format) if out is None else out
         source, target = param.reshape(-1), out.view(-1)
-        work_dtype = torch.float64 if param.dtype == torch.float64 else torch.float32
 
         def process(_: int, start: int, stop: int) -> None:
-            z = self._buffer(0, stop - start, param.device)
-            if len(pairs) == 1:
-                (seed, alpha), = pairs
+            def direction(seed: int) -> torch.Tensor:
+                z = self._buffer(0, stop - start, param.device)
                 self._fill(z, seed, param_index, start)
-                scaled = z if work_dtype == torch.float32 else self._buffer("sum", stop - start, param.device, work_dtype).copy_(z)
-                # θ + (a·z, rounded), as a dense reference computes it: add's alpha may fuse the two roundings
-                torch.add(source[start:stop], scaled.mul_(alpha), out=target[start:stop])
-                return
-            work = self._buffer("sum", stop - start, param.device, work_dtype)
-            work.copy_(source[start:stop])
-            for seed, alpha in pairs:
-                self._fill(z, seed, param_index, start)
-                work.add_(z, alpha=alpha)
-            target[start:stop].copy_(work)
+                return z
+
+            _perturb(target[start:stop], source[start:stop], pairs, direction,
+                     self._buffer("sum", stop - start, param.device, _work_dtype(param)))
 
         self._run(self._schedule((param_index,)), process)
         return out
+
+    def perturbed_pair(self, param_index: int, seed: int, eps: float, plus: torch.Tensor, minus: torch.Tensor) -> None:
+        """``plus`` ← θ_i + ε·z_i(seed) and ``minus`` ← θ_i − ε·z_i(seed) (contiguous tensors of the parameter's
+        shape), z generated once; each is bit-identical to :meth:`perturbed_copy` with ``(seed, ±eps)``."""
+        param = self.params[param_index].detach()
+        source, plus_flat, minus_flat = param.reshape(-1), plus.view(-1), minus.view(-1)
+
+        def process(_: int, start: int, stop: int) -> None:
+            if param.device.type == "cpu" and param.dtype == torch.float32:
+                key, skip = self._key_and_skip(seed, param_index, start)
+                counter_rng.pair(source[start:stop].numpy(), plus_flat[start:stop].numpy(),
+                                 minus_flat[start:stop].numpy(), key, eps, skip, self.distribution)
+                return
+            z = self._buffer(0, stop - start, param.device)
+            self._fill(z, seed, param_index, start)
+            scaled = z if _work_dtype(param) == torch.float32 else self._buffer("sum", stop - start, param.device,
+                                                                               torch.float64).copy_(z)
+            scaled.mul_(eps)  # rounded before the add, as in perturbed_copy; θ − d is exactly θ + (−d)
+            torch.add(source[start:stop], scaled, out=plus_flat[start:stop])
+            torch.sub(source[start:stop], scaled, out=minus_flat[start:stop])
+
+        self._run(self._schedule((param_index,)), process)
+
+    def perturbed_rows(self, param_index: int, pairs: Sequence[Pair], rows: torch.Tensor) -> torch.Tensor:
+        """Rows ``rows`` (indices along dim 0) of :meth:`perturbed_copy`, drawing z for those rows only."""
+        param = self.params[param_index].detach()
+        width = param[0].numel()
+        source = param[rows].reshape(len(rows), width)
+        starts = [row * width for row in rows.tolist()]
+
+        def direction(seed: int) -> torch.Tensor:
+            z = torch.empty(source.shape, dtype=torch.float32, device=param.device)
+            for row, start in enumerate(starts):
+                self._fill_stretch(z[row], seed, param_index, start)
+            return z
+
+        out = torch.empty_like(source)
+        _perturb(out, source, pairs, direction, torch.empty(source.shape, dtype=_work_dtype(param), device=param.device))
+        return out.view(len(rows), *param.shape[1:])
+
+    def _fill_stretch(self, out: torch.Tensor, seed: int, param_index: int, start: int) -> None:
+        """``out`` ← z at local positions [start, start + len), across keyed blocks."""
+        done, offset = 0, self._offsets[param_index]
+        while done < out.numel():
+            position = start + done
+            block_end = ((offset + position) // BLOCK_SIZE + 1) * BLOCK_SIZE - offset
+            stop = min(out.numel(), done + block_end - position)
+            self._fill(out[done:stop], seed, param_index, position)
+            done = stop
 
     # ----- scheduling -------------------------------------------------------------------------
 

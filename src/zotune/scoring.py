@@ -96,11 +96,18 @@ def _hidden_states(model, input_ids, attention):
     return model.get_decoder()(input_ids=input_ids, attention_mask=attention).last_hidden_state
 
 
-def classification_loss(model: nn.Module, examples: Sequence[EncodedExample], pad_id: int) -> torch.Tensor:
-    """Cross-entropy over the candidates' scores (MeZO's train_as_classification)."""
-    scores = candidate_scores(model, examples, pad_id)
-    labels = torch.tensor([example.label for example in examples], device=scores.device)
-    return torch.nn.functional.cross_entropy(scores, labels)
+def classification_loss(model: nn.Module, examples: Sequence[EncodedExample], pad_id: int,
+                        copies: int = 1) -> torch.Tensor:
+    """Cross-entropy over the candidates' scores (MeZO's train_as_classification). With ``copies`` > 1 the
+    examples are scored stacked that many times in one forward, and the result holds each copy's mean loss
+    (the protocol of MeZO's ``dual_forward``)."""
+    if copies == 1:
+        scores = candidate_scores(model, examples, pad_id)
+        labels = torch.tensor([example.label for example in examples], device=scores.device)
+        return torch.nn.functional.cross_entropy(scores, labels)
+    scores = candidate_scores(model, list(examples) * copies, pad_id)
+    labels = torch.tensor([example.label for example in examples] * copies, device=scores.device)
+    return torch.nn.functional.cross_entropy(scores, labels, reduction="none").view(copies, -1).mean(dim=1)
 
 
 @torch.inference_mode()
@@ -117,10 +124,13 @@ def accuracy(model: nn.Module, examples: Sequence[EncodedExample], pad_id: int, 
     return correct / len(examples)
 
 
-def generation_loss(model: nn.Module, examples: Sequence[EncodedExample], pad_id: int) -> torch.Tensor:
+def generation_loss(model: nn.Module, examples: Sequence[EncodedExample], pad_id: int,
+                    copies: int = 1) -> torch.Tensor:
     """Language-model loss on the answer tokens only (the prompt is context): minus the mean, over the
-    batch, of each answer's mean token log-probability."""
-    return -candidate_scores(model, examples, pad_id).mean()
+    batch, of each answer's mean token log-probability. ``copies``: as in :func:`classification_loss`."""
+    if copies == 1:
+        return -candidate_scores(model, examples, pad_id).mean()
+    return -candidate_scores(model, list(examples) * copies, pad_id).view(copies, -1).mean(dim=1)
 
 
 def normalize_answer(text: str) -> list[str]:

@@ -216,7 +216,7 @@ class Prepared:
     splits: dict[str, list[EncodedExample]]
     metric: str  # accuracy (classification) or f1 (generation)
     evaluate: Callable[[str], float]  # split name -> metric value
-    loss: Callable  # (model, batch, pad_id) -> loss tensor
+    loss: Callable  # (model, batch, pad_id, copies=1) -> loss tensor (one mean per copy when copies > 1)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -399,7 +399,7 @@ def _train(config: TrainConfig, group: DataParallel | None) -> dict | None:
                              len(micro))
         if plan is None:
             batch: list[EncodedExample] = shard([splits["train"][i] for i in sampler.next_batch()])
-            return train_step(optimizer, lambda: prepared.loss(model, batch, pad), step,
+            return train_step(optimizer, lambda copies=1: prepared.loss(model, batch, pad, copies), step,
                               group if config.optimizer in TORCH_OPTIMIZERS else None)
         long, short = (shard([splits["train"][i] for i in indices], name) if indices else None
                        for indices, name in zip(sampler.next_batches(), ("K0 batch", "K1 batch")))

@@ -7,7 +7,8 @@ than L_T, from the recipe's Addax options. Addax runs its zeroth-order estimate 
 first-order step on the short part; Addax-WA, whose batches may hold any example, its first-order step on
 the K1 longest examples (its worst case); every other optimizer a step on the whole batch; ``inference``
 is one forward on the whole batch without gradients (the reference the ratios are taken to). MeZO-SVRG
-(``svrg``: seeds mode; ``svrg-dense``: θ̃ and G stored) takes an anchor step, then an ordinary step.
+(``svrg``: seeds mode; ``svrg-dense``: θ̃ and G stored) takes an anchor step, then an ordinary step;
+``mezo-dual`` is MeZO with ``dual_forward`` (one forward over the batch stacked twice).
 
 Measured: on CUDA the allocator's peak; on CPU the process's peak resident set (VmHWM, reset through
 /proc/self/clear_refs after the model and data are loaded), over two steps so that buffers kept between
@@ -30,7 +31,8 @@ import torch
 
 from .report import write_report
 
-ENTRIES = ("inference", "mezo", "adamezo", "svrg", "svrg-dense", "addax", "addax-wa", "ip-sgd", "sgd", "adam")
+ENTRIES = ("inference", "mezo", "mezo-dual", "adamezo", "svrg", "svrg-dense", "addax", "addax-wa", "ip-sgd", "sgd",
+           "adam")
 
 
 def reset_peak() -> None:
@@ -64,11 +66,13 @@ def measure(name: str, config_path: str | None, overrides: list[str]) -> dict:
 
     config = load_config(config_path, overrides)
     data_options = {k: v for k, v in config.optimizer_options.items() if k in ADDAX_DATA_OPTIONS}
-    config.optimizer = {"inference": "mezo", "svrg-dense": "svrg"}.get(name, name)
+    config.optimizer = {"inference": "mezo", "mezo-dual": "mezo", "svrg-dense": "svrg"}.get(name, name)
     if name not in ("addax", "addax-wa"):
         config.optimizer_options = {k: v for k, v in config.optimizer_options.items() if k == "eps"}
     if name == "svrg-dense":
         config.optimizer_options["memory"] = "dense"
+    elif name == "mezo-dual":
+        config.optimizer_options["dual_forward"] = True
     elif name == "addax-wa":
         config.optimizer_options = {k: v for k, v in config.optimizer_options.items() if k not in ("L_T", "memory_budget")}
     if name == "adamezo":
@@ -101,7 +105,7 @@ def measure(name: str, config_path: str | None, overrides: list[str]) -> dict:
             addax_step(optimizer, lambda: prepared.loss(model, long, pad), lambda: prepared.loss(model, short, pad),
                        (len(long), len(short)))
         else:
-            train_step(optimizer, lambda: prepared.loss(model, whole, pad), step)
+            train_step(optimizer, lambda copies=1: prepared.loss(model, whole, pad, copies), step)
     parameters = sum(p.numel() * p.element_size() for p in model.parameters())
     return dict(name=name, peak_bytes=peak_bytes(), baseline_bytes=baseline, parameter_bytes=parameters,
                 batch=dict(long=[example_length(e) for e in long], short=[example_length(e) for e in short]),

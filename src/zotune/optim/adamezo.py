@@ -30,7 +30,7 @@ class AdaMeZO(MeZO):
     def __init__(self, params_or_model, lr: float = 1e-6, eps: float = 1e-3, weight_decay: float = 0.0,
                  window: int = 10, beta1: float = 0.7, beta2: float = 0.9, delta: float = 1e-5,
                  m_scale: float = 100.0, distribution: str = "gaussian", seed: int = 0,
-                 num_threads: int | None = None) -> None:
+                 num_threads: int | None = None, dual_forward: bool = False) -> None:
         if not (isinstance(window, int) and window >= 1):
             raise OptionError(f"window must be a positive integer, got {window!r} (the paper uses 10)")
         for name, beta in (("beta1", beta1), ("beta2", beta2)):
@@ -39,7 +39,8 @@ class AdaMeZO(MeZO):
         if not delta > 0:
             raise OptionError(f"delta must be positive, got {delta}")
         super().__init__(params_or_model, lr=lr, eps=eps, weight_decay=weight_decay, n_directions=1,
-                         distribution=distribution, seed=seed, num_threads=num_threads)
+                         distribution=distribution, seed=seed, num_threads=num_threads,
+                         dual_forward=dual_forward)
         self.window, self.beta1, self.beta2, self.delta, self.m_scale = window, beta1, beta2, delta, m_scale
         self.state["zo"] = {**self.state["zo"], "window": []}
 

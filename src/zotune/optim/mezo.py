@@ -31,6 +31,14 @@ class MeZO(torch.optim.Optimizer):
     rule (none on biases and norms). Pass **parameters** to get the paper's in-place perturbation, where
     the restore of the last perturbation is fused into the update: 3 generation sweeps per step.
 
+    ``dual_forward=True`` (with the model) evaluates θ+εz and θ−εz in one forward over the batch stacked
+    twice: each module generates its part of z once for both, so a step costs one forward of the doubled
+    batch, one generation inside it and the update's sweep, at the price of a doubled batch's activations.
+    The closure must then take ``copies``: ``closure(2)`` evaluates its batch stacked twice along dim 0 (all
+    of the first copy, then all of the second) and returns the two copies' mean losses (e.g.
+    ``lambda copies=1: classification_loss(model, examples, pad_id, copies)``). The losses, and so the
+    steps, are those of separate forwards, up to the rounding of the batched operations.
+
     Communication (data parallel): ranks share the seed stream; only the n pairs of losses need an
     all-reduce. The step's estimates are kept in ``last_estimates`` for logging.
     """
@@ -45,6 +53,7 @@ class MeZO(torch.optim.Optimizer):
         distribution: str = GAUSSIAN,
         seed: int = 0,
         num_threads: int | None = None,
+        dual_forward: bool = False,
     ) -> None:
         if lr < 0:
             raise OptionError(f"lr must be >= 0, got {lr}")
@@ -59,7 +68,7 @@ class MeZO(torch.optim.Optimizer):
         if model is not None:
             refuse_sharded(params, "module perturbation swaps whole parameter tensors, which FSDP2 owns")
         self.engine = DirectionEngine(params, distribution, num_threads)
-        self.estimator = TwoPointEstimator(self.engine, eps, model)
+        self.estimator = TwoPointEstimator(self.engine, eps, model, dual_forward)
         offsets = [0]
         for group in self.param_groups:
             offsets.append(offsets[-1] + len(group["params"]))
