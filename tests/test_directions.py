@@ -102,7 +102,8 @@ def test_perturbed_pair_is_the_two_perturbed_copies(dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 def test_perturbed_rows_are_rows_of_the_perturbed_copy(dtype):
-    table = torch.randn(300, 1000, generator=torch.Generator().manual_seed(2)).to(dtype)  # rows 131 and 262 span two keyed blocks
+    # rows 131 and 262 span two keyed blocks
+    table = torch.randn(300, 1000, generator=torch.Generator().manual_seed(2)).to(dtype)
     engine = DirectionEngine([table])
     rows = torch.tensor([0, 5, 131, 132, 262, 299])
     for pairs in ([(7, 1e-2)], [(7, 1e-2), (8, -3e-2)]):

@@ -81,13 +81,15 @@ def test_zero_learning_rate_leaves_parameters_bit_identical(dtype, batch):
 
 def test_adamezo_takes_the_same_steps_with_a_dual_forward(batch):
     models = [random_llama("tiny", dtype=torch.float64, seed=0) for _ in range(2)]
-    optimizers = [AdaMeZO(model, lr=1e-4, window=2, seed=5, dual_forward=dual) for model, dual in zip(models, (False, True))]
+    optimizers = [AdaMeZO(model, lr=1e-4, window=2, seed=5, dual_forward=dual)
+                  for model, dual in zip(models, (False, True))]
     for _ in range(4):  # through the warm-up and past it
         for model, optimizer in zip(models, optimizers):
             optimizer.step(lambda copies=1, model=model: lm_loss(model, batch, copies=copies))
     for (name, a), b in zip(models[0].named_parameters(), models[1].parameters()):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-10, msg=name)
-    assert any(not torch.equal(a, b) for a, b in zip(models[0].parameters(), random_llama("tiny", dtype=torch.float64, seed=0).parameters()))
+    untrained = random_llama("tiny", dtype=torch.float64, seed=0)
+    assert any(not torch.equal(a, b) for a, b in zip(models[0].parameters(), untrained.parameters()))
 
 
 def test_clear_errors(batch):

@@ -56,11 +56,12 @@ def _work_dtype(param: torch.Tensor) -> torch.dtype:
     return torch.float64 if param.dtype == torch.float64 else torch.float32
 
 
-def _perturb(target: torch.Tensor, source: torch.Tensor, pairs: Sequence[Pair], direction: Callable[[int], torch.Tensor],
-             work: torch.Tensor) -> None:
+def _perturb(target: torch.Tensor, source: torch.Tensor, pairs: Sequence[Pair],
+             direction: Callable[[int], torch.Tensor], work: torch.Tensor) -> None:
     """``target`` ← ``source`` + Σ a·direction(s) over the pairs. One pair adds the rounded a·z straight to θ,
     as a dense reference does (add's alpha may fuse the two roundings); several are summed in ``work``
-    (float32, float64 for float64 parameters) and rounded once. ``direction(s)`` is float32, and may be scaled in place."""
+    (float32, float64 for float64 parameters) and rounded once. ``direction(s)`` returns float32 values that
+    may be scaled in place."""
     if len(pairs) == 1:
         (seed, alpha), = pairs
         z = direction(seed)
@@ -321,8 +322,9 @@ class DirectionEngine:
         return out
 
     def perturbed_pair(self, param_index: int, seed: int, eps: float, plus: torch.Tensor, minus: torch.Tensor) -> None:
-        """``plus`` ← θ_i + ε·z_i(seed) and ``minus`` ← θ_i − ε·z_i(seed) (contiguous tensors of the parameter's
-        shape), z generated once; each is bit-identical to :meth:`perturbed_copy` with ``(seed, ±eps)``."""
+        """``plus`` ← θ_i + ε·z_i(seed) and ``minus`` ← θ_i − ε·z_i(seed) (contiguous tensors of the
+        parameter's shape), z generated once; each is bit-identical to :meth:`perturbed_copy` with
+        ``(seed, ±eps)``."""
         param = self.params[param_index].detach()
         source, plus_flat, minus_flat = param.reshape(-1), plus.view(-1), minus.view(-1)
 
@@ -356,7 +358,8 @@ class DirectionEngine:
             return z
 
         out = torch.empty_like(source)
-        _perturb(out, source, pairs, direction, torch.empty(source.shape, dtype=_work_dtype(param), device=param.device))
+        work = torch.empty(source.shape, dtype=_work_dtype(param), device=param.device)
+        _perturb(out, source, pairs, direction, work)
         return out.view(len(rows), *param.shape[1:])
 
     def _fill_stretch(self, out: torch.Tensor, seed: int, param_index: int, start: int) -> None:

@@ -62,8 +62,8 @@ class TwoPointEstimator:
         if not eps > 0:
             raise OptionError(f"eps must be positive, got {eps}: the paper default is 1e-3")
         if dual_forward and model is None:
-            raise OptionError("dual_forward=True evaluates θ+εz and θ−εz inside the model's modules: pass the model, "
-                              "not its parameters")
+            raise OptionError("dual_forward=True evaluates θ+εz and θ−εz inside the model's modules: pass the "
+                              "model, not its parameters")
         self.engine = engine
         self.eps = eps
         self.dual_forward = dual_forward
