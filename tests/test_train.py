@@ -48,12 +48,14 @@ def test_train_cli_logs_losses_and_writes_run_files(tmp_path, optimizer, lr, ste
     assert [p.name for p in run_dir.glob("checkpoint-*.pt")] == [f"checkpoint-{steps:06d}.pt"]
 
 
-@pytest.mark.parametrize("optimizer,lr", [("mezo", 5e-3), ("adamezo", 1e-4)])
-def test_a_dual_forward_run_takes_the_steps_of_separate_forwards(tmp_path, optimizer, lr):
+@pytest.mark.parametrize("optimizer,lr,trainable", [("mezo", 5e-3, "full"), ("adamezo", 1e-4, "full"),
+                                                    ("mezo", 5e-3, "lora"), ("mezo", 5e-2, "prefix")])
+def test_a_dual_forward_run_takes_the_steps_of_separate_forwards(tmp_path, optimizer, lr, trainable):
     losses = {}
     for dual in (False, True):
         run_dir = tmp_path / str(dual)
         assert run_cli([f"optimizer={optimizer}", f"lr={lr}", "steps=12", "eval_every=0", f"output_dir={run_dir}",
+                        f"trainable={trainable}",
                         f"optimizer_options.dual_forward={str(dual).lower()}", "optimizer_options.window=3"
                         if optimizer == "adamezo" else "seed=0"]) == 0
         losses[dual] = [r[key] for r in read_metrics(run_dir) if "loss" in r for key in ("loss_plus", "loss_minus")]

@@ -149,6 +149,7 @@ class PrefixDecoder(torch.nn.Module):
 
     def forward(self, input_ids, attention_mask=None, **kwargs):
         from transformers import DynamicCache
+        from transformers.modeling_outputs import BaseModelOutputWithPast
 
         batch, tokens = input_ids.shape[0], self.prefix_keys.shape[2]
         cache = DynamicCache()
@@ -157,8 +158,12 @@ class PrefixDecoder(torch.nn.Module):
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         attention_mask = torch.cat([attention_mask.new_ones(batch, tokens), attention_mask], dim=1)
-        return self._body[0](input_ids=input_ids, attention_mask=attention_mask, past_key_values=cache,
-                             use_cache=False, **kwargs)
+        output = self._body[0](input_ids=input_ids, attention_mask=attention_mask, past_key_values=cache,
+                               use_cache=False, **kwargs)
+        # Without the prefix cache, which the body hands back although use_cache=False: it holds nothing of this
+        # call, and an output of batch-first tensors only can be joined by MeZO's dual forward.
+        return BaseModelOutputWithPast(last_hidden_state=output.last_hidden_state, hidden_states=output.hidden_states,
+                                       attentions=output.attentions)
 
 
 class PrefixTunedLM(torch.nn.Module):
