@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import inspect
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -217,18 +217,30 @@ class ModulePerturbation:
         rows, inverse = torch.unique(input, return_inverse=True)
         return F.embedding(inverse, self.engine.perturbed_rows(param_index, pairs, rows))
 
-    def _forward_at(self, params, forward, pairs: Sequence[Pair], args, kwargs):
-        """One forward of a module with its parameters swapped for perturbed copies, swapped back after."""
-        originals = []
+    @staticmethod
+    @contextmanager
+    def _swapped(params, copies: dict[int, torch.Tensor]):
+        """The parameters' tensors replaced by ``copies`` (by parameter index) for the duration."""
+        originals = [(param, param.data) for _, param in params]
         try:
             for index, param in params:
-                originals.append((param, param.data))
-                param.data = self.engine.perturbed_copy(index, pairs, self._copy_buffer(param))
-            return forward(*args, **kwargs)
+                param.data = copies[index]
+            yield
         finally:
             for param, original in originals:
-                self._recycle(param.data)
                 param.data = original
+
+    def _forward_at(self, params, forward, pairs: Sequence[Pair], args, kwargs):
+        """One forward of a module on perturbed copies of its parameters."""
+        copies = {}
+        try:
+            for index, param in params:
+                copies[index] = self.engine.perturbed_copy(index, pairs, self._copy_buffer(param))
+            with self._swapped(params, copies):
+                return forward(*args, **kwargs)
+        finally:
+            for copy in copies.values():
+                self._recycle(copy)
 
     @contextmanager
     def __call__(self, pairs: Sequence[Pair]):
@@ -291,17 +303,10 @@ class ModulePerturbation:
                         copies[index] = (self._copy_buffer(param), self._copy_buffer(param))
                         self.engine.perturbed_pair(index, seed, eps, *copies[index])
                     outputs = []
-                    for sign, (half_args, half_kwargs) in zip((1, -1), halves):
+                    for side, (sign, (half_args, half_kwargs)) in enumerate(zip((1, -1), halves)):
                         self._sign = sign
-                        originals = []
-                        try:
-                            for index, param in params:
-                                originals.append((param, param.data))
-                                param.data = copies[index][0 if sign > 0 else 1]
+                        with self._swapped(params, {index: pair[side] for index, pair in copies.items()}):
                             outputs.append(forward(*half_args, **half_kwargs))
-                        finally:
-                            for param, original in originals:
-                                param.data = original
                     return _joined(module, *outputs)
                 finally:
                     self._sign = 0
@@ -317,7 +322,7 @@ class ModulePerturbation:
     def _dual_linear(self, module: nn.Linear, params, seed: int, eps: float, input: torch.Tensor) -> torch.Tensor:
         """A linear layer's dual forward as one batched matmul of the two halves by the two weight copies, stacked
         in one buffer: no cut of the input, no join of the outputs."""
-        _halves(module, (input,), {})  # the checks only: the halves are views of the reshape below
+        _batch_rows(module, (input,), {})  # the checks; the halves are views of the reshape below
         stacked = {}
         try:
             for index, param in params:
@@ -363,9 +368,8 @@ def _looks_up_rows(module: nn.Module, params) -> bool:
             and params[0][1].device.type == "cpu")
 
 
-def _halves(module: nn.Module, args, kwargs):
-    """The inputs of a dual forward cut in two along dim 0: every tensor as long as the first tensor input
-    along dim 0 is cut, the rest goes to both halves."""
+def _batch_rows(module: nn.Module, args, kwargs) -> int:
+    """The length along dim 0 of a dual forward's first tensor input, which must be even."""
     tensors = [value for value in (*args, *kwargs.values()) if isinstance(value, torch.Tensor) and value.dim()]
     if not tensors:
         raise OptionError(f"dual_forward: {type(module).__name__} owns optimized parameters but got no tensor input "
@@ -374,6 +378,13 @@ def _halves(module: nn.Module, args, kwargs):
     if rows % 2:
         raise OptionError(f"dual_forward: {type(module).__name__} got an input of {rows} rows, an odd number: the "
                           "closure must stack two copies of its batch along dim 0 when called with copies=2")
+    return rows
+
+
+def _halves(module: nn.Module, args, kwargs):
+    """The inputs of a dual forward cut in two along dim 0: every tensor as long as the first tensor input
+    along dim 0 is cut, the rest goes to both halves."""
+    rows = _batch_rows(module, args, kwargs)
 
     def cut(value, part):
         if isinstance(value, torch.Tensor) and value.dim() and value.shape[0] == rows:
