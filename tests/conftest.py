@@ -90,6 +90,6 @@ def loss_before_and_after(model, optimizer, batch, steps: int) -> tuple[float, f
     with torch.no_grad():
         initial = lm_loss(model, batch).item()
     for _ in range(steps):
-        optimizer.step(lambda: lm_loss(model, batch))
+        optimizer.step(lambda copies=1: lm_loss(model, batch, copies=copies))  # copies: for a dual forward
     with torch.no_grad():
         return initial, lm_loss(model, batch).item()

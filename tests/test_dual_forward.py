@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import lm_loss
+from conftest import lm_loss, loss_before_and_after
 from zotune import MeZO
 from zotune.directions import DirectionEngine
 from zotune.errors import OptionError
@@ -118,3 +118,10 @@ def test_gradient_accumulation_with_a_dual_forward_equals_full_batch(batch):
             full.last_estimates[0].projected_gradient, rel=1e-6)
     for (name, a), b in zip(models[0].named_parameters(), models[1].parameters()):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-10, msg=name)
+
+
+def test_mezo_with_a_dual_forward_lowers_the_loss_of_a_tiny_model(batch):
+    model = random_llama("tiny", seed=7)
+    optimizer = MeZO(model, lr=3e-3, eps=1e-3, seed=0, dual_forward=True)
+    initial, final = loss_before_and_after(model, optimizer, batch, steps=300)
+    assert final < initial - 0.3, (initial, final)
