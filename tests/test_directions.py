@@ -40,12 +40,37 @@ def test_apply_to_a_subset_equals_apply_to_all():
     assert torch.equal(subset[0], make_params()[0])
 
 
-def test_threads_do_not_change_the_result():
+@pytest.mark.parametrize("distribution", ["gaussian", "rademacher"])
+@pytest.mark.parametrize("threads", [2, 3])
+def test_threads_do_not_change_the_result(distribution, threads):
     one, many = make_params(), make_params()
-    DirectionEngine(one, num_threads=1).apply([(5, 0.1), (6, -0.2)])
-    DirectionEngine(many, num_threads=3).apply([(5, 0.1), (6, -0.2)])
+    DirectionEngine(one, distribution, num_threads=1).apply([(5, 0.1), (6, -0.2)])
+    DirectionEngine(many, distribution, num_threads=threads).apply([(5, 0.1), (6, -0.2)])
     for a, b in zip(one, many):
         assert torch.equal(a, b)
+    alone, shared = DirectionEngine(one, distribution, num_threads=1), DirectionEngine(one, distribution, num_threads=threads)
+    for index in range(len(one)):
+        pairs = [torch.empty_like(one[index]) for _ in range(4)]
+        alone.perturbed_pair(index, 7, 1e-2, *pairs[:2])
+        shared.perturbed_pair(index, 7, 1e-2, *pairs[2:])
+        assert torch.equal(pairs[0], pairs[2]) and torch.equal(pairs[1], pairs[3])
+
+
+@pytest.mark.parametrize("threads", [2, 3])
+def test_threads_share_the_values_equally_and_pieces_stay_inside_keyed_blocks(threads):
+    params = make_params()
+    engine = DirectionEngine(params, num_threads=threads)
+    for indices in [(1,), (3,), (0, 1, 2, 3)]:
+        shares = engine._schedule(indices)
+        sizes = [sum(stop - start for _, start, stop in share) for share in shares]
+        assert len(shares) == threads and max(sizes) - min(sizes) <= 16 * threads
+        pieces = sorted(piece for share in shares for piece in share)
+        for index in indices:  # each parameter tiled once, in order
+            own = [(start, stop) for i, start, stop in pieces if i == index]
+            assert own[0][0] == 0 and own[-1][1] == params[index].numel()
+            assert all(a[1] == b[0] for a, b in zip(own, own[1:]))
+        assert all(start // BLOCK_SIZE == (stop - 1) // BLOCK_SIZE for _, start, stop in pieces)
+    assert engine._schedule((0,)) == [[(0, 0, 15)]]  # too small to share
 
 
 def test_apply_matches_dense_formula():

@@ -45,6 +45,10 @@ BLOCK_SIZE = 1 << 17
 # torch ops (``transform``) goes in chunks of 2^24 values (64 MiB of float32 scratch), each spanning 128
 # keyed blocks, whose keys the kernel computes itself.
 CUDA_CHUNK = 1 << 24
+# The CPU's work is shared between threads only above this many values per thread (a dispatch costs ~10 us,
+# a value ~2 ns), in shares that start on 64-byte boundaries.
+_MIN_SHARE = 1 << 14
+_ALIGN = 16
 
 
 # Updated on a GPU by one Triton kernel per parameter, in float32, with no z tensor (float64 goes through
@@ -375,17 +379,29 @@ class DirectionEngine:
     # ----- scheduling -------------------------------------------------------------------------
 
     def _schedule(self, indices: tuple[int, ...]) -> list[list[tuple[int, int, int]]]:
-        """Blocks (parameter, start, stop) of the given parameters, one list per thread, balanced."""
+        """Pieces (parameter, start, stop) of the given parameters, one list per thread, of equal size: the
+        values are cut into equal shares, and a keyed block that straddles two shares is split between them
+        (values depend on their position only, so any stretch can be drawn alone). Whole blocks per thread
+        would leave one of two threads idle on a 576 × 192 matrix (one block), as a dual forward asks for,
+        module by module."""
         if indices not in self._schedules:
             blocks = [(i, *block) for i in indices for block in self._blocks(i)]
             parallel = self._pool is not None and all(self.params[i].device.type == "cpu" for i in indices)
-            workers = min(self.num_threads, len(blocks)) if parallel else 1
             total = sum(stop - start for _, start, stop in blocks)
-            groups: list[list[tuple[int, int, int]]] = [[] for _ in range(max(workers, 1))]
-            done = 0
-            for block in blocks:
-                groups[min(done * workers // max(total, 1), workers - 1)].append(block)
-                done += block[2] - block[1]
+            workers = max(1, min(self.num_threads, total // _MIN_SHARE)) if parallel else 1
+            # Share boundaries on the concatenated values, rounded to whole cache lines of float32 values.
+            cuts = [total * k // workers // _ALIGN * _ALIGN for k in range(1, workers)] + [total]
+            groups: list[list[tuple[int, int, int]]] = [[] for _ in range(workers)]
+            share, done = 0, 0
+            for param_index, start, stop in blocks:
+                while start < stop:
+                    piece = min(stop, start + cuts[share] - done)
+                    if piece > start:
+                        groups[share].append((param_index, start, piece))
+                    done += piece - start
+                    start = piece
+                    if done == cuts[share] and share < workers - 1:
+                        share += 1
             self._schedules[indices] = groups
         return self._schedules[indices]
 
