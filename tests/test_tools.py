@@ -10,13 +10,41 @@ from zotune.bench import speed
 def test_speed_script_writes_json_and_table(tmp_path, capsys):
     speed.main(["--shape", "tiny", "--batch", "2", "--length", "8", "--repeats", "1", "--out", str(tmp_path)])
     result = json.loads((tmp_path / "speed.json").read_text())
-    assert set(result["seconds"]) == {"forward", "doubled_forward", "z_sweep", "mezo_module", "mezo_inplace",
-                                      "mezo_dual", "adamezo", "reference_mezo"}
+    steps = {"doubled_forward", "z_sweep", "mezo_module", "mezo_inplace", "mezo_dual", "adamezo", "reference_mezo"}
+    assert set(result["seconds"]) == {"forward"} | steps
     assert all(seconds > 0 for seconds in result["seconds"].values())
+    assert len(result["rounds"]["forward"]) == len(steps) + 1  # one round: a forward before and after each item
+    assert set(result["over_two_forwards"]) == steps
+    for ratio in [*result["over_two_forwards"].values(), result["speedup_over_reference"]]:
+        assert 0 < ratio["low"] <= ratio["median"] <= ratio["high"]
+    assert result["speedup_over_reference"]["mode"] in {"mezo_module", "mezo_inplace", "mezo_dual"}
     assert result["config"]["parameters"] == 20640
     assert "÷ (2 × forward)" in (tmp_path / "speed.md").read_text()
     assert "speed-up of the fastest zotune MeZO step" in capsys.readouterr().out
     assert (tmp_path / "speed.png").stat().st_size > 1000
+
+
+def test_speed_ratios_are_taken_against_the_forwards_beside_each_item(monkeypatch):
+    """Each item runs between two forwards and its ratio is over their mean, so rounds on a machine that runs
+    at different speeds give the same ratios; the warm-up round is dropped."""
+    clock, calls, speed_of_round = [0.0], [], {"factor": 1.0}
+    costs = {"forward": 1.0, "step": 3.0, "sweep": 0.5}
+
+    def action(name):
+        def run():
+            calls.append(name)
+            clock[0] += costs[name] * speed_of_round["factor"]
+            if calls.count("forward") % 3 == 0 and name == "forward":  # a round's last call: the next is slower
+                speed_of_round["factor"] += 1.0
+        return run
+
+    monkeypatch.setattr(speed.time, "perf_counter", lambda: clock[0])
+    seconds, ratios = speed.bracketed_timings(action("forward"), {"step": action("step"), "sweep": action("sweep")},
+                                              repeats=2)
+    assert calls == ["forward", "step", "forward", "sweep", "forward"] * 3
+    assert seconds["step"] == [6.0, 9.0] and seconds["sweep"] == [1.0, 1.5]  # rounds 1 and 2; 0 is the warm-up
+    assert seconds["baseline"] == [2.0, 2.0, 2.0, 3.0, 3.0, 3.0]
+    assert ratios == {"step": [3.0, 3.0], "sweep": [0.5, 0.5]}
 
 
 def test_demo_runs_both_recipes_and_writes_the_table(tmp_path, monkeypatch, capsys):

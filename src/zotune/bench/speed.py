@@ -3,8 +3,10 @@
     python -m zotune.bench.speed --shape smollm2-135m --batch 16 --length 32 --threads 2
     python -m zotune.bench.speed --shape llama-1b --device cuda --dtype bf16     # on a GPU
 
-All timings come from one process, side by side, as medians of ``--repeats`` rounds after a warm-up
-round, each round timing every item once (round-robin):
+All timings come from one process, side by side, over ``--repeats`` rounds after a warm-up round. A round
+times every item once, with the forward timed again between every two items, and each item's ratio to two
+forwards is taken within its round, against the forwards just before and just after it; the table gives
+the median ratio of the rounds and their range. The items:
 - forward: the loss closure alone (the body of the model, logits only at the last position), and the same
   closure over the batch stacked twice (what a dual-forward step runs);
 - z sweep: one ``DirectionEngine.apply`` over all parameters (generate z and add it);
@@ -64,19 +66,41 @@ def reference_mezo_step(params, closure, seed, lr, eps):
         param.data = param.data - lr * projected * z
 
 
-def interleaved_medians(actions, repeats, synchronize=lambda: None):
-    """Median seconds of each action, timed round-robin (one of each per round) after one warm-up round,
-    so that a shared machine's slow drift affects every action alike and their ratios stay comparable."""
-    times = {name: [] for name in actions}
+def bracketed_timings(baseline, actions, repeats, synchronize=lambda: None):
+    """Seconds of ``baseline`` and of each action, and each action's time over the baseline's, per round,
+    for ``repeats`` rounds after a warm-up round. A round runs baseline, action 1, baseline, action 2, ...,
+    baseline, and an action's ratio in a round is its time over the mean of the two baseline runs beside
+    it. This machine's speed drifts by tens of percent within a minute: ratios to the neighbouring baseline
+    runs vary far less than ratios of medians taken over whole rounds."""
+
+    def timed(action):
+        synchronize()
+        start = time.perf_counter()
+        action()
+        synchronize()
+        return time.perf_counter() - start
+
+    seconds = {name: [] for name in ("baseline", *actions)}
+    ratios = {name: [] for name in actions}
     for round_index in range(repeats + 1):
+        before = timed(baseline)
+        round_seconds, round_ratios = [before], {}
         for name, action in actions.items():
-            synchronize()
-            start = time.perf_counter()
-            action()
-            synchronize()
+            spent, after = timed(action), timed(baseline)
+            round_seconds.append(after)
+            round_ratios[name] = spent / ((before + after) / 2)
+            before = after
             if round_index:
-                times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(values) for name, values in times.items()}
+                seconds[name].append(spent)
+        if round_index:
+            seconds["baseline"] += round_seconds
+            for name, ratio in round_ratios.items():
+                ratios[name].append(ratio)
+    return seconds, ratios
+
+
+def spread(values):
+    return dict(median=statistics.median(values), low=min(values), high=max(values))
 
 
 def run(shape, batch, length, threads, repeats, distribution, device="cpu", dtype="fp32"):
@@ -117,41 +141,59 @@ def run(shape, batch, length, threads, repeats, distribution, device="cpu", dtyp
     def reference():
         reference_mezo_step(params, closure, next(seeds), 1e-7, 1e-3)
 
-    seconds = interleaved_medians(
-        dict(forward=forward, doubled_forward=doubled_forward, z_sweep=z_sweep,
+    times, ratios = bracketed_timings(
+        forward,
+        dict(doubled_forward=doubled_forward, z_sweep=z_sweep,
              mezo_module=lambda: module_mezo.step(closure), mezo_inplace=lambda: inplace_mezo.step(closure),
              mezo_dual=lambda: dual_mezo.step(closure), adamezo=lambda: adamezo.step(closure),
              reference_mezo=reference),
         repeats, torch.cuda.synchronize if torch.device(device).type == "cuda" else lambda: None,
     )
+    times["forward"] = times.pop("baseline")
+    # Per round: each step over two forwards, and the reference step over the fastest mode's step.
+    two_forwards = {name: [ratio / 2 for ratio in values] for name, values in ratios.items()}
+    fastest = min(MEZO_MODES, key=lambda name: statistics.median(two_forwards[name]))
+    speedups = [reference / step for reference, step in zip(two_forwards["reference_mezo"], two_forwards[fastest])]
     return {
         "config": dict(shape=shape, parameters=sum(p.numel() for p in params), batch=batch, length=length,
                        threads=threads, repeats=repeats, distribution=distribution, device=device, dtype=dtype),
         "machine": dict(platform=platform.platform(), cpus=os.cpu_count(), torch=torch.__version__,
                         omp_wait_policy=os.environ.get("OMP_WAIT_POLICY", "unset"),
                         gpu=torch.cuda.get_device_name() if torch.device(device).type == "cuda" else None),
-        "seconds": seconds,
+        "seconds": {name: statistics.median(values) for name, values in times.items()},
+        "over_two_forwards": {name: spread(values) for name, values in two_forwards.items()},
+        "speedup_over_reference": dict(mode=fastest, **spread(speedups)),
+        "rounds": times,
     }
 
 
+LABELS = dict(
+    forward="forward (loss closure)",
+    doubled_forward="forward of the batch stacked twice",
+    z_sweep="z sweep (generate + add, all parameters)",
+    mezo_module="MeZO step, module mode (exact)",
+    mezo_inplace="MeZO step, in-place mode (fused)",
+    mezo_dual="MeZO step, dual forward (module mode)",
+    adamezo="AdaMeZO step, window 10 (module mode)",
+    reference_mezo="reference MeZO step (paper's code)",
+)
+MEZO_MODES = ("mezo_module", "mezo_inplace", "mezo_dual")
+
+
 def markdown(result):
-    s = result["seconds"]
-    two_forwards = 2 * s["forward"]
-    rows = [
-        ("forward (loss closure)", s["forward"], ""),
-        ("forward of the batch stacked twice", s["doubled_forward"], f"{s['doubled_forward'] / two_forwards:.2f}"),
-        ("z sweep (generate + add, all parameters)", s["z_sweep"], ""),
-        ("MeZO step, module mode (exact)", s["mezo_module"], f"{s['mezo_module'] / two_forwards:.2f}"),
-        ("MeZO step, in-place mode (fused)", s["mezo_inplace"], f"{s['mezo_inplace'] / two_forwards:.2f}"),
-        ("MeZO step, dual forward (module mode)", s["mezo_dual"], f"{s['mezo_dual'] / two_forwards:.2f}"),
-        ("AdaMeZO step, window 10 (module mode)", s["adamezo"], f"{s['adamezo'] / two_forwards:.2f}"),
-        ("reference MeZO step (paper's code)", s["reference_mezo"], f"{s['reference_mezo'] / two_forwards:.2f}"),
-    ]
-    lines = [f"config: {json.dumps(result['config'])}", f"machine: {json.dumps(result['machine'])}", "", "| what | seconds | ÷ (2 × forward) |", "|---|---|---|"]
-    lines += [f"| {name} | {seconds:.3f} | {ratio} |" for name, seconds, ratio in rows]
-    speedup = s["reference_mezo"] / min(s["mezo_module"], s["mezo_inplace"], s["mezo_dual"])
-    lines += ["", f"speed-up of the fastest zotune MeZO step over the reference step: {speedup:.2f}x",
-              f"AdaMeZO's window costs {s['adamezo'] - s['mezo_module']:.3f} s per step over MeZO (module mode)"]
+    seconds, ratios, speedup = result["seconds"], result["over_two_forwards"], result["speedup_over_reference"]
+
+    def ratio(name):
+        r = ratios.get(name)
+        return f"{r['median']:.2f} ({r['low']:.2f}–{r['high']:.2f})" if r else ""
+
+    lines = [f"config: {json.dumps(result['config'])}", f"machine: {json.dumps(result['machine'])}", "",
+             "| what | seconds (median) | ÷ (2 × forward): median (lowest–highest) of the rounds |", "|---|---|---|"]
+    lines += [f"| {label} | {seconds[name]:.3f} | {ratio(name)} |" for name, label in LABELS.items()]
+    lines += ["", "Each ratio is taken within a round, against the forwards timed just before and just after.",
+              f"speed-up of the fastest zotune MeZO step ({LABELS[speedup['mode']]}) over the reference step: "
+              f"{speedup['median']:.2f}x ({speedup['low']:.2f}–{speedup['high']:.2f}x)",
+              f"AdaMeZO's window costs {seconds['adamezo'] - seconds['mezo_module']:.3f} s per step over MeZO (module mode)"]
     return "\n".join(lines)
 
 
