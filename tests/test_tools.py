@@ -15,6 +15,7 @@ def test_speed_script_writes_json_and_table(tmp_path, capsys):
     assert all(seconds > 0 for seconds in result["seconds"].values())
     assert len(result["rounds"]["forward"]) == len(steps) + 1  # one round: a forward before and after each item
     assert set(result["over_two_forwards"]) == steps
+    assert all(len(ratios) == 1 for ratios in result["over_two_forwards_per_round"].values())
     for ratio in [*result["over_two_forwards"].values(), result["speedup_over_reference"]]:
         assert 0 < ratio["low"] <= ratio["median"] <= ratio["high"]
     assert result["speedup_over_reference"]["mode"] in {"mezo_module", "mezo_inplace", "mezo_dual"}

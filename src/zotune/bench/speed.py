@@ -162,6 +162,7 @@ def run(shape, batch, length, threads, repeats, distribution, device="cpu", dtyp
                         gpu=torch.cuda.get_device_name() if torch.device(device).type == "cuda" else None),
         "seconds": {name: statistics.median(values) for name, values in times.items()},
         "over_two_forwards": {name: spread(values) for name, values in two_forwards.items()},
+        "over_two_forwards_per_round": two_forwards,
         "speedup_over_reference": dict(mode=fastest, **spread(speedups)),
         "rounds": times,
     }
