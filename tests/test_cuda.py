@@ -1,5 +1,5 @@
 """The CUDA paths, run where a GPU is present (the lent GPU machine; CI has none and skips them): keyed
-directions drawn by the Triton kernel (equal to the CPU's), MeZO (with separate and dual forwards) and Addax
+directions drawn by the Triton kernels (equal to the CPU's), MeZO (with separate and dual forwards) and Addax
 against their naive references on the GPU, exact lr = 0 in bf16, the allocator-based memory measurement, and
 `zotune train` end to end on the GPU."""
 
@@ -49,6 +49,20 @@ def test_cuda_directions_equal_the_cpu_directions(distribution):
         part = torch.empty(length, device=CUDA)
         triton_rng.fill(part, offset, param_key(9, 0), distribution, BLOCK_SIZE)
         torch.testing.assert_close(part.cpu(), whole[offset : offset + length], rtol=0, atol=2e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_perturbed_copies_and_pairs_come_from_one_kernel_and_equal_the_cpus(dtype):
+    """One launch writes θ ± εz on the GPU, compiled without fused multiply-adds: the two sides equal the
+    perturbed copies bit for bit, and the CPU's copies as float32 rounding allows."""
+    source = torch.randn(CUDA_CHUNK + 777, generator=torch.Generator().manual_seed(0)).to(dtype)
+    on_gpu, on_cpu = DirectionEngine([source.to(CUDA)]), DirectionEngine([source])
+    plus, minus = torch.empty_like(source, device=CUDA), torch.empty_like(source, device=CUDA)
+    on_gpu.perturbed_pair(0, 7, 1e-2, plus, minus)
+    assert torch.equal(plus, on_gpu.perturbed_copy(0, [(7, 1e-2)]))
+    assert torch.equal(minus, on_gpu.perturbed_copy(0, [(7, -1e-2)]))
+    tolerance = dict(rtol=0, atol=2e-6) if dtype == torch.float32 else dict(rtol=2**-7, atol=0)
+    torch.testing.assert_close(plus.cpu(), on_cpu.perturbed_copy(0, [(7, 1e-2)]), **tolerance)
 
 
 @pytest.mark.parametrize("dual", [False, True], ids=["module", "dual-forward"])

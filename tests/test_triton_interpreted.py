@@ -24,7 +24,7 @@ def test_the_triton_kernel_computes_the_cpu_stream_in_the_interpreter():
     code = f"import sys; sys.path.insert(0, {here!r}); import test_triton_interpreted as t; t.check_interpreted()"
     done = subprocess.run([sys.executable, "-c", code], env=environment, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout + done.stderr
-    assert done.stdout.split() == ["fill", "update"] * len(DISTRIBUTIONS)
+    assert done.stdout.split() == ["fill", "update", "pair", "engine"] * len(DISTRIBUTIONS)
 
 
 def check_interpreted():
@@ -57,3 +57,40 @@ def check_interpreted():
             else:  # the interpreter truncates float32 to bf16 where a GPU and the CPU round to nearest: one ulp
                 torch.testing.assert_close(shard, on_cpu[offset : offset + length], rtol=2**-7, atol=0)
         print("update")
+
+        # pair: both sides of an estimate from one generation, and a perturbed copy alone (minus None).
+        plus, minus = torch.empty(numel), torch.empty(numel)
+        DirectionEngine([source], distribution).perturbed_pair(0, 9, 1e-2, plus, minus)
+        for offset, length in [(0, numel), (BLOCK_SIZE - 7, 1_001), (3, 11)]:
+            stretch = source[offset : offset + length].clone()
+            sides = torch.empty(length), torch.empty(length)
+            triton_rng.pair(stretch, *sides, offset, param_key(9, 0), 1e-2, distribution, BLOCK_SIZE)
+            assert torch.equal(sides[0], plus[offset : offset + length]), (distribution, offset)
+            assert torch.equal(sides[1], minus[offset : offset + length]), (distribution, offset)
+            alone = torch.empty(length)
+            triton_rng.pair(stretch, alone, None, offset, param_key(9, 0), -1e-2, distribution, BLOCK_SIZE)
+            assert torch.equal(alone, minus[offset : offset + length]), (distribution, offset)
+        stretch, copy = source[:4_000].to(torch.bfloat16), torch.empty(4_000, dtype=torch.bfloat16)
+        triton_rng.pair(stretch, copy, None, 0, param_key(9, 0), 1e-2, distribution, BLOCK_SIZE)
+        expected = DirectionEngine([stretch], distribution).perturbed_copy(0, [(9, 1e-2)])
+        torch.testing.assert_close(copy, expected, rtol=2**-7, atol=0)  # the interpreter's truncation, as above
+        print("pair")
+
+        # The engine's GPU paths, taken by CPU tensors: the kernels where a CUDA tensor would use them.
+        params = [torch.randn(shape, generator=torch.Generator().manual_seed(1)) for shape in [(3, 5), (numel,)]]
+        on_kernels, on_numba = DirectionEngine(params, distribution), DirectionEngine(params, distribution)
+        on_kernels._fused = lambda param: param.dtype == torch.float32
+        on_kernels._offsets[1] = on_numba._offsets[1] = 12_345  # as a shard starting there would be keyed
+        for index, param in enumerate(params):
+            assert torch.equal(on_kernels.perturbed_copy(index, [(7, 1e-2)]), on_numba.perturbed_copy(index, [(7, 1e-2)]))
+            sides = [torch.empty_like(param) for _ in range(4)]
+            on_kernels.perturbed_pair(index, 7, 1e-2, *sides[:2])
+            on_numba.perturbed_pair(index, 7, 1e-2, *sides[2:])
+            assert torch.equal(sides[0], sides[2]) and torch.equal(sides[1], sides[3]), (distribution, index)
+        expected = [param.clone() for param in params]
+        by_numba = DirectionEngine(expected, distribution)
+        by_numba._offsets[1] = 12_345
+        by_numba.apply([(5, 0.1), (6, -0.2)], scale=0.9)
+        on_kernels.apply([(5, 0.1), (6, -0.2)], scale=0.9)
+        assert all(torch.equal(param, wanted) for param, wanted in zip(params, expected)), distribution
+        print("engine")

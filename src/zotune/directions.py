@@ -51,8 +51,8 @@ _MIN_SHARE = 1 << 14
 _ALIGN = 16
 
 
-# Updated on a GPU by one Triton kernel per parameter, in float32, with no z tensor (float64 goes through
-# ``transform``: the kernel's coefficients are float32).
+# Updated, and copied perturbed, on a GPU by one Triton launch per parameter, in float32, with no z tensor
+# (float64 goes through torch ops: the kernels' coefficients are float32).
 _FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -204,6 +204,11 @@ class DirectionEngine:
             self._fill(flat[start:stop], seed, param_index, start)
         return out
 
+    @staticmethod
+    def _fused(param: torch.Tensor) -> bool:
+        """Whether one Triton launch generates z and writes the result, z never leaving registers."""
+        return param.device.type == "cuda" and param.dtype in _FUSED_DTYPES
+
     def _fill(self, out: torch.Tensor, seed: int, param_index: int, start: int) -> None:
         """``out`` ← z at this process's positions [start, start + len) of the parameter (inside one keyed
         block on the CPU, any stretch on a GPU)."""
@@ -278,7 +283,7 @@ class DirectionEngine:
                 block.add_z(seed, coef)
 
         indices = list(range(len(self.params)) if indices is None else indices)
-        fused = [i for i in indices if self.params[i].device.type == "cuda" and self.params[i].dtype in _FUSED_DTYPES]
+        fused = [i for i in indices if self._fused(self.params[i])]
         if fused:
             from . import triton_rng
 
@@ -312,6 +317,13 @@ class DirectionEngine:
         param = self.params[param_index].detach()
         out = torch.empty_like(param, memory_format=torch.contiguous_format) if out is None else out
         source, target = param.reshape(-1), out.view(-1)
+        if self._fused(param) and len(pairs) == 1:
+            from . import triton_rng
+
+            (seed, alpha), = pairs
+            triton_rng.pair(source, target, None, self._offsets[param_index], param_key(seed, param_index), alpha,
+                            self.distribution, BLOCK_SIZE)
+            return out
 
         def process(_: int, start: int, stop: int) -> None:
             def direction(seed: int) -> torch.Tensor:
@@ -331,6 +343,12 @@ class DirectionEngine:
         ``(seed, ±eps)``."""
         param = self.params[param_index].detach()
         source, plus_flat, minus_flat = param.reshape(-1), plus.view(-1), minus.view(-1)
+        if self._fused(param):
+            from . import triton_rng
+
+            triton_rng.pair(source, plus_flat, minus_flat, self._offsets[param_index], param_key(seed, param_index),
+                            eps, self.distribution, BLOCK_SIZE)
+            return
 
         def process(_: int, start: int, stop: int) -> None:
             if param.device.type == "cpu" and param.dtype == torch.float32:

@@ -4,11 +4,14 @@ inside the pass that updates the parameter.
 A GPU step of MeZO is bound by memory traffic, not arithmetic: drawing z into a float32 buffer and then
 adding it reads and writes 10 bytes per bf16 value where 4 suffice. Here each value of z lives only in
 registers: the kernel loads θ, adds Σ c·z for up to four seeds (scaled by weight decay first), and
-stores θ rounded once. The same kernel writes z itself (``fill``) where a caller needs it as a tensor.
+stores θ rounded once. The same kernel writes z itself (``fill``) where a caller needs it as a tensor. A
+second kernel (``pair``) writes perturbed copies θ + εz, or both θ ± εz from one generation for a dual
+forward: one launch reading θ once, where torch ops took three or four launches and a float32 z buffer.
 
 Each value's key is computed in the kernel from its position in the whole parameter, so one launch
 covers any stretch of a parameter (a shard included) whatever the keyed blocks it crosses, and the
-values equal the CPU generator's up to float32 rounding (the GPU may fuse a multiply and an add).
+values equal the CPU generator's up to float32 rounding (the GPU may fuse a multiply and an add; ``pair``
+is compiled without fusion, so it rounds every operation as the CPU does).
 """
 
 from __future__ import annotations
@@ -73,15 +76,21 @@ def _term(pairs, param_key, GAUSSIAN: tl.constexpr, KEYED: tl.constexpr):
 
 
 @triton.jit
-def _kernel(target, numel, offset, scale, key0, c0, key1, c1, key2, c2, key3, c3,
-            TERMS: tl.constexpr, GAUSSIAN: tl.constexpr, ACCUMULATE: tl.constexpr, SCALE: tl.constexpr,
-            KEYED: tl.constexpr, PAIRS: tl.constexpr):
-    # Pairs are counted in the whole parameter; target holds its values [offset, offset + numel). Values are
-    # loaded and stored contiguously and split into the pairs' first and second values in registers.
+def _positions(offset, numel, PAIRS: tl.constexpr):
+    """This program's pairs, counted in the whole parameter, and the positions of their values in a tensor
+    holding the parameter's values [offset, offset + numel), with the mask of those it holds."""
     first_pair = tl.program_id(0).to(tl.int64) * PAIRS + offset // 2
     pairs = first_pair + tl.arange(0, PAIRS)
     positions = 2 * first_pair - offset + tl.arange(0, 2 * PAIRS)
-    inside = (positions >= 0) & (positions < numel)
+    return pairs, positions, (positions >= 0) & (positions < numel)
+
+
+@triton.jit
+def _kernel(target, numel, offset, scale, key0, c0, key1, c1, key2, c2, key3, c3,
+            TERMS: tl.constexpr, GAUSSIAN: tl.constexpr, ACCUMULATE: tl.constexpr, SCALE: tl.constexpr,
+            KEYED: tl.constexpr, PAIRS: tl.constexpr):
+    # Values are loaded and stored contiguously and split into the pairs' first and second values in registers.
+    pairs, positions, inside = _positions(offset, numel, PAIRS)
     if ACCUMULATE:
         x = tl.load(target + positions, mask=inside).to(tl.float32)
         if SCALE:
@@ -106,17 +115,37 @@ def _kernel(target, numel, offset, scale, key0, c0, key1, c1, key2, c2, key3, c3
     tl.store(target + positions, x.to(target.dtype.element_ty), mask=inside)
 
 
+@triton.jit
+def _pair_kernel(source, plus, minus, numel, offset, key, c, GAUSSIAN: tl.constexpr, KEYED: tl.constexpr,
+                 BOTH: tl.constexpr, PAIRS: tl.constexpr):
+    pairs, positions, inside = _positions(offset, numel, PAIRS)
+    x = tl.load(source + positions, mask=inside).to(tl.float32)
+    z_even, z_odd = _term(pairs, key.to(tl.uint64, bitcast=True), GAUSSIAN, KEYED)
+    d = tl.reshape(tl.join(c * z_even, c * z_odd), (2 * PAIRS,))
+    tl.store(plus + positions, (x + d).to(plus.dtype.element_ty), mask=inside)
+    if BOTH:
+        tl.store(minus + positions, (x - d).to(minus.dtype.element_ty), mask=inside)
+
+
+def _signed(key: int) -> int:
+    """A 64-bit unsigned key as the int64 bit pattern Triton accepts as a scalar."""
+    return key - (1 << 64) if key >= 1 << 63 else key
+
+
 def _launch(target: torch.Tensor, offset: int, terms, scale: float, distribution: str, accumulate: bool,
             keyed_block: int) -> None:
-    pairs = (offset + target.numel() - 1) // 2 - offset // 2 + 1
     padded = [*terms, *[(2**40, 0.0)] * (MAX_TERMS - len(terms))]  # unused slots: any key Triton won't specialize
-    # Keys are 64-bit unsigned; passed as int64 bit patterns, which Triton accepts as scalars.
-    keys = [key - (1 << 64) if key >= 1 << 63 else key for key, _ in padded]
-    _kernel[(triton.cdiv(pairs, _PAIRS_PER_PROGRAM),)](
+    keys = [_signed(key) for key, _ in padded]
+    _kernel[(triton.cdiv(_pair_count(offset, target.numel()), _PAIRS_PER_PROGRAM),)](
         target, target.numel(), offset, scale,
         keys[0], padded[0][1], keys[1], padded[1][1], keys[2], padded[2][1], keys[3], padded[3][1],
         TERMS=len(terms), GAUSSIAN=distribution == "gaussian", ACCUMULATE=accumulate, SCALE=scale != 1.0,
         KEYED=keyed_block, PAIRS=_PAIRS_PER_PROGRAM)
+
+
+def _pair_count(offset: int, numel: int) -> int:
+    """How many of the stream's (even, odd) pairs the positions [offset, offset + numel) touch."""
+    return (offset + numel - 1) // 2 - offset // 2 + 1
 
 
 def update(target: torch.Tensor, offset: int, terms, scale: float, distribution: str, keyed_block: int) -> None:
@@ -131,3 +160,18 @@ def update(target: torch.Tensor, offset: int, terms, scale: float, distribution:
 def fill(out: torch.Tensor, offset: int, param_key: int, distribution: str, keyed_block: int) -> None:
     """``out`` (contiguous float32 CUDA) ← z at the parameter's positions [offset, offset + len)."""
     _launch(out, offset, [(param_key, 1.0)], 1.0, distribution, False, keyed_block)
+
+
+def pair(source: torch.Tensor, plus: torch.Tensor, minus: torch.Tensor | None, offset: int, param_key: int,
+         coefficient: float, distribution: str, keyed_block: int) -> None:
+    """``plus ← source + d`` and, unless ``minus`` is None, ``minus ← source − d``, with ``d = coefficient · z``
+    rounded to float32 first: a perturbed copy, or the two sides of a two-point estimate from one
+    generation, in one launch that reads θ once and holds z in registers only. Contiguous CUDA tensors of one
+    dtype (float32, bf16 or fp16) and length, holding the parameter's values from position ``offset``.
+
+    Compiled without fused multiply-adds: every operation is rounded as the CPU's, so a copy does not depend
+    on which kernel made it, and z equals the CPU stream's bit for bit."""
+    _pair_kernel[(triton.cdiv(_pair_count(offset, source.numel()), _PAIRS_PER_PROGRAM),)](
+        source, plus, plus if minus is None else minus, source.numel(), offset, _signed(param_key), coefficient,
+        GAUSSIAN=distribution == "gaussian", KEYED=keyed_block, BOTH=minus is not None, PAIRS=_PAIRS_PER_PROGRAM,
+        enable_fp_fusion=False)
