@@ -48,7 +48,8 @@ def test_threads_do_not_change_the_result(distribution, threads):
     DirectionEngine(many, distribution, num_threads=threads).apply([(5, 0.1), (6, -0.2)])
     for a, b in zip(one, many):
         assert torch.equal(a, b)
-    alone, shared = DirectionEngine(one, distribution, num_threads=1), DirectionEngine(one, distribution, num_threads=threads)
+    alone = DirectionEngine(one, distribution, num_threads=1)
+    shared = DirectionEngine(one, distribution, num_threads=threads)
     for index in range(len(one)):
         pairs = [torch.empty_like(one[index]) for _ in range(4)]
         alone.perturbed_pair(index, 7, 1e-2, *pairs[:2])

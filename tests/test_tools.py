@@ -10,7 +10,8 @@ from zotune.bench import speed
 def test_speed_script_writes_json_and_table(tmp_path, capsys):
     speed.main(["--shape", "tiny", "--batch", "2", "--length", "8", "--repeats", "1", "--out", str(tmp_path)])
     result = json.loads((tmp_path / "speed.json").read_text())
-    steps = {"doubled_forward", "z_sweep", "mezo_module", "mezo_inplace", "mezo_dual", "adamezo", "reference_mezo"}
+    steps = {"doubled_forward", "z_sweep", "mezo_module", "mezo_inplace", "mezo_dual", "adamezo", "reference_mezo",
+             "forward_backward", "ip_sgd", "sgd", "adam", "addax", "svrg_seeds", "svrg_dense"}
     assert set(result["seconds"]) == {"forward"} | steps
     assert all(seconds > 0 for seconds in result["seconds"].values())
     assert len(result["rounds"]["forward"]) == len(steps) + 1  # one round: a forward before and after each item

@@ -82,7 +82,8 @@ def check_interpreted():
         on_kernels._fused = lambda param: param.dtype == torch.float32
         on_kernels._offsets[1] = on_numba._offsets[1] = 12_345  # as a shard starting there would be keyed
         for index, param in enumerate(params):
-            assert torch.equal(on_kernels.perturbed_copy(index, [(7, 1e-2)]), on_numba.perturbed_copy(index, [(7, 1e-2)]))
+            copies = [engine.perturbed_copy(index, [(7, 1e-2)]) for engine in (on_kernels, on_numba)]
+            assert torch.equal(*copies), (distribution, index)
             sides = [torch.empty_like(param) for _ in range(4)]
             on_kernels.perturbed_pair(index, 7, 1e-2, *sides[:2])
             on_numba.perturbed_pair(index, 7, 1e-2, *sides[2:])

@@ -1,4 +1,4 @@
-"""MeZO step time against two forward passes, and the cost of one direction sweep.
+"""Step time of every optimizer against two forward passes; MeZO's in three modes, against the paper's code.
 
     python -m zotune.bench.speed --shape smollm2-135m --batch 16 --length 32 --threads 2
     python -m zotune.bench.speed --shape llama-1b --device cuda --dtype bf16     # on a GPU
@@ -13,7 +13,10 @@ the median ratio of the rounds and their range. The items:
 - MeZO steps in module mode (exact), in-place mode (fused restore) and module mode with ``dual_forward``,
   and an AdaMeZO step with a full window of 10 (its moments rebuilt from 10 regenerated directions);
 - a reference MeZO step written as the paper's code does it: global reseed, ``torch.normal`` per
-  parameter in order, out-of-place adds, four passes over the parameters.
+  parameter in order, out-of-place adds, four passes over the parameters;
+- the other optimizers on the same batch: a forward + backward (what backward adds), IP-SGD, SGD and Adam
+  steps, an Addax step (ZO on one half of the batch, first-order on the other), and a MeZO-SVRG cycle
+  with q = 2 (an anchor step with this batch as the large batch, then an ordinary step) in both memory modes.
 On CUDA every timed action ends with a synchronisation, so the times are the GPU's work, not the
 launches. Writes ``speed.json``, ``speed.md`` and ``speed.png`` into ``--out`` and prints the table.
 """
@@ -32,7 +35,7 @@ import torch
 
 from ..directions import DirectionEngine
 from ..models import DTYPES, random_llama
-from ..optim import AdaMeZO, MeZO
+from ..optim import AdaMeZO, Addax, InPlaceSGD, MeZO, MeZOSVRG, create_optimizer
 from .report import write_report
 
 
@@ -141,12 +144,48 @@ def run(shape, batch, length, threads, repeats, distribution, device="cpu", dtyp
     def reference():
         reference_mezo_step(params, closure, next(seeds), 1e-7, 1e-3)
 
+    def forward_backward():
+        closure().backward()
+        model.zero_grad(set_to_none=True)
+
+    torch_optimizers = {name: create_optimizer(name, model, lr=1e-7) for name in ("sgd", "adam")}
+
+    def torch_step(name):
+        torch_optimizers[name].zero_grad(set_to_none=True)
+        closure().backward()
+        torch_optimizers[name].step()
+
+    # IP-SGD and Addax update inside backward, from hooks on the parameters that would fire in every other
+    # item's backward too: each is built inside its item (hooks registered: 4-7 ms) and its hooks removed after.
+    def hooked_step(build, step):
+        optimizer = build()
+        try:
+            step(optimizer)
+        finally:
+            optimizer.remove_hooks()
+
+    half = batch // 2
+    addax_closures = (lambda: last_token_loss(model, input_ids[:half], targets[:half]),
+                      lambda: last_token_loss(model, input_ids[half:], targets[half:]))
+    # MeZO-SVRG with q = 2 (the default): an anchor step (on this batch as the large batch) and an ordinary step.
+    svrg = {memory: MeZOSVRG(model, lr=1e-7, anchor_lr=1e-7, memory=memory, distribution=distribution,
+                             num_threads=threads) for memory in ("seeds", "dense")}
+
+    def svrg_cycle(memory):
+        svrg[memory].step(None, closure)
+        svrg[memory].step(closure)
+
     times, ratios = bracketed_timings(
         forward,
         dict(doubled_forward=doubled_forward, z_sweep=z_sweep,
              mezo_module=lambda: module_mezo.step(closure), mezo_inplace=lambda: inplace_mezo.step(closure),
              mezo_dual=lambda: dual_mezo.step(closure), adamezo=lambda: adamezo.step(closure),
-             reference_mezo=reference),
+             reference_mezo=reference, forward_backward=forward_backward,
+             ip_sgd=lambda: hooked_step(lambda: InPlaceSGD(model, lr=1e-7), lambda o: o.step(closure)),
+             sgd=lambda: torch_step("sgd"), adam=lambda: torch_step("adam"),
+             addax=lambda: hooked_step(lambda: Addax(model, lr=1e-7, distribution=distribution, num_threads=threads),
+                                       lambda o: o.step(*addax_closures)),
+             svrg_seeds=lambda: svrg_cycle("seeds"), svrg_dense=lambda: svrg_cycle("dense")),
         repeats, torch.cuda.synchronize if torch.device(device).type == "cuda" else lambda: None,
     )
     times["forward"] = times.pop("baseline")
@@ -177,6 +216,13 @@ LABELS = dict(
     mezo_dual="MeZO step, dual forward (module mode)",
     adamezo="AdaMeZO step, window 10 (module mode)",
     reference_mezo="reference MeZO step (paper's code)",
+    forward_backward="forward + backward (the first-order steps' core)",
+    ip_sgd="IP-SGD step (update fused into backward)",
+    sgd="SGD step (torch.optim)",
+    adam="Adam step (torch.optim)",
+    addax="Addax step: ZO on half the batch, first-order on the other half",
+    svrg_seeds="MeZO-SVRG, q = 2, seeds: an anchor step and an ordinary step",
+    svrg_dense="MeZO-SVRG, q = 2, dense: an anchor step and an ordinary step",
 )
 MEZO_MODES = ("mezo_module", "mezo_inplace", "mezo_dual")
 
@@ -189,12 +235,14 @@ def markdown(result):
         return f"{r['median']:.2f} ({r['low']:.2f}–{r['high']:.2f})" if r else ""
 
     lines = [f"config: {json.dumps(result['config'])}", f"machine: {json.dumps(result['machine'])}", "",
-             "| what | seconds (median) | ÷ (2 × forward): median (lowest–highest) of the rounds |", "|---|---|---|"]
+             "| what | seconds (median) | ÷ (2 × forward): median (lowest–highest) of the rounds |",
+             "|---|---|---|"]
     lines += [f"| {label} | {seconds[name]:.3f} | {ratio(name)} |" for name, label in LABELS.items()]
     lines += ["", "Each ratio is taken within a round, against the forwards timed just before and just after.",
               f"speed-up of the fastest zotune MeZO step ({LABELS[speedup['mode']]}) over the reference step: "
               f"{speedup['median']:.2f}x ({speedup['low']:.2f}–{speedup['high']:.2f}x)",
-              f"AdaMeZO's window costs {seconds['adamezo'] - seconds['mezo_module']:.3f} s per step over MeZO (module mode)"]
+              f"AdaMeZO's window costs {seconds['adamezo'] - seconds['mezo_module']:.3f} s per step over MeZO "
+              "(module mode)"]
     return "\n".join(lines)
 
 
