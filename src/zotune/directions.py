@@ -413,9 +413,9 @@ class DirectionEngine:
             share, done = 0, 0
             for param_index, start, stop in blocks:
                 while start < stop:
+                    # Never empty: consecutive cuts are at least _MIN_SHARE - _ALIGN apart.
                     piece = min(stop, start + cuts[share] - done)
-                    if piece > start:
-                        groups[share].append((param_index, start, piece))
+                    groups[share].append((param_index, start, piece))
                     done += piece - start
                     start = piece
                     if done == cuts[share] and share < workers - 1:

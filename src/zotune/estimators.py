@@ -297,22 +297,16 @@ class ModulePerturbation:
                 if rows_only:
                     return torch.cat([self._lookup(params[0][0], [(seed, sign * eps)], *half_args, **half_kwargs)
                                       for sign, (half_args, half_kwargs) in zip((1, -1), halves)])
-                copies = {}
-                try:
-                    for index, param in params:
-                        copies[index] = (self._copy_buffer(param), self._copy_buffer(param))
-                        self.engine.perturbed_pair(index, seed, eps, *copies[index])
+                with self._pair_copies(params, seed, eps) as stacked:
                     outputs = []
-                    for side, (sign, (half_args, half_kwargs)) in enumerate(zip((1, -1), halves)):
-                        self._sign = sign
-                        with self._swapped(params, {index: pair[side] for index, pair in copies.items()}):
-                            outputs.append(forward(*half_args, **half_kwargs))
+                    try:
+                        for side, (sign, (half_args, half_kwargs)) in enumerate(zip((1, -1), halves)):
+                            self._sign = sign
+                            with self._swapped(params, {index: pair[side] for index, pair in stacked.items()}):
+                                outputs.append(forward(*half_args, **half_kwargs))
+                    finally:
+                        self._sign = 0
                     return _joined(module, *outputs)
-                finally:
-                    self._sign = 0
-                    for buffers in copies.values():
-                        for buffer in buffers:
-                            self._recycle(buffer)
 
             return dual_forward
 
@@ -323,11 +317,7 @@ class ModulePerturbation:
         """A linear layer's dual forward as one batched matmul of the two halves by the two weight copies, stacked
         in one buffer: no cut of the input, no join of the outputs."""
         _batch_rows(module, (input,), {})  # the checks; the halves are views of the reshape below
-        stacked = {}
-        try:
-            for index, param in params:
-                stacked[index] = self._copy_buffer(param, 2)
-                self.engine.perturbed_pair(index, seed, eps, stacked[index][0], stacked[index][1])
+        with self._pair_copies(params, seed, eps) as stacked:
             weight = stacked.get(self._index_of.get(id(module.weight)), module.weight.expand(2, -1, -1))
             rows = input.reshape(2, -1, module.in_features)
             if module.bias is None:
@@ -336,6 +326,17 @@ class ModulePerturbation:
                 bias = stacked.get(self._index_of.get(id(module.bias)), module.bias.expand(2, -1))
                 output = torch.baddbmm(bias.unsqueeze(1), rows, weight.transpose(1, 2))
             return output.view(*input.shape[:-1], module.out_features)
+
+    @contextmanager
+    def _pair_copies(self, params, seed: int, eps: float):
+        """For each parameter (by index), its copies θ + εz and θ − εz stacked along a new dim 0 in one recycled
+        buffer, z generated once for both."""
+        stacked = {}
+        try:
+            for index, param in params:
+                stacked[index] = self._copy_buffer(param, 2)
+                self.engine.perturbed_pair(index, seed, eps, stacked[index][0], stacked[index][1])
+            yield stacked
         finally:
             for buffer in stacked.values():
                 self._recycle(buffer)

@@ -132,6 +132,11 @@ def _signed(key: int) -> int:
     return key - (1 << 64) if key >= 1 << 63 else key
 
 
+def _pair_count(offset: int, numel: int) -> int:
+    """How many of the stream's (even, odd) pairs the positions [offset, offset + numel) touch."""
+    return (offset + numel - 1) // 2 - offset // 2 + 1
+
+
 def _launch(target: torch.Tensor, offset: int, terms, scale: float, distribution: str, accumulate: bool,
             keyed_block: int) -> None:
     padded = [*terms, *[(2**40, 0.0)] * (MAX_TERMS - len(terms))]  # unused slots: any key Triton won't specialize
@@ -141,11 +146,6 @@ def _launch(target: torch.Tensor, offset: int, terms, scale: float, distribution
         keys[0], padded[0][1], keys[1], padded[1][1], keys[2], padded[2][1], keys[3], padded[3][1],
         TERMS=len(terms), GAUSSIAN=distribution == "gaussian", ACCUMULATE=accumulate, SCALE=scale != 1.0,
         KEYED=keyed_block, PAIRS=_PAIRS_PER_PROGRAM)
-
-
-def _pair_count(offset: int, numel: int) -> int:
-    """How many of the stream's (even, odd) pairs the positions [offset, offset + numel) touch."""
-    return (offset + numel - 1) // 2 - offset // 2 + 1
 
 
 def update(target: torch.Tensor, offset: int, terms, scale: float, distribution: str, keyed_block: int) -> None:

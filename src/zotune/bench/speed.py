@@ -39,6 +39,26 @@ from ..optim import AdaMeZO, Addax, InPlaceSGD, MeZO, MeZOSVRG, create_optimizer
 from .report import write_report
 
 
+LABELS = dict(
+    forward="forward (loss closure)",
+    doubled_forward="forward of the batch stacked twice",
+    z_sweep="z sweep (generate + add, all parameters)",
+    mezo_module="MeZO step, module mode (exact)",
+    mezo_inplace="MeZO step, in-place mode (fused)",
+    mezo_dual="MeZO step, dual forward (module mode)",
+    adamezo="AdaMeZO step, window 10 (module mode)",
+    reference_mezo="reference MeZO step (paper's code)",
+    forward_backward="forward + backward (the first-order steps' core)",
+    ip_sgd="IP-SGD step (update fused into backward)",
+    sgd="SGD step (torch.optim)",
+    adam="Adam step (torch.optim)",
+    addax="Addax step: ZO on half the batch, first-order on the other half",
+    svrg_seeds="MeZO-SVRG, q = 2, seeds: an anchor step and an ordinary step",
+    svrg_dense="MeZO-SVRG, q = 2, dense: an anchor step and an ordinary step",
+)
+MEZO_MODES = ("mezo_module", "mezo_inplace", "mezo_dual")
+
+
 def last_token_loss(model, input_ids, targets, copies=1):
     """Cross-entropy of a prediction at the last position only: the logits a classification loss needs.
     ``copies`` > 1: the batch stacked that many times, one mean loss per copy (MeZO's dual forward)."""
@@ -205,26 +225,6 @@ def run(shape, batch, length, threads, repeats, distribution, device="cpu", dtyp
         "speedup_over_reference": dict(mode=fastest, **spread(speedups)),
         "rounds": times,
     }
-
-
-LABELS = dict(
-    forward="forward (loss closure)",
-    doubled_forward="forward of the batch stacked twice",
-    z_sweep="z sweep (generate + add, all parameters)",
-    mezo_module="MeZO step, module mode (exact)",
-    mezo_inplace="MeZO step, in-place mode (fused)",
-    mezo_dual="MeZO step, dual forward (module mode)",
-    adamezo="AdaMeZO step, window 10 (module mode)",
-    reference_mezo="reference MeZO step (paper's code)",
-    forward_backward="forward + backward (the first-order steps' core)",
-    ip_sgd="IP-SGD step (update fused into backward)",
-    sgd="SGD step (torch.optim)",
-    adam="Adam step (torch.optim)",
-    addax="Addax step: ZO on half the batch, first-order on the other half",
-    svrg_seeds="MeZO-SVRG, q = 2, seeds: an anchor step and an ordinary step",
-    svrg_dense="MeZO-SVRG, q = 2, dense: an anchor step and an ordinary step",
-)
-MEZO_MODES = ("mezo_module", "mezo_inplace", "mezo_dual")
 
 
 def markdown(result):
