@@ -22,7 +22,7 @@ def splitmix64_outputs(key: int, first: int, count: int) -> list[int]:
 
 def reference_pair(low: int, high: int) -> list[float]:
     """Box-Muller of one 64-bit word's halves, with float64 library log, sqrt, cos and sin."""
-    u1 = float(np.float32(np.float32(low) * np.float32(2.0**-32) + np.float32(2.0**-33)))
+    u1 = float(np.float32(float(np.float32(low >> 1)) * 2.0**-31 + 2.0**-32))  # exact in float64, rounded once
     quadrant, fraction = high >> 30, (((high >> 6) & 0xFFFFFF) + 0.5) * 2.0**-24
     angle = (quadrant + fraction) * math.pi / 2
     radius = math.sqrt(-2 * math.log(u1))

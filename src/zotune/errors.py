@@ -32,3 +32,7 @@ class NonFiniteGradientError(ZotuneError, FloatingPointError):
 
 class OptionError(ZotuneError, ValueError):
     """An option (name or value) that cannot work; the message names it and what would."""
+
+
+class CheckpointError(ZotuneError, ValueError):
+    """A checkpoint this version cannot resume faithfully; the message says why and what to do."""

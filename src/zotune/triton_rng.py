@@ -44,7 +44,7 @@ def _term(pairs, param_key, GAUSSIAN: tl.constexpr, KEYED: tl.constexpr):
         bits = _finalize(key + ((inside // 2).to(tl.uint64) + 1) * gamma)
         low = (bits & 0xFFFFFFFF).to(tl.uint32)
         high = (bits >> 32).to(tl.uint32)
-        u1 = low.to(tl.float32) * 2.3283064365386963e-10 + 1.1641532182693481e-10
+        u1 = tl.fma((low >> 1).to(tl.int32).to(tl.float32), 4.656612873077393e-10, 2.3283064365386963e-10)
         raw = u1.to(tl.uint32, bitcast=True)
         exponent = (raw >> 23).to(tl.int32) - 127
         mantissa = ((raw & 0x7FFFFF) | 0x3F800000).to(tl.float32, bitcast=True)
@@ -53,16 +53,15 @@ def _term(pairs, param_key, GAUSSIAN: tl.constexpr, KEYED: tl.constexpr):
         exponent = tl.where(large, exponent + 1, exponent)
         s = tl.div_rn(mantissa - 1.0, mantissa + 1.0)
         s2 = s * s
-        series = 1.0 + s2 * (0.33333334 + s2 * (0.2 + s2 * (0.14285715 + s2 * 0.11111111)))
+        series = tl.fma(s2, tl.fma(s2, tl.fma(s2, 0.1493547, 0.19988787), 0.33333388), 1.0)
         e = exponent.to(tl.float32)
-        log_u1 = e * 0.693145751953125 + (e * 1.428606765330187e-06 + 2.0 * s * series)
-        radius = tl.sqrt_rn(-2.0 * log_u1) * 0.70710677
+        log_u1 = tl.fma(e, 0.693145751953125, tl.fma(e, 1.428606765330187e-06, 2.0 * s * series))
+        radius = tl.sqrt_rn(-log_u1)
         quadrant = high >> 30
-        fraction = (((high >> 6) & 0xFFFFFF).to(tl.float32) + 0.5) * 5.960464477539063e-08
-        phi = (fraction - 0.5) * 1.5707964
+        phi = (((high >> 6) & 0xFFFFFF).to(tl.int32).to(tl.float32) - 8388607.5) * 9.362676e-08
         p2 = phi * phi
-        sin = phi * (1.0 + p2 * (-0.16666667 + p2 * (0.008333334 + p2 * (-0.0001984127 + p2 * 2.7557319e-06))))
-        cos = 1.0 + p2 * (-0.5 + p2 * (0.041666668 + p2 * (-0.0013888889 + p2 * (2.4801588e-05 + p2 * -2.7557319e-07))))
+        sin = phi * tl.fma(p2, tl.fma(p2, tl.fma(p2, -0.00019515282, 0.00833216), -0.16666655), 1.0)
+        cos = tl.fma(p2, tl.fma(p2, tl.fma(p2, tl.fma(p2, 2.4383568e-05, -0.0013886682), 0.04166662), -0.5), 1.0)
         cos_sign = 1.0 - 2.0 * ((quadrant ^ (quadrant >> 1)) & 1).to(tl.float32)
         sin_sign = 1.0 - 2.0 * (quadrant >> 1).to(tl.float32)
         first = radius * (cos_sign * cos - sin_sign * sin)

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import OptionError
-
+from ..counter_rng import STREAM_VERSION
 from ..directions import GAUSSIAN, DirectionEngine, derive_seed
+from ..errors import CheckpointError, OptionError
 from ..estimators import Closure, TwoPointEstimator
 from .params import refuse_sharded, trainable_groups
 
@@ -75,8 +75,18 @@ class MeZO(torch.optim.Optimizer):
         self._group_indices = [tuple(range(a, b)) for a, b in zip(offsets, offsets[1:])]
         # Not a per-parameter entry: torch.optim.Optimizer keeps non-tensor keys of `state` as they are
         # in state_dict()/load_state_dict(), so the seed stream resumes exactly.
-        self.state["zo"] = {"seed": int(seed), "step": 0}
+        self.state["zo"] = {"seed": int(seed), "step": 0, "stream": STREAM_VERSION}
         self.last_estimates = []
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        # States from before the version was recorded lack it: they were written with stream 1.
+        saved = state_dict["state"].get("zo", {}).get("stream", 1)
+        if saved != STREAM_VERSION:
+            raise CheckpointError(
+                f"this optimizer state was saved by a zotune whose directions came from stream {saved}, and this one "
+                f"draws stream {STREAM_VERSION}: its seeds would name other directions than those it was trained with. "
+                "Resume with the zotune version that saved it, or start the run again.")
+        super().load_state_dict(state_dict)
 
     @torch.no_grad()
     def step(self, closure: Closure) -> float:  # type: ignore[override]
