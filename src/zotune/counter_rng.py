@@ -145,7 +145,7 @@ def _rademacher_words(low, high, values, count):
             values[64 * t + 32 + b] = np.float32(1.0) - np.float32(2.0) * np.float32((high[t] >> np.uint32(b)) & np.uint32(1))
 
 
-_FILL, _ADD, _PAIR = 0, 1, 2
+_FILL, _ADD, _PAIR, _COPY = 0, 1, 2, 3
 
 
 @njit(**_INLINE)
@@ -158,6 +158,9 @@ def _write(out, values, count, coefficient, mode, source, minus):
             scaled = coefficient * values[k]
             out[k] = source[k] + scaled
             minus[k] = source[k] - scaled
+    elif mode == _COPY:
+        for k in range(count):
+            out[k] = source[k] + coefficient * values[k]
     else:
         for k in range(count):
             out[k] = values[k]
@@ -166,8 +169,8 @@ def _write(out, values, count, coefficient, mode, source, minus):
 @njit(**_COMPILE)
 def _stream(out, key, start, coefficient, mode, gaussian, source, minus):
     """The stream's values z at positions [start, start + len(out)), written as ``mode`` says: out ← z
-    (fill), out += coefficient·z (add), or out ← source + coefficient·z and minus ← source − coefficient·z
-    (pair)."""
+    (fill), out += coefficient·z (add), out ← source + coefficient·z (copy), or that and also
+    minus ← source − coefficient·z (pair)."""
     per_word = 2 if gaussian else 64
     low = np.empty(_CHUNK, np.uint32)
     high = np.empty(_CHUNK, np.uint32)
@@ -202,12 +205,13 @@ def add(out: np.ndarray, key: int, coefficient: float, start: int = 0, distribut
     _stream(out, np.uint64(key), start, np.float32(coefficient), _ADD, distribution == "gaussian", _UNUSED, _UNUSED)
 
 
-def pair(source: np.ndarray, plus: np.ndarray, minus: np.ndarray, key: int, coefficient: float, start: int = 0,
-         distribution: str = "gaussian") -> None:
-    """``plus`` ← source + d and ``minus`` ← source − d, with d = coefficient × the values at positions
-    [start, start + len) of key's stream, rounded to float32 before the add (1-D float32 arrays of one
-    length): the two sides of a two-point estimate from one generation."""
-    _stream(plus, np.uint64(key), start, np.float32(coefficient), _PAIR, distribution == "gaussian", source, minus)
+def pair(source: np.ndarray, plus: np.ndarray, minus: np.ndarray | None, key: int, coefficient: float,
+         start: int = 0, distribution: str = "gaussian") -> None:
+    """``plus`` ← source + d and, unless ``minus`` is None, ``minus`` ← source − d, with d = coefficient × the
+    values at positions [start, start + len) of key's stream, rounded to float32 before the add (1-D float32
+    arrays of one length): a perturbed copy, or the two sides of a two-point estimate from one generation."""
+    mode, minus = (_COPY, _UNUSED) if minus is None else (_PAIR, minus)
+    _stream(plus, np.uint64(key), start, np.float32(coefficient), mode, distribution == "gaussian", source, minus)
 
 
 def warm_up() -> None:
@@ -217,3 +221,4 @@ def warm_up() -> None:
         fill(values, 1, 1, distribution)
         add(values, 1, 1.0, 1, distribution)
         pair(values, plus, minus, 1, 1.0, 1, distribution)
+        pair(values, plus, None, 1, 1.0, 1, distribution)

@@ -326,6 +326,13 @@ class DirectionEngine:
             return out
 
         def process(_: int, start: int, stop: int) -> None:
+            if param.device.type == "cpu" and param.dtype == torch.float32 and len(pairs) == 1:
+                (seed, alpha), = pairs
+                key, skip = self._key_and_skip(seed, param_index, start)
+                counter_rng.pair(source[start:stop].numpy(), target[start:stop].numpy(), None, key, alpha, skip,
+                                 self.distribution)
+                return
+
             def direction(seed: int) -> torch.Tensor:
                 z = self._buffer(0, stop - start, param.device)
                 self._fill(z, seed, param_index, start)
