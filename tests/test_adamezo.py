@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from conftest import keyed_direction, lm_loss, loss_before_and_after, resume_and_compare
-from zotune.directions import derive_seed
+from zotune.directions import BLOCK_SIZE, derive_seed
 from zotune.errors import OptionError
 from zotune.models import random_llama
 from zotune.optim import AdaMeZO, is_decayed
@@ -74,6 +74,34 @@ def test_moments_are_accumulated_in_float32_where_fp16_would_overflow():
     assert torch.isfinite(param).all() and param.abs().max() > 0
     torch.testing.assert_close(param.detach(), expected, rtol=1e-3, atol=1e-7)
     assert torch.isinf(300.0**2 * z[5].half() ** 2).any()  # the same sum in fp16 overflows
+
+
+@pytest.mark.parametrize("exact", [True, False], ids=["module", "inplace"])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_windowed_update_in_float32_equals_moments_computed_densely(exact, threads):
+    """float32 moments are generated and accumulated in one pass per seed; here against dense z tensors, on a
+    parameter of two keyed blocks, with the in-place restore (whose seed is drawn once, for both uses)."""
+    class Holder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.linspace(-0.3, 0.3, BLOCK_SIZE + 1000))
+
+        def forward(self):
+            return 600.0 * self.weight.mean()
+
+    holder = Holder()
+    before = holder.weight.detach().clone()
+    optimizer = AdaMeZO(holder if exact else holder.parameters(), lr=1.0, window=3, m_scale=1.0, num_threads=threads)
+    optimizer.state["zo"] = {**optimizer.state["zo"], "step": 3, "window": [[5, 300.0], [6, -120.0]]}
+    optimizer.step(holder)
+    estimate = optimizer.last_estimates[0]
+    window = [(5, 300.0), (6, -120.0), (estimate.seed, estimate.projected_gradient)]
+    z = {s: optimizer.engine.direction(0, s) for s, _ in window}
+    m = sum(0.7**k * p * z[s] for k, (s, p) in enumerate(reversed(window)))
+    v = sum(0.9**k * p**2 * z[s] ** 2 for k, (s, p) in enumerate(reversed(window)))
+    # lr = 1: the update is of the order of 1, so a few float32 roundings of it (~1e-7 each) are the whole
+    # allowed difference; in-place θ + εz − 2εz + εz also rounds back to θ within an ulp of the weights (3e-8).
+    torch.testing.assert_close(holder.weight.detach(), before - m / (v.sqrt() + 1e-5), rtol=0, atol=1e-6)
 
 
 def test_zero_learning_rate_is_bit_exact_in_bf16(batch):

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from zotune import counter_rng
-from zotune.counter_rng import add, fill, pair
+from zotune.counter_rng import add, fill, moments, pair
 
 MASK64 = (1 << 64) - 1
 
@@ -69,6 +69,13 @@ def test_any_stretch_equals_the_same_slice_of_the_whole_stream(start, length):
         pair(source, plus, minus, 77, 1e-3, start, distribution)
         np.testing.assert_array_equal(plus, source + np.float32(1e-3) * part)
         np.testing.assert_array_equal(minus, source - np.float32(1e-3) * part)
+        pair(source, plus, None, 77, -2e-3, start, distribution)
+        np.testing.assert_array_equal(plus, source + np.float32(-2e-3) * part)
+        first, second = np.linspace(-1, 1, length, dtype=np.float32), np.linspace(0, 2, length, dtype=np.float32)
+        expected_first, expected_second = first + np.float32(0.5) * part, second + np.float32(0.125) * part * part
+        moments(first, second, 77, 0.5, 0.125, start, distribution)
+        np.testing.assert_array_equal(first, expected_first)
+        np.testing.assert_array_equal(second, expected_second)
 
 
 def test_rademacher_signs_are_the_stream_bits():

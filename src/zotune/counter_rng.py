@@ -145,11 +145,11 @@ def _rademacher_words(low, high, values, count):
             values[64 * t + 32 + b] = np.float32(1.0) - np.float32(2.0) * np.float32((high[t] >> np.uint32(b)) & np.uint32(1))
 
 
-_FILL, _ADD, _PAIR, _COPY = 0, 1, 2, 3
+_FILL, _ADD, _PAIR, _COPY, _MOMENTS = 0, 1, 2, 3, 4
 
 
 @njit(**_INLINE)
-def _write(out, values, count, coefficient, mode, source, minus):
+def _write(out, values, count, coefficient, mode, source, minus, square_coefficient):
     if mode == _ADD:
         for k in range(count):
             out[k] += coefficient * values[k]
@@ -161,16 +161,21 @@ def _write(out, values, count, coefficient, mode, source, minus):
     elif mode == _COPY:
         for k in range(count):
             out[k] = source[k] + coefficient * values[k]
+    elif mode == _MOMENTS:
+        for k in range(count):
+            out[k] += coefficient * values[k]
+            minus[k] += square_coefficient * values[k] * values[k]
     else:
         for k in range(count):
             out[k] = values[k]
 
 
 @njit(**_COMPILE)
-def _stream(out, key, start, coefficient, mode, gaussian, source, minus):
+def _stream(out, key, start, coefficient, mode, gaussian, source, minus, square_coefficient):
     """The stream's values z at positions [start, start + len(out)), written as ``mode`` says: out ← z
-    (fill), out += coefficient·z (add), out ← source + coefficient·z (copy), or that and also
-    minus ← source − coefficient·z (pair)."""
+    (fill), out += coefficient·z (add), out ← source + coefficient·z (copy), that and also
+    minus ← source − coefficient·z (pair), or out += coefficient·z and minus += square_coefficient·z²
+    (moments)."""
     per_word = 2 if gaussian else 64
     low = np.empty(_CHUNK, np.uint32)
     high = np.empty(_CHUNK, np.uint32)
@@ -187,22 +192,25 @@ def _stream(out, key, start, coefficient, mode, gaussian, source, minus):
         first = max(per_word * word, start)
         last = min(per_word * (word + count), stop)
         at = first - start
-        _write(out[at:], values[first - per_word * word:], last - first, coefficient, mode, source[at:], minus[at:])
+        _write(out[at:], values[first - per_word * word:], last - first, coefficient, mode, source[at:], minus[at:],
+               square_coefficient)
         word += count
 
 
 _UNUSED = np.empty(0, np.float32)
+_NONE = np.float32(0.0)
 
 
 def fill(out: np.ndarray, key: int, start: int = 0, distribution: str = "gaussian") -> None:
     """``out`` (1-D float32) ← the values at positions [start, start + len) of key's stream."""
-    _stream(out, np.uint64(key), start, np.float32(0.0), _FILL, distribution == "gaussian", _UNUSED, _UNUSED)
+    _stream(out, np.uint64(key), start, np.float32(0.0), _FILL, distribution == "gaussian", _UNUSED, _UNUSED, _NONE)
 
 
 def add(out: np.ndarray, key: int, coefficient: float, start: int = 0, distribution: str = "gaussian") -> None:
     """``out`` (1-D float32) += coefficient × the values at positions [start, start + len) of key's stream,
     generated and added chunk by chunk, with no buffer the size of ``out``."""
-    _stream(out, np.uint64(key), start, np.float32(coefficient), _ADD, distribution == "gaussian", _UNUSED, _UNUSED)
+    _stream(out, np.uint64(key), start, np.float32(coefficient), _ADD, distribution == "gaussian", _UNUSED, _UNUSED,
+            _NONE)
 
 
 def pair(source: np.ndarray, plus: np.ndarray, minus: np.ndarray | None, key: int, coefficient: float,
@@ -211,7 +219,16 @@ def pair(source: np.ndarray, plus: np.ndarray, minus: np.ndarray | None, key: in
     values at positions [start, start + len) of key's stream, rounded to float32 before the add (1-D float32
     arrays of one length): a perturbed copy, or the two sides of a two-point estimate from one generation."""
     mode, minus = (_COPY, _UNUSED) if minus is None else (_PAIR, minus)
-    _stream(plus, np.uint64(key), start, np.float32(coefficient), mode, distribution == "gaussian", source, minus)
+    _stream(plus, np.uint64(key), start, np.float32(coefficient), mode, distribution == "gaussian", source, minus, _NONE)
+
+
+def moments(first: np.ndarray, second: np.ndarray, key: int, coefficient: float, square_coefficient: float,
+            start: int = 0, distribution: str = "gaussian") -> None:
+    """``first`` += coefficient·z and ``second`` += square_coefficient·z², z the values at positions
+    [start, start + len) of key's stream (1-D float32 arrays of one length): one seed's share of Adam-style
+    moments, generated and accumulated in one pass."""
+    _stream(first, np.uint64(key), start, np.float32(coefficient), _MOMENTS, distribution == "gaussian", _UNUSED,
+            second, np.float32(square_coefficient))
 
 
 def warm_up() -> None:
@@ -222,3 +239,4 @@ def warm_up() -> None:
         add(values, 1, 1.0, 1, distribution)
         pair(values, plus, minus, 1, 1.0, 1, distribution)
         pair(values, plus, None, 1, 1.0, 1, distribution)
+        moments(plus, minus, 1, 1.0, 1.0, 1, distribution)

@@ -150,6 +150,19 @@ class Block:
         else:
             self.work.add_(self.z(seed), alpha=coefficient)
 
+    def add_moments(self, seed: int, first: torch.Tensor, second: torch.Tensor, coefficient: float,
+                    square_coefficient: float) -> None:
+        """``first += coefficient · z(seed)`` and ``second += square_coefficient · z(seed)²`` (scratch buffers of
+        the block); on the CPU in float32, generated and accumulated in one pass unless z is drawn already."""
+        if first.device.type == "cpu" and first.dtype == torch.float32 and seed not in self._drawn:
+            key, skip = self.engine._key_and_skip(seed, self.param_index, self.start)
+            counter_rng.moments(first.numpy(), second.numpy(), key, coefficient, square_coefficient, skip,
+                                self.engine.distribution)
+        else:
+            z = self.z(seed)
+            first.add_(z, alpha=coefficient)
+            second.addcmul_(z, z, value=square_coefficient)
+
     def scratch(self, name: str) -> torch.Tensor:
         """A buffer of the block's size in ``work``'s dtype, owned by the thread and reused (contents undefined)."""
         return self.engine._buffer(name, self.work.numel(), self.target.device, self.work.dtype)

@@ -58,10 +58,10 @@ class AdaMeZO(MeZO):
 
             def update(block: Block) -> None:
                 m, v = block.scratch("m").zero_(), block.scratch("v").zero_()
+                for seed, _ in restore:  # needed twice: drawn once into a buffer rather than generated twice
+                    block.z(seed)
                 for k, (seed, projected) in enumerate(newest_first):
-                    z = block.z(seed)
-                    m.add_(z, alpha=self.beta1**k * projected)
-                    v.addcmul_(z, z, value=self.beta2**k * projected * projected)
+                    block.add_moments(seed, m, v, self.beta1**k * projected, self.beta2**k * projected * projected)
                 for seed, coef in restore:
                     block.work.add_(block.z(seed), alpha=coef)
                 if decay != 1.0:
