@@ -7,16 +7,17 @@ The stream of a 64-bit ``key`` is SplitMix64's: its j-th 64-bit output is ``mix(
 pure function of (key, j). Any stretch of it can therefore be computed on its own, by any thread, and
 every step of the computation is element-wise, so LLVM vectorizes it (8 float32 lanes with AVX2).
 
-- Gaussian: output j gives positions 2j and 2j+1 by the Box-Muller transform. 31 bits of its low half give
-  the radius, ``sqrt(-2 ln u1)`` with ``u1 = (k + ½)·2⁻³¹`` (largest |z| ≈ 6.66; torch's CPU normal stops at
-  5.77); its high bits give the angle ``2π·u2``: 2 bits pick the quadrant, 24 bits the angle inside it.
+- Gaussian: output j gives positions 2j and 2j+1 by the Box-Muller transform. The top 31 bits k of its low
+  half give the radius, ``sqrt(-2 ln u1)`` with ``u1 = (k + ½)·2⁻³¹`` (largest |z| ≈ 6.66; torch's CPU normal
+  stops at 5.77); its high bits give the angle ``2π·u2``: 2 bits pick the quadrant, 24 bits the angle inside it.
   ln, sin and cos are evaluated with polynomials fitted for float32 (|error| < 1e-6 for |z| < 7, checked
   against a float64 reference in the tests), so the values are exactly Gaussian as far as float32 can tell.
 - Rademacher: bit b of output j (low 32 bits first) is the sign at position 64j + b: + for 0, - for 1.
 
 The arithmetic uses only correctly rounded float32 operations, fused multiply-adds where the code asks for
 them and nowhere else, so a key gives the same values whether LLVM vectorizes the loops or not (checked on
-x86-64 with AVX2 and FMA; a CPU without FMA computes the same values, slowly, in software).
+x86-64 with AVX2 and FMA; without FMA, LLVM calls the C library's fmaf, correctly rounded too but slow,
+which these machines cannot test).
 :mod:`zotune.triton_rng` computes the same stream on a GPU.
 """
 
