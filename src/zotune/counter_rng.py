@@ -204,7 +204,7 @@ _NONE = np.float32(0.0)
 
 def fill(out: np.ndarray, key: int, start: int = 0, distribution: str = "gaussian") -> None:
     """``out`` (1-D float32) ← the values at positions [start, start + len) of key's stream."""
-    _stream(out, np.uint64(key), start, np.float32(0.0), _FILL, distribution == "gaussian", _UNUSED, _UNUSED, _NONE)
+    _stream(out, np.uint64(key), start, _NONE, _FILL, distribution == "gaussian", _UNUSED, _UNUSED, _NONE)
 
 
 def add(out: np.ndarray, key: int, coefficient: float, start: int = 0, distribution: str = "gaussian") -> None:

@@ -56,6 +56,12 @@ _ALIGN = 16
 _FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
+def _generated_in_place(tensor: torch.Tensor) -> bool:
+    """Whether :mod:`zotune.counter_rng` writes a result into ``tensor`` as it generates z, in one pass with no
+    z buffer: float32 CPU tensors (the numba code is float32; other dtypes take torch ops on a z buffer)."""
+    return tensor.device.type == "cpu" and tensor.dtype == torch.float32
+
+
 def _work_dtype(param: torch.Tensor) -> torch.dtype:
     return torch.float64 if param.dtype == torch.float64 else torch.float32
 
@@ -144,7 +150,7 @@ class Block:
 
     def add_z(self, seed: int, coefficient: float) -> None:
         """``work += coefficient · z(seed)``; on the CPU, generated and added in one pass unless z is drawn already."""
-        if self.work.device.type == "cpu" and self.work.dtype == torch.float32 and seed not in self._drawn:
+        if _generated_in_place(self.work) and seed not in self._drawn:
             key, skip = self.engine._key_and_skip(seed, self.param_index, self.start)
             counter_rng.add(self.work.numpy(), key, coefficient, skip, self.engine.distribution)
         else:
@@ -154,7 +160,7 @@ class Block:
                     square_coefficient: float) -> None:
         """``first += coefficient · z(seed)`` and ``second += square_coefficient · z(seed)²`` (scratch buffers of
         the block); on the CPU in float32, generated and accumulated in one pass unless z is drawn already."""
-        if first.device.type == "cpu" and first.dtype == torch.float32 and seed not in self._drawn:
+        if _generated_in_place(first) and seed not in self._drawn:
             key, skip = self.engine._key_and_skip(seed, self.param_index, self.start)
             counter_rng.moments(first.numpy(), second.numpy(), key, coefficient, square_coefficient, skip,
                                 self.engine.distribution)
@@ -339,7 +345,7 @@ class DirectionEngine:
             return out
 
         def process(_: int, start: int, stop: int) -> None:
-            if param.device.type == "cpu" and param.dtype == torch.float32 and len(pairs) == 1:
+            if _generated_in_place(param) and len(pairs) == 1:
                 (seed, alpha), = pairs
                 key, skip = self._key_and_skip(seed, param_index, start)
                 counter_rng.pair(source[start:stop].numpy(), target[start:stop].numpy(), None, key, alpha, skip,
@@ -371,7 +377,7 @@ class DirectionEngine:
             return
 
         def process(_: int, start: int, stop: int) -> None:
-            if param.device.type == "cpu" and param.dtype == torch.float32:
+            if _generated_in_place(param):
                 key, skip = self._key_and_skip(seed, param_index, start)
                 counter_rng.pair(source[start:stop].numpy(), plus_flat[start:stop].numpy(),
                                  minus_flat[start:stop].numpy(), key, eps, skip, self.distribution)
