@@ -4,20 +4,28 @@ import numpy as np
 import pytest
 
 from zotune import counter_rng
-from zotune.counter_rng import add, fill, moments, pair
+from zotune.counter_rng import fill, moments, pair, update
 
 MASK64 = (1 << 64) - 1
+GAMMA = 0x9E3779B97F4A7C15
+# Keyed blocks longer than any test array: one SplitMix64 stream, keyed by splitmix64(key).
+ONE_BLOCK = 1 << 40
+
+
+def mix(value: int) -> int:
+    value = ((value ^ (value >> 30)) * 0xBF58476D1CE4E5B9) & MASK64
+    value = ((value ^ (value >> 27)) * 0x94D049BB133111EB) & MASK64
+    return value ^ (value >> 31)
+
+
+def block_stream_key(param_key: int, block: int) -> int:
+    """The SplitMix64 state that keyed block ``block`` of a parameter key starts from."""
+    return mix(((param_key ^ block) + GAMMA) & MASK64)
 
 
 def splitmix64_outputs(key: int, first: int, count: int) -> list[int]:
     """SplitMix64's outputs first..first+count-1 for a stream starting at state ``key``, in Python integers."""
-    outputs = []
-    for counter in range(first, first + count):
-        value = (key + (counter + 1) * 0x9E3779B97F4A7C15) & MASK64
-        value = ((value ^ (value >> 30)) * 0xBF58476D1CE4E5B9) & MASK64
-        value = ((value ^ (value >> 27)) * 0x94D049BB133111EB) & MASK64
-        outputs.append(value ^ (value >> 31))
-    return outputs
+    return [mix((key + (counter + 1) * GAMMA) & MASK64) for counter in range(first, first + count)]
 
 
 def reference_pair(low: int, high: int) -> list[float]:
@@ -39,8 +47,23 @@ def reference_gaussian(key: int, count: int) -> np.ndarray:
 @pytest.mark.parametrize("key", [0, 1, 0xDEADBEEF, MASK64])
 def test_gaussian_values_match_a_float64_box_muller_of_the_same_bits(key):
     out = np.empty(4001, np.float32)
-    fill(out, key)
-    np.testing.assert_allclose(out, reference_gaussian(key, out.size), rtol=0, atol=2e-6)
+    fill(out, 0, key, "gaussian", ONE_BLOCK)
+    np.testing.assert_allclose(out, reference_gaussian(block_stream_key(key, 0), out.size), rtol=0, atol=2e-6)
+
+
+def test_each_keyed_block_is_the_stream_of_its_own_key():
+    # 100 values in blocks of 32 from position 50: the last 14 of block 1, blocks 2 and 3, the first 22 of block 4.
+    gaussian, signs = np.empty(100, np.float32), np.empty(100, np.float32)
+    fill(gaussian, 50, 77, "gaussian", 32)
+    fill(signs, 50, 77, "rademacher", 32)
+    expected_gaussian, expected_signs = [], []
+    for block in range(5):
+        key = block_stream_key(77, block)
+        expected_gaussian += list(reference_gaussian(key, 32))
+        bits = splitmix64_outputs(key, 0, 1)[0]
+        expected_signs += [1.0 - 2.0 * ((bits >> b) & 1) for b in range(32)]
+    np.testing.assert_allclose(gaussian, expected_gaussian[50:150], rtol=0, atol=2e-6)
+    np.testing.assert_array_equal(signs, expected_signs[50:150])
 
 
 def test_radius_and_angle_are_accurate_over_their_whole_range():
@@ -53,42 +76,46 @@ def test_radius_and_angle_are_accurate_over_their_whole_range():
             np.testing.assert_allclose(values, reference_pair(low, high), atol=2e-6)
 
 
+@pytest.mark.parametrize("keyed_block", [ONE_BLOCK, 1024, 37])
 @pytest.mark.parametrize("start, length", [(0, 1), (1, 1), (3, 1024), (1023, 2), (5, 3000), (64, 63)])
-def test_any_stretch_equals_the_same_slice_of_the_whole_stream(start, length):
-    whole = np.empty(5000, np.float32)
+def test_any_stretch_equals_the_same_slice_of_the_whole_stream(start, length, keyed_block):
+    whole, other = np.empty(5000, np.float32), np.empty(5000, np.float32)
     part = np.empty(length, np.float32)
     for distribution in ("gaussian", "rademacher"):
-        fill(whole, 77, 0, distribution)
-        fill(part, 77, start, distribution)
+        fill(whole, 0, 77, distribution, keyed_block)
+        fill(other, 0, 78, distribution, keyed_block)
+        fill(part, start, 77, distribution, keyed_block)
         np.testing.assert_array_equal(part, whole[start : start + length])
+        # update: scaled first, then each term rounded in turn.
         accumulated = np.linspace(-1, 1, length, dtype=np.float32)
-        expected = accumulated + np.float32(0.25) * part
-        add(accumulated, 77, 0.25, start, distribution)
+        expected = accumulated * np.float32(0.9) + np.float32(0.25) * part
+        expected = expected + np.float32(-0.5) * other[start : start + length]
+        update(accumulated, start, [(77, 0.25), (78, -0.5)], 0.9, distribution, keyed_block)
         np.testing.assert_array_equal(accumulated, expected)
         source, plus, minus = np.linspace(-1, 1, length, dtype=np.float32), np.empty_like(part), np.empty_like(part)
-        pair(source, plus, minus, 77, 1e-3, start, distribution)
+        pair(source, plus, minus, start, 77, 1e-3, distribution, keyed_block)
         np.testing.assert_array_equal(plus, source + np.float32(1e-3) * part)
         np.testing.assert_array_equal(minus, source - np.float32(1e-3) * part)
-        pair(source, plus, None, 77, -2e-3, start, distribution)
+        pair(source, plus, None, start, 77, -2e-3, distribution, keyed_block)
         np.testing.assert_array_equal(plus, source + np.float32(-2e-3) * part)
         first, second = np.linspace(-1, 1, length, dtype=np.float32), np.linspace(0, 2, length, dtype=np.float32)
         expected_first, expected_second = first + np.float32(0.5) * part, second + np.float32(0.125) * part * part
-        moments(first, second, 77, 0.5, 0.125, start, distribution)
+        moments(first, second, start, 77, 0.5, 0.125, distribution, keyed_block)
         np.testing.assert_array_equal(first, expected_first)
         np.testing.assert_array_equal(second, expected_second)
 
 
 def test_rademacher_signs_are_the_stream_bits():
     out = np.empty(200, np.float32)
-    fill(out, 9, distribution="rademacher")
-    bits = splitmix64_outputs(9, 0, 4)
+    fill(out, 0, 9, "rademacher", ONE_BLOCK)
+    bits = splitmix64_outputs(block_stream_key(9, 0), 0, 4)
     expected = [1.0 - 2.0 * ((bits[p // 64] >> (p % 64)) & 1) for p in range(200)]
     np.testing.assert_array_equal(out, expected)
 
 
 def test_gaussian_distribution():
     out = np.empty(1 << 22, np.float32)
-    fill(out, 2024)
+    fill(out, 0, 2024, "gaussian", ONE_BLOCK)
     values = out.astype(np.float64)
     assert abs(values.mean()) < 3e-3 and abs(values.var() - 1) < 3e-3
     assert abs((values**4).mean() - 3) < 0.03  # the normal's kurtosis; a uniform's is 1.8
@@ -103,8 +130,8 @@ def test_gaussian_distribution():
 
 def test_neighbouring_keys_give_uncorrelated_streams():
     first, second = np.empty(1 << 16, np.float32), np.empty(1 << 16, np.float32)
-    fill(first, 1000)
-    fill(second, 1001)
+    fill(first, 0, 1000, "gaussian", ONE_BLOCK)
+    fill(second, 0, 1001, "gaussian", ONE_BLOCK)
     assert abs(np.corrcoef(first, second)[0, 1]) < 0.02
     # Adjacent values of one stream (cos and sin of the same angle) are uncorrelated too.
     assert abs(np.corrcoef(first[0::2], first[1::2])[0, 1]) < 0.02

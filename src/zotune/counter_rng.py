@@ -3,9 +3,11 @@
 torch's CPU generator is mt19937: a sequential stream, ~4 ns per Gaussian value per core, and a 32-bit
 seed. Direction generation dominates a MeZO step on the CPU, so zotune draws CPU directions here instead.
 
-The stream of a 64-bit ``key`` is SplitMix64's: its j-th 64-bit output is ``mix(key + (j + 1)·γ)``, a
-pure function of (key, j). Any stretch of it can therefore be computed on its own, by any thread, and
-every step of the computation is element-wise, so LLVM vectorizes it (8 float32 lanes with AVX2).
+A parameter's values are cut into keyed blocks (``keyed_block`` values each): block b of a parameter key k
+is the SplitMix64 stream of ``key = mix((k ^ b) + γ)``, whose j-th 64-bit output is ``mix(key + (j + 1)·γ)``,
+a pure function of (k, b, j). Any stretch of a parameter can therefore be computed on its own, by any
+thread, in one call whatever the blocks it crosses, and every step of the computation is element-wise, so
+LLVM vectorizes it (8 float32 lanes with AVX2).
 
 - Gaussian: output j gives positions 2j and 2j+1 by the Box-Muller transform. The top 31 bits k of its low
   half give the radius, ``sqrt(-2 ln u1)`` with ``u1 = (k + ½)·2⁻³¹`` (largest |z| ≈ 6.66; torch's CPU normal
@@ -198,46 +200,90 @@ def _stream(out, key, start, coefficient, mode, gaussian, source, minus, square_
         word += count
 
 
+@njit(**_INLINE)
+def _block_key(param_key, block):
+    """The stream key of keyed block ``block`` of a parameter (``directions.block_key``'s mix, in numba)."""
+    return _mix((param_key ^ np.uint64(block)) + _GAMMA)
+
+
+@njit(**_COMPILE)
+def _keyed(out, offset, param_keys, coefficients, scale, mode, gaussian, keyed_block, source, minus,
+           square_coefficient):
+    """``_stream`` over the positions [offset, offset + len(out)) of a parameter whose keyed block b draws from the
+    stream of ``_block_key(param_key, b)``, once per term (param_keys[t], coefficients[t]); in add mode ``out``
+    is multiplied by ``scale`` first. Block by block, so each value sees scale then the terms in order, as the
+    same updates applied one after another would. One call covers a whole stretch of a parameter: a call per
+    keyed block cost ~20 us of Python each, serialized by the GIL, a quarter of a sweep on 2 threads."""
+    done = 0
+    while done < out.shape[0]:
+        block = (offset + done) // keyed_block
+        inside = offset + done - block * keyed_block
+        stop = min(out.shape[0], done + keyed_block - inside)
+        piece = out[done:stop]
+        if scale != np.float32(1.0):
+            for k in range(stop - done):
+                piece[k] *= scale
+        for t in range(param_keys.shape[0]):
+            _stream(piece, _block_key(param_keys[t], block), inside, coefficients[t], mode, gaussian,
+                    source[done:stop], minus[done:stop], square_coefficient)
+        done = stop
+
+
 _UNUSED = np.empty(0, np.float32)
 _NONE = np.float32(0.0)
+_ONE = np.float32(1.0)
 
 
-def fill(out: np.ndarray, key: int, start: int = 0, distribution: str = "gaussian") -> None:
-    """``out`` (1-D float32) ← the values at positions [start, start + len) of key's stream."""
-    _stream(out, np.uint64(key), start, _NONE, _FILL, distribution == "gaussian", _UNUSED, _UNUSED, _NONE)
+def _one_key(param_key: int) -> np.ndarray:
+    return np.array([param_key], np.uint64)
 
 
-def add(out: np.ndarray, key: int, coefficient: float, start: int = 0, distribution: str = "gaussian") -> None:
-    """``out`` (1-D float32) += coefficient × the values at positions [start, start + len) of key's stream,
-    generated and added chunk by chunk, with no buffer the size of ``out``."""
-    _stream(out, np.uint64(key), start, np.float32(coefficient), _ADD, distribution == "gaussian", _UNUSED, _UNUSED,
-            _NONE)
+def _one_coefficient(coefficient: float) -> np.ndarray:
+    return np.array([coefficient], np.float32)
 
 
-def pair(source: np.ndarray, plus: np.ndarray, minus: np.ndarray | None, key: int, coefficient: float,
-         start: int = 0, distribution: str = "gaussian") -> None:
-    """``plus`` ← source + d and, unless ``minus`` is None, ``minus`` ← source − d, with d = coefficient × the
-    values at positions [start, start + len) of key's stream, rounded to float32 before the add (1-D float32
-    arrays of one length): a perturbed copy, or the two sides of a two-point estimate from one generation."""
+def fill(out: np.ndarray, offset: int, param_key: int, distribution: str, keyed_block: int) -> None:
+    """``out`` (1-D float32) ← z at the parameter's positions [offset, offset + len), keys changing every
+    ``keyed_block`` values (the arguments of :func:`zotune.triton_rng.fill`)."""
+    _keyed(out, offset, _one_key(param_key), _one_coefficient(1.0), _ONE, _FILL, distribution == "gaussian",
+           keyed_block, _UNUSED, _UNUSED, _NONE)
+
+
+def update(out: np.ndarray, offset: int, terms, scale: float, distribution: str, keyed_block: int) -> None:
+    """``out ← out·scale + Σ c·z(key)`` over ``terms`` [(parameter key, c)], ``out`` (1-D float32) holding the
+    parameter's values from position ``offset``: generated and added chunk by chunk, with no buffer the size of
+    ``out``, rounded after the scale and after each term."""
+    keys = np.array([key for key, _ in terms], np.uint64)
+    coefficients = np.array([c for _, c in terms], np.float32)
+    _keyed(out, offset, keys, coefficients, np.float32(scale), _ADD, distribution == "gaussian", keyed_block, _UNUSED,
+           _UNUSED, _NONE)
+
+
+def pair(source: np.ndarray, plus: np.ndarray, minus: np.ndarray | None, offset: int, param_key: int,
+         coefficient: float, distribution: str, keyed_block: int) -> None:
+    """``plus`` ← source + d and, unless ``minus`` is None, ``minus`` ← source − d, with d = coefficient · z
+    rounded to float32 before the add (1-D float32 arrays of one length, holding the parameter's values from
+    position ``offset``): a perturbed copy, or the two sides of a two-point estimate from one generation."""
     mode, minus = (_COPY, _UNUSED) if minus is None else (_PAIR, minus)
-    _stream(plus, np.uint64(key), start, np.float32(coefficient), mode, distribution == "gaussian", source, minus, _NONE)
+    _keyed(plus, offset, _one_key(param_key), _one_coefficient(coefficient), _ONE, mode, distribution == "gaussian",
+           keyed_block, source, minus, _NONE)
 
 
-def moments(first: np.ndarray, second: np.ndarray, key: int, coefficient: float, square_coefficient: float,
-            start: int = 0, distribution: str = "gaussian") -> None:
-    """``first`` += coefficient·z and ``second`` += square_coefficient·z², z the values at positions
-    [start, start + len) of key's stream (1-D float32 arrays of one length): one seed's share of Adam-style
-    moments, generated and accumulated in one pass."""
-    _stream(first, np.uint64(key), start, np.float32(coefficient), _MOMENTS, distribution == "gaussian", _UNUSED,
-            second, np.float32(square_coefficient))
+def moments(first: np.ndarray, second: np.ndarray, offset: int, param_key: int, coefficient: float,
+            square_coefficient: float, distribution: str, keyed_block: int) -> None:
+    """``first`` += coefficient·z and ``second`` += square_coefficient·z² at the parameter's positions
+    [offset, offset + len) (1-D float32 arrays of one length): one seed's share of Adam-style moments,
+    generated and accumulated in one pass."""
+    _keyed(first, offset, _one_key(param_key), _one_coefficient(coefficient), _ONE, _MOMENTS,
+           distribution == "gaussian", keyed_block, _UNUSED, second, np.float32(square_coefficient))
 
 
 def warm_up() -> None:
     """Compile the generator now (or load it from numba's cache), instead of inside the first step."""
     values, plus, minus = np.empty(3, np.float32), np.empty(3, np.float32), np.empty(3, np.float32)
     for distribution in ("gaussian", "rademacher"):
-        fill(values, 1, 1, distribution)
-        add(values, 1, 1.0, 1, distribution)
-        pair(values, plus, minus, 1, 1.0, 1, distribution)
-        pair(values, plus, None, 1, 1.0, 1, distribution)
-        moments(plus, minus, 1, 1.0, 1.0, 1, distribution)
+        fill(values, 1, 1, distribution, 2)
+        update(values, 1, [(1, 1.0)], 0.5, distribution, 2)
+        pair(values, plus, minus, 1, 1, 1.0, distribution, 2)
+        pair(values, plus, None, 1, 1, 1.0, distribution, 2)
+        moments(plus, minus, 1, 1, 1.0, 1.0, distribution, 2)

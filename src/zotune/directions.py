@@ -104,7 +104,8 @@ def param_key(seed: int, param_index: int) -> int:
 
 
 def block_key(seed: int, param_index: int, block_index: int) -> int:
-    """The stream key of one block: a 64-bit mix of (step seed, parameter index, block index)."""
+    """The stream key of one block: a 64-bit mix of (step seed, parameter index, block index). The generators
+    compute it themselves from :func:`param_key` (``counter_rng._block_key``, ``triton_rng._term``)."""
     return _splitmix64(param_key(seed, param_index) ^ block_index)
 
 
@@ -148,22 +149,14 @@ class Block:
             self._drawn[seed] = buffer
         return self._drawn[seed]
 
-    def add_z(self, seed: int, coefficient: float) -> None:
-        """``work += coefficient · z(seed)``; on the CPU, generated and added in one pass unless z is drawn already."""
-        if _generated_in_place(self.work) and seed not in self._drawn:
-            key, skip = self.engine._key_and_skip(seed, self.param_index, self.start)
-            counter_rng.add(self.work.numpy(), key, coefficient, skip, self.engine.distribution)
-        else:
-            self.work.add_(self.z(seed), alpha=coefficient)
-
     def add_moments(self, seed: int, first: torch.Tensor, second: torch.Tensor, coefficient: float,
                     square_coefficient: float) -> None:
         """``first += coefficient · z(seed)`` and ``second += square_coefficient · z(seed)²`` (scratch buffers of
         the block); on the CPU in float32, generated and accumulated in one pass unless z is drawn already."""
         if _generated_in_place(first) and seed not in self._drawn:
-            key, skip = self.engine._key_and_skip(seed, self.param_index, self.start)
-            counter_rng.moments(first.numpy(), second.numpy(), key, coefficient, square_coefficient, skip,
-                                self.engine.distribution)
+            counter_rng.moments(first.numpy(), second.numpy(), self.engine._offsets[self.param_index] + self.start,
+                                param_key(seed, self.param_index), coefficient, square_coefficient,
+                                self.engine.distribution, BLOCK_SIZE)
         else:
             z = self.z(seed)
             first.add_(z, alpha=coefficient)
@@ -209,7 +202,8 @@ class DirectionEngine:
         self.num_threads = max(1, num_threads or torch.get_num_threads())
         self._pool = ThreadPoolExecutor(self.num_threads - 1) if self.num_threads > 1 else None
         self._local = threading.local()
-        self._schedules: dict[tuple[int, ...], list[list[tuple[int, int, int]]]] = {}
+        # (parameter indices, across_blocks) -> one list of pieces (parameter, start, stop) per thread
+        self._schedules: dict[tuple[tuple[int, ...], bool], list[list[tuple[int, int, int]]]] = {}
 
     # ----- generation -------------------------------------------------------------------------
 
@@ -229,21 +223,13 @@ class DirectionEngine:
         return param.device.type == "cuda" and param.dtype in _FUSED_DTYPES
 
     def _fill(self, out: torch.Tensor, seed: int, param_index: int, start: int) -> None:
-        """``out`` ← z at this process's positions [start, start + len) of the parameter (inside one keyed
-        block on the CPU, any stretch on a GPU)."""
+        """``out`` ← z at this process's positions [start, start + len) of the parameter (any stretch)."""
         if out.device.type == "cuda":
-            from . import triton_rng
-
-            triton_rng.fill(out, self._offsets[param_index] + start, param_key(seed, param_index), self.distribution,
-                            BLOCK_SIZE)
+            from . import triton_rng as generator
         else:
-            key, skip = self._key_and_skip(seed, param_index, start)
-            counter_rng.fill(out.numpy(), key, skip, self.distribution)
-
-    def _key_and_skip(self, seed: int, param_index: int, start: int) -> tuple[int, int]:
-        """The key of the keyed block holding local position ``start``, and where ``start`` lies inside it."""
-        block_index, skip = divmod(self._offsets[param_index] + start, BLOCK_SIZE)
-        return block_key(seed, param_index, block_index), skip
+            generator, out = counter_rng, out.numpy()
+        generator.fill(out, self._offsets[param_index] + start, param_key(seed, param_index), self.distribution,
+                       BLOCK_SIZE)
 
     def _blocks(self, param_index: int) -> list[tuple[int, int]]:
         """(start, stop) of the pieces of work on this process's part of the parameter, local positions,
@@ -295,11 +281,14 @@ class DirectionEngine:
         if not terms and scale == 1.0:
             return
 
+        def keyed_terms(param_index: int) -> list[tuple[int, float]]:
+            return [(param_key(seed, param_index), coef) for seed, coef in terms]
+
         def update(block: Block) -> None:
             if scale != 1.0:
                 block.work.mul_(scale)
             for seed, coef in terms:
-                block.add_z(seed, coef)
+                block.work.add_(block.z(seed), alpha=coef)
 
         indices = list(range(len(self.params)) if indices is None else indices)
         fused = [i for i in indices if self._fused(self.params[i])]
@@ -307,11 +296,20 @@ class DirectionEngine:
             from . import triton_rng
 
             for i in fused:
-                triton_rng.update(self.params[i].detach().view(-1), self._offsets[i],
-                                  [(param_key(seed, i), coef) for seed, coef in terms], scale, self.distribution,
-                                  BLOCK_SIZE)
-        fused_indices = set(fused)
-        rest = [i for i in indices if i not in fused_indices]
+                triton_rng.update(self.params[i].detach().view(-1), self._offsets[i], keyed_terms(i), scale,
+                                  self.distribution, BLOCK_SIZE)
+        in_place = [i for i in indices if i not in fused and _generated_in_place(self.params[i])]
+        if in_place:
+            keys = {i: keyed_terms(i) for i in in_place}
+
+            def process(param_index: int, start: int, stop: int) -> None:
+                values = self.params[param_index].detach().view(-1)[start:stop].numpy()
+                counter_rng.update(values, self._offsets[param_index] + start, keys[param_index], scale,
+                                   self.distribution, BLOCK_SIZE)
+
+            self._run(self._schedule(tuple(in_place), across_blocks=True), process)
+        done = {*fused, *in_place}
+        rest = [i for i in indices if i not in done]
         if rest:
             self.transform(update, rest)
 
@@ -344,14 +342,18 @@ class DirectionEngine:
                             self.distribution, BLOCK_SIZE)
             return out
 
-        def process(_: int, start: int, stop: int) -> None:
-            if _generated_in_place(param) and len(pairs) == 1:
-                (seed, alpha), = pairs
-                key, skip = self._key_and_skip(seed, param_index, start)
-                counter_rng.pair(source[start:stop].numpy(), target[start:stop].numpy(), None, key, alpha, skip,
-                                 self.distribution)
-                return
+        if _generated_in_place(param) and len(pairs) == 1:
+            (seed, alpha), = pairs
+            key = param_key(seed, param_index)
 
+            def generate(_: int, start: int, stop: int) -> None:
+                counter_rng.pair(source[start:stop].numpy(), target[start:stop].numpy(), None,
+                                 self._offsets[param_index] + start, key, alpha, self.distribution, BLOCK_SIZE)
+
+            self._run(self._schedule((param_index,), across_blocks=True), generate)
+            return out
+
+        def process(_: int, start: int, stop: int) -> None:
             def direction(seed: int) -> torch.Tensor:
                 z = self._buffer(0, stop - start, param.device)
                 self._fill(z, seed, param_index, start)
@@ -376,12 +378,18 @@ class DirectionEngine:
                             eps, self.distribution, BLOCK_SIZE)
             return
 
-        def process(_: int, start: int, stop: int) -> None:
-            if _generated_in_place(param):
-                key, skip = self._key_and_skip(seed, param_index, start)
+        if _generated_in_place(param):
+            key = param_key(seed, param_index)
+
+            def generate(_: int, start: int, stop: int) -> None:
                 counter_rng.pair(source[start:stop].numpy(), plus_flat[start:stop].numpy(),
-                                 minus_flat[start:stop].numpy(), key, eps, skip, self.distribution)
-                return
+                                 minus_flat[start:stop].numpy(), self._offsets[param_index] + start, key, eps,
+                                 self.distribution, BLOCK_SIZE)
+
+            self._run(self._schedule((param_index,), across_blocks=True), generate)
+            return
+
+        def process(_: int, start: int, stop: int) -> None:
             z = self._buffer(0, stop - start, param.device)
             self._fill(z, seed, param_index, start)
             scaled = z if _work_dtype(param) == torch.float32 else self._buffer("sum", stop - start, param.device,
@@ -402,7 +410,7 @@ class DirectionEngine:
         def direction(seed: int) -> torch.Tensor:
             z = torch.empty(source.shape, dtype=torch.float32, device=param.device)
             for row, start in enumerate(starts):
-                self._fill_stretch(z[row], seed, param_index, start)
+                self._fill(z[row], seed, param_index, start)
             return z
 
         out = torch.empty_like(source)
@@ -410,32 +418,28 @@ class DirectionEngine:
         _perturb(out, source, pairs, direction, work)
         return out.view(len(rows), *param.shape[1:])
 
-    def _fill_stretch(self, out: torch.Tensor, seed: int, param_index: int, start: int) -> None:
-        """``out`` ← z at local positions [start, start + len), across keyed blocks."""
-        done, offset = 0, self._offsets[param_index]
-        while done < out.numel():
-            position = start + done
-            block_end = ((offset + position) // BLOCK_SIZE + 1) * BLOCK_SIZE - offset
-            stop = min(out.numel(), done + block_end - position)
-            self._fill(out[done:stop], seed, param_index, position)
-            done = stop
-
     # ----- scheduling -------------------------------------------------------------------------
 
-    def _schedule(self, indices: tuple[int, ...]) -> list[list[tuple[int, int, int]]]:
+    def _schedule(self, indices: tuple[int, ...], across_blocks: bool = False) -> list[list[tuple[int, int, int]]]:
         """Pieces (parameter, start, stop) of the given parameters, one list per thread, of equal size: the
         values are cut into equal shares, and a keyed block that straddles two shares is split between them
         (values depend on their position only, so any stretch can be drawn alone). Whole blocks per thread
         would leave one of two threads idle on a 576 × 192 matrix (one block), as a dual forward asks for,
-        module by module."""
-        if indices not in self._schedules:
+        module by module. Pieces stay inside keyed blocks (the unit of a :class:`Block`) unless
+        ``across_blocks``: then a thread's consecutive pieces of one parameter are joined, for the generator
+        calls that cross blocks themselves."""
+        if (indices, across_blocks) in self._schedules:
+            return self._schedules[indices, across_blocks]
+        if across_blocks:
+            groups = [_joined_pieces(group) for group in self._schedule(indices)]
+        else:
             blocks = [(i, *block) for i in indices for block in self._blocks(i)]
             parallel = self._pool is not None and all(self.params[i].device.type == "cpu" for i in indices)
             total = sum(stop - start for _, start, stop in blocks)
             workers = max(1, min(self.num_threads, total // _MIN_SHARE)) if parallel else 1
             # Share boundaries on the concatenated values, rounded to whole cache lines of float32 values.
             cuts = [total * k // workers // _ALIGN * _ALIGN for k in range(1, workers)] + [total]
-            groups: list[list[tuple[int, int, int]]] = [[] for _ in range(workers)]
+            groups = [[] for _ in range(workers)]
             share, done = 0, 0
             for param_index, start, stop in blocks:
                 while start < stop:
@@ -446,8 +450,8 @@ class DirectionEngine:
                     start = piece
                     if done == cuts[share] and share < workers - 1:
                         share += 1
-            self._schedules[indices] = groups
-        return self._schedules[indices]
+        self._schedules[indices, across_blocks] = groups
+        return groups
 
     def _run(self, groups, process) -> None:
         # Grad and inference mode are thread-local: workers must run in the caller's modes, e.g. to write
@@ -463,3 +467,14 @@ class DirectionEngine:
         work(groups[0])
         for future in futures:
             future.result()
+
+
+def _joined_pieces(pieces: list[tuple[int, int, int]]) -> list[tuple[int, int, int]]:
+    """Consecutive pieces (parameter, start, stop) of one parameter joined into one."""
+    joined: list[tuple[int, int, int]] = []
+    for param_index, start, stop in pieces:
+        if joined and joined[-1][0] == param_index and joined[-1][2] == start:
+            joined[-1] = (param_index, joined[-1][1], stop)
+        else:
+            joined.append((param_index, start, stop))
+    return joined
