@@ -301,13 +301,13 @@ class DirectionEngine:
         in_place = [i for i in indices if i not in fused and _generated_in_place(self.params[i])]
         if in_place:
             keys = {i: keyed_terms(i) for i in in_place}
+            values = {i: self.params[i].detach().view(-1).numpy() for i in in_place}
 
-            def process(param_index: int, start: int, stop: int) -> None:
-                values = self.params[param_index].detach().view(-1)[start:stop].numpy()
-                counter_rng.update(values, self._offsets[param_index] + start, keys[param_index], scale,
-                                   self.distribution, BLOCK_SIZE)
+            def generate(param_index: int, start: int, stop: int) -> None:
+                counter_rng.update(values[param_index][start:stop], self._offsets[param_index] + start,
+                                   keys[param_index], scale, self.distribution, BLOCK_SIZE)
 
-            self._run(self._schedule(tuple(in_place), across_blocks=True), process)
+            self._generate(tuple(in_place), generate)
         done = {*fused, *in_place}
         rest = [i for i in indices if i not in done]
         if rest:
@@ -344,13 +344,13 @@ class DirectionEngine:
 
         if _generated_in_place(param) and len(pairs) == 1:
             (seed, alpha), = pairs
-            key = param_key(seed, param_index)
+            key, source_values, target_values = param_key(seed, param_index), source.numpy(), target.numpy()
 
             def generate(_: int, start: int, stop: int) -> None:
-                counter_rng.pair(source[start:stop].numpy(), target[start:stop].numpy(), None,
+                counter_rng.pair(source_values[start:stop], target_values[start:stop], None,
                                  self._offsets[param_index] + start, key, alpha, self.distribution, BLOCK_SIZE)
 
-            self._run(self._schedule((param_index,), across_blocks=True), generate)
+            self._generate((param_index,), generate)
             return out
 
         def process(_: int, start: int, stop: int) -> None:
@@ -380,13 +380,13 @@ class DirectionEngine:
 
         if _generated_in_place(param):
             key = param_key(seed, param_index)
+            source_values, plus_values, minus_values = source.numpy(), plus_flat.numpy(), minus_flat.numpy()
 
             def generate(_: int, start: int, stop: int) -> None:
-                counter_rng.pair(source[start:stop].numpy(), plus_flat[start:stop].numpy(),
-                                 minus_flat[start:stop].numpy(), self._offsets[param_index] + start, key, eps,
-                                 self.distribution, BLOCK_SIZE)
+                counter_rng.pair(source_values[start:stop], plus_values[start:stop], minus_values[start:stop],
+                                 self._offsets[param_index] + start, key, eps, self.distribution, BLOCK_SIZE)
 
-            self._run(self._schedule((param_index,), across_blocks=True), generate)
+            self._generate((param_index,), generate)
             return
 
         def process(_: int, start: int, stop: int) -> None:
@@ -453,15 +453,27 @@ class DirectionEngine:
         self._schedules[indices, across_blocks] = groups
         return groups
 
-    def _run(self, groups, process) -> None:
-        # Grad and inference mode are thread-local: workers must run in the caller's modes, e.g. to write
-        # into a tensor created under inference_mode inside a forward.
+    def _generate(self, indices: tuple[int, ...], call: Callable[[int, int, int], None]) -> None:
+        """``call(parameter, start, stop)`` on the given parameters' pieces joined across keyed blocks, spread over
+        the threads: for :mod:`zotune.counter_rng`'s calls on numpy views made beforehand. Torch ops in the
+        workers (slicing, ``.numpy()``, entering modes) cost ~70 us a call with two threads contending for the
+        GIL, as much as generating 80,000 values."""
+        self._run(self._schedule(indices, across_blocks=True), call, torch_modes=False)
+
+    def _run(self, groups, process, torch_modes: bool = True) -> None:
+        # Grad and inference mode are thread-local: workers that call torch must run in the caller's modes,
+        # e.g. to write into a tensor created under inference_mode inside a forward.
         inference, grad = torch.is_inference_mode_enabled(), torch.is_grad_enabled()
 
+        def pieces(group):
+            for param_index, start, stop in group:
+                process(param_index, start, stop)
+
         def work(group):
+            if not torch_modes:
+                return pieces(group)
             with torch.inference_mode(inference), torch.set_grad_enabled(grad):
-                for param_index, start, stop in group:
-                    process(param_index, start, stop)
+                return pieces(group)
 
         futures = [self._pool.submit(work, group) for group in groups[1:]] if len(groups) > 1 else []
         work(groups[0])
