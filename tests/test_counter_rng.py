@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from zotune import counter_rng
-from zotune.counter_rng import fill, moments, pair, update
+from zotune.counter_rng import fill, fill_rows, moments, pair, update
 
 MASK64 = (1 << 64) - 1
 GAMMA = 0x9E3779B97F4A7C15
@@ -103,6 +103,14 @@ def test_any_stretch_equals_the_same_slice_of_the_whole_stream(start, length, ke
         moments(first, second, start, 77, 0.5, 0.125, distribution, keyed_block)
         np.testing.assert_array_equal(first, expected_first)
         np.testing.assert_array_equal(second, expected_second)
+
+
+@pytest.mark.parametrize("distribution", ["gaussian", "rademacher"])
+def test_rows_are_the_same_stretches_of_the_whole_stream(distribution):
+    whole, rows = np.empty(5000, np.float32), np.empty((3, 70), np.float32)
+    fill(whole, 0, 77, distribution, 1024)
+    fill_rows(rows, np.array([4900, 1000, 0]), 77, distribution, 1024)  # the middle row crosses a keyed block
+    np.testing.assert_array_equal(rows, [whole[4900:4970], whole[1000:1070], whole[:70]])
 
 
 def test_rademacher_signs_are_the_stream_bits():

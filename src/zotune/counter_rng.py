@@ -229,6 +229,13 @@ def _keyed(out, offset, param_keys, coefficients, scale, mode, gaussian, keyed_b
         done = stop
 
 
+@njit(**_COMPILE)
+def _rows(out, offsets, param_keys, coefficients, gaussian, keyed_block, unused):
+    for row in range(out.shape[0]):
+        _keyed(out[row], offsets[row], param_keys, coefficients, np.float32(1.0), _FILL, gaussian, keyed_block, unused,
+               unused, np.float32(0.0))
+
+
 _UNUSED = np.empty(0, np.float32)
 _NONE = np.float32(0.0)
 _ONE = np.float32(1.0)
@@ -247,6 +254,13 @@ def fill(out: np.ndarray, offset: int, param_key: int, distribution: str, keyed_
     ``keyed_block`` values (the arguments of :func:`zotune.triton_rng.fill`)."""
     _keyed(out, offset, _one_key(param_key), _one_coefficient(1.0), _ONE, _FILL, distribution == "gaussian",
            keyed_block, _UNUSED, _UNUSED, _NONE)
+
+
+def fill_rows(out: np.ndarray, offsets: np.ndarray, param_key: int, distribution: str, keyed_block: int) -> None:
+    """Each row r of ``out`` (2-D float32, C-contiguous) ← z at the parameter's positions [offsets[r], offsets[r] +
+    row length), in one call: the rows of a table that an embedding lookup perturbs."""
+    _rows(out, offsets.astype(np.int64), _one_key(param_key), _one_coefficient(1.0), distribution == "gaussian",
+          keyed_block, _UNUSED)
 
 
 def update(out: np.ndarray, offset: int, terms, scale: float, distribution: str, keyed_block: int) -> None:
@@ -283,6 +297,7 @@ def warm_up() -> None:
     values, plus, minus = np.empty(3, np.float32), np.empty(3, np.float32), np.empty(3, np.float32)
     for distribution in ("gaussian", "rademacher"):
         fill(values, 1, 1, distribution, 2)
+        fill_rows(values.reshape(1, 3), np.ones(1, np.int64), 1, distribution, 2)
         update(values, 1, [(1, 1.0)], 0.5, distribution, 2)
         pair(values, plus, minus, 1, 1, 1.0, distribution, 2)
         pair(values, plus, None, 1, 1, 1.0, distribution, 2)

@@ -401,16 +401,16 @@ class DirectionEngine:
         self._run(self._schedule((param_index,)), process)
 
     def perturbed_rows(self, param_index: int, pairs: Sequence[Pair], rows: torch.Tensor) -> torch.Tensor:
-        """Rows ``rows`` (indices along dim 0) of :meth:`perturbed_copy`, drawing z for those rows only."""
+        """Rows ``rows`` (indices along dim 0) of :meth:`perturbed_copy` of a CPU parameter, drawing z for those
+        rows only."""
         param = self.params[param_index].detach()
         width = param[0].numel()
         source = param[rows].reshape(len(rows), width)
-        starts = [row * width for row in rows.tolist()]
+        offsets = (rows * width + self._offsets[param_index]).numpy()
 
         def direction(seed: int) -> torch.Tensor:
-            z = torch.empty(source.shape, dtype=torch.float32, device=param.device)
-            for row, start in enumerate(starts):
-                self._fill(z[row], seed, param_index, start)
+            z = torch.empty(source.shape, dtype=torch.float32)
+            counter_rng.fill_rows(z.numpy(), offsets, param_key(seed, param_index), self.distribution, BLOCK_SIZE)
             return z
 
         out = torch.empty_like(source)
