@@ -100,7 +100,9 @@ def test_any_stretch_equals_the_same_slice_of_the_whole_stream(start, length, ke
         np.testing.assert_array_equal(plus, source + np.float32(-2e-3) * part)
         first, second = np.linspace(-1, 1, length, dtype=np.float32), np.linspace(0, 2, length, dtype=np.float32)
         expected_first, expected_second = first + np.float32(0.5) * part, second + np.float32(0.125) * part * part
-        moments(first, second, start, 77, 0.5, 0.125, distribution, keyed_block)
+        expected_first = expected_first + np.float32(-0.25) * other[start : start + length]
+        expected_second = expected_second + np.float32(2.0) * other[start : start + length] * other[start : start + length]
+        moments(first, second, start, [(77, 0.5, 0.125), (78, -0.25, 2.0)], distribution, keyed_block)
         np.testing.assert_array_equal(first, expected_first)
         np.testing.assert_array_equal(second, expected_second)
 

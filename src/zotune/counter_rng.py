@@ -208,10 +208,10 @@ def _block_key(param_key, block):
 
 @njit(**_COMPILE)
 def _keyed(out, offset, param_keys, coefficients, scale, mode, gaussian, keyed_block, source, minus,
-           square_coefficient):
+           square_coefficients):
     """``_stream`` over the positions [offset, offset + len(out)) of a parameter whose keyed block b draws from the
-    stream of ``_block_key(param_key, b)``, once per term (param_keys[t], coefficients[t]); in add mode ``out``
-    is multiplied by ``scale`` first. Block by block, so each value sees scale then the terms in order, as the
+    stream of ``_block_key(param_key, b)``, once per term (param_keys[t], coefficients[t], square_coefficients[t]);
+    in add mode ``out`` is multiplied by ``scale`` first. Block by block, so each value sees scale then the terms in order, as the
     same updates applied one after another would. One call covers a whole stretch of a parameter: a call per
     keyed block cost ~20 us of Python each, serialized by the GIL (~1,150 calls per sweep of a 135M model)."""
     done = 0
@@ -225,7 +225,7 @@ def _keyed(out, offset, param_keys, coefficients, scale, mode, gaussian, keyed_b
                 piece[k] *= scale
         for t in range(param_keys.shape[0]):
             _stream(piece, _block_key(param_keys[t], block), inside, coefficients[t], mode, gaussian,
-                    source[done:stop], minus[done:stop], square_coefficient)
+                    source[done:stop], minus[done:stop], square_coefficients[t])
         done = stop
 
 
@@ -233,11 +233,10 @@ def _keyed(out, offset, param_keys, coefficients, scale, mode, gaussian, keyed_b
 def _rows(out, offsets, param_keys, coefficients, gaussian, keyed_block, unused):
     for row in range(out.shape[0]):
         _keyed(out[row], offsets[row], param_keys, coefficients, np.float32(1.0), _FILL, gaussian, keyed_block, unused,
-               unused, np.float32(0.0))
+               unused, coefficients)
 
 
 _UNUSED = np.empty(0, np.float32)
-_NONE = np.float32(0.0)
 _ONE = np.float32(1.0)
 
 
@@ -252,8 +251,9 @@ def _one_coefficient(coefficient: float) -> np.ndarray:
 def fill(out: np.ndarray, offset: int, param_key: int, distribution: str, keyed_block: int) -> None:
     """``out`` (1-D float32) ← z at the parameter's positions [offset, offset + len), keys changing every
     ``keyed_block`` values (the arguments of :func:`zotune.triton_rng.fill`)."""
-    _keyed(out, offset, _one_key(param_key), _one_coefficient(1.0), _ONE, _FILL, distribution == "gaussian",
-           keyed_block, _UNUSED, _UNUSED, _NONE)
+    coefficients = _one_coefficient(1.0)
+    _keyed(out, offset, _one_key(param_key), coefficients, _ONE, _FILL, distribution == "gaussian", keyed_block,
+           _UNUSED, _UNUSED, coefficients)
 
 
 def fill_rows(out: np.ndarray, offsets: np.ndarray, param_key: int, distribution: str, keyed_block: int) -> None:
@@ -270,7 +270,7 @@ def update(out: np.ndarray, offset: int, terms, scale: float, distribution: str,
     keys = np.array([key for key, _ in terms], np.uint64)
     coefficients = np.array([c for _, c in terms], np.float32)
     _keyed(out, offset, keys, coefficients, np.float32(scale), _ADD, distribution == "gaussian", keyed_block, _UNUSED,
-           _UNUSED, _NONE)
+           _UNUSED, coefficients)
 
 
 def pair(source: np.ndarray, plus: np.ndarray, minus: np.ndarray | None, offset: int, param_key: int,
@@ -279,17 +279,20 @@ def pair(source: np.ndarray, plus: np.ndarray, minus: np.ndarray | None, offset:
     rounded to float32 before the add (1-D float32 arrays of one length, holding the parameter's values from
     position ``offset``): a perturbed copy, or the two sides of a two-point estimate from one generation."""
     mode, minus = (_COPY, _UNUSED) if minus is None else (_PAIR, minus)
-    _keyed(plus, offset, _one_key(param_key), _one_coefficient(coefficient), _ONE, mode, distribution == "gaussian",
-           keyed_block, source, minus, _NONE)
+    coefficients = _one_coefficient(coefficient)
+    _keyed(plus, offset, _one_key(param_key), coefficients, _ONE, mode, distribution == "gaussian", keyed_block, source,
+           minus, coefficients)
 
 
-def moments(first: np.ndarray, second: np.ndarray, offset: int, param_key: int, coefficient: float,
-            square_coefficient: float, distribution: str, keyed_block: int) -> None:
-    """``first`` += coefficient·z and ``second`` += square_coefficient·z² at the parameter's positions
-    [offset, offset + len) (1-D float32 arrays of one length): one seed's share of Adam-style moments,
-    generated and accumulated in one pass."""
-    _keyed(first, offset, _one_key(param_key), _one_coefficient(coefficient), _ONE, _MOMENTS,
-           distribution == "gaussian", keyed_block, _UNUSED, second, np.float32(square_coefficient))
+def moments(first: np.ndarray, second: np.ndarray, offset: int, terms, distribution: str, keyed_block: int) -> None:
+    """``first`` += a·z(key) and ``second`` += b·z(key)² over ``terms`` [(parameter key, a, b)] in order, at the
+    parameter's positions [offset, offset + len) (1-D float32 arrays of one length): Adam-style moments from a
+    window of seeds, each generated and accumulated in one pass."""
+    keys = np.array([key for key, _, _ in terms], np.uint64)
+    coefficients = np.array([a for _, a, _ in terms], np.float32)
+    square_coefficients = np.array([b for _, _, b in terms], np.float32)
+    _keyed(first, offset, keys, coefficients, _ONE, _MOMENTS, distribution == "gaussian", keyed_block, _UNUSED, second,
+           square_coefficients)
 
 
 def warm_up() -> None:
@@ -301,4 +304,4 @@ def warm_up() -> None:
         update(values, 1, [(1, 1.0)], 0.5, distribution, 2)
         pair(values, plus, minus, 1, 1, 1.0, distribution, 2)
         pair(values, plus, None, 1, 1, 1.0, distribution, 2)
-        moments(plus, minus, 1, 1, 1.0, 1.0, distribution, 2)
+        moments(plus, minus, 1, [(1, 1.0, 1.0)], distribution, 2)

@@ -149,18 +149,28 @@ class Block:
             self._drawn[seed] = buffer
         return self._drawn[seed]
 
-    def add_moments(self, seed: int, first: torch.Tensor, second: torch.Tensor, coefficient: float,
-                    square_coefficient: float) -> None:
-        """``first += coefficient · z(seed)`` and ``second += square_coefficient · z(seed)²`` (scratch buffers of
-        the block); on the CPU in float32, generated and accumulated in one pass unless z is drawn already."""
-        if _generated_in_place(first) and seed not in self._drawn:
-            counter_rng.moments(first.numpy(), second.numpy(), self.engine._offsets[self.param_index] + self.start,
-                                param_key(seed, self.param_index), coefficient, square_coefficient,
-                                self.engine.distribution, BLOCK_SIZE)
-        else:
+    def add_moments(self, first: torch.Tensor, second: torch.Tensor, terms: Sequence[tuple[int, float, float]]) -> None:
+        """``first += a · z(seed)`` and ``second += b · z(seed)²`` over ``terms`` [(seed, a, b)] in order (scratch
+        buffers of the block). On the CPU in float32, each run of seeds not drawn already is generated and
+        accumulated in one call: a call per seed and block cost ~10 us of Python, serialized by the GIL."""
+        pending: list[tuple[int, float, float]] = []
+
+        def generate_pending() -> None:
+            if pending:
+                counter_rng.moments(first.numpy(), second.numpy(), self.engine._offsets[self.param_index] + self.start,
+                                    [(param_key(seed, self.param_index), a, b) for seed, a, b in pending],
+                                    self.engine.distribution, BLOCK_SIZE)
+                pending.clear()
+
+        for seed, a, b in terms:
+            if _generated_in_place(first) and seed not in self._drawn:
+                pending.append((seed, a, b))
+                continue
+            generate_pending()
             z = self.z(seed)
-            first.add_(z, alpha=coefficient)
-            second.addcmul_(z, z, value=square_coefficient)
+            first.add_(z, alpha=a)
+            second.addcmul_(z, z, value=b)
+        generate_pending()
 
     def scratch(self, name: str) -> torch.Tensor:
         """A buffer of the block's size in ``work``'s dtype, owned by the thread and reused (contents undefined)."""

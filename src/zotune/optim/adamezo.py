@@ -60,8 +60,8 @@ class AdaMeZO(MeZO):
                 m, v = block.scratch("m").zero_(), block.scratch("v").zero_()
                 for seed, _ in restore:  # needed twice: drawn once into a buffer rather than generated twice
                     block.z(seed)
-                for k, (seed, projected) in enumerate(newest_first):
-                    block.add_moments(seed, m, v, self.beta1**k * projected, self.beta2**k * projected * projected)
+                block.add_moments(m, v, [(seed, self.beta1**k * projected, self.beta2**k * projected * projected)
+                                         for k, (seed, projected) in enumerate(newest_first)])
                 for seed, coef in restore:
                     block.work.add_(block.z(seed), alpha=coef)
                 if decay != 1.0:
