@@ -115,6 +115,23 @@ def test_rows_are_the_same_stretches_of_the_whole_stream(distribution):
     np.testing.assert_array_equal(rows, [whole[4900:4970], whole[1000:1070], whole[:70]])
 
 
+@pytest.mark.parametrize("threads", [2, 3])
+@pytest.mark.parametrize("distribution", ["gaussian", "rademacher"])
+def test_threads_share_a_stretch_without_changing_a_value(threads, distribution):
+    length, offset, block = 100_003, 5, 1 << 17  # long enough to be shared; crosses a keyed block
+    source = np.linspace(-1, 1, length, dtype=np.float32)
+    results = []
+    for used in (1, threads):
+        out, plus, minus, accumulated = (np.empty(length, np.float32) for _ in range(4))
+        fill(out, offset, 77, distribution, block, used)
+        pair(source, plus, minus, offset, 77, 1e-3, distribution, block, used)
+        accumulated[:] = source
+        update(accumulated, offset, [(77, 0.25), (78, -0.5)], 0.9, distribution, block, used)
+        results.append((out, plus, minus, accumulated))
+    for alone, shared in zip(*results):
+        np.testing.assert_array_equal(alone, shared)
+
+
 def test_rademacher_signs_are_the_stream_bits():
     out = np.empty(200, np.float32)
     fill(out, 0, 9, "rademacher", ONE_BLOCK)

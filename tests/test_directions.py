@@ -58,7 +58,7 @@ def test_threads_do_not_change_the_result(distribution, threads):
 
 
 @pytest.mark.parametrize("threads", [2, 3])
-def test_threads_share_the_values_equally_and_pieces_stay_inside_keyed_blocks_unless_joined(threads):
+def test_threads_share_the_values_equally_and_pieces_stay_inside_keyed_blocks(threads):
     params = make_params()
     engine = DirectionEngine(params, num_threads=threads)
     for indices in [(1,), (3,), (0, 1, 2, 3)]:
@@ -71,12 +71,6 @@ def test_threads_share_the_values_equally_and_pieces_stay_inside_keyed_blocks_un
             assert own[0][0] == 0 and own[-1][1] == params[index].numel()
             assert all(a[1] == b[0] for a, b in zip(own, own[1:]))
         assert all(start // BLOCK_SIZE == (stop - 1) // BLOCK_SIZE for _, start, stop in pieces)
-        # For the generator calls that cross keyed blocks: the same shares, one piece per parameter and thread.
-        joined = engine._schedule(indices, across_blocks=True)
-        assert [sum(stop - start for _, start, stop in share) for share in joined] == sizes
-        for share, pieces_of_share in zip(joined, shares):
-            assert [i for i, _, _ in share] == list(dict.fromkeys(i for i, _, _ in pieces_of_share))
-            assert all(any(j == i and a <= start and stop <= b for j, a, b in share) for i, start, stop in pieces_of_share)
     assert engine._schedule((0,)) == [[(0, 0, 15)]]  # too small to share
 
 

@@ -27,9 +27,10 @@ from __future__ import annotations
 
 import math
 
+import numba
 import numpy as np
 from llvmlite import ir
-from numba import njit, types
+from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
@@ -57,6 +58,10 @@ _ATANH = tuple(np.float32(c) for c in ("0.33333388", "0.19988787", "0.1493547"))
 
 # Words per chunk: a Gaussian chunk's scratch (4 arrays of this many 32-bit values) stays in the L1 cache.
 _CHUNK = 512
+# A stretch is shared between threads only above this many values per thread (a parallel launch costs ~10 us,
+# a value ~1.5 ns), in shares that start on 64-byte boundaries.
+_MIN_SHARE = 1 << 14
+_ALIGN = 16
 
 # error_model="numpy": no Python ZeroDivisionError checks, whose branches would stop vectorization.
 _COMPILE = dict(nogil=True, cache=True, error_model="numpy")
@@ -229,6 +234,38 @@ def _keyed(out, offset, param_keys, coefficients, scale, mode, gaussian, keyed_b
         done = stop
 
 
+@njit(parallel=True, **_COMPILE)
+def _keyed_shared(out, offset, param_keys, coefficients, scale, mode, gaussian, keyed_block, source, minus,
+                  square_coefficients, shares):
+    """``_keyed`` on ``shares`` equal stretches of ``out``, one per thread of numba's pool."""
+    length = out.shape[0]
+    for share in prange(shares):
+        first = length * share // shares // _ALIGN * _ALIGN
+        last = length if share == shares - 1 else length * (share + 1) // shares // _ALIGN * _ALIGN
+        _keyed(out[first:last], offset + first, param_keys, coefficients, scale, mode, gaussian, keyed_block,
+               source[first:last], minus[first:last], square_coefficients)
+
+
+def _generate(threads, out, *arguments) -> None:
+    """``_keyed(out, *arguments)``, shared between up to ``threads`` of numba's threads when ``out`` is long enough.
+
+    Numba's threads, not Python's: a Python thread pool cost ~70 us per call here, its workers waking up and
+    contending for the GIL, where a numba launch costs ~10 us. With numba's OpenMP layer, the threads are
+    the OpenMP team that torch's CPU ops use, warm from the forward's last op. A launch must come from one
+    thread at a time where numba falls back to its workqueue layer: zotune launches from the caller's thread
+    only."""
+    shares = min(threads, numba.config.NUMBA_NUM_THREADS, out.shape[0] // _MIN_SHARE)
+    if shares > 1:
+        before = numba.get_num_threads()
+        numba.set_num_threads(shares)  # this thread's setting only; the rest of numba's threads stay asleep
+        try:
+            _keyed_shared(out, *arguments, shares)
+        finally:
+            numba.set_num_threads(before)
+    else:
+        _keyed(out, *arguments)
+
+
 @njit(**_COMPILE)
 def _rows(out, offsets, param_keys, coefficients, gaussian, keyed_block, unused):
     for row in range(out.shape[0]):
@@ -248,12 +285,12 @@ def _one_coefficient(coefficient: float) -> np.ndarray:
     return np.array([coefficient], np.float32)
 
 
-def fill(out: np.ndarray, offset: int, param_key: int, distribution: str, keyed_block: int) -> None:
+def fill(out: np.ndarray, offset: int, param_key: int, distribution: str, keyed_block: int, threads: int = 1) -> None:
     """``out`` (1-D float32) ← z at the parameter's positions [offset, offset + len), keys changing every
-    ``keyed_block`` values (the arguments of :func:`zotune.triton_rng.fill`)."""
+    ``keyed_block`` values (the arguments of :func:`zotune.triton_rng.fill`), on up to ``threads`` threads."""
     coefficients = _one_coefficient(1.0)
-    _keyed(out, offset, _one_key(param_key), coefficients, _ONE, _FILL, distribution == "gaussian", keyed_block,
-           _UNUSED, _UNUSED, coefficients)
+    _generate(threads, out, offset, _one_key(param_key), coefficients, _ONE, _FILL, distribution == "gaussian",
+              keyed_block, _UNUSED, _UNUSED, coefficients)
 
 
 def fill_rows(out: np.ndarray, offsets: np.ndarray, param_key: int, distribution: str, keyed_block: int) -> None:
@@ -263,25 +300,27 @@ def fill_rows(out: np.ndarray, offsets: np.ndarray, param_key: int, distribution
           keyed_block, _UNUSED)
 
 
-def update(out: np.ndarray, offset: int, terms, scale: float, distribution: str, keyed_block: int) -> None:
+def update(out: np.ndarray, offset: int, terms, scale: float, distribution: str, keyed_block: int,
+           threads: int = 1) -> None:
     """``out ← out·scale + Σ c·z(key)`` over ``terms`` [(parameter key, c)], ``out`` (1-D float32) holding the
     parameter's values from position ``offset``: generated and added chunk by chunk, with no buffer the size of
-    ``out``, rounded after the scale and after each term."""
+    ``out``, rounded after the scale and after each term; on up to ``threads`` threads."""
     keys = np.array([key for key, _ in terms], np.uint64)
     coefficients = np.array([c for _, c in terms], np.float32)
-    _keyed(out, offset, keys, coefficients, np.float32(scale), _ADD, distribution == "gaussian", keyed_block, _UNUSED,
-           _UNUSED, coefficients)
+    _generate(threads, out, offset, keys, coefficients, np.float32(scale), _ADD, distribution == "gaussian", keyed_block,
+              _UNUSED, _UNUSED, coefficients)
 
 
 def pair(source: np.ndarray, plus: np.ndarray, minus: np.ndarray | None, offset: int, param_key: int,
-         coefficient: float, distribution: str, keyed_block: int) -> None:
+         coefficient: float, distribution: str, keyed_block: int, threads: int = 1) -> None:
     """``plus`` ← source + d and, unless ``minus`` is None, ``minus`` ← source − d, with d = coefficient · z
     rounded to float32 before the add (1-D float32 arrays of one length, holding the parameter's values from
-    position ``offset``): a perturbed copy, or the two sides of a two-point estimate from one generation."""
+    position ``offset``): a perturbed copy, or the two sides of a two-point estimate from one generation; on up
+    to ``threads`` threads."""
     mode, minus = (_COPY, _UNUSED) if minus is None else (_PAIR, minus)
     coefficients = _one_coefficient(coefficient)
-    _keyed(plus, offset, _one_key(param_key), coefficients, _ONE, mode, distribution == "gaussian", keyed_block, source,
-           minus, coefficients)
+    _generate(threads, plus, offset, _one_key(param_key), coefficients, _ONE, mode, distribution == "gaussian",
+              keyed_block, source, minus, coefficients)
 
 
 def moments(first: np.ndarray, second: np.ndarray, offset: int, terms, distribution: str, keyed_block: int) -> None:
@@ -300,6 +339,7 @@ def warm_up() -> None:
     values, plus, minus = np.empty(3, np.float32), np.empty(3, np.float32), np.empty(3, np.float32)
     for distribution in ("gaussian", "rademacher"):
         fill(values, 1, 1, distribution, 2)
+        fill(np.empty(2 * _MIN_SHARE, np.float32), 1, 1, distribution, 2, threads=2)
         fill_rows(values.reshape(1, 3), np.ones(1, np.int64), 1, distribution, 2)
         update(values, 1, [(1, 1.0)], 0.5, distribution, 2)
         pair(values, plus, minus, 1, 1, 1.0, distribution, 2)

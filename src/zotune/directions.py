@@ -212,8 +212,7 @@ class DirectionEngine:
         self.num_threads = max(1, num_threads or torch.get_num_threads())
         self._pool = ThreadPoolExecutor(self.num_threads - 1) if self.num_threads > 1 else None
         self._local = threading.local()
-        # (parameter indices, across_blocks) -> one list of pieces (parameter, start, stop) per thread
-        self._schedules: dict[tuple[tuple[int, ...], bool], list[list[tuple[int, int, int]]]] = {}
+        self._schedules: dict[tuple[int, ...], list[list[tuple[int, int, int]]]] = {}
 
     # ----- generation -------------------------------------------------------------------------
 
@@ -310,14 +309,9 @@ class DirectionEngine:
                                   self.distribution, BLOCK_SIZE)
         in_place = [i for i in indices if i not in fused and _generated_in_place(self.params[i])]
         if in_place:
-            keys = {i: keyed_terms(i) for i in in_place}
-            values = {i: self.params[i].detach().view(-1).numpy() for i in in_place}
-
-            def generate(param_index: int, start: int, stop: int) -> None:
-                counter_rng.update(values[param_index][start:stop], self._offsets[param_index] + start,
-                                   keys[param_index], scale, self.distribution, BLOCK_SIZE)
-
-            self._generate(tuple(in_place), generate)
+            for i in in_place:
+                counter_rng.update(self.params[i].detach().view(-1).numpy(), self._offsets[i], keyed_terms(i), scale,
+                                   self.distribution, BLOCK_SIZE, self.num_threads)
         done = {*fused, *in_place}
         rest = [i for i in indices if i not in done]
         if rest:
@@ -354,13 +348,8 @@ class DirectionEngine:
 
         if _generated_in_place(param) and len(pairs) == 1:
             (seed, alpha), = pairs
-            key, source_values, target_values = param_key(seed, param_index), source.numpy(), target.numpy()
-
-            def generate(_: int, start: int, stop: int) -> None:
-                counter_rng.pair(source_values[start:stop], target_values[start:stop], None,
-                                 self._offsets[param_index] + start, key, alpha, self.distribution, BLOCK_SIZE)
-
-            self._generate((param_index,), generate)
+            counter_rng.pair(source.numpy(), target.numpy(), None, self._offsets[param_index],
+                             param_key(seed, param_index), alpha, self.distribution, BLOCK_SIZE, self.num_threads)
             return out
 
         def process(_: int, start: int, stop: int) -> None:
@@ -389,14 +378,8 @@ class DirectionEngine:
             return
 
         if _generated_in_place(param):
-            key = param_key(seed, param_index)
-            source_values, plus_values, minus_values = source.numpy(), plus_flat.numpy(), minus_flat.numpy()
-
-            def generate(_: int, start: int, stop: int) -> None:
-                counter_rng.pair(source_values[start:stop], plus_values[start:stop], minus_values[start:stop],
-                                 self._offsets[param_index] + start, key, eps, self.distribution, BLOCK_SIZE)
-
-            self._generate((param_index,), generate)
+            counter_rng.pair(source.numpy(), plus_flat.numpy(), minus_flat.numpy(), self._offsets[param_index],
+                             param_key(seed, param_index), eps, self.distribution, BLOCK_SIZE, self.num_threads)
             return
 
         def process(_: int, start: int, stop: int) -> None:
@@ -430,19 +413,13 @@ class DirectionEngine:
 
     # ----- scheduling -------------------------------------------------------------------------
 
-    def _schedule(self, indices: tuple[int, ...], across_blocks: bool = False) -> list[list[tuple[int, int, int]]]:
+    def _schedule(self, indices: tuple[int, ...]) -> list[list[tuple[int, int, int]]]:
         """Pieces (parameter, start, stop) of the given parameters, one list per thread, of equal size: the
         values are cut into equal shares, and a keyed block that straddles two shares is split between them
         (values depend on their position only, so any stretch can be drawn alone). Whole blocks per thread
         would leave one of two threads idle on a 576 × 192 matrix (one block), as a dual forward asks for,
-        module by module. Pieces stay inside keyed blocks (the unit of a :class:`Block`) unless
-        ``across_blocks``: then a thread's consecutive pieces of one parameter are joined, for the generator
-        calls that cross blocks themselves."""
-        if (indices, across_blocks) in self._schedules:
-            return self._schedules[indices, across_blocks]
-        if across_blocks:
-            groups = [_joined_pieces(group) for group in self._schedule(indices)]
-        else:
+        module by module. Pieces stay inside keyed blocks, the unit of a :class:`Block`."""
+        if indices not in self._schedules:
             blocks = [(i, *block) for i in indices for block in self._blocks(i)]
             parallel = self._pool is not None and all(self.params[i].device.type == "cpu" for i in indices)
             total = sum(stop - start for _, start, stop in blocks)
@@ -460,43 +437,21 @@ class DirectionEngine:
                     start = piece
                     if done == cuts[share] and share < workers - 1:
                         share += 1
-        self._schedules[indices, across_blocks] = groups
-        return groups
+            self._schedules[indices] = groups
+        return self._schedules[indices]
 
-    def _generate(self, indices: tuple[int, ...], call: Callable[[int, int, int], None]) -> None:
-        """``call(parameter, start, stop)`` on the given parameters' pieces joined across keyed blocks, spread over
-        the threads: for :mod:`zotune.counter_rng`'s calls on numpy views made beforehand. Torch ops in the
-        workers (slicing, ``.numpy()``, entering modes) cost ~70 us a call with two threads contending for the
-        GIL, as much as generating 80,000 values."""
-        self._run(self._schedule(indices, across_blocks=True), call, torch_modes=False)
-
-    def _run(self, groups, process, torch_modes: bool = True) -> None:
-        # Grad and inference mode are thread-local: workers that call torch must run in the caller's modes,
-        # e.g. to write into a tensor created under inference_mode inside a forward.
+    def _run(self, groups, process) -> None:
+        # Grad and inference mode are thread-local: workers must run in the caller's modes, e.g. to write
+        # into a tensor created under inference_mode inside a forward.
         inference, grad = torch.is_inference_mode_enabled(), torch.is_grad_enabled()
 
-        def pieces(group):
-            for param_index, start, stop in group:
-                process(param_index, start, stop)
-
         def work(group):
-            if not torch_modes:
-                return pieces(group)
             with torch.inference_mode(inference), torch.set_grad_enabled(grad):
-                return pieces(group)
+                for param_index, start, stop in group:
+                    process(param_index, start, stop)
 
         futures = [self._pool.submit(work, group) for group in groups[1:]] if len(groups) > 1 else []
         work(groups[0])
         for future in futures:
             future.result()
 
-
-def _joined_pieces(pieces: list[tuple[int, int, int]]) -> list[tuple[int, int, int]]:
-    """Consecutive pieces (parameter, start, stop) of one parameter joined into one."""
-    joined: list[tuple[int, int, int]] = []
-    for param_index, start, stop in pieces:
-        if joined and joined[-1][0] == param_index and joined[-1][2] == start:
-            joined[-1] = (param_index, joined[-1][1], stop)
-        else:
-            joined.append((param_index, start, stop))
-    return joined
