@@ -308,10 +308,9 @@ class DirectionEngine:
                 triton_rng.update(self.params[i].detach().view(-1), self._offsets[i], keyed_terms(i), scale,
                                   self.distribution, BLOCK_SIZE)
         in_place = [i for i in indices if i not in fused and _generated_in_place(self.params[i])]
-        if in_place:
-            for i in in_place:
-                counter_rng.update(self.params[i].detach().view(-1).numpy(), self._offsets[i], keyed_terms(i), scale,
-                                   self.distribution, BLOCK_SIZE, self.num_threads)
+        for i in in_place:
+            counter_rng.update(self.params[i].detach().view(-1).numpy(), self._offsets[i], keyed_terms(i), scale,
+                               self.distribution, BLOCK_SIZE, self.num_threads)
         done = {*fused, *in_place}
         rest = [i for i in indices if i not in done]
         if rest:
