@@ -58,10 +58,11 @@ _ATANH = tuple(np.float32(c) for c in ("0.33333388", "0.19988787", "0.1493547"))
 
 # Words per chunk: a Gaussian chunk's scratch (4 arrays of this many 32-bit values) stays in the L1 cache.
 _CHUNK = 512
-# A stretch is shared between threads only above this many values per thread (a parallel launch costs ~10 us,
-# a value ~1.5 ns), in shares that start on 64-byte boundaries.
-_MIN_SHARE = 1 << 14
-_ALIGN = 16
+# CPU work is shared between threads only above this many values per thread (a launch or a dispatch costs
+# ~10 us, a value ~1.5 ns), in shares that start on 64-byte boundaries. Also the rule of
+# ``DirectionEngine``'s thread pool, for the work that goes through torch ops.
+MIN_SHARE = 1 << 14
+SHARE_ALIGN = 16
 
 # error_model="numpy": no Python ZeroDivisionError checks, whose branches would stop vectorization.
 _COMPILE = dict(nogil=True, cache=True, error_model="numpy")
@@ -240,8 +241,8 @@ def _keyed_shared(out, offset, param_keys, coefficients, scale, mode, gaussian, 
     """``_keyed`` on ``shares`` equal stretches of ``out``, one per thread of numba's pool."""
     length = out.shape[0]
     for share in prange(shares):
-        first = length * share // shares // _ALIGN * _ALIGN
-        last = length if share == shares - 1 else length * (share + 1) // shares // _ALIGN * _ALIGN
+        first = length * share // shares // SHARE_ALIGN * SHARE_ALIGN
+        last = length if share == shares - 1 else length * (share + 1) // shares // SHARE_ALIGN * SHARE_ALIGN
         _keyed(out[first:last], offset + first, param_keys, coefficients, scale, mode, gaussian, keyed_block,
                source[first:last], minus[first:last], square_coefficients)
 
@@ -254,7 +255,7 @@ def _generate(threads, out, *arguments) -> None:
     the OpenMP team that torch's CPU ops use, warm from the forward's last op. A launch must come from one
     thread at a time where numba falls back to its workqueue layer: zotune launches from the caller's thread
     only."""
-    shares = min(threads, numba.config.NUMBA_NUM_THREADS, out.shape[0] // _MIN_SHARE)
+    shares = min(threads, numba.config.NUMBA_NUM_THREADS, out.shape[0] // MIN_SHARE)
     if shares > 1:
         before = numba.get_num_threads()
         numba.set_num_threads(shares)  # this thread's setting only; the rest of numba's threads stay asleep
@@ -339,7 +340,7 @@ def warm_up() -> None:
     values, plus, minus = np.empty(3, np.float32), np.empty(3, np.float32), np.empty(3, np.float32)
     for distribution in ("gaussian", "rademacher"):
         fill(values, 1, 1, distribution, 2)
-        fill(np.empty(2 * _MIN_SHARE, np.float32), 1, 1, distribution, 2, threads=2)
+        fill(np.empty(2 * MIN_SHARE, np.float32), 1, 1, distribution, 2, threads=2)
         fill_rows(values.reshape(1, 3), np.ones(1, np.int64), 1, distribution, 2)
         update(values, 1, [(1, 1.0)], 0.5, distribution, 2)
         pair(values, plus, minus, 1, 1, 1.0, distribution, 2)

@@ -31,6 +31,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from . import counter_rng
+from .counter_rng import MIN_SHARE, SHARE_ALIGN
 from .errors import OptionError
 
 GAUSSIAN = "gaussian"
@@ -45,10 +46,6 @@ BLOCK_SIZE = 1 << 17
 # torch ops (``transform``) goes in chunks of 2^24 values (64 MiB of float32 scratch), each spanning 128
 # keyed blocks, whose keys the kernel computes itself.
 CUDA_CHUNK = 1 << 24
-# The CPU's work is shared between threads only above this many values per thread (a dispatch costs ~10 us,
-# a value ~2 ns), in shares that start on 64-byte boundaries.
-_MIN_SHARE = 1 << 14
-_ALIGN = 16
 
 
 # Updated, and copied perturbed, on a GPU by one Triton launch per parameter, in float32, with no z tensor
@@ -416,20 +413,21 @@ class DirectionEngine:
         """Pieces (parameter, start, stop) of the given parameters, one list per thread, of equal size: the
         values are cut into equal shares, and a keyed block that straddles two shares is split between them
         (values depend on their position only, so any stretch can be drawn alone). Whole blocks per thread
-        would leave one of two threads idle on a 576 × 192 matrix (one block), as a dual forward asks for,
-        module by module. Pieces stay inside keyed blocks, the unit of a :class:`Block`."""
+        would leave one of two threads idle on a 576 × 192 matrix (one block), as a bf16 copy asks for, module
+        by module. Pieces stay inside keyed blocks, the unit of a :class:`Block`. (Float32 CPU work does not
+        come here: :mod:`zotune.counter_rng` shares a parameter between numba's threads itself.)"""
         if indices not in self._schedules:
             blocks = [(i, *block) for i in indices for block in self._blocks(i)]
             parallel = self._pool is not None and all(self.params[i].device.type == "cpu" for i in indices)
             total = sum(stop - start for _, start, stop in blocks)
-            workers = max(1, min(self.num_threads, total // _MIN_SHARE)) if parallel else 1
+            workers = max(1, min(self.num_threads, total // MIN_SHARE)) if parallel else 1
             # Share boundaries on the concatenated values, rounded to whole cache lines of float32 values.
-            cuts = [total * k // workers // _ALIGN * _ALIGN for k in range(1, workers)] + [total]
+            cuts = [total * k // workers // SHARE_ALIGN * SHARE_ALIGN for k in range(1, workers)] + [total]
             groups = [[] for _ in range(workers)]
             share, done = 0, 0
             for param_index, start, stop in blocks:
                 while start < stop:
-                    # Never empty: consecutive cuts are at least _MIN_SHARE - _ALIGN apart.
+                    # Never empty: consecutive cuts are at least MIN_SHARE - SHARE_ALIGN apart.
                     piece = min(stop, start + cuts[share] - done)
                     groups[share].append((param_index, start, piece))
                     done += piece - start
@@ -453,4 +451,3 @@ class DirectionEngine:
         work(groups[0])
         for future in futures:
             future.result()
-
