@@ -132,6 +132,28 @@ def test_threads_share_a_stretch_without_changing_a_value(threads, distribution)
         np.testing.assert_array_equal(alone, shared)
 
 
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("distribution", ["gaussian", "rademacher"])
+def test_update_all_is_update_of_each_array(threads, distribution):
+    # Lengths around the share boundaries: empty, shorter than an alignment, and long ones that cross keyed blocks.
+    lengths, offsets = [0, 7, 70_001, 16, 40_000, 3], [0, 5, 1000, 0, 123_456, 9]
+    block = 1 << 15
+    keys = [[11 + p, 50 + p] for p in range(len(lengths))]
+    source = [np.linspace(-1, 1, n, dtype=np.float32) for n in lengths]
+    together = [values.copy() for values in source]
+    counter_rng.update_all(together, offsets, keys, [0.25, -0.5], 0.9, distribution, block, threads)
+    for p, values in enumerate(source):
+        alone = values.copy()
+        update(alone, offsets[p], list(zip(keys[p], [0.25, -0.5])), 0.9, distribution, block)
+        np.testing.assert_array_equal(together[p], alone)
+
+
+def test_update_all_refuses_arrays_it_cannot_write_in_place():
+    for bad in (np.zeros(8, np.float64), np.zeros((2, 4), np.float32), np.zeros(16, np.float32)[::2]):
+        with pytest.raises(ValueError, match="1-D float32 C-contiguous writable"):
+            counter_rng.update_all([bad], [0], [[1]], [1.0], 1.0, "gaussian", 1024)
+
+
 def test_rademacher_signs_are_the_stream_bits():
     out = np.empty(200, np.float32)
     fill(out, 0, 9, "rademacher", ONE_BLOCK)

@@ -305,9 +305,11 @@ class DirectionEngine:
                 triton_rng.update(self.params[i].detach().view(-1), self._offsets[i], keyed_terms(i), scale,
                                   self.distribution, BLOCK_SIZE)
         in_place = [i for i in indices if i not in fused and _generated_in_place(self.params[i])]
-        for i in in_place:
-            counter_rng.update(self.params[i].detach().view(-1).numpy(), self._offsets[i], keyed_terms(i), scale,
-                               self.distribution, BLOCK_SIZE, self.num_threads)
+        if in_place:
+            counter_rng.update_all([self.params[i].detach().view(-1).numpy() for i in in_place],
+                                   [self._offsets[i] for i in in_place],
+                                   [[param_key(seed, i) for seed, _ in terms] for i in in_place], [coef for _, coef in terms],
+                                   scale, self.distribution, BLOCK_SIZE, self.num_threads)
         done = {*fused, *in_place}
         rest = [i for i in indices if i not in done]
         if rest:
