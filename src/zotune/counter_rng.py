@@ -364,10 +364,8 @@ def update(out: np.ndarray, offset: int, terms, scale: float, distribution: str,
     """``out ← out·scale + Σ c·z(key)`` over ``terms`` [(parameter key, c)], ``out`` (1-D float32) holding the
     parameter's values from position ``offset``: generated and added chunk by chunk, with no buffer the size of
     ``out``, rounded after the scale and after each term; on up to ``threads`` threads."""
-    keys = np.array([key for key, _ in terms], np.uint64)
-    coefficients = np.array([c for _, c in terms], np.float32)
-    _generate(threads, out, offset, keys, coefficients, np.float32(scale), _ADD, distribution == "gaussian", keyed_block,
-              _UNUSED, _UNUSED, coefficients)
+    update_all([out], [offset], [[key for key, _ in terms]], [c for _, c in terms], scale, distribution, keyed_block,
+               threads)
 
 
 def update_all(outs, offsets, param_keys, coefficients, scale: float, distribution: str, keyed_block: int,
@@ -376,8 +374,8 @@ def update_all(outs, offsets, param_keys, coefficients, scale: float, distributi
     at the parameter's positions from ``offsets[p]``, each ``outs[p]`` a 1-D float32 C-contiguous writable array.
     The values of all the arrays are shared equally between up to ``threads`` threads, in one launch: a sweep
     over a model is one call instead of a call and a launch per parameter (~40 us each, ~10% of a sweep of
-    SmolLM2-135M's 272 tensors). Bit for bit the result of :func:`update` on each array; the arrays must not
-    overlap, since threads write them at once."""
+    SmolLM2-135M's 272 tensors). Each array gets the values that a call on it alone gives, bit for bit; the
+    arrays must not overlap, since threads write them at once."""
     for out in outs:
         if out.dtype != np.float32 or out.ndim != 1 or not out.flags.c_contiguous or not out.flags.writeable:
             raise ValueError(f"update_all writes 1-D float32 C-contiguous writable arrays, got {out.dtype} "
@@ -423,8 +421,7 @@ def warm_up() -> None:
         fill(np.empty(2 * MIN_SHARE, np.float32), 1, 1, distribution, 2, threads=2)
         fill_rows(values.reshape(1, 3), np.ones(1, np.int64), 1, distribution, 2)
         update(values, 1, [(1, 1.0)], 0.5, distribution, 2)
-        update_all([values, plus], [1, 1], [[1], [2]], [1.0], 0.5, distribution, 2)
-        update_all([np.empty(2 * MIN_SHARE, np.float32)], [1], [[1]], [1.0], 0.5, distribution, 2, threads=2)
+        update(np.empty(2 * MIN_SHARE, np.float32), 1, [(1, 1.0)], 0.5, distribution, 2, threads=2)
         pair(values, plus, minus, 1, 1, 1.0, distribution, 2)
         pair(values, plus, None, 1, 1, 1.0, distribution, 2)
         moments(plus, minus, 1, [(1, 1.0, 1.0)], distribution, 2)
