@@ -19,6 +19,10 @@ Perturbation modes:
 - **inplace** (the MeZO paper's scheme; any parameters): θ += εz, forward, θ −= 2εz, forward, then the
   caller folds the restoring +εz into its update pass (3 generations per step whatever the number of
   micro-batches). Rounding makes θ+εz−2εz+εz differ from θ in the last bits, in fp32 too.
+
+Every forward of an estimate runs without dropout, as in MeZO's code: with dropout, L+ and L− would see
+different masks. Given the model, the estimator puts it in eval mode for the duration and restores each
+module's mode after; given parameters only, the forwards run under :class:`zotune.no_dropout.NoDropout`.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from torch.nn import functional as F
 
 from .directions import DirectionEngine, Pair
 from .errors import NonFiniteLossError, OptionError
+from .no_dropout import NoDropout
 
 Closure = Callable[[], "torch.Tensor | float"]
 
@@ -55,7 +60,8 @@ class Estimate:
 
 
 class TwoPointEstimator:
-    """Evaluates a loss closure at θ+εz and θ−εz; with ``model`` in module mode, else in place."""
+    """Evaluates a loss closure at θ+εz and θ−εz; with ``model`` in module mode, else in place. Either way
+    the closure runs without dropout (see the module docstring)."""
 
     def __init__(self, engine: DirectionEngine, eps: float, model: nn.Module | None = None,
                  dual_forward: bool = False) -> None:
@@ -69,6 +75,7 @@ class TwoPointEstimator:
         self.dual_forward = dual_forward
         # Data parallel: replaces this rank's (L+, L−) by the means over the ranks (zotune.distributed).
         self.reduce: Callable[[list[float]], list[float]] | None = None
+        self.model = model
         self.module_perturbation = ModulePerturbation(engine, model) if model is not None else None
 
     def estimate(self, closure: Closure, seed: int, step: int, fuse_restore: bool = False,
@@ -78,13 +85,13 @@ class TwoPointEstimator:
         the pair that brings them back; with a ``base`` they are moved there and back (rounding drift)."""
         if self.dual_forward and not base:
             with self.module_perturbation.dual(seed, self.eps):
-                loss_plus, loss_minus = _evaluate_copies(closure)
+                loss_plus, loss_minus = self._evaluate_copies(closure)
             estimate = Estimate(seed, self.eps, *self._reduced(loss_plus, loss_minus))
         elif self.module_perturbation is not None:
             with self.module_perturbation([*base, (seed, self.eps)]):
-                loss_plus = _evaluate(closure)
+                loss_plus = self._evaluate(closure)
             with self.module_perturbation([*base, (seed, -self.eps)]):
-                loss_minus = _evaluate(closure)
+                loss_minus = self._evaluate(closure)
             estimate = Estimate(seed, self.eps, *self._reduced(loss_plus, loss_minus))
         elif base:
             self.engine.apply(base)
@@ -96,10 +103,10 @@ class TwoPointEstimator:
             offset = self.eps
             self.engine.apply([(seed, offset)])
             try:
-                loss_plus = _evaluate(closure)
+                loss_plus = self._evaluate(closure)
                 offset = -self.eps
                 self.engine.apply([(seed, -2.0 * self.eps)])
-                loss_minus = _evaluate(closure)
+                loss_minus = self._evaluate(closure)
             except BaseException:  # the closure failed: do not leave the weights perturbed
                 self.engine.apply([(seed, -offset)])
                 raise
@@ -115,31 +122,47 @@ class TwoPointEstimator:
     def _reduced(self, loss_plus: float, loss_minus: float) -> list[float]:
         return [loss_plus, loss_minus] if self.reduce is None else self.reduce([loss_plus, loss_minus])
 
+    @contextmanager
+    def _forwards(self):
+        """Inference mode without dropout: the model in eval mode (each module's own mode restored after), or,
+        given parameters only, :class:`NoDropout`."""
+        if self.model is None:
+            with torch.inference_mode(), NoDropout():
+                yield
+            return
+        training = {module: module.training for module in self.model.modules()}
+        self.model.eval()
+        try:
+            with torch.inference_mode():
+                yield
+        finally:
+            for module, mode in training.items():
+                module.training = mode
+
+    def _evaluate(self, closure: Closure) -> float:
+        with self._forwards():
+            return float(closure())
+
+    def _evaluate_copies(self, closure: Closure) -> tuple[float, float]:
+        """The two losses of a closure called with ``copies=2`` (the dual forward's protocol)."""
+        try:
+            inspect.signature(closure).bind(2)
+        except (TypeError, ValueError):
+            raise OptionError("dual_forward=True needs a closure that takes copies: closure(2) must evaluate its "
+                              "batch stacked twice along dim 0 and return the two copies' mean losses (see "
+                              "zotune.estimators.mean_over_micro_batches and zotune.scoring.classification_loss)"
+                              ) from None
+        with self._forwards():
+            losses = torch.as_tensor(closure(2)).detach().flatten().tolist()
+        if len(losses) != 2:
+            raise OptionError(f"dual_forward=True: closure(2) returned {len(losses)} value(s); it must return the "
+                              "mean loss of each of the two copies of the batch")
+        return losses[0], losses[1]
+
 
 def _finite(estimate: Estimate) -> bool:
     """Finite losses can still give an infinite c when their difference overflows after division by 2ε."""
     return all(math.isfinite(x) for x in (estimate.loss_plus, estimate.loss_minus, estimate.projected_gradient))
-
-
-def _evaluate(closure: Closure) -> float:
-    with torch.inference_mode():
-        return float(closure())
-
-
-def _evaluate_copies(closure: Closure) -> tuple[float, float]:
-    """The two losses of a closure called with ``copies=2`` (the dual forward's protocol)."""
-    try:
-        inspect.signature(closure).bind(2)
-    except (TypeError, ValueError):
-        raise OptionError("dual_forward=True needs a closure that takes copies: closure(2) must evaluate its batch "
-                          "stacked twice along dim 0 and return the two copies' mean losses (see "
-                          "zotune.estimators.mean_over_micro_batches and zotune.scoring.classification_loss)") from None
-    with torch.inference_mode():
-        losses = torch.as_tensor(closure(2)).detach().flatten().tolist()
-    if len(losses) != 2:
-        raise OptionError(f"dual_forward=True: closure(2) returned {len(losses)} value(s); it must return the mean "
-                          "loss of each of the two copies of the batch")
-    return losses[0], losses[1]
 
 
 def mean_over_micro_batches(loss_fn: Callable[[object], torch.Tensor], micro_batches: Sequence) -> Closure:
@@ -168,14 +191,14 @@ class ModulePerturbation:
       parameters splits its inputs in halves and runs once per half, each time on a copy of its parameters,
       and z is generated once per module for both copies.
 
-    For the duration, the forward of every module that owns optimized parameters is replaced, and the model
-    is put in eval mode, so that dropout cannot make the two evaluations disagree. A plain ``nn.Embedding``
+    For the duration, the forward of every module that owns optimized parameters is replaced (the estimator
+    runs these forwards in eval mode). A plain ``nn.Embedding``
     on the CPU perturbs only the rows its input looks up: the rest of a vocabulary-sized table is never
     generated.
     """
 
     def __init__(self, engine: DirectionEngine, model: nn.Module) -> None:
-        self.engine, self.model = engine, model
+        self.engine = engine
         index_of = {id(param): i for i, param in enumerate(engine.params)}
         self.owned: list[tuple[nn.Module, list[tuple[int, nn.Parameter]]]] = []
         owners: dict[int, int] = {}
@@ -343,13 +366,11 @@ class ModulePerturbation:
 
     @contextmanager
     def _replaced_forwards(self, replacement):
-        """Every owning module's forward ← ``replacement(module, its parameters, its forward)``; eval mode."""
+        """Every owning module's forward ← ``replacement(module, its parameters, its forward)``."""
         replaced = []
         for module, params in self.owned:
             replaced.append((module, module.__dict__.get("forward")))
             module.forward = replacement(module, params, module.forward)
-        training = {module: module.training for module in self.model.modules()}
-        self.model.eval()
         try:
             yield
         finally:
@@ -358,8 +379,6 @@ class ModulePerturbation:
                     del module.forward
                 else:
                     module.forward = own_forward
-            for module, mode in training.items():
-                module.training = mode
 
 
 def _looks_up_rows(module: nn.Module, params) -> bool:
