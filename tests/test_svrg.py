@@ -1,3 +1,5 @@
+from functools import partial
+
 import pytest
 import torch
 
@@ -130,10 +132,151 @@ def test_svrg_lowers_the_loss_of_a_tiny_model():
         assert lm_loss(model, large).item() < before - 0.1
 
 
+def naive_annealed_rates(losses, *, lr, anchor_lr, anneal, window, threshold=0.05, min_lr=1e-6, min_anchor_lr=1e-5):
+    """The official code's schedule as a plain loop over the losses the steps report: the (lr, anchor_lr) each
+    step updates with. Step t checks before its update, when t is a multiple of the window and more than 4
+    windows of losses are in, the last window's mean against the mean of the window two windows before it."""
+    rates = []
+    for t in range(len(losses)):
+        if t % window == 0 and t > 4 * window:
+            recent = sum(losses[t - window:t]) / window
+            earlier = sum(losses[t - 3 * window:t - 2 * window]) / window
+            if recent / earlier > 1 + threshold:
+                lr = lr if lr <= min_lr else max(lr / anneal, min_lr)  # a rate at or below its floor stays
+                anchor_lr = anchor_lr if anchor_lr <= min_anchor_lr else max(anchor_lr / anneal, min_anchor_lr)
+        rates.append((lr, anchor_lr))
+    return rates
+
+
+def scripted_rates(losses, **options):
+    """The rates each step of MeZO-SVRG updates with when every loss it sees is scripted (so c = 0 and the
+    reported loss is the script's). A step anneals before its update, so its group holds them after it."""
+    weight = torch.zeros(3, requires_grad=True)
+    optimizer = MeZOSVRG([weight], **options)
+
+    def scripted():
+        return losses[optimizer.state["zo"]["step"]]
+
+    rates = []
+    for loss in losses:
+        assert optimizer.step(scripted, scripted) == loss
+        rates.append((optimizer.param_groups[0]["lr"], optimizer.param_groups[0]["anchor_lr"]))
+    return rates
+
+
+@pytest.mark.parametrize("rise", [1.06, 1.04])
+def test_annealing_divides_both_rates_when_the_loss_rises_more_than_5_percent(rise):
+    losses = [1.0] * 11 + [rise] * 13
+    options = {"lr": 1e-4, "anchor_lr": 1e-3, "anneal": 5.0}
+    rates = scripted_rates(losses, anneal_window=2, **options)
+    assert rates == naive_annealed_rates(losses, window=2, **options)
+    # Window 2: step 12 compares steps 10-11 (half risen) with 6-7; step 14 compares 12-13 with 8-9, the first
+    # full rise; later checks compare risen losses with partly or fully risen ones.
+    expected = [(1e-4, 1e-3)] * 14 + [(1e-4 / 5, 1e-3 / 5)] * 10 if rise > 1.05 else [(1e-4, 1e-3)] * 24
+    assert rates == expected
+
+
+@pytest.mark.parametrize("lr", [4e-6, 1e-7])
+def test_annealing_stops_at_the_floors(lr):
+    losses = [1.1 ** t for t in range(12)]  # window 1: every check from step 5 on sees a 21% rise
+    options = {"lr": lr, "anchor_lr": 1e-4, "anneal": 2.0}
+    rates = scripted_rates(losses, anneal_window=1, **options)
+    assert rates == naive_annealed_rates(losses, window=1, **options)
+    assert [anchor for _, anchor in rates[4:9]] == [1e-4, 5e-5, 2.5e-5, 1.25e-5, 1e-5]
+    # 1e-7 starts below the η2 floor of 1e-6 and stays there (the code's max() would raise it to 1e-6).
+    assert rates[-1] == (min(lr, 1e-6), 1e-5)
+
+
+def offset_loss(model, batch, optimizer, offsets):
+    """The model's loss plus a scripted offset for the step being taken: a rise the annealing must react to."""
+    return lambda: lm_loss(model, batch) + offsets[optimizer.state["zo"]["step"]]
+
+
+@pytest.mark.parametrize("memory", ["seeds", "dense"])
+def test_annealed_rates_are_the_ones_the_update_uses(memory):
+    batches, large = data(10)
+    offsets = [0.0] * 4 + [1.0] * 6  # window 1: steps 5 and 6 see a rise of ~25% over steps 2 and 3
+    options = {"lr": 0.01, "anchor_lr": 0.02, "anchor_every": 3, "memory": memory, "seed": 4}
+    model, by_hand_model = random_llama("tiny", seed=0), random_llama("tiny", seed=0)
+    optimizer = MeZOSVRG(model, anneal=2.0, anneal_window=1, anneal_min_lr=0.0, anneal_min_anchor_lr=0.0, **options)
+    by_hand = MeZOSVRG(by_hand_model, **options)
+    losses, rates = [], []
+    for batch in batches:
+        losses.append(optimizer.step(offset_loss(model, batch, optimizer, offsets),
+                                     offset_loss(model, large, optimizer, offsets)))
+        rates.append((optimizer.param_groups[0]["lr"], optimizer.param_groups[0]["anchor_lr"]))
+        for group in by_hand.param_groups:
+            group["lr"], group["anchor_lr"] = rates[-1]
+        by_hand.step(offset_loss(by_hand_model, batch, by_hand, offsets), offset_loss(by_hand_model, large, by_hand, offsets))
+    assert rates == naive_annealed_rates(losses, lr=0.01, anchor_lr=0.02, anneal=2.0, window=1, min_lr=0.0,
+                                         min_anchor_lr=0.0)
+    assert rates[4] == (0.01, 0.02) and rates[6] == (0.0025, 0.005) == rates[-1]
+    assert all(group["lr"] == 0.0025 for group in optimizer.param_groups)
+    for a, b in zip(model.parameters(), by_hand_model.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_annealing_is_off_by_default_and_changes_nothing_until_it_fires():
+    losses = [1.1 ** t for t in range(12)]
+    assert scripted_rates(losses, lr=1e-4, anchor_lr=1e-3) == [(1e-4, 1e-3)] * 12
+    batches, large = data(12)
+    models = [random_llama("tiny", seed=0) for _ in range(3)]
+    options = {"lr": 3e-3, "anchor_lr": 3e-3, "seed": 2}
+    optimizers = [MeZOSVRG(models[0], **options), MeZOSVRG(models[1], anneal=None, **options),
+                  MeZOSVRG(models[2], anneal=5.0, anneal_window=1, **options)]  # a falling loss: no rise of 5%
+    assert set(optimizers[0].state["zo"]) == {"seed", "step", "stream", "anchor_gradient", "path"}
+    for batch in batches:
+        for model, optimizer in zip(models, optimizers):
+            optimizer.step(partial(lm_loss, model, batch), partial(lm_loss, model, large))
+    assert optimizers[2].param_groups[0]["lr"] == 3e-3 and len(optimizers[2].state["zo"]["anneal_losses"]) == 3
+    for model in models[1:]:
+        for a, b in zip(models[0].parameters(), model.parameters()):
+            assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("memory", ["seeds", "dense"])
+def test_resume_with_annealing_is_exact(memory):
+    """Saved after 5 steps; steps 5 and 6 anneal on losses from before the save, so the saved losses decide."""
+    batches, large = data(10)
+    offsets = [0.0] * 4 + [1.0] * 6
+
+    def build(model):
+        return MeZOSVRG(model, lr=0.01, anchor_lr=0.02, anchor_every=3, memory=memory, seed=4, anneal=2.0,
+                        anneal_window=1, anneal_min_lr=0.0, anneal_min_anchor_lr=0.0)
+
+    model = random_llama("tiny", seed=0)
+    optimizer = build(model)
+    for batch in batches[:5]:
+        optimizer.step(offset_loss(model, batch, optimizer, offsets), offset_loss(model, large, optimizer, offsets))
+    saved_model, saved_state = {k: v.clone() for k, v in model.state_dict().items()}, optimizer.state_dict()
+    assert optimizer.param_groups[0]["lr"] == 0.01 and len(saved_state["state"]["zo"]["anneal_losses"]) == 3
+    for batch in batches[5:]:
+        optimizer.step(offset_loss(model, batch, optimizer, offsets), offset_loss(model, large, optimizer, offsets))
+    resumed = random_llama("tiny", seed=9)
+    resumed.load_state_dict(saved_model)
+    resumed_optimizer = build(resumed)
+    resumed_optimizer.load_state_dict(saved_state)
+    for batch in batches[5:]:
+        resumed_optimizer.step(offset_loss(resumed, batch, resumed_optimizer, offsets),
+                               offset_loss(resumed, large, resumed_optimizer, offsets))
+    assert all(g["lr"] == 0.0025 for g in resumed_optimizer.param_groups + optimizer.param_groups)
+    assert resumed_optimizer.state["zo"]["anneal_losses"] == optimizer.state["zo"]["anneal_losses"]
+    for a, b in zip(model.parameters(), resumed.parameters()):
+        assert torch.equal(a, b)
+
+
 def test_bad_options_and_missing_large_batch(tiny_llama):
     with pytest.raises(OptionError, match="memory must be one of seeds, dense"):
         MeZOSVRG(tiny_llama, memory="sparse")
     with pytest.raises(OptionError, match="anchor_every"):
         MeZOSVRG(tiny_llama, anchor_every=1)
+    with pytest.raises(OptionError, match="anneal must be > 1"):
+        MeZOSVRG(tiny_llama, anneal=1.0)
+    with pytest.raises(OptionError, match="anneal_window must be a positive integer"):
+        MeZOSVRG(tiny_llama, anneal=5.0, anneal_window=0)
+    with pytest.raises(OptionError, match="anneal_threshold must be >= 0"):
+        MeZOSVRG(tiny_llama, anneal=5.0, anneal_threshold=-0.05)
+    with pytest.raises(OptionError, match="anneal_min_lr and anneal_min_anchor_lr must be >= 0"):
+        MeZOSVRG(tiny_llama, anneal=5.0, anneal_min_anchor_lr=-1e-5)
     with pytest.raises(TypeError, match="step 0 is an anchor step"):
         MeZOSVRG(tiny_llama).step(lambda: 0.0)

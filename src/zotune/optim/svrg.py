@@ -34,6 +34,21 @@ class MeZOSVRG(MeZO):
         reconstructed with one rounding from θ, not from a stored copy: it differs from the dense θ̃ in the
         last bits of float32, not more. Given parameters only (in-place mode), θ is moved there and back.
     No weight decay: the paper has none, and decay would leave θ̃ off the (seed, scalar) path.
+
+    ``anneal`` (off by default) adds the official code's learning-rate schedule, which the paper's algorithm
+    does not have (amazon-science/mezo_svrg, ``GLUETransformer.training_step_MeZO_SVRG`` in
+    ``models/llm_module.py``). With T = ``anneal_window``, at the start of every step t with t a multiple of
+    T and t > 4T (the code waits for more than 4T losses though it compares 3T), before that step's update:
+    if the mean of the last T steps' losses exceeds (1 + ``anneal_threshold``) times the mean of the T losses
+    two windows earlier (steps t−3T .. t−2T−1), every group's ``lr`` and ``anchor_lr`` are divided by
+    ``anneal``, down to ``anneal_min_lr`` and ``anneal_min_anchor_lr``. The code's T is the number of
+    minibatches in an epoch (8: 512 examples in batches of 64), so it checks once an epoch; its threshold is
+    5%, its floors 1e-6 (η2) and 1e-5 (η1), its scripts' factor 4 or 5 (its command line's default: 1.5).
+    Two differences, both free of cost: a step's loss is the one it returns (the two perturbed losses'
+    mean, before the update; the large batch's on anchor steps), where the code spends a forward after the
+    update on the same batch; and a rate already below its floor is left there (the code's max() would
+    raise it to the floor, which its settings, starting at or above the floors, never do). The last 3T
+    losses are in ``state_dict()``; losses are reduced across ranks first, so all ranks anneal alike.
     """
 
     def __init__(
@@ -48,7 +63,23 @@ class MeZOSVRG(MeZO):
         distribution: str = GAUSSIAN,
         seed: int = 0,
         num_threads: int | None = None,
+        anneal: float | None = None,
+        anneal_window: int = 8,
+        anneal_threshold: float = 0.05,
+        anneal_min_lr: float = 1e-6,
+        anneal_min_anchor_lr: float = 1e-5,
     ) -> None:
+        if anneal is not None and not anneal > 1:
+            raise OptionError(f"anneal must be > 1 (the divisor of lr and anchor_lr when the loss rises), got {anneal!r}: "
+                              "set anneal=None to turn annealing off")
+        if not (isinstance(anneal_window, int) and anneal_window >= 1):
+            raise OptionError(f"anneal_window must be a positive integer (steps per loss window), got {anneal_window!r}")
+        if anneal_threshold < 0:
+            raise OptionError(f"anneal_threshold must be >= 0 (0.05: anneal on a rise of more than 5%), got "
+                              f"{anneal_threshold}")
+        if anneal_min_lr < 0 or anneal_min_anchor_lr < 0:
+            raise OptionError(f"anneal_min_lr and anneal_min_anchor_lr must be >= 0, got {anneal_min_lr} and "
+                              f"{anneal_min_anchor_lr}")
         if weight_decay:
             raise OptionError(f"MeZO-SVRG takes no weight decay (got {weight_decay}): the paper has none, and decay would "
                               "take θ off the (seed, scalar) path from the anchor; set weight_decay=0")
@@ -67,6 +98,10 @@ class MeZOSVRG(MeZO):
             refuse_sharded([p for group in self.param_groups for p in group["params"]],
                            "memory=dense swaps whole parameter tensors for the anchor's")
         self.state["zo"] = {**self.state["zo"], "anchor_gradient": None, "path": []}
+        self.anneal, self.anneal_window, self.anneal_threshold = anneal, anneal_window, anneal_threshold
+        self.anneal_min_lr, self.anneal_min_anchor_lr = anneal_min_lr, anneal_min_anchor_lr
+        if anneal is not None:  # only then: with annealing off the state is exactly as before the option existed
+            self.state["zo"]["anneal_losses"] = []
 
     @property
     def is_anchor_step(self) -> bool:
@@ -74,6 +109,30 @@ class MeZOSVRG(MeZO):
 
     @torch.no_grad()
     def step(self, closure: Closure, large_batch_closure: Closure | None = None) -> float:  # type: ignore[override]
+        if self.anneal is None:
+            return self._svrg_step(closure, large_batch_closure)
+        self._anneal_if_the_loss_rose()
+        loss = self._svrg_step(closure, large_batch_closure)
+        # A new list (not appended in place), so that a state_dict() taken earlier stays a snapshot.
+        losses = [*self.state["zo"].get("anneal_losses", []), loss][-3 * self.anneal_window:]
+        self.state["zo"] = {**self.state["zo"], "anneal_losses": losses}
+        return loss
+
+    def _anneal_if_the_loss_rose(self) -> None:
+        """The official code's rule (see the class docstring), checked before the step's update."""
+        stream, window = self.state["zo"], self.anneal_window
+        # No losses in a state saved with annealing off: the first check waits for 3T new ones.
+        losses = stream.get("anneal_losses", [])
+        if stream["step"] % window or stream["step"] <= 4 * window or len(losses) < 3 * window:
+            return
+        recent, earlier = sum(losses[-window:]) / window, sum(losses[-3 * window:-2 * window]) / window
+        if recent <= (1 + self.anneal_threshold) * earlier:
+            return
+        for group in self.param_groups:
+            for key, floor in (("lr", self.anneal_min_lr), ("anchor_lr", self.anneal_min_anchor_lr)):
+                group[key] = min(group[key], max(group[key] / self.anneal, floor))
+
+    def _svrg_step(self, closure: Closure, large_batch_closure: Closure | None) -> float:
         stream = self.state["zo"]
         step = stream["step"]
         seed = derive_seed(stream["seed"], step, 0)
