@@ -2,34 +2,67 @@
 
 from __future__ import annotations
 
+import math
+
 from ..directions import Block
 from ..errors import OptionError
 from .mezo import MeZO
+
+FORMS = ("code", "paper")
+CODE_LR = 1e-7  # the official README's example: OPT-1.3B on SST-2, window 10, β1 0.7, β2 0.9, form "code"
+CODE_M_SCALE = 100.0  # the official code's factor on m
 
 
 class AdaMeZO(MeZO):
     """MeZO's two-point estimate, with an update normalised like Adam's, from moments rebuilt each step.
 
-    The optimizer keeps only the last ``window`` pairs (seed s_k, projected gradient P_k). For the first
-    ``window`` steps it takes plain MeZO steps. After that, for every parameter block, it regenerates
-    the window's directions and forms
+    The optimizer keeps only the last ``window`` (h) pairs (seed s_k, projected gradient P_k). For every
+    parameter block it regenerates the window's directions and forms, k = 0 being the newest pair,
 
-        m = Σ_k β1^k · P_{t−k} · z(s_{t−k}),    v = Σ_k β2^k · P_{t−k}² · z(s_{t−k})²,    k = 0..window−1
+        form="code":   m = Σ_k β1^k · P_k · z(s_k),             v = Σ_k β2^k · P_k² · z(s_k)²
+        form="paper":  m = (1 − β1) · Σ_k β1^k · P_k · z(s_k),  v = (1 − β2) · Σ_k β2^k · P_k² · z(s_k)²
 
-        θ ← θ·(1 − lr·wd) − lr · m_scale · m / (√v + δ)
+        θ ← θ·(1 − lr·wd) − lr · s · m / (√v + δ),   s = ``m_scale`` (100) for "code", 1 for "paper"
+
+    "code" is the official implementation (shawnnn3di/AdaMeZO, ``zo_update`` in MeZO/large_models/trainer.py):
+    no (1 − β) factors, m multiplied by 100, δ outside the root, no bias correction, and h + 1 plain MeZO steps
+    (θ ← θ·(1 − lr·wd) − lr·P·z) before the first windowed one (its step count starts at 0, and steps whose
+    count is at most h are plain). "paper" is the paper's equations: the moments normalised by (1 − β), no
+    factor 100, and windowed from the first step, over the pairs the window holds so far (an EMA started from
+    zero and truncated at h; no bias correction, as in the code). It has no plain steps because its lr is ~100
+    times the code's: a MeZO step at that lr would be far too large. δ is outside the root in both forms, where
+    the official code puts it.
+
+    ``beta2 = 0`` means momentum only in both forms, as in the official code (which then divides by ones):
+    θ ← θ·(1 − lr·wd) − lr · s · m / (1 + δ). Read literally, β2 = 0 would leave v = P_0²·z_0² (β2^0 = 1): m
+    divided by the newest pair's |P·z| alone.
+
+    Learning rates between the forms. With M, V the unnormalised sums, "code" steps lr·100·M/(√V + δ) and
+    "paper" lr'·(1 − β1)·M/(√(1 − β2)·√V + δ'). They are the same step when
+
+        lr' = lr · 100 · √(1 − β2) / (1 − β1)   and   δ' = δ · √(1 − β2)
+
+    (β2 = 0: lr' = lr·100/(1 − β1), δ' = δ), so nearly the same at one δ when δ ≪ √v. ``AdaMeZO.paper_lr`` gives lr';
+    at the default betas lr' ≈ 105·lr. Weight decay keeps its step lr·wd with wd' = wd·lr/lr'. The code form's
+    plain steps have no counterpart in the paper form.
+
+    ``lr=None`` (the default) fits the form: ``CODE_LR`` = 1e-7 for "code", the official example's on OPT-1.3B,
+    and ``paper_lr(1e-7, beta1, beta2)`` for "paper" (≈1.05e-5 at the default betas): the same windowed step.
+    ``m_scale`` (default None: 100) applies to "code" only; since weight decay is not scaled by it,
+    ``m_scale = 100`` with ``lr`` is the same update as ``m_scale = 1`` with ``100·lr`` and ``wd/100``.
+
+    The official code falls back to plain MeZO for h < 2; here ``window = 1`` is the windowed update over one
+    pair (≈ lr·s·sign(P·z)): use :class:`MeZO` for plain MeZO. The other defaults (window 10, β1 0.7, β2 0.9,
+    δ 1e-5, ε 1e-3) are the official example's.
 
     m and v live only in two block buffers per thread. Nothing of parameter size is stored, and they are
-    accumulated in float32 (float64 for float64 parameters), even for bf16/fp16 parameters: the official code's fp16 sums overflow
-    once P² exceeds 65504. The cost is ``window`` generation sweeps per update instead of one.
-
-    ``m_scale``: the official code multiplies m by 100 (the default here). Because weight decay is not
-    scaled by it, ``m_scale = 100`` with ``lr`` is the same update as ``m_scale = 1`` with ``100·lr`` and
-    ``wd/100``. The defaults (window 10, β1 0.7, β2 0.9, δ 1e-5, ε 1e-3) are the paper's.
+    accumulated in float32 (float64 for float64 parameters), even for bf16/fp16 parameters: the official code's
+    fp16 sums overflow once P² exceeds 65504. The cost is ``window`` generation sweeps per update instead of one.
     """
 
-    def __init__(self, params_or_model, lr: float = 1e-6, eps: float = 1e-3, weight_decay: float = 0.0,
-                 window: int = 10, beta1: float = 0.7, beta2: float = 0.9, delta: float = 1e-5,
-                 m_scale: float = 100.0, distribution: str = "gaussian", seed: int = 0,
+    def __init__(self, params_or_model, lr: float | None = None, eps: float = 1e-3, weight_decay: float = 0.0,
+                 window: int = 10, beta1: float = 0.7, beta2: float = 0.9, delta: float = 1e-5, form: str = "code",
+                 m_scale: float | None = None, distribution: str = "gaussian", seed: int = 0,
                  num_threads: int | None = None, dual_forward: bool = False) -> None:
         if not (isinstance(window, int) and window >= 1):
             raise OptionError(f"window must be a positive integer, got {window!r} (the paper uses 10)")
@@ -38,35 +71,61 @@ class AdaMeZO(MeZO):
                 raise OptionError(f"{name} must be in [0, 1), got {beta}")
         if not delta > 0:
             raise OptionError(f"delta must be positive, got {delta}")
+        if form not in FORMS:
+            raise OptionError(f"form must be 'code' or 'paper', got {form!r}")
+        if form == "paper" and m_scale is not None:
+            raise OptionError("m_scale applies to form='code' only (the paper has no factor on m): drop it, "
+                              "or multiply lr by it")
+        if lr is None:
+            lr = CODE_LR if form == "code" else self.paper_lr(CODE_LR, beta1, beta2)
         super().__init__(params_or_model, lr=lr, eps=eps, weight_decay=weight_decay, n_directions=1,
                          distribution=distribution, seed=seed, num_threads=num_threads,
                          dual_forward=dual_forward)
-        self.window, self.beta1, self.beta2, self.delta, self.m_scale = window, beta1, beta2, delta, m_scale
+        self.window, self.beta1, self.beta2, self.delta, self.form = window, beta1, beta2, delta, form
+        if form == "code":
+            self.m_scale = CODE_M_SCALE if m_scale is None else m_scale
+            self.plain_steps, self.norm1, self.norm2 = window + 1, 1.0, 1.0
+        else:
+            self.m_scale, self.plain_steps, self.norm1, self.norm2 = 1.0, 0, 1.0 - beta1, 1.0 - beta2
         self.state["zo"] = {**self.state["zo"], "window": []}
+
+    @staticmethod
+    def paper_lr(code_lr: float, beta1: float, beta2: float) -> float:
+        """The form="paper" lr whose windowed steps are form="code"'s at ``code_lr`` and m_scale 100 (with
+        δ·√(1 − β2) for δ): lr·100·√(1 − β2)/(1 − β1), or lr·100/(1 − β1) for momentum only (β2 = 0)."""
+        return code_lr * CODE_M_SCALE * (math.sqrt(1.0 - beta2) if beta2 > 0 else 1.0) / (1.0 - beta1)
 
     def _update(self, estimates) -> None:
         estimate = estimates[0]
         stream = self.state["zo"]
         history = [*stream["window"], [estimate.seed, estimate.projected_gradient]][-self.window:]
         self.state["zo"] = {**stream, "window": history}
-        if stream["step"] <= self.window:  # the step counter already counts this step
+        if stream["step"] <= self.plain_steps:  # the step counter already counts this step
             return super()._update(estimates)
-        newest_first = history[::-1]
+        momentum_only = self.beta2 == 0
+        # Momentum only: v is not used; add_moments fills both buffers in one pass, so v's coefficients are zero.
+        terms = [(seed, self.norm1 * self.beta1**k * projected,
+                  0.0 if momentum_only else self.norm2 * self.beta2**k * projected * projected)
+                 for k, (seed, projected) in enumerate(history[::-1])]
         restore = estimate.restore
         for group, indices in zip(self.param_groups, self._group_indices):
-            lr, decay = group["lr"], 1.0 - group["lr"] * group["weight_decay"]
+            lr = group["lr"]
 
-            def update(block: Block) -> None:
+            # lr and decay bound as defaults: the closure keeps this group's values, not the loop's variables.
+            def update(block: Block, lr: float = lr, decay: float = 1.0 - lr * group["weight_decay"]) -> None:
                 m, v = block.scratch("m").zero_(), block.scratch("v").zero_()
                 for seed, _ in restore:  # needed twice: drawn once into a buffer rather than generated twice
                     block.z(seed)
-                block.add_moments(m, v, [(seed, self.beta1**k * projected, self.beta2**k * projected * projected)
-                                         for k, (seed, projected) in enumerate(newest_first)])
+                block.add_moments(m, v, terms)
                 for seed, coef in restore:
                     block.work.add_(block.z(seed), alpha=coef)
                 if decay != 1.0:
                     block.work.mul_(decay)
-                if lr != 0.0:
+                if lr == 0.0:
+                    return
+                if momentum_only:
+                    block.work.add_(m, alpha=-lr * self.m_scale / (1.0 + self.delta))
+                else:
                     block.work.addcdiv_(m, v.sqrt_().add_(self.delta), value=-lr * self.m_scale)
 
             self.engine.transform(update, indices)
