@@ -89,6 +89,8 @@ def measure(name: str, config_path: str | None, overrides: list[str]) -> dict:
     whole = long + short
     model.train()
     optimizer = None if name == "inference" else build_optimizer(config, model)
+    if name == "adamezo":  # past its plain warm-up steps, so that both measured steps rebuild the moments
+        optimizer.state["zo"] = {**optimizer.state["zo"], "step": optimizer.plain_steps}
     # numba compiles the direction generator on its first call (LLVM holds tens of MB while it does, once per
     # cold cache): done before the baseline, so that the peak is the step's and not the compiler's.
     warm_up()

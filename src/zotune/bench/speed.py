@@ -140,9 +140,10 @@ def run(shape, batch, length, threads, repeats, distribution, device="cpu", dtyp
     module_mezo = MeZO(model, lr=1e-7, distribution=distribution, num_threads=threads)
     inplace_mezo = MeZO(params, lr=1e-7, distribution=distribution, num_threads=threads)
     dual_mezo = MeZO(model, lr=1e-7, distribution=distribution, num_threads=threads, dual_forward=True)
-    # Past its warm-up, so that every timed step rebuilds the moments from a full window of 10.
+    # Past its warm-up (window + 1 plain steps), so that every timed step rebuilds the moments from a full window.
     adamezo = AdaMeZO(model, lr=1e-7, window=10, distribution=distribution, num_threads=threads)
-    adamezo.state["zo"] = {**adamezo.state["zo"], "step": 10, "window": [[seed, 1.0] for seed in range(9)]}
+    adamezo.state["zo"] = {**adamezo.state["zo"], "step": adamezo.plain_steps,
+                           "window": [[seed, 1.0] for seed in range(9)]}
     engine = DirectionEngine(params, distribution, threads)
     seeds = iter(range(10**9))
 
