@@ -7,7 +7,7 @@ import torch
 
 from zotune.cli import main
 from zotune.models import load_model
-from zotune.scoring import encode, f1, generation_loss, greedy_answers
+from zotune.scoring import encode, f1, answer_loss, greedy_answers
 from zotune.tasks import Example
 from zotune.tasks.hub import HUB_TASKS
 
@@ -29,7 +29,7 @@ def test_squad_and_drop_templates():
     assert drop.prompt == "Passage: 3 goals.\nQuestion: How many?\nAnswer:" and drop.answers == ("3",)
 
 
-def test_generation_loss_is_answer_token_nll_and_greedy_matches_generate():
+def test_answer_loss_is_answer_token_nll_and_greedy_matches_generate():
     model, tokenizer = load_model("random:tiny")
     model.eval()
     examples = [encode(tokenizer, Example("Q: 2+2?\nA:", (" four",), 0, ("four",)), 64),
@@ -40,7 +40,7 @@ def test_generation_loss_is_answer_token_nll_and_greedy_matches_generate():
             sequence, n = example.sequences[0], example.candidate_lengths[0]
             log_probs = torch.log_softmax(model(input_ids=torch.tensor([sequence])).logits[0], -1)
             expected.append(-sum(log_probs[t - 1, sequence[t]] for t in range(len(sequence) - n, len(sequence))) / n)
-        torch.testing.assert_close(generation_loss(model, examples, tokenizer.pad_token_id),
+        torch.testing.assert_close(answer_loss(model, examples, tokenizer.pad_token_id),
                                    torch.stack(expected).mean(), rtol=1e-5, atol=1e-5)
     answers = greedy_answers(model, tokenizer, examples, max_new_tokens=5, batch_size=2)
     for example, answer in zip(examples, answers):  # batched left-padded decoding = one prompt at a time

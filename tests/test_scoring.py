@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from zotune.models import load_model
-from zotune.scoring import accuracy, candidate_scores, classification_loss, encode, generation_loss
+from zotune.scoring import accuracy, answer_loss, candidate_scores, classification_loss, encode, negated_accuracy
 from zotune.tasks import Example
 
 
@@ -56,7 +56,7 @@ def test_stacked_copies_give_one_loss_per_copy(model_and_tokenizer):
     model, tokenizer = model_and_tokenizer
     encoded = [encode(tokenizer, e, 64) for e in EXAMPLES]
     with torch.no_grad():
-        for loss in (classification_loss, generation_loss):
+        for loss in (classification_loss, answer_loss):
             single = loss(model, encoded, tokenizer.pad_token_id)
             torch.testing.assert_close(loss(model, encoded, tokenizer.pad_token_id, copies=2), single.repeat(2),
                                        rtol=1e-6, atol=1e-6)
@@ -73,3 +73,53 @@ def test_empty_candidate_is_a_clear_error(model_and_tokenizer):
     _, tokenizer = model_and_tokenizer
     with pytest.raises(ValueError, match="candidate '' tokenizes to nothing"):
         encode(tokenizer, Example("p", ("", " b"), 0), 10)
+
+
+MIXED = [Example("Pick one:", (" a", " b"), 1), Example("Pick among four:", (" w", " x", " yy", " z"), 2),
+         Example("Again, pick one:", (" c", " d"), 0)]
+
+
+def test_examples_with_different_numbers_of_candidates_are_each_scored_over_their_own(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    encoded = [encode(tokenizer, e, 64) for e in MIXED]
+    pad = tokenizer.pad_token_id
+    with torch.no_grad():
+        scores = candidate_scores(model, encoded, pad)
+        naive = [naive_scores(model, [example])[0] for example in encoded]
+        assert scores.shape == (3, 4)
+        for row, expected in zip(scores, naive):
+            torch.testing.assert_close(row[: len(expected)], expected, rtol=1e-5, atol=1e-5)
+            assert torch.isneginf(row[len(expected):]).all()
+        expected_loss = torch.stack([torch.nn.functional.cross_entropy(row[None], torch.tensor([e.label]))
+                                     for row, e in zip(naive, encoded)]).mean()
+        torch.testing.assert_close(classification_loss(model, encoded, pad), expected_loss, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(classification_loss(model, encoded, pad, copies=2), expected_loss.repeat(2),
+                                   rtol=1e-5, atol=1e-5)
+    predicted = [int(row.argmax()) for row in naive]
+    assert accuracy(model, encoded, pad, batch_size=3) == sum(p == e.label for p, e in zip(predicted, encoded)) / 3
+
+
+def test_mixed_candidate_counts_train_with_finite_gradients(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    encoded = [encode(tokenizer, e, 64) for e in MIXED]
+    loss = classification_loss(model, encoded, tokenizer.pad_token_id)
+    loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    model.zero_grad(set_to_none=True)
+
+
+def test_answer_loss_scores_the_correct_candidate_only(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    encoded = [encode(tokenizer, e, 64) for e in MIXED]
+    with torch.no_grad():
+        expected = -torch.stack([naive_scores(model, [e])[0][e.label] for e in encoded]).mean()
+        torch.testing.assert_close(answer_loss(model, encoded, tokenizer.pad_token_id), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_negated_accuracy_is_minus_the_batch_accuracy_per_copy(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    encoded = [encode(tokenizer, e, 64) for e in MIXED]
+    with torch.no_grad():
+        value = -accuracy(model, encoded, tokenizer.pad_token_id)
+        assert negated_accuracy(model, encoded, tokenizer.pad_token_id).item() == pytest.approx(value)
+        assert negated_accuracy(model, encoded, tokenizer.pad_token_id, copies=2).tolist() == pytest.approx([value] * 2)

@@ -31,7 +31,10 @@ class TrainConfig:
     num_train: int | None = 1000  # MeZO's sampling; null keeps the whole split
     num_dev: int | None = 500
     num_test: int | None = 1000
-    max_length: int = 256  # prompt+candidate tokens; longer prompts lose their beginning (counted in the log)
+    max_length: int = 256  # prompt+candidate tokens; longer prompts lose their beginning (MeZO: 2048; warned > 1%)
+    max_new_tokens: int = 50  # greedy decoding on generation tasks (MeZO's 50)
+    loss: str = "auto"  # auto (the task's, as MeZO) | classification (cross-entropy over candidates) | lm (correct answer)
+    objective: str = "loss"  # loss | accuracy | f1: zeroth-order optimizers can train on the batch's metric itself
     optimizer: str = "mezo"  # mezo | adamezo | addax | addax-wa | svrg | ip-sgd | sgd | adam
     lr: float = 1e-6
     weight_decay: float = 0.0
@@ -39,6 +42,8 @@ class TrainConfig:
     steps: int = 1000
     batch_size: int = 16
     eval_every: int = 100  # 0: only at the start and the end
+    select: str = "last"  # last | best_dev: which weights are tested at the end (MeZO: the best dev evaluation)
+    early_stopping_patience: int | None = None  # stop after this many dev evaluations without improvement
     eval_batch_size: int = 16
     checkpoint_every: int = 0  # 0: only the final checkpoint
     keep_checkpoints: int = 2
@@ -56,6 +61,8 @@ class TrainConfig:
 
 
 NONFINITE_POLICIES = ("stop", "skip")
+CHOICES = {"on_nonfinite": NONFINITE_POLICIES, "loss": ("auto", "classification", "lm"),
+           "objective": ("loss", "accuracy", "f1"), "select": ("last", "best_dev")}
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 
 
@@ -121,21 +128,29 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Tr
 def _check_types(config: TrainConfig) -> None:
     for name, expected in (("lr", float), ("weight_decay", float), ("outlier_factor", float),
                            ("max_skipped_steps", int), ("steps", int), ("batch_size", int),
-                           ("eval_every", int), ("checkpoint_every", int), ("keep_checkpoints", int), ("seed", int)):
+                           ("eval_every", int), ("checkpoint_every", int), ("keep_checkpoints", int), ("seed", int),
+                           ("max_length", int), ("max_new_tokens", int)):
         value = getattr(config, name)
         if expected is float and isinstance(value, int) and not isinstance(value, bool):
             setattr(config, name, float(value))
         elif not isinstance(value, expected) or isinstance(value, bool):
             raise ConfigError(f"config key {name!r} must be {expected.__name__}, got {value!r}")
-    for name in ("steps", "batch_size", "keep_checkpoints"):
+    for name in ("steps", "batch_size", "keep_checkpoints", "max_length", "max_new_tokens"):
         if getattr(config, name) < 1:
             raise ConfigError(f"config key {name!r} must be at least 1, got {getattr(config, name)}")
     for name in ("fsdp", "zero_shot_eval"):
         if not isinstance(getattr(config, name), bool):
             raise ConfigError(f"config key {name!r} must be true or false, got {getattr(config, name)!r}")
-    if config.on_nonfinite not in NONFINITE_POLICIES:
-        raise ConfigError(f"config key 'on_nonfinite' must be one of {', '.join(NONFINITE_POLICIES)}, "
-                          f"got {config.on_nonfinite!r}")
+    for name, choices in CHOICES.items():
+        if getattr(config, name) not in choices:
+            raise ConfigError(f"config key {name!r} must be one of {', '.join(choices)}, got {getattr(config, name)!r}")
+    patience = config.early_stopping_patience
+    if patience is not None and (not isinstance(patience, int) or isinstance(patience, bool) or patience < 1):
+        raise ConfigError(f"config key 'early_stopping_patience' must be a number of evaluations >= 1 or null, "
+                          f"got {patience!r}")
+    if (config.select == "best_dev" or patience is not None) and config.eval_every < 1:
+        raise ConfigError("select: best_dev and early_stopping_patience need dev evaluations during training: set "
+                          "eval_every to a number of steps")
     if config.outlier_factor < 0 or config.max_skipped_steps < 0:
         raise ConfigError("config keys 'outlier_factor' and 'max_skipped_steps' must be >= 0")
     for name in ("task_options", "optimizer_options", "lora", "prefix"):

@@ -1,13 +1,16 @@
 """Candidate scoring as in MeZO: the mean log-probability of each candidate's tokens after the prompt.
 
 Prediction is the argmax over candidates; the training loss is the cross-entropy over the candidates'
-scores. Logits are computed only at the positions that predict candidate tokens: the model body runs on
+scores (:func:`classification_loss`) or the language-model loss on the correct candidate alone
+(:func:`answer_loss`). Examples may have different numbers of candidates: each is scored over its own.
+Logits are computed only at the positions that predict candidate tokens: the model body runs on
 the whole sequence, the output head (vocabulary-sized) only on the gathered hidden states, which for a
 135M model with a 49k vocabulary is ~20x less head work than full-sequence logits.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -20,12 +23,14 @@ from .tasks import Example
 
 @dataclass(frozen=True)
 class EncodedExample:
-    """Token ids of prompt+candidate for each candidate, and how many trailing ids are the candidate."""
+    """Token ids of prompt+candidate for each candidate, and how many trailing ids are the candidate; for a
+    generation example, its gold answers (F1 is taken against each)."""
 
     sequences: tuple[tuple[int, ...], ...]
     candidate_lengths: tuple[int, ...]
     label: int
     truncated: bool
+    answers: tuple[str, ...] = ()
 
 
 def encode(tokenizer, example: Example, max_length: int) -> EncodedExample:
@@ -45,11 +50,12 @@ def encode(tokenizer, example: Example, max_length: int) -> EncodedExample:
         truncated |= len(prompt) > keep
         sequences.append(tuple(prompt[-keep:] + ids))
         lengths.append(len(ids))
-    return EncodedExample(tuple(sequences), tuple(lengths), example.label, truncated)
+    return EncodedExample(tuple(sequences), tuple(lengths), example.label, truncated, example.answers)
 
 
 def candidate_scores(model: nn.Module, examples: Sequence[EncodedExample], pad_id: int) -> torch.Tensor:
-    """[len(examples), n_candidates] mean log-probabilities of each candidate's tokens."""
+    """[len(examples), most candidates] mean log-probabilities of each candidate's tokens; an example with
+    fewer candidates than the widest is padded with −inf, which softmax, cross-entropy and argmax ignore."""
     rows = [(seq, n) for example in examples for seq, n in zip(example.sequences, example.candidate_lengths)]
     longest = max(len(seq) for seq, _ in rows)
     device = next(model.parameters()).device
@@ -72,7 +78,11 @@ def candidate_scores(model: nn.Module, examples: Sequence[EncodedExample], pad_i
     token_scores = log_probs.gather(1, torch.tensor(target, device=device)[:, None])[:, 0]
     sums = torch.zeros(len(rows), device=device).index_add(0, rows_t, token_scores)
     counts = torch.tensor([n for _, n in rows], device=device, dtype=sums.dtype)
-    return (sums / counts).view(len(examples), -1)
+    widths = [len(example.sequences) for example in examples]
+    owner = torch.repeat_interleave(torch.arange(len(examples)), torch.tensor(widths)).to(device)
+    slot = torch.tensor([slot for width in widths for slot in range(width)], device=device)
+    padded = torch.full((len(examples), max(widths)), -math.inf, device=device, dtype=sums.dtype)
+    return padded.index_put((owner, slot), sums / counts)
 
 
 @contextmanager
@@ -124,13 +134,30 @@ def accuracy(model: nn.Module, examples: Sequence[EncodedExample], pad_id: int, 
     return correct / len(examples)
 
 
-def generation_loss(model: nn.Module, examples: Sequence[EncodedExample], pad_id: int,
-                    copies: int = 1) -> torch.Tensor:
-    """Language-model loss on the answer tokens only (the prompt is context): minus the mean, over the
-    batch, of each answer's mean token log-probability. ``copies``: as in :func:`classification_loss`."""
+def answer_loss(model: nn.Module, examples: Sequence[EncodedExample], pad_id: int, copies: int = 1) -> torch.Tensor:
+    """Language-model loss on the correct candidate's tokens only (the prompt is context; the other candidates
+    are not run): minus the mean, over the batch, of each correct answer's mean token log-probability. MeZO
+    trains generation tasks, COPA and ReCoRD this way. ``copies``: as in :func:`classification_loss`."""
+    answers = [_correct_only(example) for example in examples]
     if copies == 1:
-        return -candidate_scores(model, examples, pad_id).mean()
-    return -candidate_scores(model, list(examples) * copies, pad_id).view(copies, -1).mean(dim=1)
+        return -candidate_scores(model, answers, pad_id).mean()
+    return -candidate_scores(model, answers * copies, pad_id).view(copies, -1).mean(dim=1)
+
+
+def _correct_only(example: EncodedExample) -> EncodedExample:
+    label = example.label
+    return EncodedExample((example.sequences[label],), (example.candidate_lengths[label],), 0, example.truncated,
+                          example.answers)
+
+
+def negated_accuracy(model: nn.Module, examples: Sequence[EncodedExample], pad_id: int,
+                     copies: int = 1) -> torch.Tensor:
+    """Minus the batch's accuracy: a training objective for zeroth-order optimizers, which need loss values
+    only (the MeZO paper trains on accuracy directly). ``copies``: as in :func:`classification_loss`."""
+    scores = candidate_scores(model, list(examples) * copies, pad_id)
+    labels = torch.tensor([example.label for example in examples] * copies, device=scores.device)
+    correct = (scores.argmax(dim=1) == labels).to(scores.dtype).view(copies, -1).mean(dim=1)
+    return -correct[0] if copies == 1 else -correct
 
 
 def normalize_answer(text: str) -> list[str]:
@@ -161,7 +188,7 @@ def f1(prediction: str, answers: Sequence[str]) -> float:
 
 
 @torch.inference_mode()
-def greedy_answers(model: nn.Module, tokenizer, examples: Sequence[EncodedExample], max_new_tokens: int = 32,
+def greedy_answers(model: nn.Module, tokenizer, examples: Sequence[EncodedExample], max_new_tokens: int = 50,
                    batch_size: int = 16) -> list[str]:
     """Greedy continuations of each prompt (left-padded batches), cut at the first newline."""
     training = model.training
@@ -185,7 +212,8 @@ def greedy_answers(model: nn.Module, tokenizer, examples: Sequence[EncodedExampl
     return outputs
 
 
-def mean_f1(model: nn.Module, tokenizer, examples: Sequence[EncodedExample], answers: Sequence[Sequence[str]],
-            batch_size: int = 16) -> float:
-    predictions = greedy_answers(model, tokenizer, examples, batch_size=batch_size)
-    return sum(f1(p, a) for p, a in zip(predictions, answers)) / len(examples)
+def mean_f1(model: nn.Module, tokenizer, examples: Sequence[EncodedExample], batch_size: int = 16,
+            max_new_tokens: int = 50) -> float:
+    """The mean F1 of greedy answers against each example's gold answers (SQuAD's metric)."""
+    predictions = greedy_answers(model, tokenizer, examples, max_new_tokens, batch_size)
+    return sum(f1(p, example.answers) for p, example in zip(predictions, examples)) / len(examples)

@@ -36,8 +36,10 @@ from .estimators import mean_over_micro_batches
 from .optim import OPTIMIZERS, Addax, MeZO, MeZOSVRG, create_optimizer
 from .optim.inplace_sgd import InPlaceSGD
 from .optim.params import FSDP_OPTIMIZERS, trainable_groups
-from .scoring import EncodedExample, accuracy, classification_loss, encode, generation_loss, mean_f1
+from .scoring import (EncodedExample, accuracy, answer_loss, classification_loss, encode, mean_f1,
+                      negated_accuracy)
 from .sampling import AddaxBatches, BatchSampler, SVRGBatches
+from .selection import DevSelection
 from .tasks import load_task
 
 
@@ -249,15 +251,51 @@ def prepare(config: TrainConfig) -> Prepared:
     if context is not None:
         prefix_tokens = config.prefix.get("tokens", PREFIX_DEFAULTS["tokens"]) if config.trainable == "prefix" else 0
         check_context(encoded, context, prefix_tokens)
-    answers = {split: [example.answers for example in examples] for split, examples in loaded.splits.items()}
+    metric = "f1" if generation else "accuracy"
 
     def evaluate(split: str) -> float:
         if generation:
-            return mean_f1(model, tokenizer, encoded[split], answers[split], config.eval_batch_size)
+            return mean_f1(model, tokenizer, encoded[split], config.eval_batch_size, config.max_new_tokens)
         return accuracy(model, encoded[split], tokenizer.pad_token_id, config.eval_batch_size)
 
-    return Prepared(model, tokenizer, encoded, "f1" if generation else "accuracy", evaluate,
-                    generation_loss if generation else classification_loss)
+    return Prepared(model, tokenizer, encoded, metric, evaluate, training_loss(config, loaded.task, metric, tokenizer))
+
+
+def training_loss(config: TrainConfig, task, metric: str, tokenizer) -> Callable:
+    """What the optimizer minimises: the task's loss (``loss: auto``) or the one configured, or with
+    ``objective: accuracy | f1`` minus the batch's metric, which only zeroth-order optimizers can follow."""
+    if config.objective != "loss":
+        if getattr(OPTIMIZERS.get(config.optimizer), "needs_differentiable_loss", True):
+            raise ConfigError(f"objective={config.objective} trains on a metric, which has no gradient: it needs a "
+                              f"zeroth-order optimizer (mezo, adamezo, svrg), not {config.optimizer!r}; or set "
+                              "objective=loss")
+        if config.objective != metric:
+            raise ConfigError(f"objective={config.objective}, but task {config.task!r} is scored by {metric}: set "
+                              f"objective={metric} or objective=loss")
+        if config.objective == "accuracy":
+            return negated_accuracy
+        if config.optimizer_options.get("dual_forward"):
+            raise ConfigError("objective=f1 decodes answers token by token, which the dual forward cannot stack: "
+                              "set optimizer_options.dual_forward=false")
+        return lambda model, examples, pad_id: -torch.tensor(mean_f1(model, tokenizer, examples, len(examples),
+                                                                     config.max_new_tokens))
+    loss = task.loss if config.loss == "auto" else config.loss
+    if loss == "classification" and getattr(task, "generation", False):
+        raise ConfigError(f"loss=classification needs candidates to choose between; {config.task!r} is a generation "
+                          "task with one answer: set loss=lm or loss=auto")
+    return answer_loss if loss == "lm" else classification_loss
+
+
+def cut_warnings(encoded: dict[str, list[EncodedExample]], max_length: int) -> list[str]:
+    """A warning for each split of which more than 1% of the examples lost the beginning of their prompt."""
+    warnings = []
+    for split, examples in encoded.items():
+        cut = sum(example.truncated for example in examples)
+        if cut > 0.01 * len(examples):
+            warnings.append(f"warning: {cut} of {len(examples)} {split} examples ({cut / len(examples):.0%}) are longer "
+                            f"than max_length={max_length} tokens and lose the beginning of their prompt: raise "
+                            "max_length (MeZO uses 2048) if the model's context allows")
+    return warnings
 
 
 def rank_zeros_plan(plan: AddaxPlan, group: DataParallel, optimizer: str, data_options: dict,
@@ -269,6 +307,10 @@ def rank_zeros_plan(plan: AddaxPlan, group: DataParallel, optimizer: str, data_o
         return plan
     given = {key: value for key, value in data_options.items() if key != "memory_budget"}
     return plan_addax(optimizer, {**given, "L_T": chosen}, examples, batch_size)
+
+
+def load_weights(model: torch.nn.Module, weights: dict, fsdp: bool) -> None:
+    load_full_state_dict(model, weights) if fsdp else model.load_state_dict(weights)
 
 
 def check_fsdp(config: TrainConfig, group: DataParallel | None) -> None:
@@ -356,22 +398,22 @@ def _train(config: TrainConfig, group: DataParallel | None) -> dict | None:
 
     start_step, forward_passes, seconds_before, skipped_in_a_row = 0, 0, 0.0, 0
     monitor = ProjectedGradientMonitor(config.outlier_factor)
+    selection = DevSelection(run_dir, config.select == "best_dev", config.early_stopping_patience)
     state = checkpoints.latest()
     if state is not None:
-        load_full_state_dict(model, state["model"]) if config.fsdp else model.load_state_dict(state["model"])
+        load_weights(model, state["model"], config.fsdp)
+        if "selection" in state:  # absent from checkpoints written before selection existed
+            selection.load_state_dict(state["selection"])
         optimizer.load_state_dict(state["optimizer"])
         sampler.load_state_dict(state["sampler"])
         monitor.load_state_dict(state["monitor"])
         skipped_in_a_row = state["skipped_in_a_row"]
         start_step, forward_passes, seconds_before = state["step"], state["forward_passes"], state["seconds"]
     metrics = MetricsLog(run_dir / "metrics.jsonl", start_step if state is not None else None, enabled=main)
-    for note in plan.notes if plan is not None else []:
+    for note in [*(plan.notes if plan is not None else []), *cut_warnings(splits, config.max_length)]:
         say(note)
         if state is None:
             metrics.write({"step": 0, "note": note})
-    truncated = {split: sum(e.truncated for e in examples) for split, examples in splits.items()}
-    if any(truncated.values()):
-        say(f"prompts cut to max_length={config.max_length} tokens (from the left): {truncated}")
 
     def evaluate(step: int, split: str) -> float | None:
         if not main and not config.fsdp:  # the other ranks go on to the next step's all-reduce and wait there
@@ -383,8 +425,20 @@ def _train(config: TrainConfig, group: DataParallel | None) -> dict | None:
     if start_step == 0 and config.zero_shot_eval:
         zero_shot = evaluate(0, "dev")
         say(f"zero-shot dev {prepared.metric}: {zero_shot:.3f}")
+    def observe_dev(step: int, value: float | None) -> None:
+        """The dev metric at ``step`` (None on ranks that do not evaluate) for selection and early stopping."""
+        if value is None:
+            return
+        def kept_weights() -> dict:
+            weights = full_state_dict(model) if config.fsdp else model.state_dict()  # FSDP: every rank gathers
+            return weights if main else {}
+
+        if selection.observe(step, value, kept_weights) and config.select == "best_dev":
+            say(f"step {step}: best dev {prepared.metric} so far, {value:.4f}, kept in {selection.path}")
+
     started = time.perf_counter()
-    bar = tqdm(range(start_step + 1, config.steps + 1), initial=start_step, total=config.steps,
+    last_step = selection.stopped_at or config.steps
+    bar = tqdm(range(start_step + 1, last_step + 1), initial=start_step, total=config.steps,
                desc=f"{config.optimizer} on {config.task}", unit="step", disable=not main)
 
     def run_step() -> dict:
@@ -434,30 +488,51 @@ def _train(config: TrainConfig, group: DataParallel | None) -> dict | None:
             if "loss" in record:
                 bar.set_postfix(loss=f"{record['loss']:.4f}")
             if config.eval_every and step % config.eval_every == 0 and step != config.steps:
-                evaluate(step, "dev")
+                observe_dev(step, evaluate(step, "dev"))
+                patience_over = selection.out_of_patience
+                if group is not None:  # the first rank alone evaluates, data parallel
+                    patience_over = group.agree(patience_over)
+                if patience_over:
+                    selection.stopped_at = last_step = step
+                    say(f"early stop at step {step}: {config.early_stopping_patience} dev evaluations without "
+                        f"improvement on step {selection.best_step} (early_stopping_patience)")
+                    metrics.write({"step": step, "early_stop": True, "best_step": selection.best_step})
             stopping = requested[0] is not None
             if group is not None:  # a signal may reach some ranks a step before the others: stop all at once
                 stopping = group.agree(stopping)
-            if step == config.steps or stopping or (config.checkpoint_every and step % config.checkpoint_every == 0):
+            if step == last_step or stopping or (config.checkpoint_every and step % config.checkpoint_every == 0):
                 weights = full_state_dict(model) if config.fsdp else model.state_dict()  # FSDP: every rank gathers
                 if main:
                     checkpoints.save(step, dict(step=step, model=weights, optimizer=optimizer.state_dict(),
                                                 sampler=sampler.state_dict(), monitor=monitor.state_dict(),
                                                 skipped_in_a_row=skipped_in_a_row, forward_passes=forward_passes,
-                                                seconds=record["seconds"], config=config.to_dict()))
+                                                seconds=record["seconds"], selection=selection.state_dict(),
+                                                config=config.to_dict()))
             if stopping:
                 number = requested[0] or signal.SIGTERM  # on a rank the signal had not reached
                 name = signal.Signals(number).name
                 metrics.write({"step": step, "stopped": name})
                 raise RunInterrupted(f"{name} at step {step}: saved checkpoint-{step:06d}.pt in {run_dir}; run the same "
                                      "command to resume", number)
+            if step == last_step:
+                break
     seconds = seconds_before + time.perf_counter() - started
     training_peak = peak_memory_mb(device)
-    dev, test = evaluate(config.steps, "dev"), evaluate(config.steps, "test")
+    if selection.stopped_at is None:  # an early stop has just evaluated its last step
+        observe_dev(last_step, evaluate(last_step, "dev"))
+    selected = last_step
+    if config.select == "best_dev" and selection.best_step is not None:
+        selected = selection.best_step
+        if selected != last_step and (main or config.fsdp):
+            load_weights(model, selection.best_weights(), config.fsdp)
+        say(f"selected step {selected} for test (select: best_dev, dev {prepared.metric} {selection.best_value:.4f})")
+        metrics.write({"step": last_step, "selected_step": selected, "select": config.select})
+    test = evaluate(selected, "test")
     if not main:
         return None
-    summary = dict(dev=dev, test=test, steps=config.steps, forward_passes=forward_passes, seconds=seconds,
-                   peak_memory_mb=training_peak)
+    summary = dict(dev=selection.best_value if config.select == "best_dev" else selection.last_value, test=test,
+                   selected_step=selected, last_dev=selection.last_value, early_stopped_at=selection.stopped_at,
+                   steps=last_step, forward_passes=forward_passes, seconds=seconds, peak_memory_mb=training_peak)
     records = metrics.records()
     zero = [r["value"] for r in records if r.get("split") == "dev" and r["step"] == 0]
     summary.update(metric=prepared.metric, zero_shot_dev=zero[0] if zero else None)

@@ -43,6 +43,10 @@ class MeZO(torch.optim.Optimizer):
     all-reduce. The step's estimates are kept in ``last_estimates`` for logging.
     """
 
+    # Only loss values enter the estimate, so the closure may return a non-differentiable objective (e.g. minus
+    # the batch's accuracy); optimizers that also run backward set this back to True.
+    needs_differentiable_loss = False
+
     def __init__(
         self,
         params_or_model,

@@ -13,6 +13,8 @@ from pathlib import Path
 from ..errors import ZotuneError
 
 SPLITS = ("train", "dev", "test")
+# classification: cross-entropy over the candidates' scores; lm: the language-model loss on the correct one.
+LOSSES = ("classification", "lm")
 # MeZO's sampling: 1000 train, 500 dev, 1000 test examples.
 DEFAULT_SIZES = {"train": 1000, "dev": 500, "test": 1000}
 
@@ -47,6 +49,11 @@ class Task:
     @property
     def generation(self) -> bool:
         return self.answer_field is not None
+
+    @property
+    def loss(self) -> str:
+        """The training loss MeZO uses for such a task (one of ``LOSSES``)."""
+        return "lm" if self.generation else "classification"
 
     @property
     def fields(self) -> list[str]:

@@ -25,6 +25,9 @@ class RowTask:
     build: Callable[[dict], Example]
     description: str = ""
     generation: bool = False
+    # MeZO trains COPA, ReCoRD and the generation tasks with the LM loss on the correct answer, the rest with
+    # cross-entropy over the candidates (its train_as_classification).
+    loss: str = "classification"
 
     def example(self, row: dict, where: str) -> Example:
         missing = [name for name in self.fields if name not in row]
@@ -90,10 +93,10 @@ HUB_TASKS = {
     "multirc": ("super_glue", "multirc", Task(
         "multirc", '{paragraph}\nQuestion: {question}\nI found this answer "{answer}". Is that correct? Yes or No?\n',
         {"0": "No", "1": "Yes"})),
-    "copa": ("super_glue", "copa", RowTask("copa", ("premise", "choice1", "choice2", "question", "label"), _copa)),
-    "record": ("super_glue", "record", RowTask("record", ("passage", "query", "entities", "answers"), _record)),
-    "squad": ("squad", None, RowTask("squad", ("title", "context", "question", "answers"), _squad, generation=True)),
-    "drop": ("drop", None, RowTask("drop", ("passage", "question", "answers_spans"), _drop, generation=True)),
+    "copa": ("super_glue", "copa", RowTask("copa", ("premise", "choice1", "choice2", "question", "label"), _copa, loss="lm")),
+    "record": ("super_glue", "record", RowTask("record", ("passage", "query", "entities", "answers"), _record, loss="lm")),
+    "squad": ("squad", None, RowTask("squad", ("title", "context", "question", "answers"), _squad, generation=True, loss="lm")),
+    "drop": ("drop", None, RowTask("drop", ("passage", "question", "answers_spans"), _drop, generation=True, loss="lm")),
 }
 
 
