@@ -131,3 +131,21 @@ def test_mezo_trained_on_accuracy_itself_raises_dev_accuracy(tmp_path):
     assert all(-1 <= loss <= 0 for loss in losses)  # minus the batch's accuracy
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["dev"] >= summary["zero_shot_dev"] + 0.25, summary
+
+
+def generation_task(folder):
+    (folder / "gen.jsonl").write_text("".join(json.dumps({"q": f"{i} plus one?", "a": str(i + 1)}) + "\n" for i in range(8)))
+    return ["model=random:tiny", "task=local", *(f"task_options.{s}={folder / 'gen.jsonl'}" for s in ("train", "dev", "test")),
+            "task_options.template=Q: {q}\nA:", "task_options.answer_field=a", "max_new_tokens=3", "batch_size=4"]
+
+
+def test_mezo_trains_on_f1_with_minus_the_batch_f1_as_its_loss(tmp_path):
+    assert main(["train", *generation_task(tmp_path), "objective=f1", "optimizer=mezo", "steps=2", "eval_every=0",
+                 f"output_dir={tmp_path / 'run'}"]) == 0
+    steps = [r for r in records(tmp_path / "run") if "loss" in r]
+    assert len(steps) == 2 and all(-1 <= r["loss_plus"] <= 0 and -1 <= r["loss_minus"] <= 0 for r in steps)
+
+
+def test_the_f1_objective_refuses_the_dual_forward(tmp_path):
+    with pytest.raises(ConfigError, match="objective=f1 decodes answers"):
+        prepare(load_config(None, [*generation_task(tmp_path), "objective=f1", "optimizer_options.dual_forward=true"]))

@@ -19,6 +19,8 @@ def main(argv: list[str] | None = None) -> int:
     train = commands.add_parser("train", help="fine-tune a model on a task")
     train.add_argument("--config", help="YAML recipe (see configs/)")
     train.add_argument("overrides", nargs="*", metavar="key=value", help="override config keys (a.b=v inside dicts)")
+    train.add_argument("--dry-run", action="store_true",
+                       help="resolve and check the recipe without loading the model or the data, then exit")
 
     evaluate = commands.add_parser("eval", help="accuracy of a model (zero-shot) or a checkpoint")
     evaluate.add_argument("--config", help="YAML recipe for model, task and data")
@@ -52,11 +54,17 @@ def _run(args) -> int:
         from .train import train
 
         config = load_config(args.config, args.overrides)
+        if args.dry_run:
+            from .dry_run import dry_run
+
+            print("\n".join(dry_run(config)))
+            return 0
         summary = train(config)
         if summary is not None:  # None on the ranks of a distributed run but the first
+            chosen = (f", step {summary['selected_step']} selected by dev" if config.select == "best_dev" else "")
             print(f"{config.optimizer} on {config.task} ({summary['metric']}): zero-shot dev "
                   f"{_pct(summary['zero_shot_dev'])}, "
-                  f"after {config.steps} steps dev {_pct(summary['dev'])}, test {_pct(summary['test'])} "
+                  f"after {summary['steps']} steps dev {_pct(summary['dev'])}{chosen}, test {_pct(summary['test'])} "
                   f"(run folder {config.output_dir})")
     elif args.command == "eval":
         from .config import load_config

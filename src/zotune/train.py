@@ -277,8 +277,10 @@ def training_loss(config: TrainConfig, task, metric: str, tokenizer) -> Callable
         if config.optimizer_options.get("dual_forward"):
             raise ConfigError("objective=f1 decodes answers token by token, which the dual forward cannot stack: "
                               "set optimizer_options.dual_forward=false")
-        return lambda model, examples, pad_id: -torch.tensor(mean_f1(model, tokenizer, examples, len(examples),
-                                                                     config.max_new_tokens))
+        def negated_f1(model, examples, pad_id, copies=1):
+            return -torch.tensor(mean_f1(model, tokenizer, examples, len(examples), config.max_new_tokens))
+
+        return negated_f1
     loss = task.loss if config.loss == "auto" else config.loss
     if loss == "classification" and getattr(task, "generation", False):
         raise ConfigError(f"loss=classification needs candidates to choose between; {config.task!r} is a generation "

@@ -18,6 +18,17 @@ def task_names() -> list[str]:
     return sorted([*bigbench.TASKS, *hub.HUB_TASKS, "local"])
 
 
+def task_definition(name: str, local: dict | None = None) -> Task | hub.RowTask:
+    """The task's template, candidates and loss, without reading any data (``local``: as in :func:`load_task`)."""
+    if name in hub.HUB_TASKS:
+        return hub.HUB_TASKS[name][2]
+    if name == "local":
+        return _local_task(local or {})[0]
+    if name in bigbench.TASKS:
+        return bigbench.TASKS[name][2]
+    raise DataError(f"unknown task {name!r}: choose one of {', '.join(task_names())}")
+
+
 def load_task(
     name: str,
     data: str = "extract",

@@ -1,0 +1,66 @@
+"""``zotune train --dry-run``: resolve and check a recipe without loading its weights or its data.
+
+Recipes for a GPU and hub models cannot run here, but most of what can be wrong with them can be found
+offline: key names and types (the config loader), the task and its loss or objective, the trainable mode's
+options, and the optimizer's options and their values, which are checked by building the optimizer on a
+tiny random stand-in of the model. What needs the real model or data (the model's context length, LoRA
+target names, Addax's length split, SVRG's large batch against the training set) is checked when it loads.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+from .config import ConfigError, TrainConfig
+from .models import BUILTIN, DTYPES, ModelError, random_llama, select_trainable
+from .tasks import task_definition
+
+
+def dry_run(config: TrainConfig) -> list[str]:
+    """Lines saying what the run would do; raises the run's own error for what it finds wrong."""
+    from .train import build_optimizer, training_loss
+
+    task = task_definition(config.task, config.task_options)
+    generation = getattr(task, "generation", False)
+    metric = "f1" if generation else "accuracy"
+    loss = training_loss(config, task, metric, tokenizer=None)
+    if generation and config.trainable == "prefix":
+        raise ConfigError(f"trainable=prefix supports classification tasks; {config.task!r} is a generation task: "
+                          "use trainable=full or trainable=lora")
+    if config.dtype not in DTYPES:
+        raise ModelError(f"unknown dtype {config.dtype!r}: choose one of {', '.join(DTYPES)}")
+    if not (config.device in ("auto", "cpu") or config.device.split(":")[0] == "cuda"):
+        raise ConfigError(f"device {config.device!r}: use auto, cpu, cuda or cuda:N")
+    lora = {**config.lora, "targets": ["q_proj", "v_proj"]} if config.trainable == "lora" else config.lora
+    stand_in = select_trainable(random_llama("tiny"), config.trainable, lora, config.prefix)
+    optimizer = build_optimizer(config, stand_in)
+    large = config.optimizer_options.get("large_batch")
+    if large is not None and config.num_train is not None and not (isinstance(large, int) and 1 <= large <= config.num_train):
+        raise ConfigError(f"optimizer_options.large_batch must be a number of training examples from 1 to "
+                          f"{config.num_train} (num_train), got {large!r}")
+    kind = "generation" if generation else "classification"
+    objective = loss.__name__ if config.objective == "loss" else f"minus the batch's {metric}"
+    options = ", ".join(f"{key}={value}" for key, value in config.optimizer_options.items()) or "its defaults"
+    tested = "the best dev evaluation" if config.select == "best_dev" else "the last step"
+    patience = config.early_stopping_patience
+    stopping = f", early stopping after {patience} evaluations without improvement" if patience else ""
+    return [
+        yaml.safe_dump(config.to_dict(), sort_keys=False).rstrip(),
+        f"model: {_model_source(config.model)}, {config.dtype}, trainable={config.trainable}",
+        f"task: {config.task} ({kind}, scored by {metric}), trained on {objective}",
+        f"optimizer: {type(optimizer).__name__} with {options}, lr={config.lr}",
+        f"tests {tested} of {config.steps} steps{stopping}",
+        "dry run: the recipe resolves and its options are valid; nothing was loaded or trained",
+    ]
+
+
+def _model_source(name: str) -> str:
+    if name == BUILTIN:
+        return f"{name} (built in)"
+    if name.startswith("random:"):
+        return f"{name} (random weights)"
+    if Path(name).is_dir():
+        return f"{name} (a local folder)"
+    return f"{name} (from the Hugging Face hub, or its cache; not loaded)"
