@@ -49,7 +49,7 @@ def test_loss_is_cross_entropy_over_candidate_scores_and_accuracy_is_argmax(mode
                                    rtol=1e-5, atol=1e-5)
     predicted = scores.argmax(1).tolist()
     assert accuracy(model, encoded, tokenizer.pad_token_id, batch_size=2) == sum(
-        p == l for p, l in zip(predicted, [1, 0, 1])) / 3
+        p == label for p, label in zip(predicted, [1, 0, 1])) / 3
 
 
 def test_stacked_copies_give_one_loss_per_copy(model_and_tokenizer):

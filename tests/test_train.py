@@ -80,7 +80,10 @@ def test_resumed_run_is_bit_identical_to_an_uninterrupted_one(tmp_path, optimize
     for name, tensor in whole["model"].items():
         assert torch.equal(tensor, parts["model"][name]), name
     assert whole["sampler"] == parts["sampler"] and whole["forward_passes"] == parts["forward_passes"]
-    strip = lambda records: [{k: v for k, v in r.items() if k not in ("seconds", "peak_memory_mb")} for r in records]
+
+    def strip(records):
+        return [{k: v for k, v in r.items() if k not in ("seconds", "peak_memory_mb")} for r in records]
+
     assert strip(read_metrics(tmp_path / "whole")) == strip(read_metrics(tmp_path / "parts"))
     assert sorted(p.name for p in (tmp_path / "whole").glob("checkpoint-*.pt")) == ["checkpoint-000006.pt", "checkpoint-000009.pt"]
 

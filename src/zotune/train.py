@@ -277,6 +277,7 @@ def training_loss(config: TrainConfig, task, metric: str, tokenizer) -> Callable
         if config.optimizer_options.get("dual_forward"):
             raise ConfigError("objective=f1 decodes answers token by token, which the dual forward cannot stack: "
                               "set optimizer_options.dual_forward=false")
+
         def negated_f1(model, examples, pad_id, copies=1):
             return -torch.tensor(mean_f1(model, tokenizer, examples, len(examples), config.max_new_tokens))
 
@@ -427,15 +428,19 @@ def _train(config: TrainConfig, group: DataParallel | None) -> dict | None:
     if start_step == 0 and config.zero_shot_eval:
         zero_shot = evaluate(0, "dev")
         say(f"zero-shot dev {prepared.metric}: {zero_shot:.3f}")
+
+    def weights() -> dict:
+        return full_state_dict(model) if config.fsdp else model.state_dict()  # FSDP: every rank gathers
+
     def observe_dev(step: int, value: float | None) -> None:
         """The dev metric at ``step`` (None on ranks that do not evaluate) for selection and early stopping."""
         if value is None:
             return
-        def kept_weights() -> dict:
-            weights = full_state_dict(model) if config.fsdp else model.state_dict()  # FSDP: every rank gathers
-            return weights if main else {}
+        def kept() -> dict:
+            gathered = weights()  # with FSDP a collective, so every rank gathers; the first alone writes best.pt
+            return gathered if main else {}
 
-        if selection.observe(step, value, kept_weights) and config.select == "best_dev":
+        if selection.observe(step, value, kept) and config.select == "best_dev":
             say(f"step {step}: best dev {prepared.metric} so far, {value:.4f}, kept in {selection.path}")
 
     started = time.perf_counter()
@@ -492,7 +497,7 @@ def _train(config: TrainConfig, group: DataParallel | None) -> dict | None:
             if config.eval_every and step % config.eval_every == 0 and step != config.steps:
                 observe_dev(step, evaluate(step, "dev"))
                 patience_over = selection.out_of_patience
-                if group is not None:  # the first rank alone evaluates, data parallel
+                if group is not None and config.early_stopping_patience:  # data parallel: rank 0 alone evaluates
                     patience_over = group.agree(patience_over)
                 if patience_over:
                     selection.stopped_at = last_step = step
@@ -503,9 +508,9 @@ def _train(config: TrainConfig, group: DataParallel | None) -> dict | None:
             if group is not None:  # a signal may reach some ranks a step before the others: stop all at once
                 stopping = group.agree(stopping)
             if step == last_step or stopping or (config.checkpoint_every and step % config.checkpoint_every == 0):
-                weights = full_state_dict(model) if config.fsdp else model.state_dict()  # FSDP: every rank gathers
+                saved = weights()
                 if main:
-                    checkpoints.save(step, dict(step=step, model=weights, optimizer=optimizer.state_dict(),
+                    checkpoints.save(step, dict(step=step, model=saved, optimizer=optimizer.state_dict(),
                                                 sampler=sampler.state_dict(), monitor=monitor.state_dict(),
                                                 skipped_in_a_row=skipped_in_a_row, forward_passes=forward_passes,
                                                 seconds=record["seconds"], selection=selection.state_dict(),

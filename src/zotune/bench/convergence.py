@@ -78,7 +78,10 @@ def main(argv=None):
         metric_at = first_reaching(run["evals"], target_metric, lower_is_better=False)
         loss_at = first_reaching(run["smoothed"], target_loss, lower_is_better=True)
         run.update(metric_target=target_metric, reached_metric_at=metric_at, loss_target=target_loss, reached_loss_at=loss_at)
-        show = lambda at: "not reached" if at is None else f"{at[0]} passes, {at[1]:.0f} s"
+
+        def show(at):
+            return "not reached" if at is None else f"{at[0]} passes, {at[1]:.0f} s"
+
         rows.append(f"| {name} | {run['config']['lr']:g} | {run['summary']['zero_shot_dev']:.3f} | {run['summary']['dev']:.3f} "
                     f"| {run['summary']['test']:.3f} | {show(metric_at)} | {show(loss_at)} | {run['summary']['seconds']:.0f} "
                     f"| {run['summary']['peak_memory_mb']:.0f} |")

@@ -45,8 +45,8 @@ def _copa(row: dict) -> Example:
     connective = " so" if row["question"] == "effect" else " because"
     premise = row["premise"].rstrip()
     prompt = (premise[:-1] if premise.endswith(".") else premise) + connective
-    lower_first = lambda text: " " + text[:1].lower() + text[1:]
-    return Example(prompt, (lower_first(row["choice1"]), lower_first(row["choice2"])), int(row["label"]))
+    choices = tuple(" " + text[:1].lower() + text[1:] for text in (row["choice1"], row["choice2"]))
+    return Example(prompt, choices, int(row["label"]))
 
 
 def _record(row: dict) -> Example:
