@@ -4,7 +4,7 @@ Recipes for a GPU and hub models cannot run here, but most of what can be wrong 
 offline: key names and types (the config loader), the task and its loss or objective, the trainable mode's
 options, and the optimizer's options and their values, which are checked by building the optimizer on a
 tiny random stand-in of the model. What needs the real model or data (the model's context length, LoRA
-target names, Addax's length split, SVRG's large batch against the training set) is checked when it loads.
+target names, Addax's length split itself, SVRG's large batch against the training set) is checked when it loads.
 """
 
 from __future__ import annotations
@@ -14,13 +14,14 @@ from pathlib import Path
 import yaml
 
 from .config import ConfigError, TrainConfig
+from .lengths import check_addax_options
 from .models import BUILTIN, DTYPES, ModelError, random_llama, select_trainable
 from .tasks import task_definition
 
 
 def dry_run(config: TrainConfig) -> list[str]:
     """Lines saying what the run would do; raises the run's own error for what it finds wrong."""
-    from .train import build_optimizer, training_loss
+    from .train import ADDAX_OPTIMIZERS, build_optimizer, split_options, training_loss
 
     task = task_definition(config.task, config.task_options)
     generation = getattr(task, "generation", False)
@@ -36,6 +37,8 @@ def dry_run(config: TrainConfig) -> list[str]:
     lora = {**config.lora, "targets": ["q_proj", "v_proj"]} if config.trainable == "lora" else config.lora
     stand_in = select_trainable(random_llama("tiny"), config.trainable, lora, config.prefix)
     optimizer = build_optimizer(config, stand_in)
+    if config.optimizer in ADDAX_OPTIMIZERS:
+        check_addax_options(config.optimizer, split_options(config)[1], config.batch_size)
     large = config.optimizer_options.get("large_batch")
     if large is not None and config.num_train is not None and not (isinstance(large, int) and 1 <= large <= config.num_train):
         raise ConfigError(f"optimizer_options.large_batch must be a number of training examples from 1 to "

@@ -142,14 +142,9 @@ class AddaxPlan:
     notes: list[str]
 
 
-def plan_addax(optimizer: str, options: dict, examples: Sequence[EncodedExample], batch_size: int,
-               measure: Callable[[list[int]], int] | None = None) -> AddaxPlan:
-    """Check Addax's data options (``L_T``, ``K0``, ``K1``, ``memory_budget``, ``on_empty_bucket``) against the
-    training set and split it. ``measure(indices)`` gives a first-order step's peak bytes (for ``L_T: auto``).
-
-    Defaults: K0 = K1 = batch_size / 2; L_T from :func:`even_threshold` (logged). An empty bucket makes every step
-    one-sided (IP-SGD on D1, or MeZO on D0), said in the notes; ``on_empty_bucket: error`` refuses instead."""
-    lengths = [example_length(example) for example in examples]
+def check_addax_options(optimizer: str, options: dict, batch_size: int) -> tuple[int, int, str]:
+    """``(K0, K1, on_empty_bucket)`` after checking Addax's data options as far as they can be checked without
+    the data (names, types, and which go together)."""
     unknown = sorted(set(options) - set(ADDAX_DATA_OPTIONS))
     if unknown:
         raise ConfigError(f"unknown Addax data option {unknown[0]!r}: the data options are {', '.join(ADDAX_DATA_OPTIONS)}")
@@ -160,19 +155,39 @@ def plan_addax(optimizer: str, options: dict, examples: Sequence[EncodedExample]
     on_empty = options.get("on_empty_bucket", "fallback")
     if on_empty not in ("fallback", "error"):
         raise ConfigError(f"optimizer_options.on_empty_bucket must be fallback or error, got {on_empty!r}")
-    notes = []
-    everything = tuple(range(len(lengths)))
+    threshold = options.get("L_T")
     if optimizer == "addax-wa":
         if "L_T" in options or "memory_budget" in options:
             raise ConfigError("addax-wa draws both batches from the whole training set: remove L_T and "
                               "memory_budget, or use optimizer=addax for the length split")
+    elif threshold == "auto":
+        if "memory_budget" not in options:
+            raise ConfigError("L_T: auto needs memory_budget (e.g. optimizer_options.memory_budget=6GB)")
+        parse_memory(options["memory_budget"])
+    elif "memory_budget" in options:
+        raise ConfigError("memory_budget is used only with L_T: auto; remove one of them")
+    elif threshold is not None and (not isinstance(threshold, int) or isinstance(threshold, bool) or threshold < 1):
+        raise ConfigError(f"optimizer_options.L_T must be a positive number of tokens or auto, got {threshold!r}")
+    return k0, k1, on_empty
+
+
+def plan_addax(optimizer: str, options: dict, examples: Sequence[EncodedExample], batch_size: int,
+               measure: Callable[[list[int]], int] | None = None) -> AddaxPlan:
+    """Check Addax's data options (``L_T``, ``K0``, ``K1``, ``memory_budget``, ``on_empty_bucket``) against the
+    training set and split it. ``measure(indices)`` gives a first-order step's peak bytes (for ``L_T: auto``).
+
+    Defaults: K0 = K1 = batch_size / 2; L_T from :func:`even_threshold` (logged). An empty bucket makes every step
+    one-sided (IP-SGD on D1, or MeZO on D0), said in the notes; ``on_empty_bucket: error`` refuses instead."""
+    k0, k1, on_empty = check_addax_options(optimizer, options, batch_size)
+    lengths = [example_length(example) for example in examples]
+    notes = []
+    everything = tuple(range(len(lengths)))
+    if optimizer == "addax-wa":
         split = LengthSplit(None, everything, everything)
         notes.append(f"addax-wa: K0={k0} and K1={k1} examples per step, both from all {len(lengths)} training examples")
     else:
         threshold = options.get("L_T")
         if threshold == "auto":
-            if "memory_budget" not in options:
-                raise ConfigError("L_T: auto needs memory_budget (e.g. optimizer_options.memory_budget=6GB)")
             if measure is None:
                 raise ConfigError("L_T: auto needs a model to measure; it is only available in training runs")
             budget = parse_memory(options["memory_budget"])
@@ -180,13 +195,9 @@ def plan_addax(optimizer: str, options: dict, examples: Sequence[EncodedExample]
             table = ", ".join(f"{n}: {b / 2**20:.0f} MiB" for n, b in sorted(measurements.items()))
             notes.append(f"L_T=auto under memory_budget {options['memory_budget']}: L_T={threshold} "
                          f"(first-order peak on K1={k1} examples by length: {table})")
-        elif "memory_budget" in options:
-            raise ConfigError("memory_budget is used only with L_T: auto; remove one of them")
         elif threshold is None:
             threshold = even_threshold(lengths)
             notes.append(f"L_T not given: using {threshold} tokens, the length that splits the training set most evenly")
-        elif not isinstance(threshold, int) or isinstance(threshold, bool) or threshold < 1:
-            raise ConfigError(f"optimizer_options.L_T must be a positive number of tokens or auto, got {threshold!r}")
         split = LengthSplit.by_threshold(lengths, threshold)
         notes.append(f"length split at L_T={threshold} tokens: D0 (zeroth-order, longer) {len(split.long)} examples, "
                      f"D1 (first-order) {len(split.short)}; lengths {min(lengths)}..{max(lengths)}")
