@@ -5,15 +5,20 @@ import torch
 from torch import nn
 
 from conftest import keyed_direction, lm_loss
-from zotune import Addax, InPlaceSGD, MeZO, NonFiniteLossError
+from test_inplace_sgd import NaNGradient
+from zotune import Addax, InPlaceSGD, MeZO, NonFiniteGradientError, NonFiniteLossError
+from zotune.config import TrainConfig
 from zotune.directions import derive_seed
 from zotune.errors import OptionError
 from zotune.models import random_llama
 from zotune.optim import is_decayed
+from zotune.train import build_optimizer
 
 
-def naive_addax(model, long_batch, short_batch, *, steps, lr, alpha, mixing, eps, weight_decay, seed, direction):
-    """Addax as the paper writes it: dense z, an explicit full gradient on the short batch, no hooks."""
+def naive_addax(model, long_batch, short_batch, *, steps, lr, alpha, mixing, eps, weight_decay, seed, direction,
+                clip_grad_norm=None):
+    """Addax as the paper writes it: dense z, an explicit full gradient on the short batch, no hooks; with
+    ``clip_grad_norm``, that gradient clipped by torch.nn.utils.clip_grad_norm_."""
     theta = {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
     w0, w1 = (alpha, 1 - alpha) if mixing == "convex" else (alpha, 1.0)
     for step in range(steps):
@@ -24,6 +29,11 @@ def naive_addax(model, long_batch, short_batch, *, steps, lr, alpha, mixing, eps
         projected = (plus - minus) / (2 * eps)
         leaves = {n: t.clone().requires_grad_(True) for n, t in theta.items()}
         grads = dict(zip(leaves, torch.autograd.grad(lm_loss(model, short_batch, leaves), list(leaves.values()))))
+        if clip_grad_norm is not None:
+            for name, leaf in leaves.items():
+                leaf.grad = grads[name]
+            torch.nn.utils.clip_grad_norm_(list(leaves.values()), clip_grad_norm)
+            grads = {name: leaf.grad for name, leaf in leaves.items()}
         for name in theta:
             decay = weight_decay if is_decayed(name, theta[name]) else 0.0
             direction_sum = w1 * grads[name] + w0 * projected * z[name]
@@ -43,12 +53,14 @@ def test_addax_matches_naive_reference(exact, mixing, alpha, tie):
     check_against_naive_reference(exact, mixing, alpha, tie)
 
 
-def check_against_naive_reference(exact, mixing, alpha, tie, device="cpu"):
-    """Three float64 Addax steps on ``device`` against :func:`naive_addax` with the same keyed directions."""
+def check_against_naive_reference(exact, mixing, alpha, tie, device="cpu", clip_grad_norm=None):
+    """Three float64 Addax steps on ``device`` against :func:`naive_addax` with the same keyed directions;
+    returns the optimizer."""
     long_batch, short_batch = (batch.to(device) for batch in batches())
     model = random_llama("tiny", seed=0, tie_embeddings=tie).double().to(device)
     reference_model = random_llama("tiny", seed=0, tie_embeddings=tie).double().to(device)
-    options = dict(lr=0.05, alpha=alpha, mixing=mixing, eps=1e-3, weight_decay=0.1, seed=7)
+    options = dict(lr=0.05, alpha=alpha, mixing=mixing, eps=1e-3, weight_decay=0.1, seed=7,
+                   clip_grad_norm=clip_grad_norm)
     if exact:
         optimizer = Addax(model, **options)
     else:  # parameters only (in-place perturbation), MeZO's no-decay rule through groups
@@ -61,6 +73,87 @@ def check_against_naive_reference(exact, mixing, alpha, tie, device="cpu"):
                            **{k: v for k, v in options.items()})
     for name, param in model.named_parameters():
         torch.testing.assert_close(param, expected[name], rtol=1e-10, atol=1e-10, msg=name)
+    return optimizer
+
+
+@pytest.mark.parametrize("mixing,alpha", [("convex", 0.3), ("additive", 0.05)])
+def test_clip_grad_norm_clips_the_first_order_term_as_torch_does(mixing, alpha):
+    """Only ∇L_B1 is clipped: c·z, about √d times its norm, would dominate a clip of the mixed update."""
+    optimizer = check_against_naive_reference(True, mixing, alpha, tie=False, clip_grad_norm=0.5)
+    assert optimizer.last_grad_norm > 0.5
+
+
+def test_the_first_order_term_is_clipped_by_the_norm_of_the_gradient_averaged_over_the_ranks():
+    """A stand-in data-parallel average (three times this rank's gradient) is clipped as the gradient of 3·L_B1."""
+    long_batch, short_batch = batches()
+    models = [random_llama("tiny", seed=0).double() for _ in range(2)]
+    options = {"lr": 0.05, "alpha": 0.3, "seed": 7, "clip_grad_norm": 0.5}
+    averaged, scaled = Addax(models[0], **options), Addax(models[1], **options)
+    averaged.reduce_gradient = lambda grad: grad.mul_(3.0)
+    averaged.step(lambda: lm_loss(models[0], long_batch), lambda: lm_loss(models[0], short_batch))
+    scaled.step(lambda: lm_loss(models[1], long_batch), lambda: 3 * lm_loss(models[1], short_batch))
+    assert averaged.last_grad_norm == pytest.approx(scaled.last_grad_norm, rel=1e-12)
+    assert averaged.last_grad_norm / 3 > 0.5  # a norm taken before the average would clip by another factor
+    for (name, a), b in zip(models[0].named_parameters(), models[1].parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10, msg=name)
+
+
+def test_clipping_refuses_a_non_finite_first_order_gradient_before_any_update():
+    long_batch, short_batch = batches()
+    model = random_llama("tiny", seed=0)
+    before = [p.detach().clone() for p in model.parameters()]
+    optimizer = Addax(model, lr=0.01, alpha=0.1, clip_grad_norm=1.0)
+    with pytest.raises(NonFiniteGradientError, match=r"step 0 \(direction seed \d+\) with a finite loss: the parameters were not"):
+        optimizer.step(lambda: lm_loss(model, long_batch), lambda: NaNGradient.apply(lm_loss(model, short_batch)))
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert all(p.grad is None for p in model.parameters())
+    assert optimizer.state["zo"]["step"] == 0  # the refused step consumed nothing
+
+
+def test_a_gradient_left_by_a_backward_outside_step_never_enters_an_update():
+    long_batch, short_batch = batches()
+    model, fresh = random_llama("tiny", seed=0), random_llama("tiny", seed=0)
+    optimizer = Addax(model, lr=0.01, alpha=0.1, seed=4)
+    lm_loss(model, long_batch).backward()  # outside step: the gradients stay in .grad
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(OptionError, match=r"parameters hold a gradient .*: call optimizer\.zero_grad\(\) before step\(\)"):
+        optimizer.step(lambda: lm_loss(model, long_batch), lambda: lm_loss(model, short_batch))
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert optimizer.state["zo"]["step"] == 0
+    optimizer.zero_grad()
+    optimizer.step(lambda: lm_loss(model, long_batch), lambda: lm_loss(model, short_batch))
+    Addax(fresh, lr=0.01, alpha=0.1, seed=4).step(lambda: lm_loss(fresh, long_batch), lambda: lm_loss(fresh, short_batch))
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), fresh.parameters()))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_update_is_computed_in_float32_and_rounded_once(dtype):
+    """θ ← round(θ·(1 − lr·wd) + a·z − lr·w1·g), θ, z and g in float32 (the same operations as the update, so
+    exactly); rounding the decayed ZO part first, as a separate gradient step does, gives other weights."""
+    long_batch, short_batch = batches()
+    model = random_llama("tiny", dtype=dtype, seed=0, tie_embeddings=False)
+    copy = random_llama("tiny", dtype=dtype, seed=0, tie_embeddings=False)
+    lr = 0.05
+    optimizer = Addax(model, lr=lr, alpha=0.3, eps=1e-2, weight_decay=0.1, seed=7)
+    before = [p.detach().clone() for p in model.parameters()]
+    grads = torch.autograd.grad(lm_loss(copy, short_batch), list(copy.parameters()))
+    optimizer.step(lambda: lm_loss(model, long_batch), lambda: lm_loss(model, short_batch))
+    estimate, (w0, w1) = optimizer.last_estimates[0], optimizer.weights
+    index = {id(p): i for i, p in enumerate(optimizer.engine.params)}
+    decay = {id(p): 1.0 - lr * g["weight_decay"] for g in optimizer.param_groups for p in g["params"]}
+    rounded_twice = []
+    for (name, param), theta, grad in zip(model.named_parameters(), before, grads):
+        z = optimizer.engine.direction(index[id(param)], estimate.seed)
+        zeroth_order = (theta.float() * decay[id(param)]).add(z, alpha=-lr * (w0 * estimate.projected_gradient))
+        assert torch.equal(param, zeroth_order.add(grad.float(), alpha=-lr * w1).to(dtype)), name
+        rounded_twice.append(torch.equal(param, zeroth_order.to(dtype).add(grad, alpha=-lr * w1)))
+    assert not all(rounded_twice)
+
+
+@pytest.mark.parametrize("name", ["addax", "addax-wa"])
+def test_clip_grad_norm_reaches_the_optimizer_from_the_config(name, tiny_llama):
+    config = TrainConfig(optimizer=name, lr=0.1, optimizer_options={"clip_grad_norm": 0.5, "K0": 2})
+    assert build_optimizer(config, tiny_llama).clip_grad_norm == 0.5
 
 
 def test_no_full_gradient_is_held_during_backward():
@@ -163,3 +256,5 @@ def test_bad_options(tiny_llama):
         Addax(tiny_llama, alpha=1.5)
     with pytest.raises(TypeError, match="zo_closure"):
         Addax(tiny_llama).step()
+    with pytest.raises(OptionError, match="clip_grad_norm must be a positive number or None, got -1"):
+        Addax(tiny_llama, clip_grad_norm=-1)

@@ -7,7 +7,7 @@ import torch
 from ..directions import GAUSSIAN, derive_seed
 from ..errors import OptionError
 from ..estimators import Closure
-from .inplace_sgd import UpdatesInBackward
+from .inplace_sgd import FULL_PRECISION, UpdatesInBackward
 from .mezo import MeZO
 
 MIXINGS = ("convex", "additive")
@@ -21,7 +21,16 @@ class Addax(UpdatesInBackward, MeZO):
 
     The second line runs in a post-accumulate-grad hook the moment ∇_i is complete, regenerating z_i from
     the seed, and frees ∇_i at once: like IP-SGD, no full gradient is ever held. Peak memory is the larger of
-    an inference forward on B0 and an IP-SGD step on B1, which is why B0 gets the long sequences.
+    an inference forward on B0 and an IP-SGD step on B1, which is why B0 gets the long sequences. For
+    bf16/fp16 weights the whole line is computed in float32 and rounded once, block by block, through the
+    direction engine's ``transform`` (on a GPU, z is then drawn into a float32 buffer rather than inside the
+    fused Triton update, which has no gradient to add). Float32 and float64 weights are updated in place: the
+    decayed ZO part by the engine, then the gradient added.
+
+    ``clip_grad_norm``: ∇L_B1 is clipped to this global norm (c·z is not: it has about √d times the norm of
+    the true gradient, so any clip of the mixed update would be a clip of c·z), with a measuring backward
+    first as in IP-SGD (:class:`~zotune.optim.inplace_sgd.UpdatesInBackward`): one extra backward on B1 per
+    step, ``fo_closure`` still called once; ``last_grad_norm`` holds the norm before clipping.
 
     ``mixing``: ``convex`` (default) w1 = 1 − α, w0 = α; ``additive`` w1 = 1, w0 = α. The paper mixes with
     one constant α; public text does not settle which form, so both are offered. α must be small either way:
@@ -33,10 +42,15 @@ class Addax(UpdatesInBackward, MeZO):
     (w0 = 1), with no B0 it is IP-SGD's (w1 = 1); the trainer uses this when a length bucket is empty.
     ``step`` returns the mean of the losses it saw; ``last_losses`` holds each.
 
-    Calling ``backward`` outside ``step`` leaves the gradients in ``.grad`` as usual, updating nothing.
+    Calling ``backward`` outside ``step`` leaves the gradients in ``.grad`` as usual, updating nothing; a step
+    with a first-order batch then refuses to start until they are cleared (``optimizer.zero_grad()``), since
+    its backward would add them to ∇L_B1. They are not cleared for you: they may be someone's data.
     Communication (data parallel): the two ZO losses are all-reduced as in MeZO, the gradient of each
-    tensor inside its hook before the update.
+    tensor inside its hook before the update (with clipping, in the measuring backward too: the norm is that
+    of the averaged gradient, and every gradient is all-reduced twice).
     """
+
+    needs_differentiable_loss = True  # the first-order batch runs backward
 
     def __init__(
         self,
@@ -49,6 +63,7 @@ class Addax(UpdatesInBackward, MeZO):
         distribution: str = GAUSSIAN,
         seed: int = 0,
         num_threads: int | None = None,
+        clip_grad_norm: float | None = None,
     ) -> None:
         if mixing not in MIXINGS:
             raise OptionError(f"Addax mixing must be one of {', '.join(MIXINGS)}, got {mixing!r}")
@@ -60,9 +75,9 @@ class Addax(UpdatesInBackward, MeZO):
         self.last_losses: dict[str, float] = {}
         self._pending: tuple[list, float] | None = None  # (seed, w0·c) pairs and w1, during backward
         self._updated: set[int] = set()
-        self._register_update_hooks((param, self._updater(group, index))
-                                    for group, indices in zip(self.param_groups, self._group_indices)
-                                    for param, index in zip(group["params"], indices))
+        self._register_update_hooks(((param, self._updater(group, index))
+                                     for group, indices in zip(self.param_groups, self._group_indices)
+                                     for param, index in zip(group["params"], indices)), clip_grad_norm)
 
     @property
     def weights(self) -> tuple[float, float]:
@@ -76,22 +91,44 @@ class Addax(UpdatesInBackward, MeZO):
                 return
             zo_pairs, w1 = self._pending
             lr = group["lr"]
-            self.engine.apply([(s, -lr * a) for s, a in zo_pairs], (index,), scale=1.0 - lr * group["weight_decay"])
-            param.add_(self._take_gradient(param), alpha=-lr * w1)
+            terms, decay = [(s, -lr * a) for s, a in zo_pairs], 1.0 - lr * group["weight_decay"]
+            grad, alpha = self._take_gradient(param), -lr * w1 * self._gradient_scale
+            if param.dtype in FULL_PRECISION:
+                self.engine.apply(terms, (index,), scale=decay)
+                param.add_(grad, alpha=alpha)
+            else:
+                self._update_rounding_once(index, terms, decay, grad, alpha)
             param.grad = None
             self._updated.add(index)
 
         return update
+
+    def _update_rounding_once(self, index: int, terms: list, decay: float, grad: torch.Tensor, alpha: float) -> None:
+        """θ_i ← θ_i·decay + Σ c·z_i(s) + alpha·grad over ``terms`` [(s, c)], in float32 blocks of θ_i, each
+        rounded once to the weights' dtype (``engine.apply`` rounds the ZO part itself)."""
+        terms = [(seed, coef) for seed, coef in terms if coef != 0.0]  # as apply: a zero term draws nothing
+        flat = grad.reshape(-1)
+
+        def update(block) -> None:
+            if decay != 1.0:
+                block.work.mul_(decay)
+            for seed, coef in terms:
+                block.work.add_(block.z(seed), alpha=coef)
+            block.work.add_(flat[block.start:block.start + block.work.numel()], alpha=alpha)
+
+        self.engine.transform(update, (index,))
 
     @torch.no_grad()
     def step(self, zo_closure: Closure | None = None, fo_closure: Closure | None = None) -> float:  # type: ignore[override]
         if zo_closure is None and fo_closure is None:
             raise TypeError("Addax.step needs zo_closure (loss on the long batch), fo_closure (loss on the short "
                             "batch), or both")
+        if fo_closure is not None:
+            self._refuse_held_gradients("call optimizer.zero_grad() before step()")
         stream = self.state["zo"]
         step, seed = stream["step"], derive_seed(stream["seed"], stream["step"], 0)
         losses: dict[str, float] = {}
-        estimate, self.last_estimates = None, []
+        estimate, self.last_estimates, self.last_grad_norm = None, [], None
         if zo_closure is not None:
             # With a first-order batch to follow, θ must be restored before its forward: no fused restore.
             estimate = self.estimator.estimate(zo_closure, seed, step, fuse_restore=fo_closure is None)
