@@ -172,9 +172,10 @@ def run(shape, batch, length, threads, repeats, distribution, device="cpu", dtyp
     torch_optimizers = {name: create_optimizer(name, model, lr=1e-7) for name in ("sgd", "adam")}
 
     def torch_step(name):
-        torch_optimizers[name].zero_grad(set_to_none=True)
         closure().backward()
         torch_optimizers[name].step()
+        # Cleared now, not before the next step: IP-SGD and Addax refuse gradients left from another backward.
+        torch_optimizers[name].zero_grad(set_to_none=True)
 
     # IP-SGD and Addax update inside backward, from hooks on the parameters that would fire in every other
     # item's backward too: each is built inside its item (hooks registered: 4-7 ms) and its hooks removed after.
