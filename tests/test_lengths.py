@@ -26,7 +26,7 @@ def test_split_and_even_threshold():
 def test_addax_batches_draw_from_their_buckets_and_resume():
     split = LengthSplit.by_threshold([example_length(e) for e in EXAMPLES], 20)
     batches = AddaxBatches(split, 3, 2, seed=0)
-    drawn = [batches.next_batches() for _ in range(4)]
+    drawn = [tuple(batches.next_batches().values()) for _ in range(4)]
     for long, short in drawn:
         assert len(long) == 3 and set(long) <= set(split.long)
         assert len(short) == 2 and set(short) <= set(split.short)
@@ -39,19 +39,19 @@ def test_addax_batches_draw_from_their_buckets_and_resume():
 
 
 def test_plan_defaults_and_notes():
-    plan = plan_addax("addax", {"L_T": 20}, EXAMPLES, batch_size=4)
+    plan = plan_addax({"L_T": 20}, EXAMPLES, batch_size=4)
     assert (plan.k0, plan.k1, plan.split.threshold) == (2, 2, 20)
     assert "D0 (zeroth-order, longer) 4 examples, D1 (first-order) 4" in plan.notes[0]
-    wa = plan_addax("addax-wa", {"K0": 3, "K1": 5}, EXAMPLES, batch_size=4)
+    wa = plan_addax({"by_length": False, "K0": 3, "K1": 5}, EXAMPLES, batch_size=4)
     assert wa.split.long == wa.split.short == tuple(range(8)) and (wa.k0, wa.k1) == (3, 5)
 
 
 @pytest.mark.parametrize("threshold,empty,fallback", [(55, "D0", "IP-SGD on D1"), (9, "D1", "MeZO on D0")])
 def test_empty_bucket_falls_back_with_a_note_or_refuses(threshold, empty, fallback):
-    plan = plan_addax("addax", {"L_T": threshold, "K0": 1, "K1": 1}, EXAMPLES, batch_size=2)
+    plan = plan_addax({"L_T": threshold, "K0": 1, "K1": 1}, EXAMPLES, batch_size=2)
     assert f"{empty} is empty" in plan.notes[-1] and f"falls back to {fallback}" in plan.notes[-1]
     with pytest.raises(ConfigError, match=f"{empty} is empty.*on_empty_bucket=fallback"):
-        plan_addax("addax", {"L_T": threshold, "on_empty_bucket": "error"}, EXAMPLES, batch_size=2)
+        plan_addax({"L_T": threshold, "on_empty_bucket": "error"}, EXAMPLES, batch_size=2)
 
 
 @pytest.mark.parametrize("options,message", [
@@ -65,12 +65,12 @@ def test_empty_bucket_falls_back_with_a_note_or_refuses(threshold, empty, fallba
 ])
 def test_bad_addax_options_are_one_line_errors(options, message):
     with pytest.raises(ConfigError, match=message):
-        plan_addax("addax", options, EXAMPLES, batch_size=4)
+        plan_addax(options, EXAMPLES, batch_size=4)
 
 
 def test_addax_wa_refuses_a_length_threshold():
     with pytest.raises(ConfigError, match="addax-wa draws both batches from the whole training set"):
-        plan_addax("addax-wa", {"L_T": 20}, EXAMPLES, batch_size=4)
+        plan_addax({"by_length": False, "L_T": 20}, EXAMPLES, batch_size=4)
 
 
 def test_parse_memory():
@@ -105,17 +105,17 @@ def test_first_order_peak_grows_with_sequence_length():
 
 def test_auto_threshold_under_data_parallel_is_rank_zeros():
     """Ranks measure memory on their own devices; a rank whose L_T: auto came out different takes rank 0's."""
-    from zotune.train import rank_zeros_plan
+    from zotune.lengths import agreed_plan
 
     class RankOneOfTwo:
         def from_first(self, value):
             return 20  # what rank 0 chose
 
     options = {"L_T": "auto", "memory_budget": "1GB"}
-    own = plan_addax("addax", options, EXAMPLES, 4, measure=lambda indices: 100 * max(
+    own = plan_addax(options, EXAMPLES, 4, measure=lambda indices: 100 * max(
         example_length(EXAMPLES[i]) for i in indices))  # this rank's device allows every length: L_T = 55
     assert own.split.threshold == 55
-    agreed = rank_zeros_plan(own, RankOneOfTwo(), "addax", options, EXAMPLES, 4)
-    assert agreed.split == plan_addax("addax", {"L_T": 20}, EXAMPLES, 4).split
-    same = plan_addax("addax", {"L_T": 20}, EXAMPLES, 4)
-    assert rank_zeros_plan(same, RankOneOfTwo(), "addax", options, EXAMPLES, 4) is same
+    agreed = agreed_plan(own, RankOneOfTwo().from_first, options, EXAMPLES, 4)
+    assert agreed.split == plan_addax({"L_T": 20}, EXAMPLES, 4).split
+    same = plan_addax({"L_T": 20}, EXAMPLES, 4)
+    assert agreed_plan(same, RankOneOfTwo().from_first, options, EXAMPLES, 4) is same

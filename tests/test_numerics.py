@@ -10,7 +10,7 @@ from zotune.errors import NonFiniteGradientError, NonFiniteLossError
 from zotune.models import random_llama
 from zotune.numerics import ProjectedGradientMonitor
 from zotune.optim import AdaMeZO, Addax, InPlaceSGD, MeZO
-from zotune import train as train_module
+from zotune import preparation as train_module  # where the trainer takes its loss from
 
 
 class NaNGradient(torch.autograd.Function):

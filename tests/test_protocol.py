@@ -47,7 +47,7 @@ def test_best_dev_selection_tests_the_weights_of_the_best_dev_evaluation(tmp_pat
     assert [r["step"] for r in test] == [best_step] and summary["test"] == test[0]["value"]
     # best.pt holds those weights: evaluating it on test gives the summary's test accuracy.
     config = load_config(None, [*TINY, "optimizer=mezo"])
-    from zotune.train import evaluate_model
+    from zotune.preparation import evaluate_model
 
     assert evaluate_model(config, str(run_dir / "best.pt"), "test") == ("accuracy", summary["test"])
 

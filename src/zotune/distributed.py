@@ -93,9 +93,9 @@ def from_environment(cuda: bool | None = None) -> DataParallel | None:
 def shard_model(model: torch.nn.Module) -> torch.nn.Module:
     """FSDP2: shards a Hugging Face decoder's layers and the rest of the model over the default process
     group, each rank keeping 1/N of every parameter (rows of dim 0). For zeroth-order training: pass
-    ``model.parameters()`` to MeZO, AdaMeZO or MeZO-SVRG (memory=seeds), which perturb and update each
-    rank's shard with directions keyed by position in the whole parameter, and make the optimizer
-    :func:`data_parallel` so the ranks agree on the losses.
+    ``model.parameters()`` to an optimizer that trains shards (its ``fsdp_problem`` is None), which perturbs
+    and updates each rank's shard with directions keyed by position in the whole parameter, and make the
+    optimizer :func:`data_parallel` so the ranks agree on the losses.
 
     Every module, the root too, frees its gathered parameters after its forward: with no backward to
     follow, a module left gathered would keep serving its stale copy while the optimizer updates the shards.
@@ -128,18 +128,12 @@ def load_full_state_dict(model: torch.nn.Module, state: dict) -> None:
 
 
 def data_parallel(optimizer: torch.optim.Optimizer, group: DataParallel) -> torch.optim.Optimizer:
-    """Makes a zotune optimizer's steps data parallel over ``group``: its losses (and, for updates fused
-    into backward, its gradients) are averaged over the ranks. Each rank's closure must return the loss on
-    its own slice of the batch (:meth:`DataParallel.shard`). Plain ``torch.optim`` optimizers are refused:
-    wrap the model in DistributedDataParallel for them."""
-    from .optim.inplace_sgd import UpdatesInBackward
-
-    estimator = getattr(optimizer, "estimator", None)
-    if estimator is None and not isinstance(optimizer, UpdatesInBackward):
+    """Makes a zotune optimizer's steps data parallel over ``group``: its losses (and, for first-order
+    updates, its gradients) are averaged over the ranks, as the optimizer's ``data_parallel`` says. Each
+    rank's closure must return the loss on its own slice of the batch (:meth:`DataParallel.shard`). Other
+    optimizers (plain ``torch.optim``) are refused: wrap the model in DistributedDataParallel for them."""
+    if not callable(getattr(optimizer, "data_parallel", None)):
         raise OptionError(f"{type(optimizer).__name__} is not a zotune optimizer: wrap the model in "
                           "torch.nn.parallel.DistributedDataParallel instead")
-    if estimator is not None:
-        estimator.reduce = group.mean
-    if isinstance(optimizer, UpdatesInBackward):
-        optimizer.reduce_losses, optimizer.reduce_gradient = group.mean, group.mean_gradient
+    optimizer.data_parallel(group)
     return optimizer

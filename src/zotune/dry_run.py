@@ -14,14 +14,15 @@ from pathlib import Path
 import yaml
 
 from .config import ConfigError, TrainConfig
-from .lengths import check_addax_options
+from .optim import resolve
 from .models import BUILTIN, DTYPES, ModelError, random_llama, select_trainable
 from .tasks import task_definition
 
 
 def dry_run(config: TrainConfig) -> list[str]:
     """Lines saying what the run would do; raises the run's own error for what it finds wrong."""
-    from .train import ADDAX_OPTIMIZERS, build_optimizer, split_options, training_loss
+    from .preparation import training_loss
+    from .train import build_optimizer, split_options
 
     task = task_definition(config.task, config.task_options)
     generation = getattr(task, "generation", False)
@@ -37,12 +38,7 @@ def dry_run(config: TrainConfig) -> list[str]:
     lora = {**config.lora, "targets": ["q_proj", "v_proj"]} if config.trainable == "lora" else config.lora
     stand_in = select_trainable(random_llama("tiny"), config.trainable, lora, config.prefix)
     optimizer = build_optimizer(config, stand_in)
-    if config.optimizer in ADDAX_OPTIMIZERS:
-        check_addax_options(config.optimizer, split_options(config)[1], config.batch_size)
-    large = config.optimizer_options.get("large_batch")
-    if large is not None and config.num_train is not None and not (isinstance(large, int) and 1 <= large <= config.num_train):
-        raise ConfigError(f"optimizer_options.large_batch must be a number of training examples from 1 to "
-                          f"{config.num_train} (num_train), got {large!r}")
+    resolve(config.optimizer)[0].check_data_options(split_options(config)[1], config.batch_size, config.num_train)
     kind = "generation" if generation else "classification"
     objective = loss.__name__ if config.objective == "loss" else f"minus the batch's {metric}"
     options = ", ".join(f"{key}={value}" for key, value in config.optimizer_options.items()) or "its defaults"

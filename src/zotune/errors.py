@@ -36,3 +36,7 @@ class OptionError(ZotuneError, ValueError):
 
 class CheckpointError(ZotuneError, ValueError):
     """A checkpoint this version cannot resume faithfully; the message says why and what to do."""
+
+
+class TrainingError(ZotuneError, RuntimeError):
+    """Training stopped; the message names the step and what to change."""

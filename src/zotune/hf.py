@@ -13,11 +13,12 @@ import torch
 from transformers import Trainer
 
 from .errors import OptionError
-from .optim import create_optimizer
+from .optim import OPTIMIZERS, create_optimizer, resolve
 
-# Optimizers whose step takes one closure on one batch; Addax and MeZO-SVRG need batches the Trainer's
-# loop does not make (a length split; a periodic large batch): use `zotune train` for them.
-SUPPORTED = ("mezo", "adamezo", "ip-sgd")
+# Optimizers that take their step on one batch, as the Trainer's loop gives it (the others need batches of
+# their own, a length split or a periodic large batch: `zotune train` makes them), and are not the
+# Trainer's own kind of first-order optimizer.
+SUPPORTED = tuple(name for name, cls in OPTIMIZERS.items() if cls.hf_trainer)
 
 
 class ZOTrainer(Trainer):
@@ -26,9 +27,9 @@ class ZOTrainer(Trainer):
     ``TrainingArguments``). An optimizer passed as ``optimizers=(zotune_optimizer, None)`` is used as is."""
 
     def __init__(self, *args, zo_optimizer: str = "mezo", zo_options: dict | None = None, **kwargs) -> None:
-        if zo_optimizer not in SUPPORTED:
-            raise OptionError(f"ZOTrainer supports {', '.join(SUPPORTED)}, got {zo_optimizer!r}: Addax and MeZO-SVRG "
-                              "need their own batches, so train them with `zotune train`")
+        if not resolve(zo_optimizer)[0].hf_trainer:
+            raise OptionError(f"ZOTrainer supports {', '.join(SUPPORTED)}, got {zo_optimizer!r}: it needs batches the "
+                              "Trainer does not make (or is the Trainer's own kind), so train it with `zotune train`")
         super().__init__(*args, **kwargs)
         if self.args.gradient_accumulation_steps != 1:
             raise OptionError("ZOTrainer takes one optimizer step per batch: set gradient_accumulation_steps=1 and "
@@ -37,26 +38,28 @@ class ZOTrainer(Trainer):
             raise OptionError("ZOTrainer runs in one process; for data parallel runs use `torchrun ... zotune train`, "
                               "whose ranks exchange only the losses")
         self.zo_optimizer, self.zo_options = zo_optimizer, dict(zo_options or {})
-        self._zo_step = None
+        self._zotune = None
 
     def create_optimizer(self, model=None):
         if self.optimizer is None:
             self.optimizer = create_optimizer(self.zo_optimizer, model or self.model, lr=self.args.learning_rate,
                                               weight_decay=self.args.weight_decay, **self.zo_options)
-        if self._zo_step is None:
+        if self._zotune is None:
             # The Trainer's loop calls optimizer.step() after training_step, which has already taken the step
-            # (it needs the batch, which step() is not given): that later call must do nothing.
-            self._zo_step = self.optimizer.step
-            self.optimizer.step = lambda closure=None: None
+            # (it needs the batch, which step() is not given): that later call, without a closure, does nothing.
+            # The Trainer may wrap the optimizer (accelerate's): the step goes to zotune's own.
+            self._zotune = self.optimizer
+            own_step = self._zotune.step
+            self._zotune.step = lambda closure=None: None if closure is None else own_step(closure)
         return self.optimizer
 
     def training_step(self, model, inputs, num_items_in_batch=None) -> torch.Tensor:
         model.train()
         inputs = self._prepare_inputs(inputs)
 
-        def closure():
+        def loss(batch, copies=1):
             with self.compute_loss_context_manager():
-                return self.compute_loss(model, inputs)
+                return self.compute_loss(model, batch)
 
-        loss = self._zo_step(closure)
-        return torch.tensor(float(loss), device=self.args.device)
+        record = self._zotune.train_step({"batch": inputs}, loss, self.args.per_device_train_batch_size)
+        return torch.tensor(float(record["loss"]), device=self.args.device)

@@ -15,7 +15,8 @@ import torch
 from .config import ConfigError
 from .scoring import EncodedExample
 
-ADDAX_DATA_OPTIONS = ("L_T", "K0", "K1", "memory_budget", "on_empty_bucket")
+# by_length: false is Addax-WA (optimizer: addax-wa), both batches drawn from the whole training set.
+ADDAX_DATA_OPTIONS = ("L_T", "K0", "K1", "memory_budget", "on_empty_bucket", "by_length")
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "m": 10**6, "mb": 10**6, "mib": 2**20,
           "g": 10**9, "gb": 10**9, "gib": 2**30, "t": 10**12, "tb": 10**12, "tib": 2**40}
 
@@ -142,7 +143,7 @@ class AddaxPlan:
     notes: list[str]
 
 
-def check_addax_options(optimizer: str, options: dict, batch_size: int) -> tuple[int, int, str]:
+def check_addax_options(options: dict, batch_size: int) -> tuple[int, int, str]:
     """``(K0, K1, on_empty_bucket)`` after checking Addax's data options as far as they can be checked without
     the data (names, types, and which go together)."""
     unknown = sorted(set(options) - set(ADDAX_DATA_OPTIONS))
@@ -155,11 +156,13 @@ def check_addax_options(optimizer: str, options: dict, batch_size: int) -> tuple
     on_empty = options.get("on_empty_bucket", "fallback")
     if on_empty not in ("fallback", "error"):
         raise ConfigError(f"optimizer_options.on_empty_bucket must be fallback or error, got {on_empty!r}")
-    threshold = options.get("L_T")
-    if optimizer == "addax-wa":
+    threshold, by_length = options.get("L_T"), options.get("by_length", True)
+    if not isinstance(by_length, bool):
+        raise ConfigError(f"optimizer_options.by_length must be true or false, got {by_length!r}")
+    if not by_length:
         if "L_T" in options or "memory_budget" in options:
-            raise ConfigError("addax-wa draws both batches from the whole training set: remove L_T and "
-                              "memory_budget, or use optimizer=addax for the length split")
+            raise ConfigError("addax-wa draws both batches from the whole training set (by_length: false): remove "
+                              "L_T and memory_budget, or use optimizer=addax for the length split")
     elif threshold == "auto":
         if "memory_budget" not in options:
             raise ConfigError("L_T: auto needs memory_budget (e.g. optimizer_options.memory_budget=6GB)")
@@ -171,18 +174,18 @@ def check_addax_options(optimizer: str, options: dict, batch_size: int) -> tuple
     return k0, k1, on_empty
 
 
-def plan_addax(optimizer: str, options: dict, examples: Sequence[EncodedExample], batch_size: int,
+def plan_addax(options: dict, examples: Sequence[EncodedExample], batch_size: int,
                measure: Callable[[list[int]], int] | None = None) -> AddaxPlan:
     """Check Addax's data options (``L_T``, ``K0``, ``K1``, ``memory_budget``, ``on_empty_bucket``) against the
     training set and split it. ``measure(indices)`` gives a first-order step's peak bytes (for ``L_T: auto``).
 
     Defaults: K0 = K1 = batch_size / 2; L_T from :func:`even_threshold` (logged). An empty bucket makes every step
     one-sided (IP-SGD on D1, or MeZO on D0), said in the notes; ``on_empty_bucket: error`` refuses instead."""
-    k0, k1, on_empty = check_addax_options(optimizer, options, batch_size)
+    k0, k1, on_empty = check_addax_options(options, batch_size)
     lengths = [example_length(example) for example in examples]
     notes = []
     everything = tuple(range(len(lengths)))
-    if optimizer == "addax-wa":
+    if not options.get("by_length", True):
         split = LengthSplit(None, everything, everything)
         notes.append(f"addax-wa: K0={k0} and K1={k1} examples per step, both from all {len(lengths)} training examples")
     else:
@@ -215,3 +218,16 @@ def plan_addax(optimizer: str, options: dict, examples: Sequence[EncodedExample]
             raise ConfigError(f"K{name[1]}={k} is larger than {name}, which holds {len(bucket)} examples: lower "
                               f"K{name[1]} or move L_T")
     return AddaxPlan(split, k0, k1, notes)
+
+
+def agreed_plan(plan: AddaxPlan, from_first: Callable[[int], int], options: dict, examples: Sequence[EncodedExample],
+                batch_size: int) -> AddaxPlan:
+    """Every rank must split the data alike, but ``L_T: auto`` measures memory on each rank's own device,
+    which may differ slightly: all ranks take rank 0's threshold (``from_first``)."""
+    if options.get("L_T") != "auto":
+        return plan
+    chosen = from_first(plan.split.threshold)
+    if chosen == plan.split.threshold:
+        return plan
+    given = {key: value for key, value in options.items() if key != "memory_budget"}
+    return plan_addax({**given, "L_T": chosen}, examples, batch_size)

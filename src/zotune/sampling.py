@@ -1,4 +1,6 @@
-"""Which training examples each step sees: shuffled epochs, and Addax's two length buckets. Resumable."""
+"""Which training examples each step sees: shuffled epochs, Addax's two length buckets, MeZO-SVRG's batches
+and large batches. Each sampler's ``next_batches(optimizer)`` names the batches of the next step (the
+training-step protocol, :mod:`zotune.optim.protocol`); ``notes`` says how it split the data. Resumable."""
 
 from __future__ import annotations
 
@@ -16,6 +18,10 @@ class BatchSampler:
     def __init__(self, size: int, batch_size: int, seed: int) -> None:
         self.size, self.batch_size, self.seed = size, batch_size, seed
         self.epoch, self.position = 0, 0
+        self.notes: list[str] = []
+
+    def next_batches(self, optimizer) -> dict[str, list[int]]:
+        return {"batch": self.next_batch()}
 
     def next_batch(self) -> list[int]:
         batch = []
@@ -43,15 +49,15 @@ class AddaxBatches:
 
     An empty bucket yields ``None`` for its batch (the step then uses the other batch only)."""
 
-    def __init__(self, split: LengthSplit, k0: int, k1: int, seed: int) -> None:
-        self.split = split
+    def __init__(self, split: LengthSplit, k0: int, k1: int, seed: int, notes: list[str] = ()) -> None:
+        self.split, self.notes = split, list(notes)
         self.samplers = [BatchSampler(len(bucket), k, seed + offset) if bucket else None
                          for offset, (bucket, k) in enumerate(((split.long, k0), (split.short, k1)))]
 
-    def next_batches(self) -> tuple[list[int] | None, list[int] | None]:
+    def next_batches(self, optimizer=None) -> dict[str, list[int] | None]:
         buckets = (self.split.long, self.split.short)
-        return tuple(None if sampler is None else [bucket[i] for i in sampler.next_batch()]
-                     for sampler, bucket in zip(self.samplers, buckets))
+        return {name: None if sampler is None else [bucket[i] for i in sampler.next_batch()]
+                for name, sampler, bucket in zip(("K0 batch", "K1 batch"), self.samplers, buckets)}
 
     def state_dict(self) -> dict:
         return {"buckets": [None if s is None else s.state_dict() for s in self.samplers]}
@@ -71,9 +77,13 @@ class SVRGBatches:
     def __init__(self, size: int, batch_size: int, large_batch_size: int, seed: int) -> None:
         self.small = BatchSampler(size, batch_size, seed)
         self.large = BatchSampler(size, large_batch_size, seed + 2)
+        self.notes: list[str] = []
 
-    def next_batch(self, anchor: bool) -> list[int]:
-        return (self.large if anchor else self.small).next_batch()
+    def next_batches(self, optimizer) -> dict[str, list[int]]:
+        """A ``large batch`` when the optimizer's next step is an anchor step, else a ``batch``."""
+        if optimizer.is_anchor_step:
+            return {"large batch": self.large.next_batch()}
+        return {"batch": self.small.next_batch()}
 
     def state_dict(self) -> dict:
         return {"small": self.small.state_dict(), "large": self.large.state_dict()}

@@ -3,11 +3,12 @@ early stopping after evaluations without improvement (AdaMeZO's)."""
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
+
+from .checkpoints import save_atomically
 
 
 class DevSelection:
@@ -48,14 +49,8 @@ class DevSelection:
         return torch.load(self.path, weights_only=False)["model"]
 
     def _write(self, step: int, value: float, weights: dict) -> None:
-        if not weights:  # a rank that does not save (data parallel: the first rank alone writes)
-            return
-        partial = self.path.with_suffix(".pt.tmp")
-        with open(partial, "wb") as file:
-            torch.save(dict(step=step, dev=value, model=weights), file)
-            file.flush()
-            os.fsync(file.fileno())
-        partial.replace(self.path)
+        if weights:  # empty on a rank that does not save (the first rank alone writes)
+            save_atomically(dict(step=step, dev=value, model=weights), self.path)
 
     def state_dict(self) -> dict:
         return dict(best_step=self.best_step, best_value=self.best_value, stale=self.stale,

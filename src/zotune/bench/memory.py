@@ -6,14 +6,15 @@ The batch: the K0 longest training examples (all longer than L_T) and the K1 lon
 than L_T, from the recipe's Addax options. Addax runs its zeroth-order estimate on the long part and its
 first-order step on the short part; Addax-WA, whose batches may hold any example, its first-order step on
 the K1 longest examples (its worst case); every other optimizer a step on the whole batch; ``inference``
-is one forward on the whole batch without gradients (the reference the ratios are taken to). MeZO-SVRG
-(``svrg``: seeds mode; ``svrg-dense``: θ̃ and G stored) takes an anchor step, then an ordinary step;
-``mezo-dual`` is MeZO with ``dual_forward`` (one forward over the batch stacked twice).
+is one forward on the whole batch without gradients (the reference the ratios are taken to). The
+entries are every registered optimizer with its defaults and each variant it declares (``mezo-dual``:
+``dual_forward``; ``svrg-dense``: θ̃ and G stored), each taking the steps its own data plan names
+(MeZO-SVRG an anchor step on the batch, then an ordinary step).
 
 Measured: on CUDA the allocator's peak; on CPU the process's peak resident set (VmHWM, reset through
 /proc/self/clear_refs after the model and data are loaded), over two steps so that buffers kept between
-steps count. AdaMeZO runs with a window of 1, so its second step rebuilds moments (the window's memory
-does not depend on its length). Writes memory.json, memory.md and memory.png into ``--out``.
+steps count. Each optimizer starts past its warm-up (``skip_warm_up``: AdaMeZO's plain MeZO steps), so
+both steps are steady ones. Writes memory.json, memory.md and memory.png into ``--out``.
 """
 
 from __future__ import annotations
@@ -31,8 +32,17 @@ import torch
 
 from .report import write_report
 
-ENTRIES = ("inference", "mezo", "mezo-dual", "adamezo", "svrg", "svrg-dense", "addax", "addax-wa", "ip-sgd", "sgd",
-           "adam")
+def entries() -> dict[str, tuple[str, dict] | None]:
+    """``inference`` (no optimizer), every registered optimizer and alias with its default options, and each
+    optimizer's declared ``variants`` as ``name-variant``: entry name -> (optimizer name, options)."""
+    from ..optim import ALIASES, OPTIMIZERS
+
+    found: dict[str, tuple[str, dict] | None] = {"inference": None}
+    for name in [*OPTIMIZERS, *ALIASES]:
+        found[name] = (name, {})
+        for variant, options in OPTIMIZERS[name].variants.items() if name in OPTIMIZERS else ():
+            found[f"{name}-{variant}"] = (name, options)
+    return found
 
 
 def reset_peak() -> None:
@@ -61,63 +71,64 @@ def measure(name: str, config_path: str | None, overrides: list[str]) -> dict:
     """One entry's peak, in this process (the parent runs each entry in a fresh one)."""
     from ..config import load_config
     from ..counter_rng import warm_up
-    from ..lengths import ADDAX_DATA_OPTIONS, example_length, plan_addax
-    from ..train import addax_step, build_optimizer, prepare, svrg_step, train_step
+    from ..lengths import example_length, plan_addax
+    from ..optim import resolve
+    from ..train import build_optimizer, prepare, split_options
 
     config = load_config(config_path, overrides)
-    data_options = {k: v for k, v in config.optimizer_options.items() if k in ADDAX_DATA_OPTIONS}
-    config.optimizer = {"inference": "mezo", "mezo-dual": "mezo", "svrg-dense": "svrg"}.get(name, name)
-    if name not in ("addax", "addax-wa"):
-        config.optimizer_options = {k: v for k, v in config.optimizer_options.items() if k == "eps"}
-    if name == "svrg-dense":
-        config.optimizer_options["memory"] = "dense"
-    elif name == "mezo-dual":
-        config.optimizer_options["dual_forward"] = True
-    elif name == "addax-wa":
-        config.optimizer_options = {k: v for k, v in config.optimizer_options.items() if k not in ("L_T", "memory_budget")}
-    if name == "adamezo":
-        config.optimizer_options["window"] = 1
+    recipe_options = dict(config.optimizer_options)
+    length_options = {k: v for k, v in recipe_options.items() if k in ("L_T", "K0", "K1")}
+    entry = entries()[name]
+    optimizer_name, variant = entry if entry is not None else ("mezo", {})
+    cls, _ = resolve(optimizer_name)
+    config.optimizer = optimizer_name
+    # The recipe's eps and the entry's variant; the rest are defaults. The batches are the worst case below,
+    # whatever the data plan would draw, so the plan only names them.
+    config.optimizer_options = {**{k: v for k, v in recipe_options.items() if k == "eps"}, **variant}
     prepared = prepare(config)
-    model, pad, examples = prepared.model, prepared.tokenizer.pad_token_id, prepared.splits["train"]
-    plan = plan_addax("addax", {k: v for k, v in data_options.items() if k in ("L_T", "K0", "K1")}, examples,
-                      config.batch_size)
+    model, examples = prepared.model, prepared.splits["train"]
+    plan = plan_addax(length_options, examples, config.batch_size)
     by_length = lambda indices: sorted(indices, key=lambda i: example_length(examples[i]), reverse=True)  # noqa: E731
     long = [examples[i] for i in by_length(plan.split.long)[: plan.k0]]
     short = [examples[i] for i in by_length(plan.split.short)[: plan.k1]]
-    if name == "addax-wa":
-        short = [examples[i] for i in by_length(range(len(examples)))[: plan.k1]]
     whole = long + short
+
+    def loss(batch, copies=1):
+        return prepared.loss(model, batch, prepared.tokenizer.pad_token_id, copies)
+
     model.train()
-    optimizer = None if name == "inference" else build_optimizer(config, model)
-    if name == "adamezo":  # past its plain warm-up steps, so that both measured steps rebuild the moments
-        optimizer.state["zo"] = {**optimizer.state["zo"], "step": optimizer.plain_steps}
+    optimizer, batches = None, {}
+    if entry is not None:
+        optimizer = build_optimizer(config, model)
+        optimizer.skip_warm_up()
+        sampler = cls.data_plan(examples, config.batch_size, split_options(config)[1], config.seed)
+        # The worst case of each batch the optimizer's plan names: the long part, the short part (from the
+        # bucket that plan draws it from), or both for a step on one batch.
+        k1_bucket = getattr(getattr(sampler, "split", None), "short", plan.split.short)
+        worst = {"K0 batch": long, "K1 batch": [examples[i] for i in by_length(k1_bucket)[: plan.k1]]}
     # numba compiles the direction generator on its first call (LLVM holds tens of MB while it does, once per
     # cold cache): done before the baseline, so that the peak is the step's and not the compiler's.
     warm_up()
     baseline = current_bytes()
     reset_peak()
-    for step in range(2):
-        if name == "inference":
+    for _ in range(2):
+        if optimizer is None:
             with torch.inference_mode():
-                prepared.loss(model, whole, pad)
-        elif config.optimizer == "svrg":
-            loss_fn = lambda: prepared.loss(model, whole, pad)  # noqa: E731
-            svrg_step(optimizer, loss_fn, loss_fn if step == 0 else None, 1)
-        elif name in ("addax", "addax-wa"):
-            addax_step(optimizer, lambda: prepared.loss(model, long, pad), lambda: prepared.loss(model, short, pad),
-                       (len(long), len(short)))
-        else:
-            train_step(optimizer, lambda copies=1: prepared.loss(model, whole, pad, copies), step)
+                loss(whole)
+            continue
+        batches = {batch: worst.get(batch, whole) for batch in sampler.next_batches(optimizer)}
+        optimizer.train_step(batches, loss, len(whole))
     parameters = sum(p.numel() * p.element_size() for p in model.parameters())
+    shown = {"long": batches.get("K0 batch", long), "short": batches.get("K1 batch", short)}
     return dict(name=name, peak_bytes=peak_bytes(), baseline_bytes=baseline, parameter_bytes=parameters,
-                batch=dict(long=[example_length(e) for e in long], short=[example_length(e) for e in short]),
-                L_T=plan.split.threshold)
+                batch={part: [example_length(e) for e in shown[part]] for part in shown}, L_T=plan.split.threshold)
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="zotune bench memory", description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="configs/addax-sentiment.yaml")
-    parser.add_argument("--optimizers", default=",".join(ENTRIES), help=f"comma-separated, from {', '.join(ENTRIES)}")
+    known = entries()
+    parser.add_argument("--optimizers", default=",".join(known), help=f"comma-separated, from {', '.join(known)}")
     parser.add_argument("--out", default="results/memory")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("overrides", nargs="*", metavar="key=value")
@@ -126,11 +137,11 @@ def main(argv=None):
         print(json.dumps(measure(args.child, args.config, args.overrides)))
         return
     names = args.optimizers.split(",")
-    unknown = [n for n in names if n not in ENTRIES]
+    unknown = [n for n in names if n not in known]
     if unknown:
         from ..config import ConfigError
 
-        raise ConfigError(f"bench memory has no entry {unknown[0]!r}: choose from {', '.join(ENTRIES)}")
+        raise ConfigError(f"bench memory has no entry {unknown[0]!r}: choose from {', '.join(known)}")
     results = {}
     for name in names:
         command = [sys.executable, "-m", "zotune.bench.memory", "--child", name, "--config", args.config, *args.overrides]

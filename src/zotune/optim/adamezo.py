@@ -89,6 +89,9 @@ class AdaMeZO(MeZO):
             self.m_scale, self.plain_steps, self.norm1, self.norm2 = 1.0, 0, 1.0 - beta1, 1.0 - beta2
         self.state["zo"] = {**self.state["zo"], "window": []}
 
+    def skip_warm_up(self) -> None:
+        self.state["zo"] = {**self.state["zo"], "step": max(self.state["zo"]["step"], self.plain_steps)}
+
     @staticmethod
     def paper_lr(code_lr: float, beta1: float, beta2: float) -> float:
         """The form="paper" lr whose windowed steps are form="code"'s at ``code_lr`` and m_scale 100 (with

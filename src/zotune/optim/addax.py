@@ -7,8 +7,11 @@ import torch
 from ..directions import GAUSSIAN, derive_seed
 from ..errors import OptionError
 from ..estimators import Closure
+from ..lengths import ADDAX_DATA_OPTIONS, agreed_plan, check_addax_options, plan_addax
+from ..sampling import AddaxBatches
 from .inplace_sgd import FULL_PRECISION, UpdatesInBackward
 from .mezo import MeZO
+from .protocol import Loss
 
 MIXINGS = ("convex", "additive")
 
@@ -51,6 +54,43 @@ class Addax(UpdatesInBackward, MeZO):
     """
 
     needs_differentiable_loss = True  # the first-order batch runs backward
+    # The trainer's length split (L_T, K0, K1, memory_budget, on_empty_bucket; by_length: false is Addax-WA).
+    data_options = ADDAX_DATA_OPTIONS
+    variants = {}
+    hf_trainer = False  # two batches a step, from a length split
+
+    @classmethod
+    def fsdp_problem(cls, options: dict) -> str | None:
+        return "its first-order update runs inside backward, before FSDP2 has reduce-scattered the gradient"
+
+    @classmethod
+    def check_data_options(cls, options, batch_size, size):
+        check_addax_options(options, batch_size)
+
+    @classmethod
+    def data_plan(cls, examples, batch_size, options, seed, measure=None, from_first=int):
+        """D0 (longer than L_T) feeds the ``K0 batch``, D1 the ``K1 batch`` (see :func:`zotune.lengths.plan_addax`)."""
+        plan = agreed_plan(plan_addax(options, examples, batch_size, measure), from_first, options, examples,
+                           batch_size)
+        return AddaxBatches(plan.split, plan.k0, plan.k1, seed, plan.notes)
+
+    def data_parallel(self, group) -> None:
+        UpdatesInBackward.data_parallel(self, group)  # the first-order half: losses and each gradient
+        MeZO.data_parallel(self, group)  # the zeroth-order half: its two losses
+
+    def train_step(self, batches: dict[str, list], loss: Loss, micro_batch: int) -> dict:
+        """One step on the ``K0 batch`` (zeroth-order) and the ``K1 batch`` (first-order), either of which may be
+        missing (an empty bucket); the logged loss is the mean over the examples of both."""
+        long, short = batches.get("K0 batch"), batches.get("K1 batch")
+        self.step(long and (lambda: loss(long)), short and (lambda: loss(short)))
+        losses, sizes = self.last_losses, {"zo": len(long or ()), "fo": len(short or ())}
+        record = dict(loss=sum(losses[key] * sizes[key] for key in losses) / sum(sizes[key] for key in losses),
+                      **{f"loss_{key}": value for key, value in losses.items()},
+                      forward_passes=2 * ("zo" in losses) + ("fo" in losses))
+        if self.last_estimates:
+            estimate = self.last_estimates[0]
+            record.update(projected_grad=estimate.projected_gradient, seed=estimate.seed)
+        return record
 
     def __init__(
         self,

@@ -9,12 +9,13 @@ import torch
 
 from ..errors import NonFiniteGradientError, NonFiniteLossError, OptionError
 from .params import refuse_sharded, trainable_groups
+from .protocol import Loss, TrainingStep
 
 # Updated in place; weights of other dtypes (bf16, fp16) are updated in a float32 copy and rounded once.
 FULL_PRECISION = (torch.float32, torch.float64)
 
 
-class UpdatesInBackward:
+class UpdatesInBackward(TrainingStep):
     """For optimizers whose updates run in post-accumulate-grad hooks (IP-SGD, Addax): owns the hooks, and
     watches the gradients they consume.
 
@@ -54,6 +55,13 @@ class UpdatesInBackward:
         # Data parallel (zotune.distributed): averages losses over the ranks, and each gradient in place.
         self.reduce_losses: Callable[[list[float]], list[float]] = lambda values: values
         self.reduce_gradient: Callable[[torch.Tensor], None] | None = None
+
+    @classmethod
+    def fsdp_problem(cls, options: dict) -> str | None:
+        return "its update runs inside backward, before FSDP2 has reduce-scattered the gradient"
+
+    def data_parallel(self, group) -> None:
+        self.reduce_losses, self.reduce_gradient = group.mean, group.mean_gradient
 
     def _measuring_or(self, hook):
         """``hook``, or, during a measuring backward, :meth:`_measure` in its place."""
@@ -208,3 +216,7 @@ class InPlaceSGD(UpdatesInBackward, torch.optim.Optimizer):
             self._backward_and_check(loss, self._steps)
         self._steps += 1
         return value
+
+    def train_step(self, batches: dict[str, list], loss: Loss, micro_batch: int) -> dict:
+        batch = batches["batch"]
+        return dict(loss=self.step(lambda: loss(batch)), forward_passes=1)

@@ -9,9 +9,10 @@ from ..directions import GAUSSIAN, DirectionEngine, derive_seed
 from ..errors import CheckpointError, OptionError
 from ..estimators import Closure, TwoPointEstimator
 from .params import refuse_sharded, trainable_groups
+from .protocol import Loss, TrainingStep
 
 
-class MeZO(torch.optim.Optimizer):
+class MeZO(TrainingStep, torch.optim.Optimizer):
     """Zeroth-order SGD in the memory of inference.
 
     Each step draws seeds ``s_1..s_n`` from the optimizer's seed stream and, for each, evaluates the loss
@@ -46,6 +47,12 @@ class MeZO(torch.optim.Optimizer):
     # Only loss values enter the estimate, so the closure may return a non-differentiable objective (e.g. minus
     # the batch's accuracy); optimizers that also run backward set this back to True.
     needs_differentiable_loss = False
+    takes_seed = True
+    variants = {"dual": {"dual_forward": True}}
+
+    @classmethod
+    def fsdp_problem(cls, options: dict) -> str | None:
+        return None  # given the parameters, it perturbs and updates each rank's shard in place
 
     def __init__(
         self,
@@ -107,6 +114,17 @@ class MeZO(torch.optim.Optimizer):
         self._update(estimates)
         self.last_estimates = estimates
         return sum(e.loss_plus + e.loss_minus for e in estimates) / (2 * len(estimates))
+
+    def train_step(self, batches: dict[str, list], loss: Loss, micro_batch: int) -> dict:
+        batch = batches["batch"]
+        value = self.step(lambda copies=1: loss(batch, copies))
+        first = self.last_estimates[0]
+        return dict(loss=value, loss_plus=first.loss_plus, loss_minus=first.loss_minus,
+                    projected_grad=first.projected_gradient, seed=first.seed,
+                    forward_passes=2 * len(self.last_estimates))
+
+    def data_parallel(self, group) -> None:
+        self.estimator.reduce = group.mean  # the ranks share the seed stream: only the losses are averaged
 
     def _update(self, estimates) -> None:
         """θ ← θ·(1 − lr·wd) − (lr/n)·Σ c_j·z_j per group, the pending in-place restore folded in."""

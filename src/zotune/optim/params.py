@@ -16,7 +16,11 @@ def is_decayed(name: str, param: torch.Tensor) -> bool:
     return param.ndim >= 2 and "bias" not in lowered and "norm" not in lowered
 
 
-FSDP_OPTIMIZERS = ("mezo", "adamezo", "svrg")  # in-place perturbation; svrg in seeds memory
+def fsdp_optimizers() -> list[str]:
+    """The registered optimizers that train FSDP2 shards with their default options."""
+    from . import OPTIMIZERS  # the registry imports this module
+
+    return [name for name, cls in OPTIMIZERS.items() if cls.fsdp_problem({}) is None]
 
 
 def is_sharded(param: torch.Tensor) -> bool:
@@ -28,8 +32,8 @@ def is_sharded(param: torch.Tensor) -> bool:
 def refuse_sharded(params, why: str) -> None:
     """Raises if any parameter is an FSDP2 shard (a DTensor), naming what does support them."""
     if any(is_sharded(p) for p in params):
-        raise OptionError(f"FSDP2-sharded parameters: {why}. With fully_shard use {', '.join(FSDP_OPTIMIZERS)} "
-                          "(svrg with memory=seeds), given the parameters, not the model (in-place perturbation)")
+        raise OptionError(f"FSDP2-sharded parameters: {why}. With fully_shard use {', '.join(fsdp_optimizers())}, "
+                          "given the parameters, not the model (in-place perturbation)")
 
 
 def trainable_groups(params_or_model, weight_decay: float = 0.0) -> tuple[nn.Module | None, list[dict]]:

@@ -5,10 +5,13 @@ from __future__ import annotations
 import torch
 
 from ..directions import GAUSSIAN, Pair, derive_seed
+from ..config import ConfigError
 from ..errors import OptionError
-from ..estimators import Closure
+from ..estimators import Closure, mean_over_micro_batches
+from ..sampling import SVRGBatches
 from .mezo import MeZO
 from .params import refuse_sharded
+from .protocol import Loss
 
 MEMORY_MODES = ("seeds", "dense")
 
@@ -102,6 +105,47 @@ class MeZOSVRG(MeZO):
         self.anneal_min_lr, self.anneal_min_anchor_lr = anneal_min_lr, anneal_min_anchor_lr
         if anneal is not None:  # only then: with annealing off the state is exactly as before the option existed
             self.state["zo"]["anneal_losses"] = []
+
+    # large_batch: the examples of each anchor estimate (default: the training set), in micro-batches of
+    # batch_size with one z.
+    data_options = ("large_batch",)
+    variants = {"dense": {"memory": "dense"}}
+    hf_trainer = False  # a periodic large batch
+
+    @classmethod
+    def fsdp_problem(cls, options: dict) -> str | None:
+        if options.get("memory", "seeds") != "seeds":
+            return "memory=dense keeps θ̃ and G as whole tensors; use memory=seeds"
+        return None
+
+    @classmethod
+    def check_data_options(cls, options, batch_size, size):
+        large = options.get("large_batch", size)
+        if large is not None and (not isinstance(large, int) or isinstance(large, bool)
+                                  or not 1 <= large <= (size or large)):
+            raise ConfigError(f"optimizer_options.large_batch must be a number of training examples from 1 to "
+                              f"{size or 'the training set'} (the training set), got {large!r}")
+
+    @classmethod
+    def data_plan(cls, examples, batch_size, options, seed, measure=None, from_first=int):
+        cls.check_data_options(options, batch_size, len(examples))
+        return SVRGBatches(len(examples), batch_size, options.get("large_batch", len(examples)), seed)
+
+    def train_step(self, batches: dict[str, list], loss: Loss, micro_batch: int) -> dict:
+        """An anchor step on the ``large batch`` (in micro-batches, one z), or an ordinary step on the
+        ``batch`` (four forwards)."""
+        if "large batch" in batches:
+            large = batches["large batch"]
+            micro = [large[i : i + micro_batch] for i in range(0, len(large), micro_batch)]
+            value = self.step(None, mean_over_micro_batches(loss, micro))
+            live = self.last_estimates[0]
+            return dict(loss=value, projected_grad=live.projected_gradient, seed=live.seed, anchor=True,
+                        forward_passes=2 * len(micro))
+        batch = batches["batch"]
+        value = self.step(lambda: loss(batch))
+        live, anchored = self.last_estimates
+        return dict(loss=value, projected_grad=live.projected_gradient, seed=live.seed, anchor=False,
+                    projected_grad_at_anchor=anchored.projected_gradient, forward_passes=4)
 
     @property
     def is_anchor_step(self) -> bool:
