@@ -61,8 +61,12 @@ def test_threads_do_not_change_the_result(distribution, threads):
 def test_threads_share_the_values_equally_and_pieces_stay_inside_keyed_blocks(threads):
     params = make_params()
     engine = DirectionEngine(params, num_threads=threads)
+
+    def schedule(indices):
+        return engine._workers.schedule(tuple(engine._stretch(i) for i in indices))
+
     for indices in [(1,), (3,), (0, 1, 2, 3)]:
-        shares = engine._schedule(indices)
+        shares = schedule(indices)
         sizes = [sum(stop - start for _, start, stop in share) for share in shares]
         assert len(shares) == threads and max(sizes) - min(sizes) <= 16 * threads
         pieces = sorted(piece for share in shares for piece in share)
@@ -71,7 +75,7 @@ def test_threads_share_the_values_equally_and_pieces_stay_inside_keyed_blocks(th
             assert own[0][0] == 0 and own[-1][1] == params[index].numel()
             assert all(a[1] == b[0] for a, b in zip(own, own[1:]))
         assert all(start // BLOCK_SIZE == (stop - 1) // BLOCK_SIZE for _, start, stop in pieces)
-    assert engine._schedule((0,)) == [[(0, 0, 15)]]  # too small to share
+    assert schedule((0,)) == [[(0, 0, 15)]]  # too small to share
 
 
 def test_apply_matches_dense_formula():

@@ -79,7 +79,8 @@ def check_interpreted():
         # The engine's GPU paths, taken by CPU tensors: the kernels where a CUDA tensor would use them.
         params = [torch.randn(shape, generator=torch.Generator().manual_seed(1)) for shape in [(3, 5), (numel,)]]
         on_kernels, on_numba = DirectionEngine(params, distribution), DirectionEngine(params, distribution)
-        on_kernels._fused = lambda param: param.dtype == torch.float32
+        kernels, choose = on_kernels._backends, on_kernels._backends.of
+        kernels.of = lambda tensor: kernels.triton if tensor.dtype == torch.float32 else choose(tensor)
         on_kernels._offsets[1] = on_numba._offsets[1] = 12_345  # as a shard starting there would be keyed
         for index, param in enumerate(params):
             copies = [engine.perturbed_copy(index, [(7, 1e-2)]) for engine in (on_kernels, on_numba)]

@@ -60,7 +60,7 @@ _ATANH = tuple(np.float32(c) for c in ("0.33333388", "0.19988787", "0.1493547"))
 _CHUNK = 512
 # CPU work is shared between threads only above this many values per thread (a launch or a dispatch costs
 # ~10 us, a value ~1.5 ns), in shares that start on 64-byte boundaries. Also the rule of
-# ``DirectionEngine``'s thread pool, for the work that goes through torch ops.
+# :class:`zotune.workers.Workers`, for the work that goes through torch ops.
 MIN_SHARE = 1 << 14
 SHARE_ALIGN = 16
 
@@ -208,7 +208,7 @@ def _stream(out, key, start, coefficient, mode, gaussian, source, minus, square_
 
 @njit(**_INLINE)
 def _block_key(param_key, block):
-    """The stream key of keyed block ``block`` of a parameter (``directions.block_key``'s mix, in numba)."""
+    """The stream key of keyed block ``block`` of a parameter (``keys.block_key``'s mix, in numba)."""
     return _mix((param_key ^ np.uint64(block)) + _GAMMA)
 
 
@@ -404,7 +404,7 @@ def pair(source: np.ndarray, plus: np.ndarray, minus: np.ndarray | None, offset:
 
 def moments(first: np.ndarray, second: np.ndarray, offset: int, terms, distribution: str, keyed_block: int) -> None:
     """``first`` += a·z(key) and ``second`` += b·z(key)² over ``terms`` [(parameter key, a, b)] in order, at the
-    parameter's positions [offset, offset + len) (1-D float32 arrays of one length): Adam-style moments from a
+    parameter's positions [offset, offset + len) (1-D float32 arrays of one length): AdaMeZO's moments from a
     window of seeds, each generated and accumulated in one pass."""
     keys = np.array([key for key, _, _ in terms], np.uint64)
     coefficients = np.array([a for _, a, _ in terms], np.float32)
