@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..counter_rng import STREAM_VERSION
-from ..directions import GAUSSIAN, DirectionEngine, derive_seed
+from ..directions import GAUSSIAN, DirectionEngine, Pair, derive_seed
 from ..errors import CheckpointError, OptionError
 from ..estimators import Closure, TwoPointEstimator
 from .params import refuse_sharded, trainable_groups
@@ -126,9 +126,14 @@ class MeZO(TrainingStep, torch.optim.Optimizer):
     def data_parallel(self, group) -> None:
         self.estimator.reduce = group.mean  # the ranks share the seed stream: only the losses are averaged
 
+    def update_pairs(self, estimates, group: dict) -> list[Pair]:
+        """The update rule: the (seed, a) pairs of θ ← θ·(1 − lr·wd) + Σ a·z(seed) for one parameter group,
+        from the step's estimates. MeZO's: a_j = −(lr/n)·c_j. A zeroth-order optimizer whose update is a sum of
+        directions overrides this alone (see tests/test_new_optimizer.py)."""
+        return [(e.seed, -group["lr"] * e.projected_gradient / self.n_directions) for e in estimates]
+
     def _update(self, estimates) -> None:
-        """θ ← θ·(1 − lr·wd) − (lr/n)·Σ c_j·z_j per group, the pending in-place restore folded in."""
+        """:meth:`update_pairs` applied per group, weight decay and the pending in-place restore folded in."""
         for group, indices in zip(self.param_groups, self._group_indices):
-            lr = group["lr"]
-            pairs = [(e.seed, -lr * e.projected_gradient / self.n_directions) for e in estimates]
-            self.engine.apply(pairs, indices, restore=estimates[-1].restore, scale=1.0 - lr * group["weight_decay"])
+            self.engine.apply(self.update_pairs(estimates, group), indices, restore=estimates[-1].restore,
+                              scale=1.0 - group["lr"] * group["weight_decay"])
