@@ -1,0 +1,278 @@
+"""Perturbed forwards that never write the perturbation into the stored weights: :class:`ModulePerturbation`.
+
+The estimator's exact modes (:mod:`zotune.estimators`) run here:
+
+- **module**: each module that owns trainable parameters runs its forward on a fresh copy ``θ_i ± εz_i``,
+  swapped in for the duration of that forward only. Stored parameters never change during the estimate, so a
+  step with lr = 0 is bit-identical in every dtype. Peak extra memory: one module's parameters (a tied
+  parameter, e.g. a shared embedding, stays perturbed until the closure returns). Cost: one generation per
+  forward, so a closure that runs several micro-batches regenerates z for each of them. A plain embedding on
+  the CPU perturbs only the rows it looks up.
+- **dual** (module mode with ``dual_forward``): one forward over the batch stacked twice; each module runs
+  its first half on θ_i + εz_i and its second on θ_i − εz_i, both copies built from one generation
+  (a linear layer runs both halves as one batched matmul). Exact like module mode, with one generation
+  per estimate instead of two, for the activations of a doubled batch and two copies of the largest
+  module. The closure takes ``copies`` (see :class:`zotune.optim.MeZO`).
+
+Copies come from :meth:`zotune.directions.DirectionEngine.perturbed_copy`, ``perturbed_pair`` and
+``perturbed_rows``, into buffers recycled across modules and steps.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .directions import DirectionEngine, Pair
+from .errors import OptionError
+
+
+class ModulePerturbation:
+    """Runs forwards at perturbed parameters without writing to the stored ones (see the module docstring):
+
+    - ``with perturbation(pairs): ...``: forwards at θ + Σ a·z(s) over the pairs;
+    - ``with perturbation.dual(seed, eps): ...``: a forward over a batch stacked twice along dim 0 evaluates
+      the first copy at θ + εz(seed) and the second at θ − εz(seed). Every module that owns optimized
+      parameters splits its inputs in halves and runs once per half, each time on a copy of its parameters,
+      and z is generated once per module for both copies.
+
+    For the duration, the forward of every module that owns optimized parameters is replaced (the estimator
+    runs these forwards in eval mode). A plain ``nn.Embedding``
+    on the CPU perturbs only the rows its input looks up: the rest of a vocabulary-sized table is never
+    generated.
+    """
+
+    def __init__(self, engine: DirectionEngine, model: nn.Module) -> None:
+        self.engine = engine
+        index_of = {id(param): i for i, param in enumerate(engine.params)}
+        self.owned: list[tuple[nn.Module, list[tuple[int, nn.Parameter]]]] = []
+        owners: dict[int, int] = {}
+        for module in model.modules():
+            mine = [(index_of[id(p)], p) for p in module.parameters(recurse=False) if id(p) in index_of]
+            if mine:
+                self.owned.append((module, mine))
+                for index, _ in mine:
+                    owners[index] = owners.get(index, 0) + 1
+        missing = [i for i in range(len(engine.params)) if i not in owners]
+        if missing:
+            raise OptionError(
+                f"{len(missing)} optimized parameter(s) do not belong to the model given for exact "
+                "perturbation: pass the model that owns every optimized parameter, or pass parameters "
+                "only (in-place perturbation)."
+            )
+        self.shared = {index for index, count in owners.items() if count > 1}
+        self._index_of = index_of  # id(parameter) -> its index in the engine
+        # Copies are recycled across modules and steps: layers repeat shapes, and a fresh large
+        # allocation would page-fault its whole size on every forward.
+        self._spare: dict[tuple, list[torch.Tensor]] = {}
+        # +1 or -1 while a dual forward runs one of its halves: owners nested inside see one copy only.
+        self._sign = 0
+
+    def _copy_buffer(self, param: torch.Tensor, copies: int = 1) -> torch.Tensor:
+        """A recycled tensor for ``copies`` copies of ``param`` (shaped like it, or stacked along a new dim 0)."""
+        shape = param.shape if copies == 1 else (copies, *param.shape)
+        spares = self._spare.get((param.numel() * copies, param.dtype, param.device))
+        if spares:
+            return spares.pop().view(shape)
+        with torch.inference_mode(False):  # a normal tensor, reusable outside inference mode
+            return torch.empty(shape, dtype=param.dtype, device=param.device)
+
+    def _recycle(self, buffer: torch.Tensor) -> None:
+        self._spare.setdefault((buffer.numel(), buffer.dtype, buffer.device), []).append(buffer)
+
+    def _lookup(self, param_index: int, pairs: Sequence[Pair], input: torch.Tensor) -> torch.Tensor:
+        """An embedding lookup at θ + Σ a·z(s), perturbing only the rows looked up."""
+        rows, inverse = torch.unique(input, return_inverse=True)
+        return F.embedding(inverse, self.engine.perturbed_rows(param_index, pairs, rows))
+
+    @staticmethod
+    @contextmanager
+    def _swapped(params, copies: dict[int, torch.Tensor]):
+        """The parameters' tensors replaced by ``copies`` (by parameter index) for the duration."""
+        originals = [(param, param.data) for _, param in params]
+        try:
+            for index, param in params:
+                param.data = copies[index]
+            yield
+        finally:
+            for param, original in originals:
+                param.data = original
+
+    def _forward_at(self, params, forward, pairs: Sequence[Pair], args, kwargs):
+        """One forward of a module on perturbed copies of its parameters."""
+        copies = {}
+        try:
+            for index, param in params:
+                copies[index] = self.engine.perturbed_copy(index, pairs, self._copy_buffer(param))
+            with self._swapped(params, copies):
+                return forward(*args, **kwargs)
+        finally:
+            for copy in copies.values():
+                self._recycle(copy)
+
+    @contextmanager
+    def __call__(self, pairs: Sequence[Pair]):
+        originals: dict[int, torch.Tensor] = {}  # shared parameters stay perturbed until the context exits
+
+        def replacement(module, params, forward):
+            if _looks_up_rows(module, params):
+                (index, table), = params
+
+                def lookup(input):
+                    if index in originals:  # a shared table, already swapped for its copy by another module
+                        return F.embedding(input, table)
+                    return self._lookup(index, pairs, input)
+
+                return lookup
+
+            def perturbed_forward(*args, **kwargs):
+                for index, param in params:
+                    if index not in originals:
+                        originals[index] = param.data
+                        param.data = self.engine.perturbed_copy(index, pairs, self._copy_buffer(param))
+                try:
+                    return forward(*args, **kwargs)
+                finally:
+                    for index, param in params:
+                        if index in originals and index not in self.shared:
+                            self._recycle(param.data)
+                            param.data = originals.pop(index)
+
+            return perturbed_forward
+
+        try:
+            with self._replaced_forwards(replacement):
+                yield
+        finally:
+            for index, original in originals.items():
+                self._recycle(self.engine.params[index].data)
+                self.engine.params[index].data = original
+
+    @contextmanager
+    def dual(self, seed: int, eps: float):
+        def replacement(module, params, forward):
+            rows_only = _looks_up_rows(module, params)
+
+            def dual_forward(*args, **kwargs):
+                if self._sign:
+                    pairs = [(seed, self._sign * eps)]
+                    if rows_only:
+                        return self._lookup(params[0][0], pairs, *args, **kwargs)
+                    return self._forward_at(params, forward, pairs, args, kwargs)
+                if type(module) is nn.Linear:
+                    return self._dual_linear(module, params, seed, eps, *args, **kwargs)
+                halves = _halves(module, args, kwargs)
+                if rows_only:
+                    return torch.cat([self._lookup(params[0][0], [(seed, sign * eps)], *half_args, **half_kwargs)
+                                      for sign, (half_args, half_kwargs) in zip((1, -1), halves)])
+                with self._pair_copies(params, seed, eps) as stacked:
+                    outputs = []
+                    try:
+                        for side, (sign, (half_args, half_kwargs)) in enumerate(zip((1, -1), halves)):
+                            self._sign = sign
+                            with self._swapped(params, {index: pair[side] for index, pair in stacked.items()}):
+                                outputs.append(forward(*half_args, **half_kwargs))
+                    finally:
+                        self._sign = 0
+                    return _joined(module, *outputs)
+
+            return dual_forward
+
+        with self._replaced_forwards(replacement):
+            yield
+
+    def _dual_linear(self, module: nn.Linear, params, seed: int, eps: float, input: torch.Tensor) -> torch.Tensor:
+        """A linear layer's dual forward as one batched matmul of the two halves by the two weight copies, stacked
+        in one buffer: no cut of the input, no join of the outputs."""
+        _batch_rows(module, (input,), {})  # the checks; the halves are views of the reshape below
+        with self._pair_copies(params, seed, eps) as stacked:
+            weight = stacked.get(self._index_of.get(id(module.weight)), module.weight.expand(2, -1, -1))
+            rows = input.reshape(2, -1, module.in_features)
+            if module.bias is None:
+                output = torch.bmm(rows, weight.transpose(1, 2))
+            else:
+                bias = stacked.get(self._index_of.get(id(module.bias)), module.bias.expand(2, -1))
+                output = torch.baddbmm(bias.unsqueeze(1), rows, weight.transpose(1, 2))
+            return output.view(*input.shape[:-1], module.out_features)
+
+    @contextmanager
+    def _pair_copies(self, params, seed: int, eps: float):
+        """For each parameter (by index), its copies θ + εz and θ − εz stacked along a new dim 0 in one recycled
+        buffer, z generated once for both."""
+        stacked = {}
+        try:
+            for index, param in params:
+                stacked[index] = self._copy_buffer(param, 2)
+                self.engine.perturbed_pair(index, seed, eps, stacked[index][0], stacked[index][1])
+            yield stacked
+        finally:
+            for buffer in stacked.values():
+                self._recycle(buffer)
+
+    @contextmanager
+    def _replaced_forwards(self, replacement):
+        """Every owning module's forward ← ``replacement(module, its parameters, its forward)``."""
+        replaced = []
+        for module, params in self.owned:
+            replaced.append((module, module.__dict__.get("forward")))
+            module.forward = replacement(module, params, module.forward)
+        try:
+            yield
+        finally:
+            for module, own_forward in replaced:
+                if own_forward is None:
+                    del module.forward
+                else:
+                    module.forward = own_forward
+
+
+def _looks_up_rows(module: nn.Module, params) -> bool:
+    """A plain embedding table on the CPU, where drawing z for single rows costs less than for the whole table
+    (on a GPU, a kernel launch per row would cost more)."""
+    return (type(module) is nn.Embedding and module.max_norm is None and len(params) == 1
+            and params[0][1].device.type == "cpu")
+
+
+def _batch_rows(module: nn.Module, args, kwargs) -> int:
+    """The length along dim 0 of a dual forward's first tensor input, which must be even."""
+    tensors = [value for value in (*args, *kwargs.values()) if isinstance(value, torch.Tensor) and value.dim()]
+    if not tensors:
+        raise OptionError(f"dual_forward: {type(module).__name__} owns optimized parameters but got no tensor input "
+                          "to cut in two: use dual_forward=False for this model")
+    rows = tensors[0].shape[0]
+    if rows % 2:
+        raise OptionError(f"dual_forward: {type(module).__name__} got an input of {rows} rows, an odd number: the "
+                          "closure must stack two copies of its batch along dim 0 when called with copies=2")
+    return rows
+
+
+def _halves(module: nn.Module, args, kwargs):
+    """The inputs of a dual forward cut in two along dim 0: every tensor as long as the first tensor input
+    along dim 0 is cut, the rest goes to both halves."""
+    rows = _batch_rows(module, args, kwargs)
+
+    def cut(value, part):
+        if isinstance(value, torch.Tensor) and value.dim() and value.shape[0] == rows:
+            return value[:rows // 2] if part == 0 else value[rows // 2:]
+        return value
+
+    return [(tuple(cut(a, part) for a in args), {k: cut(v, part) for k, v in kwargs.items()}) for part in (0, 1)]
+
+
+def _joined(module: nn.Module, first, second):
+    """The two halves' outputs put back together along dim 0, through tuples, lists and dicts."""
+    if isinstance(first, torch.Tensor):
+        return torch.cat([first, second])
+    if first is None:
+        return None
+    if isinstance(first, (tuple, list)):
+        return type(first)(_joined(module, a, b) for a, b in zip(first, second))
+    if isinstance(first, dict):
+        joined = {key: _joined(module, first[key], second[key]) for key in first}
+        return type(first)(**joined) if type(first) is not dict else joined
+    raise OptionError(f"dual_forward: {type(module).__name__} returned a {type(first).__name__}, which zotune cannot "
+                      "join along the batch: use dual_forward=False for this model")
