@@ -21,6 +21,7 @@ demo: install
 	$(OFFLINE) $(PY) -m zotune.demo
 
 test: install
+	$(PY) -m ruff check src tests examples
 	$(OFFLINE) $(PY) -m pytest -q
 
 bench-speed: install
