@@ -12,6 +12,7 @@ from zotune import AdaMeZO, Addax, MeZO, MeZOSVRG
 from zotune.errors import OptionError
 from zotune.models import random_llama
 from zotune.no_dropout import NoDropout
+from zotune.optim import trainable_groups
 
 
 def dropout_llama(attention: str):
@@ -115,3 +116,32 @@ def test_a_random_draw_in_a_parameters_only_forward_is_refused(draw):
     with pytest.raises(OptionError, match="drew random numbers"):
         optimizer.step(lambda: (weight * draw(weight)).sum())
     assert torch.equal(weight, torch.ones(3))  # the failed closure left the weights unperturbed
+
+
+@pytest.mark.parametrize("name", ["mezo", "adamezo"])
+def test_inplace_perturbation_given_the_model_is_the_parameters_only_step_and_switches_to_eval(name, batch):
+    """perturbation="inplace" with the model: the paper's scheme, bit for bit the step given parameters only,
+    with the forwards in eval mode (dropout off through the modules, not NoDropout)."""
+    trained, given_parameters = dropout_llama("eager").train(), dropout_llama("eager").train()
+    cls = {"mezo": MeZO, "adamezo": AdaMeZO}[name]
+    options = dict(lr=1e-3, eps=1e-2, seed=3, **({"window": 2} if name == "adamezo" else {}))
+    with_model = cls(trained, perturbation="inplace", **options)
+    modes = []
+    for _ in range(4):
+        with_model.step(lambda: modes.append(trained.training) or lm_loss(trained, batch))
+    reference = cls(trainable_groups(given_parameters)[1], **options)  # the model's groups: the same keys for z
+    for _ in range(4):
+        reference.step(lambda: lm_loss(given_parameters, batch))
+    assert set(modes) == {False} and trained.training
+    for a, b in zip(trained.parameters(), given_parameters.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_perturbation_options_are_checked():
+    weight = nn.Parameter(torch.ones(3))
+    with pytest.raises(OptionError, match="perturbation=module runs each module on perturbed copies"):
+        MeZO([weight], perturbation="module")
+    with pytest.raises(OptionError, match="perturbation must be one of module, inplace"):
+        MeZO([weight], perturbation="dual")
+    with pytest.raises(OptionError, match="with module perturbation"):
+        MeZO(dropout_llama("sdpa"), perturbation="inplace", dual_forward=True)

@@ -57,19 +57,19 @@ class TwoPointEstimator:
     the closure runs without dropout (see the module docstring)."""
 
     def __init__(self, engine: DirectionEngine, eps: float, model: nn.Module | None = None,
-                 dual_forward: bool = False) -> None:
+                 dual_forward: bool = False, in_place: bool = False) -> None:
         if not eps > 0:
             raise OptionError(f"eps must be positive, got {eps}: the paper default is 1e-3")
-        if dual_forward and model is None:
+        if dual_forward and (model is None or in_place):
             raise OptionError("dual_forward=True evaluates θ+εz and θ−εz inside the model's modules: pass the "
-                              "model, not its parameters")
+                              "model, not its parameters, with module perturbation")
         self.engine = engine
         self.eps = eps
         self.dual_forward = dual_forward
         # Data parallel: replaces this rank's (L+, L−) by the means over the ranks (zotune.distributed).
         self.reduce: Callable[[list[float]], list[float]] | None = None
-        self.model = model
-        self.module_perturbation = ModulePerturbation(engine, model) if model is not None else None
+        self.model = model  # given, its modules run the forwards in eval mode, whatever the perturbation
+        self.module_perturbation = ModulePerturbation(engine, model) if model is not None and not in_place else None
 
     def estimate(self, closure: Closure, seed: int, step: int, fuse_restore: bool = False,
                  base: Sequence[Pair] = ()) -> Estimate:

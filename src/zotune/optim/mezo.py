@@ -12,6 +12,9 @@ from .params import refuse_sharded, trainable_groups
 from .protocol import Loss, TrainingStep
 
 
+PERTURBATIONS = ("module", "inplace")
+
+
 class MeZO(TrainingStep, torch.optim.Optimizer):
     """Zeroth-order SGD in the memory of inference.
 
@@ -31,6 +34,9 @@ class MeZO(TrainingStep, torch.optim.Optimizer):
     fp32, bf16 and fp16; the model is put in eval mode during the forwards) and MeZO's weight-decay
     rule (none on biases and norms). Pass **parameters** to get the paper's in-place perturbation, where
     the restore of the last perturbation is fused into the update: 3 generation sweeps per step.
+    ``perturbation="inplace"`` with the model is the paper's scheme with the model's modules at hand: they
+    run the forwards in eval mode (given parameters only, dropout is switched off by
+    :class:`zotune.no_dropout.NoDropout` instead).
 
     ``dual_forward=True`` (with the model) evaluates θ+εz and θ−εz in one forward over the batch stacked
     twice: each module generates its part of z once for both, so a step costs one forward of the doubled
@@ -48,7 +54,7 @@ class MeZO(TrainingStep, torch.optim.Optimizer):
     # the batch's accuracy); optimizers that also run backward set this back to True.
     needs_differentiable_loss = False
     takes_seed = True
-    variants = {"dual": {"dual_forward": True}}
+    variants = {"dual": {"dual_forward": True}, "inplace": {"perturbation": "inplace"}}
 
     @classmethod
     def fsdp_problem(cls, options: dict) -> str | None:
@@ -65,6 +71,7 @@ class MeZO(TrainingStep, torch.optim.Optimizer):
         seed: int = 0,
         num_threads: int | None = None,
         dual_forward: bool = False,
+        perturbation: str | None = None,
     ) -> None:
         if lr < 0:
             raise OptionError(f"lr must be >= 0, got {lr}")
@@ -73,13 +80,19 @@ class MeZO(TrainingStep, torch.optim.Optimizer):
         if not (isinstance(n_directions, int) and n_directions >= 1):
             raise OptionError(f"n_directions must be a positive integer, got {n_directions!r}")
         model, groups = trainable_groups(params_or_model, weight_decay)
+        perturbation = perturbation or ("module" if model is not None else "inplace")
+        if perturbation not in PERTURBATIONS:
+            raise OptionError(f"perturbation must be one of {', '.join(PERTURBATIONS)}, got {perturbation!r}")
+        if perturbation == "module" and model is None:
+            raise OptionError("perturbation=module runs each module on perturbed copies of its parameters: pass the "
+                              "model, not its parameters")
         super().__init__(groups, {"lr": lr, "weight_decay": weight_decay})
         self.n_directions = n_directions
         params = [p for group in self.param_groups for p in group["params"]]
-        if model is not None:
+        if perturbation == "module":
             refuse_sharded(params, "module perturbation swaps whole parameter tensors, which FSDP2 owns")
         self.engine = DirectionEngine(params, distribution, num_threads)
-        self.estimator = TwoPointEstimator(self.engine, eps, model, dual_forward)
+        self.estimator = TwoPointEstimator(self.engine, eps, model, dual_forward, in_place=perturbation == "inplace")
         offsets = [0]
         for group in self.param_groups:
             offsets.append(offsets[-1] + len(group["params"]))

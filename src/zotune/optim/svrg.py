@@ -133,8 +133,8 @@ class MeZOSVRG(MeZO):
 
     def train_step(self, batches: dict[str, list], loss: Loss, micro_batch: int) -> dict:
         """An anchor step on the ``large batch`` (in micro-batches, one z), or an ordinary step on the
-        ``batch`` (four forwards)."""
-        if "large batch" in batches:
+        ``batch`` (four forwards): whichever the step counter says, reading only that batch."""
+        if self.is_anchor_step:
             large = batches["large batch"]
             micro = [large[i : i + micro_batch] for i in range(0, len(large), micro_batch)]
             value = self.step(None, mean_over_micro_batches(loss, micro))
