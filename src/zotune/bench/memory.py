@@ -79,7 +79,7 @@ def measure(name: str, config_path: str | None, overrides: list[str]) -> dict:
     recipe_options = dict(config.optimizer_options)
     length_options = {k: v for k, v in recipe_options.items() if k in ("L_T", "K0", "K1")}
     entry = entries()[name]
-    optimizer_name, variant = entry if entry is not None else ("mezo", {})
+    optimizer_name, variant = entry if entry is not None else (config.optimizer, {})  # inference builds none
     cls, _ = resolve(optimizer_name)
     config.optimizer = optimizer_name
     # The recipe's eps and the entry's variant; the rest are defaults. The batches are the worst case below,
