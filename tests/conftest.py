@@ -93,3 +93,15 @@ def loss_before_and_after(model, optimizer, batch, steps: int) -> tuple[float, f
         optimizer.step(lambda copies=1: lm_loss(model, batch, copies=copies))  # copies: for a dual forward
     with torch.no_grad():
         return initial, lm_loss(model, batch).item()
+
+
+class NaNGradient(torch.autograd.Function):
+    """The identity forward, a NaN gradient backward: a finite loss whose backward overflows."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * float("nan")

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from conftest import lm_loss
+from conftest import NaNGradient, lm_loss
 from zotune import InPlaceSGD, NonFiniteGradientError, NonFiniteLossError, create_optimizer
 from zotune.config import TrainConfig
 from zotune.errors import OptionError
@@ -152,18 +152,6 @@ def test_the_clipping_norm_is_that_of_the_gradient_averaged_over_the_ranks(batch
     assert optimizer.last_grad_norm == pytest.approx(norms[0], rel=1e-5) and norms[0] / 3 > 0.5
     for (name, a), b in zip(model.named_parameters(), reference.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7, msg=name)
-
-
-class NaNGradient(torch.autograd.Function):
-    """The identity forward, a NaN gradient backward."""
-
-    @staticmethod
-    def forward(ctx, x):
-        return x.clone()
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad * float("nan")
 
 
 def test_clipping_refuses_a_non_finite_gradient_before_any_update(batch):

@@ -4,25 +4,13 @@ gradients are reported, and a long run at lr = 0 in half precision leaves the we
 import pytest
 import torch
 
-from conftest import lm_loss
+from conftest import NaNGradient, lm_loss
 from test_train import read_metrics, run_cli
 from zotune.errors import NonFiniteGradientError, NonFiniteLossError
 from zotune.models import random_llama
 from zotune.numerics import ProjectedGradientMonitor
 from zotune.optim import AdaMeZO, Addax, InPlaceSGD, MeZO
 from zotune import preparation as train_module  # where the trainer takes its loss from
-
-
-class NaNGradient(torch.autograd.Function):
-    """The identity forward, a NaN gradient backward: a finite loss whose backward overflows."""
-
-    @staticmethod
-    def forward(ctx, x):
-        return x.clone()
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad * float("nan")
 
 
 def loss_replaced_on_calls(monkeypatch, calls, replace):
