@@ -58,6 +58,25 @@ class AdaMeZO(MeZO):
     m and v live only in two block buffers per thread. Nothing of parameter size is stored, and they are
     accumulated in float32 (float64 for float64 parameters), even for bf16/fp16 parameters: the official code's
     fp16 sums overflow once P² exceeds 65504. The cost is ``window`` generation sweeps per update instead of one.
+
+    Args:
+        params_or_model: the model or its parameters, as for :class:`MeZO`.
+        lr: the learning rate; None fits the form (see above): 1e-7 for "code", ``paper_lr(1e-7, beta1, beta2)``
+            for "paper".
+        eps: ε, the perturbation's scale, > 0; 1e-3 is the official example's.
+        weight_decay: wd in θ·(1 − lr·wd), on plain and windowed steps alike and not scaled by ``m_scale``; 0: none.
+        window: h, how many of the newest (seed, projected gradient) pairs the moments are rebuilt from, a positive
+            integer; 10 is the official example's.
+        beta1: β1 in [0, 1), m's decay over the window; 0.7 is the official example's.
+        beta2: β2 in [0, 1), v's decay over the window (0: momentum only); 0.9 is the official example's.
+        delta: δ > 0, added to √v (outside the root); 1e-5 is the official example's.
+        form: ``"code"`` (the official implementation, the default) or ``"paper"`` (the paper's equations).
+        m_scale: s, the factor on m, for "code" only (None: the official code's 100); refused with "paper".
+        distribution: ``"gaussian"`` or ``"rademacher"``, as for :class:`MeZO`.
+        seed: the base of the seed stream, as for :class:`MeZO`.
+        num_threads: the threads for CPU parameters, as for :class:`MeZO` (None: ``torch.get_num_threads()``).
+        dual_forward: both sides of the estimate in one forward of the doubled batch, as for :class:`MeZO`.
+        perturbation: ``"module"`` or ``"inplace"`` (None: module given the model), as for :class:`MeZO`.
     """
 
     def __init__(self, params_or_model, lr: float | None = None, eps: float = 1e-3, weight_decay: float = 0.0,

@@ -51,6 +51,23 @@ class Addax(UpdatesInBackward, MeZO):
     Communication (data parallel): the two ZO losses are all-reduced as in MeZO, the gradient of each
     tensor inside its hook before the update (with clipping, in the measuring backward too: the norm is that
     of the averaged gradient, and every gradient is all-reduced twice).
+
+    The defaults of ``lr`` and ``alpha`` are documented choices, not the paper's: its OPT-13B values could not be
+    read from it (see configs/paper/addax-opt13b-sst2.yaml).
+
+    Args:
+        params_or_model: the model (module perturbation for the estimate on B0, MeZO's weight-decay rule) or its
+            parameters (in-place perturbation), as for :class:`MeZO`.
+        lr: the learning rate of the mixed update, >= 0.
+        alpha: α, the weight of the zeroth-order term: in [0, 1] for convex mixing, >= 0 for additive; small
+            (default 1e-3) because c·z has about √d times the gradient's norm.
+        mixing: ``"convex"`` (the default) or ``"additive"`` (see above).
+        eps: ε, the perturbation's scale for the estimate on B0, > 0; 1e-3 is MeZO's.
+        weight_decay: wd in θ·(1 − lr·wd) above, >= 0; 0: none.
+        distribution: ``"gaussian"`` or ``"rademacher"``, as for :class:`MeZO`.
+        seed: the base of the seed stream, as for :class:`MeZO`.
+        num_threads: the threads for CPU parameters, as for :class:`MeZO` (None: ``torch.get_num_threads()``).
+        clip_grad_norm: the global norm, > 0, that ∇L_B1 is clipped to (see above); None (the default): no clipping.
     """
 
     needs_differentiable_loss = True  # the first-order batch runs backward

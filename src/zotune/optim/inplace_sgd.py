@@ -170,6 +170,13 @@ class InPlaceSGD(UpdatesInBackward, torch.optim.Optimizer):
     ``last_grad_norm`` holds the norm before clipping. Only ``step`` can clip: a backward of your own is then
     refused. Gradients already in ``.grad`` when the optimizer is created or a step starts are refused, not
     cleared: backward would add them to the update's gradient.
+
+    Args:
+        params_or_model: a model (its trainable parameters, no decay on biases and norms) or parameters.
+        lr: the learning rate, >= 0.
+        weight_decay: wd in θ·(1 − lr·wd), applied before the gradient step; 0: none.
+        clip_grad_norm: the global gradient norm to clip to, > 0 (see above; LOMO's recipe: 1.0); None (the
+            default): no clipping.
     """
 
     def __init__(self, params_or_model, lr: float = 1e-3, weight_decay: float = 0.0,

@@ -48,6 +48,24 @@ class MeZO(TrainingStep, torch.optim.Optimizer):
 
     Communication (data parallel): ranks share the seed stream; only the n pairs of losses need an
     all-reduce. The step's estimates are kept in ``last_estimates`` for logging.
+
+    Args:
+        params_or_model: the model (module perturbation by default, MeZO's weight-decay rule) or its parameters
+            or parameter groups (in-place perturbation; every parameter decayed unless its group says otherwise).
+        lr: the learning rate, >= 0; the paper's full fine-tuning uses 1e-6 or 1e-7.
+        eps: ε, the perturbation's scale, > 0; 1e-3 is the paper's.
+        weight_decay: wd in θ·(1 − lr·wd), >= 0; 0: none.
+        n_directions: n, the directions per step (n-SPSA), a positive integer; 1 is the paper's SPSA.
+        distribution: ``"gaussian"`` (z ~ N(0, I), the paper's) or ``"rademacher"`` (entries ±1).
+        seed: the base of the seed stream: each step's seeds are derived from it, the step and j; kept in
+            ``state_dict()`` so a resumed run draws the same directions, and shared by data-parallel ranks.
+        num_threads: the threads that generate directions and apply updates on CPU parameters (None:
+            ``torch.get_num_threads()``); work on a GPU stays on the calling thread.
+        dual_forward: evaluate θ+εz and θ−εz in one forward of the batch stacked twice (see above); needs the
+            model and module perturbation.
+        perturbation: ``"module"`` (each module runs on perturbed copies of its parameters; needs the model, and
+            refuses FSDP2 shards) or ``"inplace"`` (the parameters moved to θ±εz and back, the paper's scheme);
+            None: module given the model, inplace given parameters.
     """
 
     # Only loss values enter the estimate, so the closure may return a non-differentiable objective (e.g. minus

@@ -52,6 +52,28 @@ class MeZOSVRG(MeZO):
     update on the same batch; and a rate already below its floor is left there (the code's max() would
     raise it to the floor, which its settings, starting at or above the floors, never do). The last 3T
     losses are in ``state_dict()``; losses are reduced across ranks first, so all ranks anneal alike.
+
+    Args:
+        params_or_model: the model (module perturbation) or its parameters (in-place perturbation), as for
+            :class:`MeZO`.
+        lr: η2, the rate of the ordinary steps, >= 0; the paper's is 1e-6.
+        anchor_lr: η1, the rate of the anchor steps, >= 0; the paper's is 1e-4 (searched over 1e-3, 1e-4, 1e-5).
+            A parameter group's own ``anchor_lr`` is kept.
+        anchor_every: q, an integer >= 2: the steps whose count is a multiple of q (the first step too) are anchor
+            steps; the paper's is 2.
+        memory: ``"seeds"`` (the default: MeZO's memory) or ``"dense"`` (θ̃ and G stored, as in the paper; refuses
+            FSDP2 shards).
+        eps: ε, the perturbation's scale, > 0; 1e-3 is the paper's.
+        weight_decay: must be 0 (anything else is refused, see above).
+        distribution: ``"gaussian"`` or ``"rademacher"``, as for :class:`MeZO`.
+        seed: the base of the seed stream, as for :class:`MeZO`.
+        num_threads: the threads for CPU parameters, as for :class:`MeZO` (None: ``torch.get_num_threads()``).
+        anneal: the divisor (> 1) of ``lr`` and ``anchor_lr`` when the loss rises (the code's scripts: 4 or 5); None
+            (the default): no annealing.
+        anneal_window: T, the steps in each loss window, a positive integer; the default 8 is the code's epoch.
+        anneal_threshold: the relative rise, >= 0, above which the rates are divided; the code's 0.05.
+        anneal_min_lr: the floor, >= 0, that annealing does not take ``lr`` below; the code's 1e-6.
+        anneal_min_anchor_lr: the floor, >= 0, for ``anchor_lr``; the code's 1e-5.
     """
 
     def __init__(
