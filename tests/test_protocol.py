@@ -149,3 +149,10 @@ def test_mezo_trains_on_f1_with_minus_the_batch_f1_as_its_loss(tmp_path):
 def test_the_f1_objective_refuses_the_dual_forward(tmp_path):
     with pytest.raises(ConfigError, match="objective=f1 decodes answers"):
         prepare(load_config(None, [*generation_task(tmp_path), "objective=f1", "optimizer_options.dual_forward=true"]))
+
+
+def test_a_clipped_first_order_step_logs_its_gradient_norm(tmp_path):
+    assert main(["train", *TINY, "optimizer=ip-sgd", "lr=1e-2", "optimizer_options.clip_grad_norm=0.5", "steps=2",
+                 "eval_every=0", f"output_dir={tmp_path}"]) == 0
+    steps = [r for r in records(tmp_path) if "loss" in r]
+    assert len(steps) == 2 and all(r["grad_norm"] > 0 for r in steps)

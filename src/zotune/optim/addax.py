@@ -107,7 +107,7 @@ class Addax(UpdatesInBackward, MeZO):
         if self.last_estimates:
             estimate = self.last_estimates[0]
             record.update(projected_grad=estimate.projected_gradient, seed=estimate.seed)
-        return record
+        return self._with_grad_norm(record)
 
     def __init__(
         self,

@@ -63,6 +63,10 @@ class UpdatesInBackward(TrainingStep):
     def data_parallel(self, group) -> None:
         self.reduce_losses, self.reduce_gradient = group.mean, group.mean_gradient
 
+    def _with_grad_norm(self, record: dict) -> dict:
+        """The step's log fields, with the gradient's norm before clipping when the step clipped."""
+        return record if self.last_grad_norm is None else {**record, "grad_norm": self.last_grad_norm}
+
     def _measuring_or(self, hook):
         """``hook``, or, during a measuring backward, :meth:`_measure` in its place."""
 
@@ -226,4 +230,5 @@ class InPlaceSGD(UpdatesInBackward, torch.optim.Optimizer):
 
     def train_step(self, batches: dict[str, list], loss: Loss, micro_batch: int) -> dict:
         batch = batches["batch"]
-        return dict(loss=self.step(lambda: loss(batch)), forward_passes=1)
+        record = dict(loss=self.step(lambda: loss(batch)), forward_passes=1)
+        return self._with_grad_norm(record)
