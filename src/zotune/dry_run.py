@@ -21,16 +21,14 @@ from .tasks import task_definition
 
 def dry_run(config: TrainConfig) -> list[str]:
     """Lines saying what the run would do; raises the run's own error for what it finds wrong."""
-    from .preparation import training_loss
+    from .preparation import check_trainable_fits, training_loss
     from .train import build_optimizer, split_options
 
     task = task_definition(config.task, config.task_options)
     generation = getattr(task, "generation", False)
     metric = "f1" if generation else "accuracy"
     loss = training_loss(config, task, metric, tokenizer=None)
-    if generation and config.trainable == "prefix":
-        raise ConfigError(f"trainable=prefix supports classification tasks; {config.task!r} is a generation task: "
-                          "use trainable=full or trainable=lora")
+    check_trainable_fits(config, generation)
     if config.dtype not in DTYPES:
         raise ModelError(f"unknown dtype {config.dtype!r}: choose one of {', '.join(DTYPES)}")
     if not (config.device in ("auto", "cpu") or config.device.split(":")[0] == "cuda"):

@@ -50,9 +50,7 @@ def prepare(config: TrainConfig) -> Prepared:
     sizes = {"train": config.num_train, "dev": config.num_dev, "test": config.num_test}
     loaded = load_task(config.task, config.data, sizes, config.seed, config.task_options)
     generation = getattr(loaded.task, "generation", False)
-    if generation and config.trainable == "prefix":
-        raise ConfigError(f"trainable=prefix supports classification tasks; {config.task!r} is a generation task: "
-                          "use trainable=full or trainable=lora")
+    check_trainable_fits(config, generation)
     context = getattr(model.config, "max_position_embeddings", None)
     model = select_trainable(model, config.trainable, config.lora, config.prefix)
     encoded = {split: [encode(tokenizer, example, config.max_length) for example in examples]
@@ -68,6 +66,12 @@ def prepare(config: TrainConfig) -> Prepared:
         return accuracy(model, encoded[split], tokenizer.pad_token_id, config.eval_batch_size)
 
     return Prepared(model, tokenizer, encoded, metric, evaluate, training_loss(config, loaded.task, metric, tokenizer))
+
+
+def check_trainable_fits(config: TrainConfig, generation: bool) -> None:
+    if generation and config.trainable == "prefix":
+        raise ConfigError(f"trainable=prefix supports classification tasks; {config.task!r} is a generation task: "
+                          "use trainable=full or trainable=lora")
 
 
 def training_loss(config: TrainConfig, task, metric: str, tokenizer) -> Callable:

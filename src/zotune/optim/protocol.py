@@ -38,12 +38,12 @@ class TrainingStep:
     hf_trainer = True  # ZOTrainer can drive it (a step on one batch, and not the Trainer's own kind)
     # Named option sets worth measuring beside the defaults (the benchmarks add an entry for each).
     variants: dict[str, dict] = {}
+    # Whether the trainer passes config.seed; the optimizers with a seed stream take it.
+    takes_seed = False
 
     def skip_warm_up(self) -> None:
         """Puts the optimizer past any warm-up steps that differ from its steady ones (benchmarks time and
         measure the steady step)."""
-    # Whether the trainer passes config.seed; the optimizers with a seed stream take it.
-    takes_seed = False
 
     @classmethod
     def fsdp_problem(cls, options: dict) -> str | None:
