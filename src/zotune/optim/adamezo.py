@@ -131,7 +131,7 @@ class AdaMeZO(MeZO):
                   0.0 if momentum_only else self.norm2 * self.beta2**k * projected * projected)
                  for k, (seed, projected) in enumerate(history[::-1])]
         restore = estimate.restore
-        for group, indices in zip(self.param_groups, self._group_indices):
+        for group, indices in zip(self.param_groups, self.group_indices):
             lr = group["lr"]
 
             # lr and decay bound as defaults: the closure keeps this group's values, not the loop's variables.

@@ -4,19 +4,19 @@ from __future__ import annotations
 
 import torch
 
-from ..directions import GAUSSIAN, derive_seed
+from ..directions import GAUSSIAN
 from ..errors import OptionError
 from ..estimators import Closure
 from ..lengths import ADDAX_DATA_OPTIONS, agreed_plan, check_addax_options, plan_addax
 from ..sampling import AddaxBatches
 from .inplace_sgd import FULL_PRECISION, UpdatesInBackward
-from .mezo import MeZO
+from .zeroth_order import ZerothOrder
 from .protocol import Loss
 
 MIXINGS = ("convex", "additive")
 
 
-class Addax(UpdatesInBackward, MeZO):
+class Addax(UpdatesInBackward, ZerothOrder):
     """One Addax step on a zeroth-order batch B0 and a first-order batch B1:
 
         c  = (L_B0(θ+εz) − L_B0(θ−εz)) / 2ε          two forwards, θ restored, z = z(seed) never stored
@@ -93,7 +93,7 @@ class Addax(UpdatesInBackward, MeZO):
 
     def data_parallel(self, group) -> None:
         UpdatesInBackward.data_parallel(self, group)  # the first-order half: losses and each gradient
-        MeZO.data_parallel(self, group)  # the zeroth-order half: its two losses
+        ZerothOrder.data_parallel(self, group)  # the zeroth-order half: its two losses
 
     def train_step(self, batches: dict[str, list], loss: Loss, micro_batch: int) -> dict:
         """One step on the ``K0 batch`` (zeroth-order) and the ``K1 batch`` (first-order), either of which may be
@@ -133,7 +133,7 @@ class Addax(UpdatesInBackward, MeZO):
         self._pending: tuple[list, float] | None = None  # (seed, w0·c) pairs and w1, during backward
         self._updated: set[int] = set()
         self._register_update_hooks(((param, self._updater(group, index))
-                                     for group, indices in zip(self.param_groups, self._group_indices)
+                                     for group, indices in zip(self.param_groups, self.group_indices)
                                      for param, index in zip(group["params"], indices)), clip_grad_norm)
 
     @property
@@ -183,7 +183,7 @@ class Addax(UpdatesInBackward, MeZO):
         if fo_closure is not None:
             self._refuse_held_gradients("call optimizer.zero_grad() before step()")
         stream = self.state["zo"]
-        step, seed = stream["step"], derive_seed(stream["seed"], stream["step"], 0)
+        step, seed = stream["step"], self.step_seed()
         losses: dict[str, float] = {}
         estimate, self.last_estimates, self.last_grad_norm = None, [], None
         if zo_closure is not None:
@@ -192,7 +192,9 @@ class Addax(UpdatesInBackward, MeZO):
             losses["zo"] = (estimate.loss_plus + estimate.loss_minus) / 2
             self.last_estimates = [estimate]
         if fo_closure is None:
-            self._update([estimate])  # MeZO's update, w0 = 1
+            # MeZO's update (w0 = 1), the pending in-place restore folded in
+            self.apply_by_group(lambda group: [(seed, -group["lr"] * estimate.projected_gradient)],
+                                restore=estimate.restore)
         else:
             w0, w1 = self.weights if estimate is not None else (0.0, 1.0)
             zo_pairs = [(seed, w0 * estimate.projected_gradient)] if estimate is not None else []
@@ -212,7 +214,7 @@ class Addax(UpdatesInBackward, MeZO):
                 self._backward_and_check(loss, step, seed)
             finally:
                 self._pending = None
-        for group, indices in zip(self.param_groups, self._group_indices):
+        for group, indices in zip(self.param_groups, self.group_indices):
             untouched = tuple(i for i in indices if i not in self._updated)
             if untouched:
                 lr = group["lr"]

@@ -4,18 +4,14 @@ from __future__ import annotations
 
 import torch
 
-from ..counter_rng import STREAM_VERSION
-from ..directions import GAUSSIAN, DirectionEngine, Pair, derive_seed
-from ..errors import CheckpointError, OptionError
-from ..estimators import Closure, TwoPointEstimator
-from .params import refuse_sharded, trainable_groups
-from .protocol import Loss, TrainingStep
+from ..directions import GAUSSIAN, Pair
+from ..errors import OptionError
+from ..estimators import Closure
+from .protocol import Loss
+from .zeroth_order import ZerothOrder
 
 
-PERTURBATIONS = ("module", "inplace")
-
-
-class MeZO(TrainingStep, torch.optim.Optimizer):
+class MeZO(ZerothOrder):
     """Zeroth-order SGD in the memory of inference.
 
     Each step draws seeds ``s_1..s_n`` from the optimizer's seed stream and, for each, evaluates the loss
@@ -68,15 +64,7 @@ class MeZO(TrainingStep, torch.optim.Optimizer):
             None: module given the model, inplace given parameters.
     """
 
-    # Only loss values enter the estimate, so the closure may return a non-differentiable objective (e.g. minus
-    # the batch's accuracy); optimizers that also run backward set this back to True.
-    needs_differentiable_loss = False
-    takes_seed = True
     variants = {"dual": {"dual_forward": True}, "inplace": {"perturbation": "inplace"}}
-
-    @classmethod
-    def fsdp_problem(cls, options: dict) -> str | None:
-        return None  # given the parameters, it perturbs and updates each rank's shard in place
 
     def __init__(
         self,
@@ -91,57 +79,22 @@ class MeZO(TrainingStep, torch.optim.Optimizer):
         dual_forward: bool = False,
         perturbation: str | None = None,
     ) -> None:
-        if lr < 0:
-            raise OptionError(f"lr must be >= 0, got {lr}")
-        if weight_decay < 0:
-            raise OptionError(f"weight_decay must be >= 0, got {weight_decay}")
         if not (isinstance(n_directions, int) and n_directions >= 1):
             raise OptionError(f"n_directions must be a positive integer, got {n_directions!r}")
-        model, groups = trainable_groups(params_or_model, weight_decay)
-        perturbation = perturbation or ("module" if model is not None else "inplace")
-        if perturbation not in PERTURBATIONS:
-            raise OptionError(f"perturbation must be one of {', '.join(PERTURBATIONS)}, got {perturbation!r}")
-        if perturbation == "module" and model is None:
-            raise OptionError("perturbation=module runs each module on perturbed copies of its parameters: pass the "
-                              "model, not its parameters")
-        super().__init__(groups, {"lr": lr, "weight_decay": weight_decay})
+        super().__init__(params_or_model, lr=lr, eps=eps, weight_decay=weight_decay, distribution=distribution,
+                         seed=seed, num_threads=num_threads, dual_forward=dual_forward, perturbation=perturbation)
         self.n_directions = n_directions
-        params = [p for group in self.param_groups for p in group["params"]]
-        if perturbation == "module":
-            refuse_sharded(params, "module perturbation swaps whole parameter tensors, which FSDP2 owns")
-        self.engine = DirectionEngine(params, distribution, num_threads)
-        self.estimator = TwoPointEstimator(self.engine, eps, model, dual_forward, in_place=perturbation == "inplace")
-        offsets = [0]
-        for group in self.param_groups:
-            offsets.append(offsets[-1] + len(group["params"]))
-        self._group_indices = [tuple(range(a, b)) for a, b in zip(offsets, offsets[1:])]
-        # Not a per-parameter entry: torch.optim.Optimizer keeps non-tensor keys of `state` as they are
-        # in state_dict()/load_state_dict(), so the seed stream resumes exactly.
-        self.state["zo"] = {"seed": int(seed), "step": 0, "stream": STREAM_VERSION}
-        self.last_estimates = []
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        # States from before the version was recorded lack it: they were written with stream 1.
-        saved = state_dict["state"].get("zo", {}).get("stream", 1)
-        if saved != STREAM_VERSION:
-            raise CheckpointError(
-                f"this optimizer state was saved by a zotune whose directions came from stream {saved}, and this one "
-                f"draws stream {STREAM_VERSION}: its seeds would name other directions than those it was trained with. "
-                "Resume with the zotune version that saved it, or start the run again.")
-        super().load_state_dict(state_dict)
 
     @torch.no_grad()
     def step(self, closure: Closure) -> float:  # type: ignore[override]
         if closure is None:
             raise TypeError("MeZO.step needs a closure that returns the loss (without calling backward)")
-        stream = self.state["zo"]
+        step = self.state["zo"]["step"]
         estimates = []
         for j in range(self.n_directions):
-            seed = derive_seed(stream["seed"], stream["step"], j)
             last = j == self.n_directions - 1
-            estimates.append(self.estimator.estimate(closure, seed, stream["step"], fuse_restore=last))
-        # A new dict, not an update in place, so that a state_dict() taken earlier stays a snapshot.
-        self.state["zo"] = {**stream, "step": stream["step"] + 1}
+            estimates.append(self.estimator.estimate(closure, self.step_seed(j), step, fuse_restore=last))
+        self.advance()
         self._update(estimates)
         self.last_estimates = estimates
         return sum(e.loss_plus + e.loss_minus for e in estimates) / (2 * len(estimates))
@@ -154,9 +107,6 @@ class MeZO(TrainingStep, torch.optim.Optimizer):
                     projected_grad=first.projected_gradient, seed=first.seed,
                     forward_passes=2 * len(self.last_estimates))
 
-    def data_parallel(self, group) -> None:
-        self.estimator.reduce = group.mean  # the ranks share the seed stream: only the losses are averaged
-
     def update_pairs(self, estimates, group: dict) -> list[Pair]:
         """The update rule: the (seed, a) pairs of θ ← θ·(1 − lr·wd) + Σ a·z(seed) for one parameter group,
         from the step's estimates. MeZO's: a_j = −(lr/n)·c_j. A zeroth-order optimizer whose update is a sum of
@@ -165,6 +115,4 @@ class MeZO(TrainingStep, torch.optim.Optimizer):
 
     def _update(self, estimates) -> None:
         """:meth:`update_pairs` applied per group, weight decay and the pending in-place restore folded in."""
-        for group, indices in zip(self.param_groups, self._group_indices):
-            self.engine.apply(self.update_pairs(estimates, group), indices, restore=estimates[-1].restore,
-                              scale=1.0 - group["lr"] * group["weight_decay"])
+        self.apply_by_group(lambda group: self.update_pairs(estimates, group), restore=estimates[-1].restore)

@@ -4,19 +4,19 @@ from __future__ import annotations
 
 import torch
 
-from ..directions import GAUSSIAN, Pair, derive_seed
+from ..directions import GAUSSIAN, Pair
 from ..config import ConfigError
 from ..errors import OptionError
 from ..estimators import Closure, mean_over_micro_batches
 from ..sampling import SVRGBatches
-from .mezo import MeZO
+from .zeroth_order import ZerothOrder
 from .params import refuse_sharded
 from .protocol import Loss
 
 MEMORY_MODES = ("seeds", "dense")
 
 
-class MeZOSVRG(MeZO):
+class MeZOSVRG(ZerothOrder):
     """The paper's algorithm (not its code, whose anchor aliases the live weights so its correction is zero):
 
         every q-th step (an anchor step):  θ̃ ← θ;  G ← c_G·z_G, a ZO estimate on a large batch at θ̃;  θ ← θ − η1·G
@@ -201,7 +201,7 @@ class MeZOSVRG(MeZO):
     def _svrg_step(self, closure: Closure, large_batch_closure: Closure | None) -> float:
         stream = self.state["zo"]
         step = stream["step"]
-        seed = derive_seed(stream["seed"], step, 0)
+        seed = self.step_seed()
         if self.is_anchor_step:
             if large_batch_closure is None:
                 raise TypeError(f"step {step} is an anchor step (every {self.anchor_every}): pass large_batch_closure, "
@@ -252,7 +252,7 @@ class MeZOSVRG(MeZO):
         if path is not None and len({(g["lr"], g["anchor_lr"]) for g in self.param_groups}) > 1:
             raise OptionError("MeZO-SVRG in seeds mode needs the same lr and anchor_lr in every parameter group (the "
                               "path from the anchor is one list of pairs): use memory=dense for per-group rates")
-        for group, indices in zip(self.param_groups, self._group_indices):
+        for group, indices in zip(self.param_groups, self.group_indices):
             self.engine.apply(pairs_of(group), indices)
         for seed, coefficient in pairs_of(self.param_groups[0]) if path is not None else []:
             for i, (known, total) in enumerate(path):

@@ -1,0 +1,108 @@
+"""The parts every zeroth-order optimizer is built from: the parameter groups and their decay rule, the
+direction engine over their tensors, the two-point estimator (module, dual or in-place perturbation), and
+the seed stream, kept in the optimizer's state so that a resumed run draws the same directions.
+
+MeZO, MeZO-SVRG and Addax each compose these into their own step; AdaMeZO is MeZO with another update.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+
+from ..counter_rng import STREAM_VERSION
+from ..directions import GAUSSIAN, DirectionEngine, Pair, derive_seed
+from ..errors import CheckpointError, OptionError
+from ..estimators import TwoPointEstimator
+from .params import refuse_sharded, trainable_groups
+from .protocol import TrainingStep
+
+PERTURBATIONS = ("module", "inplace")
+
+
+class ZerothOrder(TrainingStep, torch.optim.Optimizer):
+    """A ``torch.optim.Optimizer`` holding the zeroth-order parts (see the module docstring); its subclass
+    writes ``step`` and ``train_step``.
+
+    Args:
+        params_or_model: the model (module perturbation, MeZO's decay rule) or parameters / groups (in place).
+        lr: the learning rate (>= 0), in every group.
+        eps: the perturbation's scale ε (> 0).
+        weight_decay: θ ← θ·(1 − lr·wd) at each update (>= 0).
+        distribution: ``gaussian`` or ``rademacher`` directions.
+        seed: the base of the seed stream.
+        num_threads: threads for CPU parameters (None: torch's).
+        dual_forward: θ ± εz in one forward of the batch stacked twice (module perturbation only).
+        perturbation: ``module`` (the default given the model) or ``inplace`` (the only one for parameters).
+    """
+
+    # Only loss values enter an estimate, so the closure may return a non-differentiable objective (e.g. minus
+    # the batch's accuracy); an optimizer that also runs backward sets this back to True.
+    needs_differentiable_loss = False
+    takes_seed = True
+
+    @classmethod
+    def fsdp_problem(cls, options: dict) -> str | None:
+        return None  # given the parameters, it perturbs and updates each rank's shard in place
+
+    def __init__(self, params_or_model, lr: float, eps: float = 1e-3, weight_decay: float = 0.0,
+                 distribution: str = GAUSSIAN, seed: int = 0, num_threads: int | None = None,
+                 dual_forward: bool = False, perturbation: str | None = None) -> None:
+        if lr < 0:
+            raise OptionError(f"lr must be >= 0, got {lr}")
+        if weight_decay < 0:
+            raise OptionError(f"weight_decay must be >= 0, got {weight_decay}")
+        model, groups = trainable_groups(params_or_model, weight_decay)
+        perturbation = perturbation or ("module" if model is not None else "inplace")
+        if perturbation not in PERTURBATIONS:
+            raise OptionError(f"perturbation must be one of {', '.join(PERTURBATIONS)}, got {perturbation!r}")
+        if perturbation == "module" and model is None:
+            raise OptionError("perturbation=module runs each module on perturbed copies of its parameters: pass the "
+                              "model, not its parameters")
+        super().__init__(groups, {"lr": lr, "weight_decay": weight_decay})
+        params = [p for group in self.param_groups for p in group["params"]]
+        if perturbation == "module":
+            refuse_sharded(params, "module perturbation swaps whole parameter tensors, which FSDP2 owns")
+        self.engine = DirectionEngine(params, distribution, num_threads)
+        self.estimator = TwoPointEstimator(self.engine, eps, model, dual_forward, in_place=perturbation == "inplace")
+        offsets = [0]
+        for group in self.param_groups:
+            offsets.append(offsets[-1] + len(group["params"]))
+        self.group_indices = [tuple(range(a, b)) for a, b in zip(offsets, offsets[1:])]  # engine indices per group
+        # Not a per-parameter entry: torch.optim.Optimizer keeps non-tensor keys of `state` as they are
+        # in state_dict()/load_state_dict(), so the seed stream resumes exactly.
+        self.state["zo"] = {"seed": int(seed), "step": 0, "stream": STREAM_VERSION}
+        self.last_estimates = []
+
+    def step_seed(self, index: int = 0) -> int:
+        """The seed of this step's ``index``-th direction."""
+        stream = self.state["zo"]
+        return derive_seed(stream["seed"], stream["step"], index)
+
+    def advance(self, **changes) -> None:
+        """The seed stream moves to the next step (with other entries of the state changed): a new dict, not an
+        update in place, so that a state_dict() taken earlier stays a snapshot."""
+        stream = self.state["zo"]
+        self.state["zo"] = {**stream, "step": stream["step"] + 1, **changes}
+
+    def apply_by_group(self, pairs_of: Callable[[dict], Sequence[Pair]], restore: Sequence[Pair] = (),
+                       decay: bool = True) -> None:
+        """θ ← θ·(1 − lr·wd) + Σ a·z(s) in each group, over the group's ``pairs_of(group)``; ``restore``: pairs
+        an in-place estimate left pending, folded into the same pass."""
+        for group, indices in zip(self.param_groups, self.group_indices):
+            scale = 1.0 - group["lr"] * group["weight_decay"] if decay else 1.0
+            self.engine.apply(list(pairs_of(group)), indices, restore=restore, scale=scale)
+
+    def data_parallel(self, group) -> None:
+        self.estimator.reduce = group.mean  # the ranks share the seed stream: only the losses are averaged
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        # States from before the version was recorded lack it: they were written with stream 1.
+        saved = state_dict["state"].get("zo", {}).get("stream", 1)
+        if saved != STREAM_VERSION:
+            raise CheckpointError(
+                f"this optimizer state was saved by a zotune whose directions came from stream {saved}, and this one "
+                f"draws stream {STREAM_VERSION}: its seeds would name other directions than those it was trained with. "
+                "Resume with the zotune version that saved it, or start the run again.")
+        super().load_state_dict(state_dict)
