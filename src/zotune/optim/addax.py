@@ -182,8 +182,7 @@ class Addax(UpdatesInBackward, ZerothOrder):
                             "batch), or both")
         if fo_closure is not None:
             self._refuse_held_gradients("call optimizer.zero_grad() before step()")
-        stream = self.state["zo"]
-        step, seed = stream["step"], self.step_seed()
+        step, seed = self.state["zo"]["step"], self.step_seed()
         losses: dict[str, float] = {}
         estimate, self.last_estimates, self.last_grad_norm = None, [], None
         if zo_closure is not None:
@@ -199,8 +198,7 @@ class Addax(UpdatesInBackward, ZerothOrder):
             w0, w1 = self.weights if estimate is not None else (0.0, 1.0)
             zo_pairs = [(seed, w0 * estimate.projected_gradient)] if estimate is not None else []
             losses["fo"] = self._first_order_pass(fo_closure, zo_pairs, w1, step, seed)
-        # Advanced only now: a step refused for a non-finite loss leaves the optimizer as it was.
-        self.state["zo"] = {**stream, "step": step + 1}
+        self.advance()  # only now: a step refused for a non-finite loss leaves the optimizer as it was
         self.last_losses = losses
         return sum(losses.values()) / len(losses)
 
