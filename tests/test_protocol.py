@@ -156,3 +156,18 @@ def test_a_clipped_first_order_step_logs_its_gradient_norm(tmp_path):
                  "eval_every=0", f"output_dir={tmp_path}"]) == 0
     steps = [r for r in records(tmp_path) if "loss" in r]
     assert len(steps) == 2 and all(r["grad_norm"] > 0 for r in steps)
+
+
+def test_resuming_a_folder_with_another_runs_settings_is_refused_unless_forced(tmp_path, capsys):
+    args = ["train", *TINY, "optimizer=mezo", "lr=5e-3", "steps=2", "eval_every=0", f"output_dir={tmp_path}"]
+    assert main(args) == 0
+    capsys.readouterr()
+    assert main([*args, "seed=1", "optimizer_options.eps=1e-2"]) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and "holds the checkpoints of another run" in error
+    assert "seed: 0 there, 1 here" in error and "optimizer_options: {} there, {'eps': 0.01} here" in error
+    assert "--force-resume" in error
+    assert main([*args[:-3], "steps=4", "eval_every=2", f"output_dir={tmp_path}"]) == 0  # steps may change
+    assert max(r["step"] for r in records(tmp_path) if "loss" in r) == 4
+    assert main(["train", "--force-resume", *args[1:-2], "steps=5", "seed=1", f"output_dir={tmp_path}"]) == 0
+    assert max(r["step"] for r in records(tmp_path) if "loss" in r) == 5

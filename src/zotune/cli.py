@@ -19,6 +19,8 @@ def main(argv: list[str] | None = None) -> int:
     train = commands.add_parser("train", help="fine-tune a model on a task")
     train.add_argument("--config", help="YAML recipe (see configs/)")
     train.add_argument("overrides", nargs="*", metavar="key=value", help="override config keys (a.b=v inside dicts)")
+    train.add_argument("--force-resume", action="store_true",
+                       help="resume a run folder's checkpoints even though the run's defining settings differ")
     train.add_argument("--dry-run", action="store_true",
                        help="resolve and check the recipe without loading the model or the data, then exit")
 
@@ -59,7 +61,7 @@ def _run(args) -> int:
 
             print("\n".join(dry_run(config)))
             return 0
-        summary = train(config)
+        summary = train(config, force_resume=args.force_resume)
         if summary is not None:  # None on the ranks of a distributed run but the first
             chosen = (f", step {summary['selected_step']} selected by dev" if config.select == "best_dev" else "")
             print(f"{config.optimizer} on {config.task} ({summary['metric']}): zero-shot dev "

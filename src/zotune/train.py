@@ -82,13 +82,36 @@ def check_fsdp(config: TrainConfig, group: DataParallel | None) -> None:
                           "parameters are small enough to train data parallel without fsdp")
 
 
+# What defines a run: resuming a folder with other values would continue one run as another. The rest
+# (steps, evaluation and checkpoint intervals, lr, threads, ...) may change between a run and its resumption.
+DEFINING_KEYS = ("model", "dtype", "trainable", "lora", "prefix", "task", "data", "task_options", "num_train",
+                 "num_dev", "num_test", "max_length", "loss", "objective", "optimizer", "optimizer_options",
+                 "weight_decay", "seed")
+
+
+def check_resumable(config: TrainConfig, run_dir: Path, force: bool) -> None:
+    """Refuses to resume a run folder's checkpoints with settings that define another run (``force``: allow)."""
+    saved_path = run_dir / "config.yaml"
+    if force or not saved_path.is_file() or not Checkpoints(run_dir, 1).paths():
+        return
+    saved = yaml.safe_load(saved_path.read_text()) or {}
+    current = config.to_dict()
+    differences = [f"{key}: {saved.get(key)!r} there, {current[key]!r} here" for key in DEFINING_KEYS
+                   if saved.get(key) != current[key]]
+    if differences:
+        raise ConfigError(f"{run_dir} holds the checkpoints of another run ({'; '.join(differences)}): use a new "
+                          "output_dir, or resume it with these settings with zotune train --force-resume")
+
+
 def load_weights(model: torch.nn.Module, weights: dict, fsdp: bool) -> None:
     load_full_state_dict(model, weights) if fsdp else model.load_state_dict(weights)
 
 
-def train(config: TrainConfig) -> dict | None:
+def train(config: TrainConfig, force_resume: bool = False) -> dict | None:
     """Trains as configured; under torchrun, data parallel over its processes. Returns the summary (None on
-    every rank but the first of a distributed run, which alone logs, evaluates and saves)."""
+    every rank but the first of a distributed run, which alone logs, evaluates and saves). A folder holding
+    checkpoints of a run with other defining settings (``DEFINING_KEYS``) is refused unless ``force_resume``."""
+    check_resumable(config, Path(config.output_dir), force_resume)  # before anything loads
     joined = not torch.distributed.is_initialized()
     group = from_environment(cuda=config.device != "cpu" and torch.cuda.is_available())
     try:
