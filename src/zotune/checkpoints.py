@@ -1,25 +1,83 @@
-"""A run folder's checkpoints, written atomically, and the newest one for resuming."""
+"""A run folder's checkpoints, written atomically with a checksum, and the newest readable one for resuming."""
 
 from __future__ import annotations
 
+import hashlib
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
+from .errors import TrainingError
 
-def save_atomically(state: dict, target: Path) -> None:
-    """``torch.save`` to a temporary file, fsync, then rename: a crash leaves the old file or the new one."""
-    partial = target.with_suffix(target.suffix + ".tmp")
-    with open(partial, "wb") as file:
-        torch.save(state, file)
+
+class _Hashing:
+    """A file for ``torch.save`` that hashes what is written through it."""
+
+    def __init__(self, file) -> None:
+        self.file, self.digest = file, hashlib.sha256()
+
+    def write(self, data) -> int:
+        self.digest.update(data)
+        return self.file.write(data)
+
+    def flush(self) -> None:
+        self.file.flush()
+
+
+def _fsynced(path: Path, write: Callable) -> None:
+    with open(path, "wb") as file:
+        write(file)
         file.flush()
         os.fsync(file.fileno())
+
+
+def checksum_path(path: Path) -> Path:
+    return path.with_suffix(path.suffix + ".sha256")
+
+
+def save_atomically(state: dict, target: Path) -> None:
+    """``torch.save`` of ``state`` to ``target`` beside its SHA-256 in ``target.sha256``. The data goes to a
+    temporary file first and is renamed into place last, after the checksum: a crash leaves the old file, or
+    a new checksum beside the old file (which then fails its check), never a damaged file that passes."""
+    partial, digests = target.with_suffix(target.suffix + ".tmp"), []
+
+    def write(file) -> None:
+        hashing = _Hashing(file)
+        torch.save(state, hashing)
+        digests.append(hashing.digest.hexdigest())
+
+    _fsynced(partial, write)
+    checksum, checksum_partial = checksum_path(target), checksum_path(partial)
+    _fsynced(checksum_partial, lambda file: file.write(digests[0].encode()))
+    checksum_partial.replace(checksum)
     partial.replace(target)
 
 
+def file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for chunk in iter(lambda: file.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def load_checked(path: Path) -> dict:
+    """The state saved in ``path``; ``ValueError`` naming the problem when it fails its checksum or does not
+    load (a file written before checksums existed is only loaded)."""
+    checksum = checksum_path(path)
+    if checksum.is_file() and file_digest(path) != checksum.read_text().strip():
+        raise ValueError("its checksum does not match (a truncated or damaged file)")
+    try:
+        return torch.load(path, weights_only=False)
+    except Exception as error:  # torch reports a damaged zip through several error types
+        raise ValueError(f"it does not load ({type(error).__name__}: {str(error).splitlines()[0][:120]})") from None
+
+
 class Checkpoints:
-    """``checkpoint-NNNNNN.pt`` files in the run folder, the newest ``keep`` kept."""
+    """``checkpoint-NNNNNN.pt`` files in the run folder, the newest ``keep`` kept, each beside a
+    ``.sha256`` file with its checksum, so that a truncated or damaged checkpoint is found before it is used."""
 
     def __init__(self, folder: Path, keep: int) -> None:
         self.folder, self.keep = folder, keep
@@ -32,8 +90,21 @@ class Checkpoints:
         save_atomically(state, target)
         for old in self.paths()[: -self.keep]:
             old.unlink()
+            checksum_path(old).unlink(missing_ok=True)
         return target
 
-    def latest(self) -> dict | None:
-        paths = self.paths()
-        return torch.load(paths[-1], weights_only=False) if paths else None
+    def latest(self, warn: Callable[[str], None] = print) -> dict | None:
+        """The newest checkpoint that passes its checksum and loads; each one skipped is warned about. None
+        without checkpoints; an error naming each failure when none is readable."""
+        failures = []
+        for path in reversed(self.paths()):
+            try:
+                return load_checked(path)
+            except ValueError as error:
+                problem = str(error)
+            failures.append(f"{path.name}: {problem}")
+            warn(f"warning: {path} is unusable, {problem}: trying the checkpoint before it")
+        if failures:
+            raise TrainingError(f"no readable checkpoint in {self.folder} ({'; '.join(failures)}): move them away "
+                                "to start the run again, or use a new output_dir")
+        return None

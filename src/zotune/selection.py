@@ -6,9 +6,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-import torch
-
-from .checkpoints import save_atomically
+from .checkpoints import load_checked, save_atomically
+from .errors import TrainingError
 
 
 class DevSelection:
@@ -46,7 +45,11 @@ class DevSelection:
         return self.patience is not None and self.stale >= self.patience
 
     def best_weights(self) -> dict:
-        return torch.load(self.path, weights_only=False)["model"]
+        try:
+            return load_checked(self.path)["model"]
+        except (OSError, ValueError) as error:
+            raise TrainingError(f"{self.path}, the best dev weights, cannot be used: {error}; test the last weights "
+                                "with select: last") from None
 
     def _write(self, step: int, value: float, weights: dict) -> None:
         if weights:  # empty on a rank that does not save (the first rank alone writes)

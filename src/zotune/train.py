@@ -184,7 +184,7 @@ class Run:
         return optimizer
 
     def _resume(self) -> bool:
-        state = self.checkpoints.latest()
+        state = self.checkpoints.latest(self.say)
         if state is None:
             return False
         load_weights(self.model, state["model"], self.config.fsdp)
