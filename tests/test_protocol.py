@@ -171,3 +171,20 @@ def test_resuming_a_folder_with_another_runs_settings_is_refused_unless_forced(t
     assert max(r["step"] for r in records(tmp_path) if "loss" in r) == 4
     assert main(["train", "--force-resume", *args[1:-2], "steps=5", "seed=1", f"output_dir={tmp_path}"]) == 0
     assert max(r["step"] for r in records(tmp_path) if "loss" in r) == 5
+
+
+@pytest.mark.parametrize("case", ["yaml", "model", "output_dir"])
+def test_bad_files_and_folders_are_one_line_errors(tmp_path, capsys, case):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("steps: 3\noptimizer: mezo\n")
+    blocked = tmp_path / "a-file"
+    blocked.write_text("")
+    args = {"yaml": ["--config", str(recipe)], "model": ["model=./no/such/model"],
+            "output_dir": [f"output_dir={blocked / 'run'}"]}[case]
+    if case == "yaml":
+        recipe.write_text("steps: 3\noptimizer: [mezo\n")
+    assert main(["train", *TINY, *args]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("zotune: error:") and error.count("\n") == 1
+    assert {"yaml": "not valid YAML at line", "model": "no such model folder",
+            "output_dir": "cannot be created or written"}[case] in error

@@ -75,6 +75,9 @@ def load_model(name: str, dtype: str = "fp32"):
         path = builtin_smollm2()
     elif Path(name).is_dir():
         path = Path(name)
+    elif name.startswith(("/", "./", "../", "~")) or name.count("/") > 1 or Path(name).exists():
+        raise ModelError(f"model {name!r}: no such model folder (a folder saved with save_pretrained, the built-in "
+                         f"{BUILTIN!r}, random:<shape> or a hub id like org/name)")
     elif os.environ.get("HF_HUB_OFFLINE") == "1" and not _in_hub_cache(name):
         raise ModelError(f"model {name!r} is neither a local folder nor the built-in {BUILTIN!r}, and the hub "
                          "is offline (HF_HUB_OFFLINE=1): pass a folder saved with save_pretrained")

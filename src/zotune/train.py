@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import os
 import signal
 import time
 from pathlib import Path
@@ -103,6 +104,18 @@ def check_resumable(config: TrainConfig, run_dir: Path, force: bool) -> None:
                           "output_dir, or resume it with these settings with zotune train --force-resume")
 
 
+def make_run_folder(run_dir: Path) -> None:
+    """Creates the run folder and checks it can be written, before anything loads."""
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / f".zotune-write-check-{os.getpid()}"  # one per process: ranks share the folder
+        probe.write_text("")
+        probe.unlink()
+    except OSError as error:
+        raise ConfigError(f"output_dir {str(run_dir)!r} cannot be created or written ({error.strerror or error}): "
+                          "choose another output_dir") from None
+
+
 def load_weights(model: torch.nn.Module, weights: dict, fsdp: bool) -> None:
     load_full_state_dict(model, weights) if fsdp else model.load_state_dict(weights)
 
@@ -112,6 +125,7 @@ def train(config: TrainConfig, force_resume: bool = False) -> dict | None:
     every rank but the first of a distributed run, which alone logs, evaluates and saves). A folder holding
     checkpoints of a run with other defining settings (``DEFINING_KEYS``) is refused unless ``force_resume``."""
     check_resumable(config, Path(config.output_dir), force_resume)  # before anything loads
+    make_run_folder(Path(config.output_dir))
     joined = not torch.distributed.is_initialized()
     group = from_environment(cuda=config.device != "cpu" and torch.cuda.is_available())
     try:
@@ -138,7 +152,6 @@ class Run:
         self.optimizer = self._optimizer()
         self.run_dir = Path(config.output_dir)
         if self.main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
         self.checkpoints = Checkpoints(self.run_dir, config.keep_checkpoints)
         self.monitor = ProjectedGradientMonitor(config.outlier_factor)
