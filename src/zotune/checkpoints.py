@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from .errors import TrainingError
+from .paths import file_digest
 
 
 class _Hashing:
@@ -53,14 +54,6 @@ def save_atomically(state: dict, target: Path) -> None:
     _fsynced(checksum_partial, lambda file: file.write(digests[0].encode()))
     checksum_partial.replace(checksum)
     partial.replace(target)
-
-
-def file_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        for chunk in iter(lambda: file.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def load_checked(path: Path) -> dict:

@@ -7,7 +7,6 @@ PyPI, checks its sha256 and writes MeZO-sized splits (1000/500/1000) into the zo
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import tarfile
@@ -15,7 +14,7 @@ import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
-from ..paths import cache_dir
+from ..paths import cache_dir, file_digest
 from .base import DEFAULT_SIZES, SPLITS, DataError, Task, read_rows, split_rows
 
 SDIST_NAME = "bigbench-1.0.0.tar.gz"
@@ -135,23 +134,17 @@ def download_sdist(folder: Path) -> Path:
     if not match:
         raise DataError(f"{SDIST_INDEX} does not list {SDIST_NAME}")
     url, sha256 = match.groups()
-    if not (target.is_file() and _sha256(target) == sha256):
+    if not (target.is_file() and file_digest(target) == sha256):
         folder.mkdir(parents=True, exist_ok=True)
         partial = target.with_suffix(".part")
         urllib.request.urlretrieve(url, partial)
-        if _sha256(partial) != sha256:
+        if file_digest(partial) != sha256:
             partial.unlink()
             raise DataError(f"{SDIST_NAME}: sha256 mismatch after download; try again")
         partial.replace(target)
     return target
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        for chunk in iter(lambda: file.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def fetch(sdist: Path | None = None) -> dict[str, dict[str, int]]:
