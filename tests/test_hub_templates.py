@@ -21,6 +21,11 @@ ROWS = {
             ("No", "Yes"), 0),
     "multirc": ({"paragraph": "Sam ate.", "question": "Who ate?", "answer": "Sam", "label": 1},
                 'Sam ate.\nQuestion: Who ate?\nI found this answer "Sam". Is that correct? Yes or No?\n', ("No", "Yes"), 1),
+    "mnli": ({"premise": "It may rain.", "hypothesis": "It rains.", "label": 1},
+             'It may rain.\nDoes this mean that "It rains." is true? Yes, No, or Maybe?\n', ("Yes", "Maybe", "No"), 1),
+    "qnli": ({"question": "Who ate?", "sentence": "Sam ate.", "label": 0},
+             'Who ate?\nDoes "Sam ate." answer the question? Yes or No?\n', ("Yes", "No"), 0),
+    "cola": ({"sentence": "Him ate.", "label": 0}, "Him ate. This is", (" incorrect", " correct"), 0),
     "copa": ({"premise": "The man fell.", "choice1": "He slipped.", "choice2": "He sang.", "question": "cause", "label": 0},
              "The man fell because", (" he slipped.", " he sang."), 0),
     "record": ({"passage": "Rain in Oslo. @highlight Floods follow", "query": "@placeholder got wet.",
@@ -34,6 +39,19 @@ def test_template_turns_a_hub_row_into_prompt_candidates_and_label(name):
     row, prompt, candidates, label = ROWS[name]
     example = HUB_TASKS[name][2].example(row, "hand-written row")
     assert (example.prompt, example.candidates, example.label) == (prompt, candidates, label)
+
+
+@pytest.mark.parametrize("name,texts,masked", [
+    ("sst2", ("a gorgeous film",), ("a gorgeous film It was", ".")),
+    ("rte", ("Cats purr.", "Cats make sounds."), ("Cats purr?", ", Cats make sounds.")),
+    ("qnli", ("Who ate?", "Sam ate."), ("Who ate?", ", Sam ate.")),
+    ("cola", ("Him ate.",), ("Him ate. This is", ".")),
+])
+def test_the_prompt_free_and_masked_forms_of_a_row(name, texts, masked):
+    """head: classifier reads the fields as given (MeZO-SVRG's prompt-free form); head: mlm, LM-BFF's template."""
+    row = ROWS[name][0]
+    example = HUB_TASKS[name][2].example(row, "hand-written row")
+    assert example.texts == texts and example.masked == masked
 
 
 def test_copa_effect_uses_so():

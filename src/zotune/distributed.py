@@ -91,7 +91,7 @@ def from_environment(cuda: bool | None = None) -> DataParallel | None:
 
 
 def shard_model(model: torch.nn.Module) -> torch.nn.Module:
-    """FSDP2: shards a Hugging Face decoder's layers and the rest of the model over the default process
+    """FSDP2: shards a Hugging Face model's transformer blocks and the rest of the model over the default process
     group, each rank keeping 1/N of every parameter (rows of dim 0). For zeroth-order training: pass
     ``model.parameters()`` to an optimizer that trains shards (its ``fsdp_problem`` is None), which perturbs
     and updates each rank's shard with directions keyed by position in the whole parameter, and make the
@@ -102,7 +102,7 @@ def shard_model(model: torch.nn.Module) -> torch.nn.Module:
     """
     from torch.distributed.fsdp import fully_shard
 
-    for layer in model.get_decoder().layers:
+    for layer in transformer_blocks(model):
         fully_shard(layer)
     fully_shard(model, reshard_after_forward=True)
     # FSDP2 makes the first module whose forward runs the root, and a root keeps its parameters gathered.
@@ -111,6 +111,15 @@ def shard_model(model: torch.nn.Module) -> torch.nn.Module:
     with torch.no_grad():
         model(input_ids=torch.zeros(1, 1, dtype=torch.long, device=next(model.parameters()).device))
     return model
+
+
+def transformer_blocks(model: torch.nn.Module) -> torch.nn.ModuleList:
+    """The model's list of transformer blocks, whatever the architecture calls it (a decoder's ``layers``,
+    BERT's ``encoder.layer``, GPT-2's ``h``...): its largest ModuleList by parameters."""
+    lists = [module for module in model.modules() if isinstance(module, torch.nn.ModuleList) and len(module)]
+    if not lists:
+        raise OptionError(f"fsdp: {type(model).__name__} has no list of transformer blocks to shard")
+    return max(lists, key=lambda blocks: sum(p.numel() for p in blocks.parameters()))
 
 
 def full_state_dict(model: torch.nn.Module) -> dict:

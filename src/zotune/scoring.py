@@ -11,7 +11,7 @@ the whole sequence, the output head (vocabulary-sized) only on the gathered hidd
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -24,13 +24,17 @@ from .tasks import Example
 @dataclass(frozen=True)
 class EncodedExample:
     """Token ids of prompt+candidate for each candidate, and how many trailing ids are the candidate; for a
-    generation example, its gold answers (F1 is taken against each)."""
+    generation example, its gold answers (F1 is taken against each). The ``classifier`` and ``mlm`` heads
+    (:mod:`zotune.heads`) encode one sequence per example; ``mlm`` adds the candidates' token ids
+    (``targets``) and where its mask is."""
 
     sequences: tuple[tuple[int, ...], ...]
     candidate_lengths: tuple[int, ...]
     label: int
     truncated: bool
     answers: tuple[str, ...] = ()
+    targets: tuple[int, ...] = ()
+    mask_position: int = -1
 
 
 def encode(tokenizer, example: Example, max_length: int) -> EncodedExample:
@@ -57,20 +61,15 @@ def candidate_scores(model: nn.Module, examples: Sequence[EncodedExample], pad_i
     """[len(examples), most candidates] mean log-probabilities of each candidate's tokens; an example with
     fewer candidates than the widest is padded with −inf, which softmax, cross-entropy and argmax ignore."""
     rows = [(seq, n) for example in examples for seq, n in zip(example.sequences, example.candidate_lengths)]
-    longest = max(len(seq) for seq, _ in rows)
     device = next(model.parameters()).device
-    input_ids = torch.full((len(rows), longest), pad_id, dtype=torch.long)
-    attention = torch.zeros((len(rows), longest), dtype=torch.long)
+    input_ids, attention = padded_batch([seq for seq, _ in rows], pad_id, device)
     row_index, position, target = [], [], []
     for r, (seq, n) in enumerate(rows):
-        input_ids[r, : len(seq)] = torch.tensor(seq)
-        attention[r, : len(seq)] = 1
         for t in range(len(seq) - n, len(seq)):  # hidden state at t-1 predicts token t
             row_index.append(r)
             position.append(t - 1)
             target.append(seq[t])
-    input_ids, attention = input_ids.to(device), attention.to(device)
-    with _gathered(model):
+    with gathered(model):
         hidden = _hidden_states(model, input_ids, attention)
         rows_t = torch.tensor(row_index, device=device)
         picked = hidden[rows_t, torch.tensor(position, device=device)]
@@ -85,8 +84,19 @@ def candidate_scores(model: nn.Module, examples: Sequence[EncodedExample], pad_i
     return padded.index_put((owner, slot), sums / counts)
 
 
+def padded_batch(sequences: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Input ids [len(sequences), longest] padded on the right with ``pad_id``, and the attention mask."""
+    longest = max(len(seq) for seq in sequences)
+    input_ids = torch.full((len(sequences), longest), pad_id, dtype=torch.long)
+    attention = torch.zeros((len(sequences), longest), dtype=torch.long)
+    for r, seq in enumerate(sequences):
+        input_ids[r, : len(seq)] = torch.tensor(seq)
+        attention[r, : len(seq)] = 1
+    return input_ids.to(device), attention.to(device)
+
+
 @contextmanager
-def _gathered(model: nn.Module):
+def gathered(model: nn.Module):
     """FSDP2 gathers a module's parameters in its forward hooks, but scoring calls the body and the head
     directly, never the model's own forward: gather the parameters the model itself holds (embeddings,
     final norm, head) around them. The layers are gathered by their own hooks inside the body."""
@@ -106,29 +116,31 @@ def _hidden_states(model, input_ids, attention):
     return model.get_decoder()(input_ids=input_ids, attention_mask=attention).last_hidden_state
 
 
-def classification_loss(model: nn.Module, examples: Sequence[EncodedExample], pad_id: int,
-                        copies: int = 1) -> torch.Tensor:
+def classification_loss(model: nn.Module, examples: Sequence[EncodedExample], pad_id: int, copies: int = 1,
+                        scores: Callable = candidate_scores) -> torch.Tensor:
     """Cross-entropy over the candidates' scores (MeZO's train_as_classification). With ``copies`` > 1 the
     examples are scored stacked that many times in one forward, and the result holds each copy's mean loss
-    (the protocol of MeZO's ``dual_forward``)."""
+    (the protocol of MeZO's ``dual_forward``). ``scores``: the head's scorer (:mod:`zotune.heads`)."""
+    score = scores
     if copies == 1:
-        scores = candidate_scores(model, examples, pad_id)
+        scores = score(model, examples, pad_id)
         labels = torch.tensor([example.label for example in examples], device=scores.device)
         return torch.nn.functional.cross_entropy(scores, labels)
-    scores = candidate_scores(model, list(examples) * copies, pad_id)
+    scores = score(model, list(examples) * copies, pad_id)
     labels = torch.tensor([example.label for example in examples] * copies, device=scores.device)
     return torch.nn.functional.cross_entropy(scores, labels, reduction="none").view(copies, -1).mean(dim=1)
 
 
 @torch.inference_mode()
-def accuracy(model: nn.Module, examples: Sequence[EncodedExample], pad_id: int, batch_size: int = 16) -> float:
+def accuracy(model: nn.Module, examples: Sequence[EncodedExample], pad_id: int, batch_size: int = 16,
+             scores: Callable = candidate_scores) -> float:
     """Fraction of examples whose highest-scoring candidate is the labelled one (scored in eval mode)."""
     training = model.training
     model.eval()
     correct = 0
     for start in range(0, len(examples), batch_size):
         chunk = examples[start : start + batch_size]
-        predictions = candidate_scores(model, chunk, pad_id).argmax(dim=1).tolist()
+        predictions = scores(model, chunk, pad_id).argmax(dim=1).tolist()
         correct += sum(p == example.label for p, example in zip(predictions, chunk))
     model.train(training)
     return correct / len(examples)
@@ -150,11 +162,11 @@ def _correct_only(example: EncodedExample) -> EncodedExample:
                           example.answers)
 
 
-def negated_accuracy(model: nn.Module, examples: Sequence[EncodedExample], pad_id: int,
-                     copies: int = 1) -> torch.Tensor:
+def negated_accuracy(model: nn.Module, examples: Sequence[EncodedExample], pad_id: int, copies: int = 1,
+                     scores: Callable = candidate_scores) -> torch.Tensor:
     """Minus the batch's accuracy: a training objective for zeroth-order optimizers, which need loss values
-    only (the MeZO paper trains on accuracy directly). ``copies``: as in :func:`classification_loss`."""
-    scores = candidate_scores(model, list(examples) * copies, pad_id)
+    only (the MeZO paper trains on accuracy directly). ``copies``, ``scores``: as in :func:`classification_loss`."""
+    scores = scores(model, list(examples) * copies, pad_id)
     labels = torch.tensor([example.label for example in examples] * copies, device=scores.device)
     correct = (scores.argmax(dim=1) == labels).to(scores.dtype).view(copies, -1).mean(dim=1)
     return -correct[0] if copies == 1 else -correct

@@ -85,7 +85,7 @@ def check_fsdp(config: TrainConfig, group: DataParallel | None) -> None:
 
 # What defines a run: resuming a folder with other values would continue one run as another. The rest
 # (steps, evaluation and checkpoint intervals, lr, threads, ...) may change between a run and its resumption.
-DEFINING_KEYS = ("model", "dtype", "trainable", "lora", "prefix", "task", "data", "task_options", "num_train",
+DEFINING_KEYS = ("model", "dtype", "head", "pooling", "trainable", "lora", "prefix", "task", "data", "task_options", "num_train",
                  "num_dev", "num_test", "max_length", "loss", "objective", "optimizer", "optimizer_options",
                  "weight_decay", "seed")
 
@@ -160,7 +160,7 @@ class Run:
         resumed = self._resume()
         self.metrics = MetricsLog(self.run_dir / "metrics.jsonl", self.start_step if resumed else None,
                                   enabled=self.main)
-        for note in [*self.sampler.notes, *cut_warnings(self.prepared.splits, config.max_length)]:
+        for note in [*self.sampler.notes, *cut_warnings(self.prepared.splits, config.max_length, config.head)]:
             self.say(note)
             if not resumed:
                 self.metrics.write({"step": 0, "note": note})

@@ -72,15 +72,26 @@ def _hub_task(name: str, sizes: dict, seed: int) -> LoadedTask:
 
 
 def _local_task(options: dict):
+    """A task over local files. For a classification head (no prompt) ``text_fields`` may stand for the
+    template (the fields, in order) and ``labels`` for the verbalizer (each label's own text)."""
     generation = "answer_field" in options
+    options = dict(options)
+    if "template" not in options and "text_fields" in options:
+        fields = options["text_fields"]
+        if not isinstance(fields, list) or not fields or not all(isinstance(name, str) for name in fields):
+            raise DataError("task_options.text_fields must be a list of field names, e.g. [sentence]")
+        options["template"] = "\n".join("{" + name + "}" for name in fields)
+    if "verbalizer" not in options and "labels" in options and not generation:
+        options["verbalizer"] = {str(label): " " + str(label) for label in options["labels"]}
     required = ["train", "dev", "test", "template", *([] if generation else ["verbalizer"])]
     missing = [key for key in required if key not in options]
     if missing:
         raise DataError(f"task 'local' needs task_options.{missing[0]} (required: {', '.join(required)}; "
-                        "verbalizer for classification, answer_field for generation)")
+                        "verbalizer (or labels) for classification, answer_field for generation; text_fields may "
+                        "stand for the template)")
     verbalizer = {str(label): text for label, text in dict(options.get("verbalizer", {})).items()}
     task = Task("local", options["template"], verbalizer, options.get("label_field", "label"),
-                answer_field=options.get("answer_field"))
+                answer_field=options.get("answer_field"), mlm_template=options.get("mlm_template"))
     return task, {split: options[split] for split in SPLITS}
 
 

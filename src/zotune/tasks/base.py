@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import random
+import re
 import string
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -27,12 +28,17 @@ class DataError(ZotuneError, ValueError):
 class Example:
     """One scored example: ``prompt`` followed by each candidate; ``label`` indexes the right one.
 
-    A generation example has one candidate, the answer trained on, and all gold ``answers`` for F1."""
+    A generation example has one candidate, the answer trained on, and all gold ``answers`` for F1. The
+    other heads read the same example differently: ``texts`` are its text fields as given, without a
+    template (``head: classifier``); ``masked`` is its prompt for a masked LM, the text before and after
+    the mask token (``head: mlm``). Either is empty where the task does not offer that head."""
 
     prompt: str
     candidates: tuple[str, ...]
     label: int
     answers: tuple[str, ...] = ()
+    texts: tuple[str, ...] = ()
+    masked: tuple[str, str] | None = None
 
 
 @dataclass(frozen=True)
@@ -45,6 +51,9 @@ class Task:
     label_field: str = "label"
     description: str = ""
     answer_field: str | None = None  # set: a generation task whose answer is this field, scored by F1
+    # head: mlm: a template over the same fields with one {mask} where a candidate would go (default: the
+    # template, then the mask)
+    mlm_template: str | None = None
 
     @property
     def generation(self) -> bool:
@@ -74,8 +83,12 @@ class Task:
         if label not in self.verbalizer:
             raise DataError(f"{where}: label {label!r} is not one of {sorted(self.verbalizer)} (task {self.name!r})")
         labels = list(self.verbalizer)
-        prompt = self.template.format(**{name: str(row[name]) for name in self.fields})
-        return Example(prompt, tuple(self.verbalizer[name] for name in labels), labels.index(label))
+        values = {name: str(row[name]) for name in self.fields}
+        before, _, after = (self.mlm_template or self.template + "{mask}").partition("{mask}")
+        # LM-BFF drops a sentence's final punctuation before the "?" its NLI templates add ("Cats purr?<mask>").
+        masked = (re.sub(r"[.!?;,]+\?$", "?", before.format(**values)), after.format(**values))
+        return Example(self.template.format(**values), tuple(self.verbalizer[name] for name in labels),
+                       labels.index(label), texts=tuple(values.values()), masked=masked)
 
     def examples(self, rows: Sequence[dict], source: str) -> list[Example]:
         if not rows:

@@ -49,6 +49,11 @@ def _question(example: dict) -> dict | None:
     return {"question": example["input"].strip(), "label": _correct(example)}
 
 
+# LM-BFF's masked-LM templates, which MeZO's RoBERTa experiments use: SST-2's and RTE's (the mask where the
+# label word goes, a verbalizer word with a leading space).
+SENTIMENT_MLM = "{sentence} It was{mask}."
+NLI_MLM = "{premise}?{mask}, {hypothesis}"
+
 # name -> (task.json inside the sdist, row converter, Task). Templates follow MeZO's conventions for
 # the matching GLUE/SuperGLUE tasks: SST-2 (It was terrible/great), RTE and CB (Does this mean that ...
 # is true?), BoolQ (Yes/No).
@@ -57,20 +62,20 @@ TASKS = {
         "multiemo/all_sentence_en/task.json",
         _sentiment,
         Task("bigbench-sentiment", "{sentence} It was", {"negative": " terrible", "positive": " great"},
-             description="English opinion sentences (BIG-bench multiemo), positive vs negative"),
+             mlm_template=SENTIMENT_MLM, description="English opinion sentences (BIG-bench multiemo), positive vs negative"),
     ),
     "bigbench-epistemic": (
         "epistemic_reasoning/task.json",
         _premise_hypothesis(r"Premise:\s*(?P<premise>.*?)\s*Hypothesis:\s*(?P<hypothesis>.*)"),
         Task("bigbench-epistemic", '{premise}\nDoes this mean that "{hypothesis}" is true? Yes or No?\n',
-             {"entailment": "Yes", "non-entailment": "No"},
+             {"entailment": "Yes", "non-entailment": "No"}, mlm_template=NLI_MLM,
              description="RTE-style two-way NLI (BIG-bench epistemic_reasoning)"),
     ),
     "bigbench-presuppositions": (
         "presuppositions_as_nli/task.json",
         _premise_hypothesis(r"Sentence 1:\s*(?P<premise>.*?)\s*Sentence 2:\s*(?P<hypothesis>.*?)\s*The answer is:"),
         Task("bigbench-presuppositions", '{premise}\nDoes this mean that "{hypothesis}" is true? Yes, No, or Maybe?\n',
-             {"entailment": "Yes", "contradiction": "No", "neutral": "Maybe"},
+             {"entailment": "Yes", "contradiction": "No", "neutral": "Maybe"}, mlm_template=NLI_MLM,
              description="CB-style three-way NLI (BIG-bench presuppositions_as_nli)"),
     ),
     "bigbench-strategyqa": (

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from .base import DataError, Example, Task
+from .bigbench import NLI_MLM, SENTIMENT_MLM
 
 
 @dataclass(frozen=True)
@@ -78,9 +79,18 @@ def _drop(row: dict) -> Example:
 
 # name -> (dataset path, config, task). Label order follows the hub's label ids.
 HUB_TASKS = {
-    "sst2": ("glue", "sst2", Task("sst2", "{sentence} It was", {"0": " terrible", "1": " great"})),
+    "sst2": ("glue", "sst2", Task("sst2", "{sentence} It was", {"0": " terrible", "1": " great"},
+                                  mlm_template=SENTIMENT_MLM)),
     "rte": ("super_glue", "rte", Task("rte", '{premise}\nDoes this mean that "{hypothesis}" is true? Yes or No?\n',
-                                       {"0": "Yes", "1": "No"})),
+                                       {"0": "Yes", "1": "No"}, mlm_template=NLI_MLM)),
+    # MeZO-SVRG's other GLUE tasks (it trains them without prompts, head: classifier); the templates for the
+    # lm and mlm heads are LM-BFF's.
+    "mnli": ("glue", "mnli", Task("mnli", '{premise}\nDoes this mean that "{hypothesis}" is true? Yes, No, or Maybe?\n',
+                                  {"0": "Yes", "1": "Maybe", "2": "No"}, mlm_template=NLI_MLM)),
+    "qnli": ("glue", "qnli", Task("qnli", '{question}\nDoes "{sentence}" answer the question? Yes or No?\n',
+                                  {"0": "Yes", "1": "No"}, mlm_template="{question}?{mask}, {sentence}")),
+    "cola": ("glue", "cola", Task("cola", "{sentence} This is", {"0": " incorrect", "1": " correct"},
+                                  mlm_template="{sentence} This is{mask}.")),
     "cb": ("super_glue", "cb", Task("cb", '{premise}\nDoes this mean that "{hypothesis}" is true? Yes, No, or Maybe?\n',
                                      {"0": "Yes", "1": "No", "2": "Maybe"})),
     "boolq": ("super_glue", "boolq", Task("boolq", "{passage} {question}?", {"0": " No", "1": " Yes"})),
@@ -111,4 +121,5 @@ def load_rows(name: str) -> dict[str, list[dict]]:
 
     path, config, _ = HUB_TASKS[name]
     dataset = load_dataset(path, config)
-    return {"train": list(dataset["train"]), "validation": list(dataset["validation"])}
+    validation = "validation" if "validation" in dataset else "validation_matched"  # MNLI has two
+    return {"train": list(dataset["train"]), "validation": list(dataset[validation])}
