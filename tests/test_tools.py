@@ -62,6 +62,29 @@ def test_demo_runs_both_recipes_and_writes_the_table(tmp_path, monkeypatch, caps
     assert table.strip() in capsys.readouterr().out
 
 
+def test_a_resumed_convergence_suite_keeps_finished_runs_and_continues_stopped_ones(tmp_path):
+    from zotune.cli import main
+
+    common = ["bench", "convergence", "--config", "configs/demo-sentiment-mezo.yaml", "--optimizers", "mezo,ip-sgd@1e-2",
+              "--set", "ip-sgd@1e-2:optimizer_options={}", "--out", str(tmp_path), "model=random:tiny", "steps=6",
+              "eval_every=3", "num_train=16", "num_dev=8", "num_test=8", "checkpoint_every=3", "lr=5e-3"]
+    assert main(common) == 0
+    finished = (tmp_path / "mezo" / "metrics.jsonl").read_text()
+    # ip-sgd stopped after its first checkpoint: its last steps and its summary are gone
+    stopped = tmp_path / "ip-sgd@1e-2"
+    lines = (stopped / "metrics.jsonl").read_text().splitlines()
+    (stopped / "metrics.jsonl").write_text("\n".join(line for line in lines if '"step": 6' not in line
+                                                     and '"step": 4' not in line and '"step": 5' not in line) + "\n")
+    for name in ("summary.json", "checkpoint-000006.pt", "checkpoint-000006.pt.sha256"):
+        (stopped / name).unlink()
+    assert main([*common, "--resume"]) == 0
+    assert (tmp_path / "mezo" / "metrics.jsonl").read_text() == finished  # kept, not run again
+    steps = [json.loads(line)["step"] for line in (stopped / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
+    assert steps == [1, 2, 3, 4, 5, 6] and (stopped / "summary.json").is_file()  # resumed from step 3
+    assert main([*common[:-1], "lr=1e-3", "--resume"]) == 0  # other settings: the mezo run starts over
+    assert (tmp_path / "mezo" / "metrics.jsonl").read_text() != finished
+
+
 def test_convergence_benchmark_compares_optimizers_on_shared_targets(tmp_path, capsys):
     from zotune.cli import main
 

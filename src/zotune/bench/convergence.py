@@ -8,7 +8,9 @@ under ``--out`` and in its own process, so that the peak memory reported for it 
 resident set on CPU, the allocator's peak on CUDA, during training) is its own. Targets shared by all runs: the best dev metric every run reached, and the highest of the
 runs' lowest smoothed training losses (a moving mean over ``--smooth`` steps). For each run the table gives
 the forward passes and seconds at which it first reached each target. Writes convergence.json,
-convergence.md and convergence.png, and prints the table.
+convergence.md and convergence.png, and prints the table. With ``--resume`` a suite that was stopped
+continues where it stopped: a finished run with the same settings is kept, an unfinished one resumes
+from its newest checkpoint (set ``checkpoint_every``), and only a run with other settings starts over.
 """
 
 from __future__ import annotations
@@ -35,6 +37,12 @@ def first_reaching(points, target, lower_is_better):
     return None
 
 
+def _same_run(config, folder: Path) -> bool:
+    """Whether ``folder`` holds a run (finished or not) of exactly these settings."""
+    saved = folder / "config.yaml"
+    return saved.is_file() and yaml.safe_load(saved.read_text()) == config.to_dict()
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="zotune bench convergence", description=__doc__.splitlines()[0])
     parser.add_argument("--config", required=True)
@@ -45,6 +53,8 @@ def main(argv=None):
                         help="an override for one optimizer's run (repeatable)")
     parser.add_argument("--smooth", type=int, default=10)
     parser.add_argument("--out", default="results/convergence")
+    parser.add_argument("--resume", action="store_true",
+                        help="keep finished runs with the same settings and resume unfinished ones")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="overrides for every run")
     args = parser.parse_args(argv)
     out = Path(args.out)
@@ -54,11 +64,13 @@ def main(argv=None):
         optimizer, _, lr = name.partition("#")[0].partition("@")
         own = [item.split(":", 1)[1] for item in args.set if item.split(":", 1)[0] == name]
         overrides = [*args.overrides, f"optimizer={optimizer}", f"output_dir={out / name}", *([f"lr={lr}"] if lr else []), *own]
-        load_config(args.config, overrides)  # a bad override fails here, before any run starts
-        shutil.rmtree(out / name, ignore_errors=True)  # else the trainer would resume an earlier run there
-        finished = subprocess.run([sys.executable, "-m", "zotune.cli", "train", "--config", args.config, *overrides])
-        if finished.returncode != 0:
-            raise ConfigError(f"the {name} run failed (exit code {finished.returncode}); its output is above")
+        config = load_config(args.config, overrides)  # a bad override fails here, before any run starts
+        if not (args.resume and _same_run(config, out / name)):
+            shutil.rmtree(out / name, ignore_errors=True)  # else the trainer would resume an earlier run there
+        if not (args.resume and (out / name / "summary.json").is_file()):
+            finished = subprocess.run([sys.executable, "-m", "zotune.cli", "train", "--config", args.config, *overrides])
+            if finished.returncode != 0:
+                raise ConfigError(f"the {name} run failed (exit code {finished.returncode}); its output is above")
         config = yaml.safe_load((out / name / "config.yaml").read_text())
         summary = json.loads((out / name / "summary.json").read_text())
         records = [json.loads(line) for line in (out / name / "metrics.jsonl").read_text().splitlines()]
