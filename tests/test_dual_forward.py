@@ -3,6 +3,7 @@
 import pytest
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from conftest import lm_loss, loss_before_and_after
 from zotune import MeZO
@@ -125,3 +126,84 @@ def test_mezo_with_a_dual_forward_lowers_the_loss_of_a_tiny_model(batch):
     optimizer = MeZO(model, lr=3e-3, eps=1e-3, seed=0, dual_forward=True)
     initial, final = loss_before_and_after(model, optimizer, batch, steps=300)
     assert final < initial - 0.3, (initial, final)
+
+
+SIZE = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
+ARCHITECTURES = {  # name: (config, model class); tiny random weights, vocabulary of 100
+    "llama": lambda hf: (hf.LlamaConfig(vocab_size=100, num_key_value_heads=2, **SIZE), hf.AutoModelForCausalLM),
+    "opt": lambda hf: (hf.OPTConfig(vocab_size=100, ffn_dim=64, word_embed_proj_dim=32, hidden_size=32,
+                                    num_hidden_layers=2, num_attention_heads=4), hf.AutoModelForCausalLM),
+    "gpt2": lambda hf: (hf.GPT2Config(vocab_size=100, n_embd=32, n_layer=2, n_head=4), hf.AutoModelForCausalLM),
+    "qwen2": lambda hf: (hf.Qwen2Config(vocab_size=100, num_key_value_heads=2, **SIZE), hf.AutoModelForCausalLM),
+    "mistral": lambda hf: (hf.MistralConfig(vocab_size=100, num_key_value_heads=2, **SIZE), hf.AutoModelForCausalLM),
+    "gemma": lambda hf: (hf.GemmaConfig(vocab_size=100, num_key_value_heads=2, head_dim=8, **SIZE),
+                         hf.AutoModelForCausalLM),
+    "phi": lambda hf: (hf.PhiConfig(vocab_size=100, **SIZE), hf.AutoModelForCausalLM),
+    "gpt-neox": lambda hf: (hf.GPTNeoXConfig(vocab_size=100, **SIZE), hf.AutoModelForCausalLM),
+    "bloom": lambda hf: (hf.BloomConfig(vocab_size=100, hidden_size=32, n_layer=2, n_head=4), hf.AutoModelForCausalLM),
+    "falcon": lambda hf: (hf.FalconConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4),
+                          hf.AutoModelForCausalLM),
+    "gptj": lambda hf: (hf.GPTJConfig(vocab_size=100, n_embd=32, n_layer=2, n_head=4, rotary_dim=4),
+                        hf.AutoModelForCausalLM),
+    "mixtral": lambda hf: (hf.MixtralConfig(vocab_size=100, num_key_value_heads=2, num_local_experts=4,
+                                             experts_implementation="eager", **SIZE),  # grouped GEMM: no fp64
+                           hf.AutoModelForCausalLM),
+    "bert": lambda hf: (hf.BertConfig(vocab_size=100, **SIZE), hf.AutoModelForMaskedLM),
+    "roberta": lambda hf: (hf.RobertaConfig(vocab_size=100, pad_token_id=1, **SIZE), hf.AutoModelForMaskedLM),
+    "distilbert": lambda hf: (hf.DistilBertConfig(vocab_size=100, dim=32, n_layers=2, n_heads=4, hidden_dim=64),
+                              hf.AutoModelForMaskedLM),
+    "bert-classifier": lambda hf: (hf.BertConfig(vocab_size=100, num_labels=3, **SIZE),
+                                   hf.AutoModelForSequenceClassification),
+}
+
+
+def architecture_case(name):
+    import transformers
+
+    config, kind = ARCHITECTURES[name](transformers)
+    torch.manual_seed(0)
+    model = kind.from_config(config).double().eval()
+    ids = torch.randint(3, 100, (4, 9), generator=torch.Generator().manual_seed(0))
+    labels = torch.tensor([0, 2, 1, 1])
+
+    def closure(copies=1):
+        logits = model(input_ids=ids.repeat(copies, 1)).logits
+        if name.endswith("classifier"):
+            losses = [F.cross_entropy(part, labels) for part in logits.chunk(copies)]
+        else:
+            losses = [F.cross_entropy(part.flatten(0, 1), ids.flatten()) for part in logits.chunk(copies)]
+        return losses[0] if copies == 1 else torch.stack(losses)
+
+    return model, closure
+
+
+@pytest.mark.parametrize("name", list(ARCHITECTURES))
+def test_the_dual_forward_equals_module_mode_on_every_architecture_it_accepts(name):
+    """In float64 the two must agree to rounding: a module that sees a broadcast row (GPT-2's and BERT's
+    position embeddings) runs once per half, and a tied parameter owned by a module and by one inside it
+    (RoBERTa's head bias) is perturbed once."""
+    model, closure = architecture_case(name)
+    engine = DirectionEngine([p for p in model.parameters() if p.requires_grad])
+    separate = TwoPointEstimator(engine, 1e-3, model).estimate(closure, 3, 0)
+    dual = TwoPointEstimator(engine, 1e-3, model, dual_forward=True).estimate(closure, 3, 0)
+    assert separate.loss_plus != separate.loss_minus
+    assert dual.loss_plus == pytest.approx(separate.loss_plus, rel=0, abs=1e-12)
+    assert dual.loss_minus == pytest.approx(separate.loss_minus, rel=0, abs=1e-12)
+
+
+def test_the_dual_forward_refuses_t5s_batch_wide_position_bias():
+    import transformers
+
+    torch.manual_seed(0)
+    model = transformers.T5ForConditionalGeneration(transformers.T5Config(
+        vocab_size=100, d_model=32, d_ff=64, num_layers=2, num_heads=4, d_kv=8)).double().eval()
+    ids = torch.randint(3, 100, (4, 8), generator=torch.Generator().manual_seed(0))
+    engine = DirectionEngine(list(model.parameters()))
+
+    def closure(copies=1):
+        stacked = ids.repeat(copies, 1)
+        logits = model(input_ids=stacked, decoder_input_ids=stacked).logits
+        return torch.stack([F.cross_entropy(part.flatten(0, 1), ids.flatten()) for part in logits.chunk(copies)])
+
+    with pytest.raises(OptionError, match="relative_attention_bias computes one position bias .*dual_forward=false"):
+        TwoPointEstimator(engine, 1e-3, model, dual_forward=True).estimate(closure, 3, 0)

@@ -241,3 +241,16 @@ def test_a_local_task_for_a_classifier_needs_only_text_fields_and_labels(tmp_pat
                  "steps=2", f"output_dir={tmp_path / 'run'}") == 0
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert 0 <= summary["test"] <= 1
+
+
+@pytest.mark.parametrize("arch,head", [("bert", "classifier"), ("gpt2", "classifier"), ("roberta", "mlm"),
+                                       ("distilbert", "mlm")])
+def test_a_dual_forward_run_of_a_head_takes_the_steps_of_separate_forwards(tmp_path, folders, arch, head):
+    losses = {}
+    for dual in ("false", "true"):
+        run = tmp_path / dual
+        assert train(folders[arch, head], f"head={head}", "optimizer=mezo", "lr=1e-3", "steps=3",
+                     f"optimizer_options.dual_forward={dual}", f"output_dir={run}") == 0
+        records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        losses[dual] = [r[key] for r in records if "loss" in r for key in ("loss_plus", "loss_minus")]
+    assert losses["true"] == pytest.approx(losses["false"], rel=0, abs=1e-5)

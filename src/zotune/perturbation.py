@@ -12,7 +12,9 @@ The estimator's exact modes (:mod:`zotune.estimators`) run here:
   its first half on θ_i + εz_i and its second on θ_i − εz_i, both copies built from one generation
   (a linear layer runs both halves as one batched matmul). Exact like module mode, with one generation
   per estimate instead of two, for the activations of a doubled batch and two copies of the largest
-  module. The closure takes ``copies`` (see :class:`zotune.optim.MeZO`).
+  module. The closure takes ``copies`` (see :class:`zotune.optim.MeZO`). A module called on a single row
+  that the batch broadcasts against (position embeddings) runs once per half; T5's batch-wide relative
+  position bias, and inputs of an odd number of rows, are refused.
 
 Copies come from :meth:`zotune.directions.DirectionEngine.perturbed_copy`, ``perturbed_pair`` and
 ``perturbed_rows``, into buffers recycled across modules and steps.
@@ -69,8 +71,11 @@ class ModulePerturbation:
         # Copies are recycled across modules and steps: layers repeat shapes, and a fresh large
         # allocation would page-fault its whole size on every forward.
         self._spare: dict[tuple, list[torch.Tensor]] = {}
-        # +1 or -1 while a dual forward runs one of its halves: owners nested inside see one copy only.
-        self._sign = 0
+        # +1 or -1 while a dual forward runs one of its halves: owners nested inside see one copy only, and
+        # perturb none of the parameters an enclosing module holds (_held, by index). _rows: the stacked batch's.
+        self._sign, self._held, self._rows = 0, set(), None
+        owning = {id(module) for module, _ in self.owned}
+        self.names = [name for name, module in model.named_modules() if id(module) in owning]
 
     def _copy_buffer(self, param: torch.Tensor, copies: int = 1) -> torch.Tensor:
         """A recycled tensor for ``copies`` copies of ``param`` (shaped like it, or stacked along a new dim 0)."""
@@ -154,15 +159,36 @@ class ModulePerturbation:
 
     @contextmanager
     def dual(self, seed: int, eps: float):
+        relative = [name for name in self.names if name.rsplit(".", 1)[-1] == "relative_attention_bias"]
+        if relative:
+            raise OptionError(f"dual_forward: {relative[0]} computes one position bias for the whole batch (T5-style), "
+                              "so the two halves cannot see different weights there: use dual_forward=false")
+
         def replacement(module, params, forward):
             rows_only = _looks_up_rows(module, params)
 
             def dual_forward(*args, **kwargs):
-                if self._sign:
+                if self._sign:  # inside a module that runs one half: perturb what no enclosing module holds
                     pairs = [(seed, self._sign * eps)]
+                    free = [(index, param) for index, param in params if index not in self._held]
+                    if not free:
+                        return forward(*args, **kwargs)
                     if rows_only:
-                        return self._lookup(params[0][0], pairs, *args, **kwargs)
-                    return self._forward_at(params, forward, pairs, args, kwargs)
+                        return self._lookup(free[0][0], pairs, *args, **kwargs)
+                    return self._forward_at(free, forward, pairs, args, kwargs)
+                rows = _batch_rows(module, args, kwargs)
+                if self._rows is None:  # the first module to run sees the stacked batch itself
+                    if rows % 2:
+                        raise OptionError(f"dual_forward: {type(module).__name__} got an input of {rows} rows, an odd "
+                                          "number: the closure must stack two copies of its batch along dim 0 when "
+                                          "called with copies=2")
+                    self._rows = rows
+                if rows == 1:
+                    return self._broadcast(module, params, forward, seed, eps, args, kwargs)
+                if rows % 2:
+                    raise OptionError(f"dual_forward: {type(module).__name__} got an input of {rows} rows, which does "
+                                      "not split into the two stacked copies: its input is not batch-first, so the "
+                                      "halves cannot see different weights there: use dual_forward=false for this model")
                 if type(module) is nn.Linear:
                     return self._dual_linear(module, params, seed, eps, *args, **kwargs)
                 halves = _halves(module, args, kwargs)
@@ -170,25 +196,42 @@ class ModulePerturbation:
                     return torch.cat([self._lookup(params[0][0], [(seed, sign * eps)], *half_args, **half_kwargs)
                                       for sign, (half_args, half_kwargs) in zip((1, -1), halves)])
                 with self._pair_copies(params, seed, eps) as stacked:
-                    outputs = []
-                    try:
-                        for side, (sign, (half_args, half_kwargs)) in enumerate(zip((1, -1), halves)):
-                            self._sign = sign
-                            with self._swapped(params, {index: pair[side] for index, pair in stacked.items()}):
-                                outputs.append(forward(*half_args, **half_kwargs))
-                    finally:
-                        self._sign = 0
-                    return _joined(module, *outputs)
+                    return _joined(module, *self._halves_run(params, stacked, forward, halves))
 
             return dual_forward
 
-        with self._replaced_forwards(replacement):
-            yield
+        self._rows = None
+        try:
+            with self._replaced_forwards(replacement):
+                yield
+        finally:
+            self._rows = None
+
+    def _halves_run(self, params, stacked, forward, halves) -> list:
+        """The module's forward on each half of its inputs with its parameters at that half's copy; modules
+        inside it see the copies as their own (a tied bias, e.g. RoBERTa's head's, is not perturbed twice)."""
+        outputs = []
+        self._held.update(index for index, _ in params)
+        try:
+            for side, (sign, (half_args, half_kwargs)) in enumerate(zip((1, -1), halves)):
+                self._sign = sign
+                with self._swapped(params, {index: pair[side] for index, pair in stacked.items()}):
+                    outputs.append(forward(*half_args, **half_kwargs))
+        finally:
+            self._sign = 0
+            self._held.difference_update(index for index, _ in params)
+        return outputs
+
+    def _broadcast(self, module, params, forward, seed: int, eps: float, args, kwargs):
+        """A module called on one row that the stacked batch broadcasts against (GPT-2's and BERT's position
+        embeddings): run once per half, each output repeated over its half of the rows."""
+        with self._pair_copies(params, seed, eps) as stacked:
+            plus, minus = self._halves_run(params, stacked, forward, [(args, kwargs)] * 2)
+        return _joined(module, _repeated(module, plus, self._rows // 2), _repeated(module, minus, self._rows // 2))
 
     def _dual_linear(self, module: nn.Linear, params, seed: int, eps: float, input: torch.Tensor) -> torch.Tensor:
         """A linear layer's dual forward as one batched matmul of the two halves by the two weight copies, stacked
         in one buffer: no cut of the input, no join of the outputs."""
-        _batch_rows(module, (input,), {})  # the checks; the halves are views of the reshape below
         with self._pair_copies(params, seed, eps) as stacked:
             weight = stacked.get(self._index_of.get(id(module.weight)), module.weight.expand(2, -1, -1))
             rows = input.reshape(2, -1, module.in_features)
@@ -238,16 +281,27 @@ def _looks_up_rows(module: nn.Module, params) -> bool:
 
 
 def _batch_rows(module: nn.Module, args, kwargs) -> int:
-    """The length along dim 0 of a dual forward's first tensor input, which must be even."""
+    """The length along dim 0 of a dual forward's first tensor input."""
     tensors = [value for value in (*args, *kwargs.values()) if isinstance(value, torch.Tensor) and value.dim()]
     if not tensors:
         raise OptionError(f"dual_forward: {type(module).__name__} owns optimized parameters but got no tensor input "
                           "to cut in two: use dual_forward=False for this model")
-    rows = tensors[0].shape[0]
-    if rows % 2:
-        raise OptionError(f"dual_forward: {type(module).__name__} got an input of {rows} rows, an odd number: the "
-                          "closure must stack two copies of its batch along dim 0 when called with copies=2")
-    return rows
+    return tensors[0].shape[0]
+
+
+def _repeated(module: nn.Module, output, rows: int):
+    """A one-row output repeated to ``rows`` rows, through tuples, lists and dicts."""
+    if isinstance(output, torch.Tensor):
+        if output.dim() == 0 or output.shape[0] != 1:
+            raise OptionError(f"dual_forward: {type(module).__name__} was called on one row but returned "
+                              f"{tuple(output.shape)}: use dual_forward=false for this model")
+        return output.expand(rows, *output.shape[1:])
+    if isinstance(output, (tuple, list)):
+        return type(output)(_repeated(module, item, rows) for item in output)
+    if isinstance(output, dict):
+        repeated = {key: _repeated(module, value, rows) for key, value in output.items()}
+        return type(output)(**repeated) if type(output) is not dict else repeated
+    return output
 
 
 def _halves(module: nn.Module, args, kwargs):
