@@ -81,8 +81,14 @@ def test_a_resumed_convergence_suite_keeps_finished_runs_and_continues_stopped_o
     assert (tmp_path / "mezo" / "metrics.jsonl").read_text() == finished  # kept, not run again
     steps = [json.loads(line)["step"] for line in (stopped / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
     assert steps == [1, 2, 3, 4, 5, 6] and (stopped / "summary.json").is_file()  # resumed from step 3
-    assert main([*common[:-1], "lr=1e-3", "--resume"]) == 0  # other settings: the mezo run starts over
-    assert (tmp_path / "mezo" / "metrics.jsonl").read_text() != finished
+    assert main([*common, "steps=8", "--resume"]) == 0  # a longer budget continues the finished runs
+    steps = [json.loads(line)["step"] for line in (tmp_path / "mezo" / "metrics.jsonl").read_text().splitlines()
+             if '"loss"' in line]
+    assert steps == list(range(1, 9))
+    assert main([*common, "seed=1", "--resume"]) == 0  # a setting that defines another run: it starts over
+    steps = [json.loads(line)["step"] for line in (tmp_path / "mezo" / "metrics.jsonl").read_text().splitlines()
+             if '"loss"' in line]
+    assert steps == list(range(1, 7))
 
 
 def test_convergence_benchmark_compares_optimizers_on_shared_targets(tmp_path, capsys):

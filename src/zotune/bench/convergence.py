@@ -9,8 +9,9 @@ resident set on CPU, the allocator's peak on CUDA, during training) is its own. 
 runs' lowest smoothed training losses (a moving mean over ``--smooth`` steps). For each run the table gives
 the forward passes and seconds at which it first reached each target. Writes convergence.json,
 convergence.md and convergence.png, and prints the table. With ``--resume`` a suite that was stopped
-continues where it stopped: a finished run with the same settings is kept, an unfinished one resumes
-from its newest checkpoint (set ``checkpoint_every``), and only a run with other settings starts over.
+continues where it stopped: a finished run with the same settings is kept, an unfinished one (or one
+given more ``steps``) resumes from its newest checkpoint (set ``checkpoint_every``), and only a run with
+settings that define another run starts over.
 """
 
 from __future__ import annotations
@@ -38,9 +39,20 @@ def first_reaching(points, target, lower_is_better):
 
 
 def _same_run(config, folder: Path) -> bool:
-    """Whether ``folder`` holds a run (finished or not) of exactly these settings."""
+    """Whether ``folder`` holds a run (finished or not) of these settings, as the trainer would resume it
+    (``steps``, intervals and the like may differ: a longer budget continues a finished run)."""
+    from ..train import DEFINING_KEYS
+
     saved = folder / "config.yaml"
-    return saved.is_file() and yaml.safe_load(saved.read_text()) == config.to_dict()
+    if not saved.is_file():
+        return False
+    saved, current = yaml.safe_load(saved.read_text()), config.to_dict()
+    return all(saved.get(key) == current[key] for key in DEFINING_KEYS)
+
+
+def _finished(config, folder: Path) -> bool:
+    summary = folder / "summary.json"
+    return summary.is_file() and json.loads(summary.read_text()).get("steps") == config.steps
 
 
 def main(argv=None):
@@ -67,7 +79,7 @@ def main(argv=None):
         config = load_config(args.config, overrides)  # a bad override fails here, before any run starts
         if not (args.resume and _same_run(config, out / name)):
             shutil.rmtree(out / name, ignore_errors=True)  # else the trainer would resume an earlier run there
-        if not (args.resume and (out / name / "summary.json").is_file()):
+        if not (args.resume and _finished(config, out / name)):
             finished = subprocess.run([sys.executable, "-m", "zotune.cli", "train", "--config", args.config, *overrides])
             if finished.returncode != 0:
                 raise ConfigError(f"the {name} run failed (exit code {finished.returncode}); its output is above")
