@@ -193,3 +193,22 @@ def test_fsdp_options_that_cannot_work_are_one_line_errors():
             check_fsdp(load_config(None, ["fsdp=true", *overrides]), group)
     with pytest.raises(ConfigError, match="config key 'fsdp' must be true or false"):
         load_config(None, ["fsdp=yes please"])
+
+
+@pytest.mark.parametrize("fsdp", ["false", "true"])
+def test_torchrun_trains_a_classifier_head_as_one_process_does(tmp_path, fsdp):
+    """head=classifier under data parallel and FSDP2: the ranks start from the same new head (seeded) and end
+    where one process does; FSDP shards the blocks it finds in any architecture."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    options = ["head=classifier", "optimizer=mezo", "lr=5e-3"]
+    subprocess.run([sys.executable, "-m", "zotune.cli", *TRAIN, *options, f"output_dir={one}"], env=ENV, check=True,
+                   capture_output=True)
+    launched = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "zotune.cli",
+                               *TRAIN, *options, f"fsdp={fsdp}", f"output_dir={two}"], env=ENV, capture_output=True,
+                              text=True)
+    assert launched.returncode == 0, launched.stderr[-3000:]
+    expected = torch.load(one / "checkpoint-000004.pt", weights_only=False)["model"]
+    got = torch.load(two / "checkpoint-000004.pt", weights_only=False)["model"]
+    assert got.keys() == expected.keys() and "score.weight" in got
+    for name, value in expected.items():
+        torch.testing.assert_close(got[name], value, rtol=0, atol=2e-5, msg=name)
