@@ -281,3 +281,15 @@ def test_every_optimizer_trains_lora_and_prefix_and_only_them(tmp_path, optimize
     assert changed <= trained, changed - trained  # no base weight moved
     moved = [name for name in changed if "lora_B" in name or name.startswith("prefix.")]  # lora_B starts at zero
     assert moved, changed
+
+
+def test_train_help_lists_every_config_key_with_its_default(capsys):
+    from zotune.config import FIELDS
+
+    with pytest.raises(SystemExit) as stopped:
+        main(["train", "--help"])
+    assert stopped.value.code == 0
+    out = capsys.readouterr().out
+    listed = [line.split("=")[0].strip() for line in out.split("config keys", 1)[1].splitlines()[1:] if " = " in line]
+    assert listed == list(FIELDS)
+    assert '  head = "lm"  (lm (prompt + candidates)' in out and "  lr = 1e-6" in out

@@ -16,7 +16,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="zotune", description="Zeroth-order and hybrid fine-tuning of language models.")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    train = commands.add_parser("train", help="fine-tune a model on a task")
+    from .config import key_help
+
+    train = commands.add_parser("train", help="fine-tune a model on a task", epilog=key_help(),
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     train.add_argument("--config", help="YAML recipe (see configs/)")
     train.add_argument("overrides", nargs="*", metavar="key=value", help="override config keys (a.b=v inside dicts)")
     train.add_argument("--force-resume", action="store_true",

@@ -62,6 +62,21 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
+def key_help() -> str:
+    """Every config key with its default and what it is, read from :class:`TrainConfig`'s own source (the
+    comment beside each field), for ``zotune train --help``."""
+    import inspect
+
+    lines = []
+    for line in inspect.getsource(TrainConfig).splitlines():
+        match = re.match(r"\s+(\w+): [^=]+= (.+?)(?:\s+#\s*(.*))?$", line)
+        if match and match.group(1) in FIELDS:
+            name, default, comment = match.groups()
+            default = "{}" if "default_factory=dict" in default else default
+            lines.append(f"  {name} = {default}" + (f"  ({comment})" if comment else ""))
+    return "config keys (set in the YAML recipe or as key=value):\n" + "\n".join(lines)
+
+
 NONFINITE_POLICIES = ("stop", "skip")
 CHOICES = {"on_nonfinite": NONFINITE_POLICIES, "loss": ("auto", "classification", "lm"),
            "objective": ("loss", "accuracy", "f1"), "select": ("last", "best_dev"), "head": ("lm", "classifier", "mlm"),
