@@ -39,6 +39,8 @@ class TrainConfig:
     objective: str = "loss"  # loss | accuracy | f1: zeroth-order optimizers can train on the batch's metric itself
     optimizer: str = "mezo"  # mezo | adamezo | addax | addax-wa | svrg | ip-sgd | sgd | adam
     lr: float = 1e-6
+    lr_schedule: str = "constant"  # constant | linear | cosine (decay to 0 at the last step)
+    warmup_steps: int = 0  # a linear warm-up from 0 over this many steps, before the schedule
     weight_decay: float = 0.0
     optimizer_options: dict = field(default_factory=dict)  # e.g. mezo: {eps: 1e-3, n_directions: 1}
     steps: int = 1000
@@ -80,7 +82,7 @@ def key_help() -> str:
 NONFINITE_POLICIES = ("stop", "skip")
 CHOICES = {"on_nonfinite": NONFINITE_POLICIES, "loss": ("auto", "classification", "lm"),
            "objective": ("loss", "accuracy", "f1"), "select": ("last", "best_dev"), "head": ("lm", "classifier", "mlm"),
-           "pooling": ("cls", "mean")}
+           "pooling": ("cls", "mean"), "lr_schedule": ("constant", "linear", "cosine")}
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 
 
@@ -153,7 +155,7 @@ def _check_types(config: TrainConfig) -> None:
     for name, expected in (("lr", float), ("weight_decay", float), ("outlier_factor", float),
                            ("max_skipped_steps", int), ("steps", int), ("batch_size", int),
                            ("eval_every", int), ("checkpoint_every", int), ("keep_checkpoints", int), ("seed", int),
-                           ("max_length", int), ("max_new_tokens", int)):
+                           ("max_length", int), ("max_new_tokens", int), ("warmup_steps", int)):
         value = getattr(config, name)
         if expected is float and isinstance(value, int) and not isinstance(value, bool):
             setattr(config, name, float(value))
@@ -175,6 +177,11 @@ def _check_types(config: TrainConfig) -> None:
     if (config.select == "best_dev" or patience is not None) and config.eval_every < 1:
         raise ConfigError("select: best_dev and early_stopping_patience need dev evaluations during training: set "
                           "eval_every to a number of steps")
+    if not 0 <= config.warmup_steps < config.steps:
+        raise ConfigError(f"config key 'warmup_steps' must be >= 0 and below steps={config.steps}, got "
+                          f"{config.warmup_steps}")
+    if (config.lr_schedule != "constant" or config.warmup_steps) and config.optimizer_options.get("anneal"):
+        raise ConfigError("lr_schedule/warmup_steps and MeZO-SVRG's anneal both set the learning rates: use one")
     if config.outlier_factor < 0 or config.max_skipped_steps < 0:
         raise ConfigError("config keys 'outlier_factor' and 'max_skipped_steps' must be >= 0")
     for name in ("task_options", "optimizer_options", "lora", "prefix"):

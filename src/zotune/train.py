@@ -33,6 +33,7 @@ from .numerics import ProjectedGradientMonitor
 from .optim import resolve
 from .optim.params import fsdp_optimizers, trainable_groups
 from .plot import plot
+from .schedules import Schedule
 from .preparation import Prepared, cut_warnings, evaluate_model, prepare
 from .selection import DevSelection
 from .signals import RunInterrupted, stop_requests
@@ -150,6 +151,7 @@ class Run:
         self.model.train()
         self.sampler = self._data_plan()
         self.optimizer = self._optimizer()
+        self.schedule = Schedule(self.optimizer, config.lr_schedule, config.steps, config.warmup_steps)  # before resume
         self.run_dir = Path(config.output_dir)
         if self.main:
             (self.run_dir / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
@@ -309,6 +311,7 @@ class Run:
                    desc=f"{config.optimizer} on {config.task}", unit="step", disable=not self.main)
         with stop_requests() as requested:
             for step in bar:
+                self.schedule.before(step)
                 record = self.log_step(step, self.guarded_step(step), started)
                 if "loss" in record:
                     bar.set_postfix(loss=f"{record['loss']:.4f}")
