@@ -293,3 +293,11 @@ def test_train_help_lists_every_config_key_with_its_default(capsys):
     listed = [line.split("=")[0].strip() for line in out.split("config keys", 1)[1].splitlines()[1:] if " = " in line]
     assert listed == list(FIELDS)
     assert '  head = "lm"  (lm (prompt + candidates)' in out and "  lr = 1e-6" in out
+
+
+def test_the_plotted_loss_mean_is_the_mean_of_each_window():
+    from zotune.plot import moving_mean
+
+    values = [4.0, 2.0, 6.0, 0.0, 1.0]
+    assert moving_mean(values, 3) == pytest.approx([4.0, 3.0, 4.0, 8 / 3, 7 / 3])
+    assert moving_mean(values, 1) == values
