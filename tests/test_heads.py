@@ -207,7 +207,7 @@ def test_a_new_mean_pooled_head_learns_a_batch_with_sgd(tmp_path, folders):
     model.eval()
     losses = []
     for _ in range(20):
-        loss = classification_loss(model, examples, tokenizer.pad_token_id, scores=label_logits)
+        loss = classification_loss(model, examples, tokenizer.pad_token_id, scorer=label_logits)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

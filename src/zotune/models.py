@@ -292,6 +292,13 @@ class PrefixTunedLM(torch.nn.Module):
         return self.lm.get_output_embeddings()
 
 
+def check_head_trainable(mode: str, head: str) -> None:
+    """Refuses a trainable mode the head cannot train (before anything loads, or when the model is wrapped)."""
+    if mode == "prefix" and head != "lm":
+        raise ModelError(f"trainable=prefix supports head=lm (a causal LM's key/value cache), not head={head}: use "
+                         "trainable=full or trainable=lora")
+
+
 def select_trainable(model, mode: str = "full", lora: dict | None = None, prefix: dict | None = None,
                      head: str = "lm"):
     """``full``: every parameter trains. ``lora``: the model is wrapped with peft LoRA adapters (MeZO's
@@ -302,9 +309,7 @@ def select_trainable(model, mode: str = "full", lora: dict | None = None, prefix
         raise ModelError(f"unknown trainable mode {mode!r}: choose one of {', '.join(TRAINABLE)}")
     if mode == "full":
         return model
-    if mode == "prefix" and head != "lm":
-        raise ModelError(f"trainable=prefix supports head=lm (a causal LM's key/value cache), not head={head}: use "
-                         "trainable=full or trainable=lora")
+    check_head_trainable(mode, head)
     if mode == "prefix":
         options = {**PREFIX_DEFAULTS, **(prefix or {})}
         unknown = sorted(set(options) - set(PREFIX_DEFAULTS))

@@ -75,7 +75,9 @@ class ModulePerturbation:
         # perturb none of the parameters an enclosing module holds (_held, by index). _rows: the stacked batch's.
         self._sign, self._held, self._rows = 0, set(), None
         owning = {id(module) for module, _ in self.owned}
-        self.names = [name for name, module in model.named_modules() if id(module) in owning]
+        # T5's relative position bias: one tensor for the whole batch, which the dual forward cannot split.
+        self._batch_wide = next((name for name, module in model.named_modules() if id(module) in owning
+                                 and name.rsplit(".", 1)[-1] == "relative_attention_bias"), None)
 
     def _copy_buffer(self, param: torch.Tensor, copies: int = 1) -> torch.Tensor:
         """A recycled tensor for ``copies`` copies of ``param`` (shaped like it, or stacked along a new dim 0)."""
@@ -159,10 +161,9 @@ class ModulePerturbation:
 
     @contextmanager
     def dual(self, seed: int, eps: float):
-        relative = [name for name in self.names if name.rsplit(".", 1)[-1] == "relative_attention_bias"]
-        if relative:
-            raise OptionError(f"dual_forward: {relative[0]} computes one position bias for the whole batch (T5-style), "
-                              "so the two halves cannot see different weights there: use dual_forward=false")
+        if self._batch_wide is not None:
+            raise OptionError(f"dual_forward: {self._batch_wide} computes one position bias for the whole batch "
+                              "(T5-style), so the two halves cannot see different weights there: use dual_forward=false")
 
         def replacement(module, params, forward):
             rows_only = _looks_up_rows(module, params)
@@ -183,8 +184,8 @@ class ModulePerturbation:
                                           "number: the closure must stack two copies of its batch along dim 0 when "
                                           "called with copies=2")
                     self._rows = rows
-                if rows == 1:
-                    return self._broadcast(module, params, forward, seed, eps, args, kwargs)
+                if rows == 1:  # a row the stacked batch broadcasts against (GPT-2's, BERT's position embeddings)
+                    args, kwargs, rows = *_expanded(args, kwargs, self._rows), self._rows
                 if rows % 2:
                     raise OptionError(f"dual_forward: {type(module).__name__} got an input of {rows} rows, which does "
                                       "not split into the two stacked copies: its input is not batch-first, so the "
@@ -221,13 +222,6 @@ class ModulePerturbation:
             self._sign = 0
             self._held.difference_update(index for index, _ in params)
         return outputs
-
-    def _broadcast(self, module, params, forward, seed: int, eps: float, args, kwargs):
-        """A module called on one row that the stacked batch broadcasts against (GPT-2's and BERT's position
-        embeddings): run once per half, each output repeated over its half of the rows."""
-        with self._pair_copies(params, seed, eps) as stacked:
-            plus, minus = self._halves_run(params, stacked, forward, [(args, kwargs)] * 2)
-        return _joined(module, _repeated(module, plus, self._rows // 2), _repeated(module, minus, self._rows // 2))
 
     def _dual_linear(self, module: nn.Linear, params, seed: int, eps: float, input: torch.Tensor) -> torch.Tensor:
         """A linear layer's dual forward as one batched matmul of the two halves by the two weight copies, stacked
@@ -289,19 +283,15 @@ def _batch_rows(module: nn.Module, args, kwargs) -> int:
     return tensors[0].shape[0]
 
 
-def _repeated(module: nn.Module, output, rows: int):
-    """A one-row output repeated to ``rows`` rows, through tuples, lists and dicts."""
-    if isinstance(output, torch.Tensor):
-        if output.dim() == 0 or output.shape[0] != 1:
-            raise OptionError(f"dual_forward: {type(module).__name__} was called on one row but returned "
-                              f"{tuple(output.shape)}: use dual_forward=false for this model")
-        return output.expand(rows, *output.shape[1:])
-    if isinstance(output, (tuple, list)):
-        return type(output)(_repeated(module, item, rows) for item in output)
-    if isinstance(output, dict):
-        repeated = {key: _repeated(module, value, rows) for key, value in output.items()}
-        return type(output)(**repeated) if type(output) is not dict else repeated
-    return output
+def _expanded(args, kwargs, rows: int):
+    """The inputs with every one-row tensor repeated to ``rows`` rows, so that each half of the stacked batch
+    gets its own copy (and so its own weights)."""
+    def expand(value):
+        if isinstance(value, torch.Tensor) and value.dim() and value.shape[0] == 1:
+            return value.expand(rows, *value.shape[1:])
+        return value
+
+    return tuple(expand(a) for a in args), {k: expand(v) for k, v in kwargs.items()}
 
 
 def _halves(module: nn.Module, args, kwargs):

@@ -12,7 +12,7 @@ import torch
 
 from .config import ConfigError, TrainConfig
 from .errors import TrainingError
-from .models import PREFIX_DEFAULTS, load_model, select_trainable
+from .models import PREFIX_DEFAULTS, check_head_trainable, load_model, select_trainable
 from .optim import OPTIMIZERS, resolve
 from .heads import HEADS
 from .scoring import EncodedExample, accuracy, answer_loss, classification_loss, mean_f1, negated_accuracy
@@ -88,9 +88,7 @@ def head_labels(config: TrainConfig, task) -> int | None:
 
 
 def check_trainable_fits(config: TrainConfig, generation: bool) -> None:
-    if config.trainable == "prefix" and config.head != "lm":
-        raise ConfigError(f"trainable=prefix supports head=lm (a causal LM's key/value cache), not head={config.head}: "
-                          "use trainable=full or trainable=lora")
+    check_head_trainable(config.trainable, config.head)
     if generation and config.trainable == "prefix":
         raise ConfigError(f"trainable=prefix supports classification tasks; {config.task!r} is a generation task: "
                           "use trainable=full or trainable=lora")
@@ -108,7 +106,7 @@ def training_loss(config: TrainConfig, task, metric: str, tokenizer) -> Callable
             raise ConfigError(f"objective={config.objective}, but task {config.task!r} is scored by {metric}: set "
                               f"objective={metric} or objective=loss")
         if config.objective == "accuracy":
-            return negated_accuracy if config.head == "lm" else partial(negated_accuracy, scores=HEADS[config.head].scores)
+            return negated_accuracy if config.head == "lm" else partial(negated_accuracy, scorer=HEADS[config.head].scores)
         if config.optimizer_options.get("dual_forward"):
             raise ConfigError("objective=f1 decodes answers token by token, which the dual forward cannot stack: "
                               "set optimizer_options.dual_forward=false")
@@ -122,7 +120,7 @@ def training_loss(config: TrainConfig, task, metric: str, tokenizer) -> Callable
         raise ConfigError(f"loss=classification needs candidates to choose between; {config.task!r} is a generation "
                           "task with one answer: set loss=lm or loss=auto")
     if config.head != "lm":
-        return partial(classification_loss, scores=HEADS[config.head].scores)
+        return partial(classification_loss, scorer=HEADS[config.head].scores)
     return answer_loss if loss == "lm" else classification_loss
 
 

@@ -117,30 +117,29 @@ def _hidden_states(model, input_ids, attention):
 
 
 def classification_loss(model: nn.Module, examples: Sequence[EncodedExample], pad_id: int, copies: int = 1,
-                        scores: Callable = candidate_scores) -> torch.Tensor:
+                        scorer: Callable = candidate_scores) -> torch.Tensor:
     """Cross-entropy over the candidates' scores (MeZO's train_as_classification). With ``copies`` > 1 the
     examples are scored stacked that many times in one forward, and the result holds each copy's mean loss
-    (the protocol of MeZO's ``dual_forward``). ``scores``: the head's scorer (:mod:`zotune.heads`)."""
-    score = scores
+    (the protocol of MeZO's ``dual_forward``). ``scorer``: the head's (:mod:`zotune.heads`)."""
     if copies == 1:
-        scores = score(model, examples, pad_id)
+        scores = scorer(model, examples, pad_id)
         labels = torch.tensor([example.label for example in examples], device=scores.device)
         return torch.nn.functional.cross_entropy(scores, labels)
-    scores = score(model, list(examples) * copies, pad_id)
+    scores = scorer(model, list(examples) * copies, pad_id)
     labels = torch.tensor([example.label for example in examples] * copies, device=scores.device)
     return torch.nn.functional.cross_entropy(scores, labels, reduction="none").view(copies, -1).mean(dim=1)
 
 
 @torch.inference_mode()
 def accuracy(model: nn.Module, examples: Sequence[EncodedExample], pad_id: int, batch_size: int = 16,
-             scores: Callable = candidate_scores) -> float:
+             scorer: Callable = candidate_scores) -> float:
     """Fraction of examples whose highest-scoring candidate is the labelled one (scored in eval mode)."""
     training = model.training
     model.eval()
     correct = 0
     for start in range(0, len(examples), batch_size):
         chunk = examples[start : start + batch_size]
-        predictions = scores(model, chunk, pad_id).argmax(dim=1).tolist()
+        predictions = scorer(model, chunk, pad_id).argmax(dim=1).tolist()
         correct += sum(p == example.label for p, example in zip(predictions, chunk))
     model.train(training)
     return correct / len(examples)
@@ -163,10 +162,10 @@ def _correct_only(example: EncodedExample) -> EncodedExample:
 
 
 def negated_accuracy(model: nn.Module, examples: Sequence[EncodedExample], pad_id: int, copies: int = 1,
-                     scores: Callable = candidate_scores) -> torch.Tensor:
+                     scorer: Callable = candidate_scores) -> torch.Tensor:
     """Minus the batch's accuracy: a training objective for zeroth-order optimizers, which need loss values
-    only (the MeZO paper trains on accuracy directly). ``copies``, ``scores``: as in :func:`classification_loss`."""
-    scores = scores(model, list(examples) * copies, pad_id)
+    only (the MeZO paper trains on accuracy directly). ``copies``, ``scorer``: as in :func:`classification_loss`."""
+    scores = scorer(model, list(examples) * copies, pad_id)
     labels = torch.tensor([example.label for example in examples] * copies, device=scores.device)
     correct = (scores.argmax(dim=1) == labels).to(scores.dtype).view(copies, -1).mean(dim=1)
     return -correct[0] if copies == 1 else -correct

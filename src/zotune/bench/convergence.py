@@ -76,10 +76,10 @@ def main(argv=None):
         optimizer, _, lr = name.partition("#")[0].partition("@")
         own = [item.split(":", 1)[1] for item in args.set if item.split(":", 1)[0] == name]
         overrides = [*args.overrides, f"optimizer={optimizer}", f"output_dir={out / name}", *([f"lr={lr}"] if lr else []), *own]
-        config = load_config(args.config, overrides)  # a bad override fails here, before any run starts
-        if not (args.resume and _same_run(config, out / name)):
+        resolved = load_config(args.config, overrides)  # a bad override fails here, before any run starts
+        if not (args.resume and _same_run(resolved, out / name)):
             shutil.rmtree(out / name, ignore_errors=True)  # else the trainer would resume an earlier run there
-        if not (args.resume and _finished(config, out / name)):
+        if not (args.resume and _finished(resolved, out / name)):
             finished = subprocess.run([sys.executable, "-m", "zotune.cli", "train", "--config", args.config, *overrides])
             if finished.returncode != 0:
                 raise ConfigError(f"the {name} run failed (exit code {finished.returncode}); its output is above")
