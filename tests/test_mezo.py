@@ -119,13 +119,14 @@ def test_inplace_perturbation_drifts_in_bf16_which_is_why_module_mode_exists(bat
     assert any(not torch.equal(p.detach(), before[n]) for n, p in model.named_parameters())
 
 
-def test_gradient_accumulation_equals_full_batch(batch):
+@pytest.mark.parametrize("cut", [2, 1])  # micro-batches of 2 and 2 examples, and of 1 and 3 (weighted by size)
+def test_gradient_accumulation_equals_full_batch(batch, cut):
     # float64: in float32 the two sums of token losses round differently, and c = ΔL/2ε magnifies that.
     full_model = random_llama("tiny", dtype=torch.float64, seed=1)
     accumulated_model = random_llama("tiny", dtype=torch.float64, seed=1)
     full = MeZO(full_model, lr=1e-3, seed=5)
     accumulated = MeZO(accumulated_model, lr=1e-3, seed=5)
-    micro_batches = [batch[:2], batch[2:]]
+    micro_batches = [batch[:cut], batch[cut:]]
     for _ in range(3):
         full.step(lambda: lm_loss(full_model, batch))
         accumulated.step(mean_over_micro_batches(lambda b: lm_loss(accumulated_model, b), micro_batches))

@@ -140,3 +140,18 @@ def test_parallel_benchmark_times_one_and_two_processes(tmp_path, capsys):
     assert result["2"]["threads_per_process"] == max(1, (os.cpu_count() or 1) // 2)
     assert all(r["examples_per_second"] > 0 for r in result.values())
     assert "| 2 |" in capsys.readouterr().out and (tmp_path / "parallel.png").stat().st_size > 1000
+
+
+def test_task_speed_times_every_optimizer_with_both_scorers_on_a_real_batch(tmp_path):
+    speed.main(["--task", "bigbench-sentiment", "--model", "random:tiny", "--batch", "4", "--max-length", "48",
+                "--repeats", "1", "--eval-examples", "6", "--optimizers", "mezo,svrg,ip-sgd", "--out", str(tmp_path),
+                "num_train=16", "num_dev=6", "num_test=4"])
+    result = json.loads((tmp_path / "task_speed.json").read_text())
+    assert set(result["steps"]) == {"mezo", "svrg", "ip-sgd"}
+    for step in result["steps"].values():
+        assert all(step["seconds"][scorer] > 0 for scorer in ("packed", "separate"))
+        assert 0 < step["speedup"]["low"] <= step["speedup"]["median"] <= step["speedup"]["high"]
+    assert set(result["forward"]) == {"separate forward", "reference forward", "reference MeZO step"}
+    assert result["mezo_over_reference"]["median"] > 0 and result["evaluation"]["examples"] == 6
+    assert result["config"]["candidates"] == "2-2" and result["config"]["batch"] == 4
+    assert "packing's speed-up" in (tmp_path / "task_speed.md").read_text()

@@ -161,15 +161,19 @@ def _finite(estimate: Estimate) -> bool:
 def mean_over_micro_batches(loss_fn: Callable[[object], torch.Tensor], micro_batches: Sequence) -> Closure:
     """Gradient accumulation for ZO: a closure returning the mean loss over ``micro_batches``.
 
-    Every micro-batch is evaluated at the same perturbed point (one seed), so with equal-sized
-    micro-batches and a mean-reduced loss the estimate equals the one on the whole batch.
+    Every micro-batch is evaluated at the same perturbed point (one seed). Micro-batches of different sizes
+    (lists) are weighted by their sizes, so with a mean-reduced loss the estimate is the one on the whole
+    batch however it was cut.
     """
     if not micro_batches:
         raise OptionError("mean_over_micro_batches needs at least one micro-batch")
+    sizes = [len(batch) if hasattr(batch, "__len__") else 1 for batch in micro_batches]
+    weights = None if len(set(sizes)) == 1 else [size / sum(sizes) for size in sizes]
 
     def closure(copies: int = 1) -> torch.Tensor:
-        if copies == 1:
-            return sum(loss_fn(batch) for batch in micro_batches) / len(micro_batches)
-        return sum(loss_fn(batch, copies) for batch in micro_batches) / len(micro_batches)
+        losses = [loss_fn(batch) if copies == 1 else loss_fn(batch, copies) for batch in micro_batches]
+        if weights is None:
+            return sum(losses) / len(losses)
+        return sum(weight * loss for weight, loss in zip(weights, losses))
 
     return closure

@@ -265,7 +265,14 @@ class PrefixDecoder(torch.nn.Module):
             cache.update(keys.expand(batch, -1, -1, -1), values.expand(batch, -1, -1, -1), layer)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        attention_mask = torch.cat([attention_mask.new_ones(batch, tokens), attention_mask], dim=1)
+        if attention_mask.dim() == 4:  # a block mask (zotune.packing): every query sees the prefix too
+            seen = True if attention_mask.dtype == torch.bool else 0
+            attention_mask = torch.cat([attention_mask.new_full((*attention_mask.shape[:-1], tokens), seen),
+                                        attention_mask], dim=-1)
+        else:
+            attention_mask = torch.cat([attention_mask.new_ones(batch, tokens), attention_mask], dim=1)
+        if kwargs.get("position_ids") is not None:  # the inputs' positions follow the prefix's
+            kwargs["position_ids"] = kwargs["position_ids"] + tokens
         output = self._body[0](input_ids=input_ids, attention_mask=attention_mask, past_key_values=cache,
                                use_cache=False, **kwargs)
         # Without the prefix cache, which the body hands back although use_cache=False: it holds nothing of this

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .packing import pack, takes_block_mask
 from .tasks import Example
 
 
@@ -59,7 +60,29 @@ def encode(tokenizer, example: Example, max_length: int) -> EncodedExample:
 
 def candidate_scores(model: nn.Module, examples: Sequence[EncodedExample], pad_id: int) -> torch.Tensor:
     """[len(examples), most candidates] mean log-probabilities of each candidate's tokens; an example with
-    fewer candidates than the widest is padded with −inf, which softmax, cross-entropy and argmax ignore."""
+    fewer candidates than the widest is padded with −inf, which softmax, cross-entropy and argmax ignore.
+    Each prompt runs once for all its candidates (:mod:`zotune.packing`)."""
+    device = next(model.parameters()).device
+    packed = pack(examples, pad_id, takes_block_mask(model))
+    inputs = {"input_ids": packed.input_ids.to(device), "attention_mask": packed.attention_mask.to(device)}
+    if packed.position_ids is not None:
+        inputs["position_ids"] = packed.position_ids.to(device)
+        if model.config._attn_implementation == "eager":  # eager attention adds the mask to its scores
+            dtype = model.get_output_embeddings().weight.dtype
+            inputs["attention_mask"] = torch.zeros(inputs["attention_mask"].shape, dtype=dtype, device=device) \
+                .masked_fill(~inputs["attention_mask"], torch.finfo(dtype).min)
+    rows, positions = torch.tensor(packed.reads, device=device).T
+    with gathered(model):
+        hidden = model.get_decoder()(**inputs).last_hidden_state
+        log_probs = torch.log_softmax(model.get_output_embeddings()(hidden[rows, positions]).float(), dim=-1)
+    token_scores = log_probs.gather(1, torch.tensor(packed.targets, device=device)[:, None])[:, 0]
+    return candidate_means(examples, torch.tensor(packed.owners, device=device), token_scores)
+
+
+def separate_candidate_scores(model: nn.Module, examples: Sequence[EncodedExample], pad_id: int) -> torch.Tensor:
+    """:func:`candidate_scores` with every candidate its own sequence, its prompt run once per candidate (the
+    scoring of MeZO's code, with logits at the candidates' positions only): the reference the benchmark and
+    the tests compare the packed scorer with."""
     rows = [(seq, n) for example in examples for seq, n in zip(example.sequences, example.candidate_lengths)]
     device = next(model.parameters()).device
     input_ids, attention = padded_batch([seq for seq, _ in rows], pad_id, device)
@@ -69,14 +92,22 @@ def candidate_scores(model: nn.Module, examples: Sequence[EncodedExample], pad_i
             row_index.append(r)
             position.append(t - 1)
             target.append(seq[t])
+    rows_t = torch.tensor(row_index, device=device)
     with gathered(model):
-        hidden = _hidden_states(model, input_ids, attention)
-        rows_t = torch.tensor(row_index, device=device)
+        hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention).last_hidden_state
         picked = hidden[rows_t, torch.tensor(position, device=device)]
         log_probs = torch.log_softmax(model.get_output_embeddings()(picked).float(), dim=-1)
     token_scores = log_probs.gather(1, torch.tensor(target, device=device)[:, None])[:, 0]
-    sums = torch.zeros(len(rows), device=device).index_add(0, rows_t, token_scores)
-    counts = torch.tensor([n for _, n in rows], device=device, dtype=sums.dtype)
+    return candidate_means(examples, rows_t, token_scores)
+
+
+def candidate_means(examples: Sequence[EncodedExample], owners: torch.Tensor, token_scores: torch.Tensor):
+    """Each candidate's mean token score (``owners``: the candidate of each token score, counted example by
+    example), laid out [examples, most candidates] with −inf where an example has fewer."""
+    device = token_scores.device
+    counts = torch.tensor([n for example in examples for n in example.candidate_lengths], device=device,
+                          dtype=token_scores.dtype)
+    sums = torch.zeros(len(counts), device=device, dtype=token_scores.dtype).index_add(0, owners, token_scores)
     widths = [len(example.sequences) for example in examples]
     owner = torch.repeat_interleave(torch.arange(len(examples)), torch.tensor(widths)).to(device)
     slot = torch.tensor([slot for width in widths for slot in range(width)], device=device)
@@ -112,10 +143,6 @@ def gathered(model: nn.Module):
         model.reshard()
 
 
-def _hidden_states(model, input_ids, attention):
-    return model.get_decoder()(input_ids=input_ids, attention_mask=attention).last_hidden_state
-
-
 def classification_loss(model: nn.Module, examples: Sequence[EncodedExample], pad_id: int, copies: int = 1,
                         scorer: Callable = candidate_scores) -> torch.Tensor:
     """Cross-entropy over the candidates' scores (MeZO's train_as_classification). With ``copies`` > 1 the
@@ -130,29 +157,38 @@ def classification_loss(model: nn.Module, examples: Sequence[EncodedExample], pa
     return torch.nn.functional.cross_entropy(scores, labels, reduction="none").view(copies, -1).mean(dim=1)
 
 
+def by_length(examples: Sequence[EncodedExample]) -> list[int]:
+    """The examples' indices from the shortest to the longest, so that batches cut in this order hold little
+    padding (evaluation, MeZO-SVRG's large batches)."""
+    return sorted(range(len(examples)), key=lambda i: max(map(len, examples[i].sequences)))
+
+
 @torch.inference_mode()
 def accuracy(model: nn.Module, examples: Sequence[EncodedExample], pad_id: int, batch_size: int = 16,
              scorer: Callable = candidate_scores) -> float:
-    """Fraction of examples whose highest-scoring candidate is the labelled one (scored in eval mode)."""
+    """Fraction of examples whose highest-scoring candidate is the labelled one (scored in eval mode, in batches
+    of similar lengths)."""
     training = model.training
     model.eval()
     correct = 0
+    order = by_length(examples)
     for start in range(0, len(examples), batch_size):
-        chunk = examples[start : start + batch_size]
+        chunk = [examples[i] for i in order[start : start + batch_size]]
         predictions = scorer(model, chunk, pad_id).argmax(dim=1).tolist()
         correct += sum(p == example.label for p, example in zip(predictions, chunk))
     model.train(training)
     return correct / len(examples)
 
 
-def answer_loss(model: nn.Module, examples: Sequence[EncodedExample], pad_id: int, copies: int = 1) -> torch.Tensor:
+def answer_loss(model: nn.Module, examples: Sequence[EncodedExample], pad_id: int, copies: int = 1,
+                scorer: Callable = candidate_scores) -> torch.Tensor:
     """Language-model loss on the correct candidate's tokens only (the prompt is context; the other candidates
     are not run): minus the mean, over the batch, of each correct answer's mean token log-probability. MeZO
-    trains generation tasks, COPA and ReCoRD this way. ``copies``: as in :func:`classification_loss`."""
+    trains generation tasks, COPA and ReCoRD this way. ``copies``, ``scorer``: as in :func:`classification_loss`."""
     answers = [_correct_only(example) for example in examples]
     if copies == 1:
-        return -candidate_scores(model, answers, pad_id).mean()
-    return -candidate_scores(model, answers * copies, pad_id).view(copies, -1).mean(dim=1)
+        return -scorer(model, answers, pad_id).mean()
+    return -scorer(model, answers * copies, pad_id).view(copies, -1).mean(dim=1)
 
 
 def _correct_only(example: EncodedExample) -> EncodedExample:
@@ -201,11 +237,13 @@ def f1(prediction: str, answers: Sequence[str]) -> float:
 @torch.inference_mode()
 def greedy_answers(model: nn.Module, tokenizer, examples: Sequence[EncodedExample], max_new_tokens: int = 50,
                    batch_size: int = 16) -> list[str]:
-    """Greedy continuations of each prompt (left-padded batches), cut at the first newline."""
+    """Greedy continuations of each prompt (left-padded batches of similar lengths), cut at the first newline,
+    in the examples' order."""
     training = model.training
     model.eval()
     device = next(model.parameters()).device
-    prompts = [seq[: len(seq) - n] for example in examples for seq, n in zip(example.sequences[:1], example.candidate_lengths[:1])]
+    order = by_length(examples)
+    prompts = [examples[i].sequences[0][: len(examples[i].sequences[0]) - examples[i].candidate_lengths[0]] for i in order]
     outputs = []
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start : start + batch_size]
@@ -220,7 +258,10 @@ def greedy_answers(model: nn.Module, tokenizer, examples: Sequence[EncodedExampl
         for row in generated[:, longest:]:
             outputs.append(tokenizer.decode(row, skip_special_tokens=True).strip().split("\n")[0].strip())
     model.train(training)
-    return outputs
+    answers = [""] * len(examples)
+    for index, output in zip(order, outputs):
+        answers[index] = output
+    return answers
 
 
 def mean_f1(model: nn.Module, tokenizer, examples: Sequence[EncodedExample], batch_size: int = 16,

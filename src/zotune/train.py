@@ -34,6 +34,7 @@ from .optim import resolve
 from .optim.params import fsdp_optimizers, trainable_groups
 from .plot import plot
 from .schedules import Schedule
+from .packing import packing_note
 from .preparation import Prepared, cut_warnings, evaluate_model, prepare
 from .selection import DevSelection
 from .signals import RunInterrupted, stop_requests
@@ -162,7 +163,9 @@ class Run:
         resumed = self._resume()
         self.metrics = MetricsLog(self.run_dir / "metrics.jsonl", self.start_step if resumed else None,
                                   enabled=self.main)
-        for note in [*self.sampler.notes, *cut_warnings(self.prepared.splits, config.max_length, config.head)]:
+        packing = packing_note(self.prepared.model, self.prepared.splits["train"]) if config.head == "lm" else None
+        for note in [*self.sampler.notes, *cut_warnings(self.prepared.splits, config.max_length, config.head),
+                     *filter(None, [packing])]:
             self.say(note)
             if not resumed:
                 self.metrics.write({"step": 0, "note": note})

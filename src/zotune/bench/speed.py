@@ -2,6 +2,7 @@
 
     python -m zotune.bench.speed --shape smollm2-135m --batch 16 --length 32 --threads 2
     python -m zotune.bench.speed --shape llama-1b --device cuda --dtype bf16     # on a GPU
+    zotune bench speed --task bigbench-sentiment      # a real task's batch and loss: zotune.bench.task_speed
 
 All timings come from one process, side by side, over ``--repeats`` rounds after a warm-up round. A round
 times every item once, with the forward timed again between every two items, and each item's ratio to two
@@ -28,6 +29,7 @@ import json
 import os
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -249,6 +251,11 @@ def markdown(result):
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if any(arg == "--task" or arg.startswith("--task=") for arg in argv):  # a real task's batch: its own bench
+        from .task_speed import main as task_main
+
+        return task_main(argv)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", default="smollm2-135m", help="model shape (see zotune.models.LLAMA_SHAPES)")
     parser.add_argument("--batch", type=int, default=16)

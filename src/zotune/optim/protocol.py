@@ -41,6 +41,10 @@ class TrainingStep:
     # Whether the trainer passes config.seed; the optimizers with a seed stream take it.
     takes_seed = False
 
+    def remove_hooks(self) -> None:
+        """Detaches what the optimizer registered on the model (IP-SGD's and Addax's backward hooks), so that
+        another optimizer can train it; nothing for most."""
+
     def skip_warm_up(self) -> None:
         """Puts the optimizer past any warm-up steps that differ from its steady ones (benchmarks time and
         measure the steady step)."""

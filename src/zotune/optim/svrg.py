@@ -8,6 +8,7 @@ from ..directions import GAUSSIAN, Pair
 from ..config import ConfigError
 from ..errors import OptionError
 from ..estimators import Closure, mean_over_micro_batches
+from ..scoring import by_length
 from ..sampling import SVRGBatches
 from .zeroth_order import ZerothOrder
 from .params import refuse_sharded
@@ -157,7 +158,7 @@ class MeZOSVRG(ZerothOrder):
         """An anchor step on the ``large batch`` (in micro-batches, one z), or an ordinary step on the
         ``batch`` (four forwards): whichever the step counter says, reading only that batch."""
         if self.is_anchor_step:
-            large = batches["large batch"]
+            large = [batches["large batch"][i] for i in by_length(batches["large batch"])]  # little padding
             micro = [large[i : i + micro_batch] for i in range(0, len(large), micro_batch)]
             value = self.step(None, mean_over_micro_batches(loss, micro))
             live = self.last_estimates[0]
