@@ -186,23 +186,34 @@ class DirectionEngine:
         self._workers.run([self._stretch(i) for i in (range(len(self.params)) if indices is None else indices)],
                           process)
 
-    def perturbed_copy(self, param_index: int, pairs: Sequence[Pair], out: torch.Tensor | None = None) -> torch.Tensor:
+    def perturbed_copy(self, param_index: int, pairs: Sequence[Pair], out: torch.Tensor | None = None,
+                       rows: slice | None = None) -> torch.Tensor:
         """``θ_i + Σ a·z_i(s)`` over ``pairs``, in the parameter's dtype, written into ``out`` (a contiguous
         tensor of the parameter's shape) or a new tensor; θ_i is untouched. One pair is added straight from
-        θ, bit-identical to ``θ + a·z`` computed densely; several are summed in the work dtype first, then rounded once."""
-        param = self.params[param_index].detach()
+        θ, bit-identical to ``θ + a·z`` computed densely; several are summed in the work dtype first, then rounded
+        once. ``rows``: those rows (a step-1 slice along dim 0) of the copy only, z drawn for them alone (``out``
+        shaped like them), equal to the same rows of the whole copy."""
+        param, offset = self._rows_of(param_index, rows)
         out = torch.empty_like(param, memory_format=torch.contiguous_format) if out is None else out
-        self._backend(param).copy(param.reshape(-1), out.view(-1), self._offsets[param_index],
+        self._backend(param).copy(param.reshape(-1), out.view(-1), offset,
                                   [param_key(seed, param_index) for seed, _ in pairs], [alpha for _, alpha in pairs])
         return out
 
-    def perturbed_pair(self, param_index: int, seed: int, eps: float, plus: torch.Tensor, minus: torch.Tensor) -> None:
+    def perturbed_pair(self, param_index: int, seed: int, eps: float, plus: torch.Tensor, minus: torch.Tensor,
+                       rows: slice | None = None) -> None:
         """``plus`` ← θ_i + ε·z_i(seed) and ``minus`` ← θ_i − ε·z_i(seed) (contiguous tensors of the
-        parameter's shape), z generated once; each is bit-identical to :meth:`perturbed_copy` with
-        ``(seed, ±eps)``."""
-        param = self.params[param_index].detach()
-        self._backend(param).pair(param.reshape(-1), plus.view(-1), minus.view(-1), self._offsets[param_index],
+        parameter's shape, or of ``rows``, as in :meth:`perturbed_copy`), z generated once; each is
+        bit-identical to :meth:`perturbed_copy` with ``(seed, ±eps)``."""
+        param, offset = self._rows_of(param_index, rows)
+        self._backend(param).pair(param.reshape(-1), plus.view(-1), minus.view(-1), offset,
                                   param_key(seed, param_index), eps)
+
+    def _rows_of(self, param_index: int, rows: slice | None) -> tuple[torch.Tensor, int]:
+        """The parameter (or its ``rows``) and the flat position in the whole parameter where it starts."""
+        param = self.params[param_index].detach()
+        if rows is None:
+            return param, self._offsets[param_index]
+        return param[rows], self._offsets[param_index] + rows.start * param[0].numel()
 
     def perturbed_rows(self, param_index: int, pairs: Sequence[Pair], rows: torch.Tensor) -> torch.Tensor:
         """Rows ``rows`` (indices along dim 0) of :meth:`perturbed_copy` of a CPU parameter, drawing z for those

@@ -135,6 +135,20 @@ class ModulePerturbation:
                     return self._lookup(index, pairs, input)
 
                 return lookup
+            if _sliced(module, params):
+                weight = self._index_of[id(module.weight)]
+
+                def sliced_forward(input):
+                    if weight in originals:  # a shared weight, already swapped for its copy by another module
+                        return perturbed_forward(input)
+                    def fill(rows, buffer):
+                        self.engine.perturbed_copy(weight, pairs, buffer[0], rows)
+                        return buffer
+
+                    if type(module) is nn.Embedding:
+                        return self._lookup_in_slices(weight, [input], fill)[0]
+                    bias = self._bias_copies(module, [pairs])
+                    return self._linear_in_slices(module, input[None], bias, fill)[0]
 
             def perturbed_forward(*args, **kwargs):
                 for index, param in params:
@@ -149,7 +163,7 @@ class ModulePerturbation:
                             self._recycle(param.data)
                             param.data = originals.pop(index)
 
-            return perturbed_forward
+            return sliced_forward if _sliced(module, params) else perturbed_forward
 
         try:
             with self._replaced_forwards(replacement):
@@ -190,6 +204,8 @@ class ModulePerturbation:
                     raise OptionError(f"dual_forward: {type(module).__name__} got an input of {rows} rows, which does "
                                       "not split into the two stacked copies: its input is not batch-first, so the "
                                       "halves cannot see different weights there: use dual_forward=false for this model")
+                if _sliced(module, params) and not rows_only:
+                    return self._dual_in_slices(module, seed, eps, *args, **kwargs)
                 if type(module) is nn.Linear:
                     return self._dual_linear(module, params, seed, eps, *args, **kwargs)
                 halves = _halves(module, args, kwargs)
@@ -236,6 +252,67 @@ class ModulePerturbation:
                 output = torch.baddbmm(bias.unsqueeze(1), rows, weight.transpose(1, 2))
             return output.view(*input.shape[:-1], module.out_features)
 
+    def _dual_in_slices(self, module: nn.Module, seed: int, eps: float, input: torch.Tensor) -> torch.Tensor:
+        """A large linear layer's or embedding's dual forward slice by slice, both copies of each slice from
+        one generation."""
+        weight = self._index_of[id(module.weight)]
+
+        def fill(rows, buffer):
+            self.engine.perturbed_pair(weight, seed, eps, buffer[0], buffer[1], rows)
+            return buffer
+
+        if type(module) is nn.Embedding:
+            return torch.cat(self._lookup_in_slices(weight, list(input.chunk(2)), fill))
+        bias = self._bias_copies(module, [[(seed, eps)], [(seed, -eps)]])
+        output = self._linear_in_slices(module, input.reshape(2, -1, module.in_features), bias, fill)
+        return output.view(*input.shape[:-1], module.out_features)
+
+    def _linear_in_slices(self, module: nn.Linear, inputs: torch.Tensor, biases, fill) -> torch.Tensor:
+        """``inputs[k] @ W_k.T + b_k`` for stacked inputs [copies, ..., in], W_k built a slice of output rows at a
+        time by ``fill(rows, buffer)`` (buffer [copies, rows, in]) into one recycled buffer: no whole copy of W."""
+        copies = inputs.shape[0]
+        flat = inputs.reshape(copies, -1, module.in_features)
+        output = flat.new_empty(copies, flat.shape[1], module.out_features)
+        for rows in _row_slices(module.weight):
+            buffer = self._copy_buffer(module.weight[rows], copies)
+            try:
+                part = fill(rows, buffer.view(copies, *module.weight[rows].shape))
+                output[:, :, rows] = torch.bmm(flat, part.transpose(1, 2))
+            finally:
+                self._recycle(buffer)
+        if biases is not None:
+            output += biases[:, None, :]
+        return output.view(*inputs.shape[:-1], module.out_features)
+
+    def _lookup_in_slices(self, index: int, inputs: list[torch.Tensor], fill) -> list[torch.Tensor]:
+        """Embedding lookups of each input in its copy of table ``index``, the copies built a slice of rows at
+        a time by ``fill(rows, buffer)`` (buffer [copies, rows, dim]): the rows each slice holds are gathered
+        from it, and no whole copy of the table is held."""
+        table = self.engine.params[index]
+        flats = [input.reshape(-1) for input in inputs]
+        outputs = [table.new_empty(flat.numel(), *table.shape[1:]) for flat in flats]
+        for rows in _row_slices(table):
+            hits = [((flat >= rows.start) & (flat < rows.stop)).nonzero()[:, 0] for flat in flats]
+            if not any(hit.numel() for hit in hits):
+                continue
+            buffer = self._copy_buffer(table[rows], len(inputs))
+            try:
+                part = fill(rows, buffer.view(len(inputs), *table[rows].shape))
+                for k, (flat, hit) in enumerate(zip(flats, hits)):
+                    outputs[k][hit] = part[k][flat[hit] - rows.start]
+            finally:
+                self._recycle(buffer)
+        return [output.view(*input.shape, *table.shape[1:]) for output, input in zip(outputs, inputs)]
+
+    def _bias_copies(self, module: nn.Linear, pairs_per_copy) -> torch.Tensor | None:
+        """A linear layer's bias for each copy: perturbed by that copy's pairs if it is optimized."""
+        if module.bias is None:
+            return None
+        index = self._index_of.get(id(module.bias))
+        if index is None or index in self._held:
+            return module.bias.detach().expand(len(pairs_per_copy), -1)
+        return torch.stack([self.engine.perturbed_copy(index, pairs) for pairs in pairs_per_copy])
+
     @contextmanager
     def _pair_copies(self, params, seed: int, eps: float):
         """For each parameter (by index), its copies θ + εz and θ − εz stacked along a new dim 0 in one recycled
@@ -272,6 +349,25 @@ def _looks_up_rows(module: nn.Module, params) -> bool:
     (on a GPU, a kernel launch per row would cost more)."""
     return (type(module) is nn.Embedding and module.max_norm is None and len(params) == 1
             and params[0][1].device.type == "cpu")
+
+
+# Above this many elements, an optimized linear weight or embedding table is never copied whole: its forward
+# runs on perturbed slices of rows of about this size (a vocabulary-sized head or table of a large model is
+# hundreds of MiB to gigabytes).
+SLICE_ELEMENTS = 1 << 22
+
+
+def _sliced(module: nn.Module, params) -> bool:
+    """A plain linear layer or embedding whose optimized weight is larger than a slice."""
+    if type(module) not in (nn.Linear, nn.Embedding) or getattr(module, "max_norm", None) is not None:
+        return False
+    return any(param is module.weight for _, param in params) and module.weight.numel() > SLICE_ELEMENTS
+
+
+def _row_slices(weight: torch.Tensor) -> list[slice]:
+    """Consecutive slices of rows of ``weight`` of at most :data:`SLICE_ELEMENTS` elements (one row at least)."""
+    step = max(1, SLICE_ELEMENTS // max(1, weight[0].numel()))
+    return [slice(start, min(start + step, weight.shape[0])) for start in range(0, weight.shape[0], step)]
 
 
 def _batch_rows(module: nn.Module, args, kwargs) -> int:
