@@ -7,7 +7,10 @@ The estimator's exact modes (:mod:`zotune.estimators`) run here:
   step with lr = 0 is bit-identical in every dtype. Peak extra memory: one module's parameters (a tied
   parameter, e.g. a shared embedding, stays perturbed until the closure returns). Cost: one generation per
   forward, so a closure that runs several micro-batches regenerates z for each of them. A plain embedding on
-  the CPU perturbs only the rows it looks up.
+  the CPU perturbs only the rows it looks up. A plain linear layer or embedding whose optimized weight is
+  larger than :data:`SLICE_ELEMENTS` is never copied whole: its forward runs on perturbed slices of its rows,
+  one at a time (a vocabulary head's logits slice by slice; a table's lookups gathered from each slice), so
+  the peak extra memory of a model with a large vocabulary is one slice and its largest other module.
 - **dual** (module mode with ``dual_forward``): one forward over the batch stacked twice; each module runs
   its first half on θ_i + εz_i and its second on θ_i − εz_i, both copies built from one generation
   (a linear layer runs both halves as one batched matmul). Exact like module mode, with one generation
