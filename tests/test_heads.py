@@ -12,7 +12,7 @@ from zotune.cli import main
 from zotune.heads import HeadError, encode_fields, encode_masked, label_logits, mask_scores
 from zotune.models import ModelError, load_model
 from zotune.optim import OPTIMIZERS
-from zotune.scoring import classification_loss
+from zotune.scoring import classification_loss, padded_batch
 from zotune.tasks import Example
 
 WORDS = ["it", "was", "great", "terrible", "yes", "no", "maybe", "the", "film"]
@@ -254,3 +254,32 @@ def test_a_dual_forward_run_of_a_head_takes_the_steps_of_separate_forwards(tmp_p
         records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
         losses[dual] = [r[key] for r in records if "loss" in r for key in ("loss_plus", "loss_minus")]
     assert losses["true"] == pytest.approx(losses["false"], rel=0, abs=1e-5)
+
+
+@pytest.mark.parametrize("pooling", ["cls", "mean"])
+def test_a_classifier_run_exports_a_folder_that_transformers_loads_with_the_same_logits(tmp_path, folders, pooling):
+    from safetensors.torch import load_file
+    from transformers import AutoModel, AutoModelForSequenceClassification
+
+    from zotune.config import load_config
+    from zotune.preparation import prepare
+
+    run_dir = tmp_path / pooling
+    assert train(folders["bert", "classifier"], "head=classifier", f"pooling={pooling}", "optimizer=sgd", "lr=0.1",
+                 "steps=2", f"output_dir={run_dir}") == 0
+    prepared = prepare(load_config(run_dir / "config.yaml"))
+    prepared.model.load_state_dict(torch.load(sorted(run_dir.glob("checkpoint-*.pt"))[-1], weights_only=False)["model"])
+    examples = prepared.splits["dev"]
+    input_ids, attention = padded_batch([e.sequences[0] for e in examples], prepared.tokenizer.pad_token_id, "cpu")
+    with torch.no_grad():
+        expected = label_logits(prepared.model.eval(), examples, prepared.tokenizer.pad_token_id)
+        if pooling == "cls":
+            loaded = AutoModelForSequenceClassification.from_pretrained(run_dir / "model").eval()
+            logits = loaded(input_ids=input_ids, attention_mask=attention).logits
+        else:  # as the card says: the body's hidden states averaged over the real tokens, then score.safetensors
+            body = AutoModel.from_pretrained(run_dir / "model").eval()
+            hidden = body(input_ids=input_ids, attention_mask=attention).last_hidden_state
+            weights = attention[..., None].to(hidden.dtype)
+            score = load_file(run_dir / "model" / "score.safetensors")
+            logits = ((hidden * weights).sum(1) / weights.sum(1)) @ score["weight"].T + score["bias"]
+    torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)

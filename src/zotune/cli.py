@@ -33,6 +33,10 @@ def main(argv: list[str] | None = None) -> int:
     evaluate.add_argument("--split", default="test", choices=["train", "dev", "test"])
     evaluate.add_argument("overrides", nargs="*", metavar="key=value")
 
+    exporting = commands.add_parser("export", help="a checkpoint as a Hugging Face folder (from_pretrained, peft)")
+    exporting.add_argument("--checkpoint", required=True, help="a checkpoint-NNNNNN.pt of a run")
+    exporting.add_argument("--out", required=True, help="the folder to write")
+
     data = commands.add_parser("data", help="fetch offline data")
     data.add_argument("action", choices=["fetch"])
     data.add_argument("source", choices=["bigbench"])
@@ -78,6 +82,12 @@ def _run(args) -> int:
         config = load_config(args.config, args.overrides)
         name, value = evaluate_model(config, args.checkpoint, args.split)
         print(f"{args.split} {name} of {args.checkpoint or config.model} on {config.task}: {_pct(value)}")
+    elif args.command == "export":
+        from pathlib import Path
+
+        from .export import export_checkpoint
+
+        print(f"wrote {export_checkpoint(Path(args.checkpoint), Path(args.out))}")
     elif args.command == "data":
         from pathlib import Path
 

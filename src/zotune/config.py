@@ -58,6 +58,9 @@ class TrainConfig:
     fsdp: bool = False  # under torchrun: shard the model over the processes (FSDP2); mezo, adamezo, svrg
     threads: int | None = None
     zero_shot_eval: bool = True
+    export: bool = True  # write the selected model as a Hugging Face folder, model/ in the run folder (see zotune export)
+    merge: bool = False  # trainable=lora: also write the adapter merged into the base model, model/merged
+    logger: str = "none"  # none | tensorboard: also write TensorBoard event files (tensorboard/ in the run folder)
     output_dir: str = "runs/run"
 
     def to_dict(self) -> dict:
@@ -82,7 +85,8 @@ def key_help() -> str:
 NONFINITE_POLICIES = ("stop", "skip")
 CHOICES = {"on_nonfinite": NONFINITE_POLICIES, "loss": ("auto", "classification", "lm"),
            "objective": ("loss", "accuracy", "f1"), "select": ("last", "best_dev"), "head": ("lm", "classifier", "mlm"),
-           "pooling": ("cls", "mean"), "lr_schedule": ("constant", "linear", "cosine")}
+           "pooling": ("cls", "mean"), "lr_schedule": ("constant", "linear", "cosine"),
+           "logger": ("none", "tensorboard")}
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 
 
@@ -164,7 +168,7 @@ def _check_types(config: TrainConfig) -> None:
     for name in ("steps", "batch_size", "keep_checkpoints", "max_length", "max_new_tokens"):
         if getattr(config, name) < 1:
             raise ConfigError(f"config key {name!r} must be at least 1, got {getattr(config, name)}")
-    for name in ("fsdp", "zero_shot_eval"):
+    for name in ("fsdp", "zero_shot_eval", "export", "merge"):
         if not isinstance(getattr(config, name), bool):
             raise ConfigError(f"config key {name!r} must be true or false, got {getattr(config, name)!r}")
     for name, choices in CHOICES.items():

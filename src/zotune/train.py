@@ -27,6 +27,7 @@ from .checkpoints import Checkpoints
 from .config import ConfigError, TrainConfig
 from .distributed import DataParallel, data_parallel, from_environment, full_state_dict, load_full_state_dict, shard_model
 from .errors import NonFiniteGradientError, NonFiniteLossError, TrainingError
+from .export import export, export_problem
 from .lengths import first_order_peak_bytes
 from .metrics_log import MetricsLog, peak_memory_mb
 from .numerics import ProjectedGradientMonitor
@@ -365,4 +366,18 @@ class Run:
         summary.update(metric=self.prepared.metric, zero_shot_dev=zero[0] if zero else None)
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         plot(records, self.run_dir / "plot.png", f"{config.optimizer} on {config.task} ({config.model})")
+        if config.export:
+            self.export(summary)
         return summary
+
+    def export(self, summary: dict) -> None:
+        """The selected weights as a Hugging Face folder, ``model/`` (see :mod:`zotune.export`)."""
+        config = self.config
+        problem = export_problem(config) or ("an FSDP run's model is in shards; its checkpoint holds it whole: "
+                                             "zotune export --checkpoint" if config.fsdp else None)
+        if problem is not None:
+            self.say(f"note: no model/ folder: {problem}")
+            self.metrics.write({"step": summary["steps"], "note": f"not exported: {problem}"})
+            return
+        out = export(self.model, self.prepared.tokenizer, config, self.run_dir / "model", summary)
+        self.say(f"wrote the model of step {summary['selected_step']} as a Hugging Face folder: {out}")

@@ -75,7 +75,7 @@ def main(argv=None):
         # "adamezo@1e-5": that optimizer at that learning rate; "svrg#dense": a label, to run one optimizer twice
         optimizer, _, lr = name.partition("#")[0].partition("@")
         own = [item.split(":", 1)[1] for item in args.set if item.split(":", 1)[0] == name]
-        overrides = [*args.overrides, f"optimizer={optimizer}", f"output_dir={out / name}", *([f"lr={lr}"] if lr else []), *own]
+        overrides = ["export=false", *args.overrides, f"optimizer={optimizer}", f"output_dir={out / name}", *([f"lr={lr}"] if lr else []), *own]
         resolved = load_config(args.config, overrides)  # a bad override fails here, before any run starts
         if not (args.resume and _same_run(resolved, out / name)):
             shutil.rmtree(out / name, ignore_errors=True)  # else the trainer would resume an earlier run there
