@@ -12,8 +12,9 @@ import torch
 class MetricsLog:
     """Append-only JSONL; on resume, records past the checkpoint's step are dropped (they will be redone)."""
 
-    def __init__(self, path: Path, resume_step: int | None, enabled: bool = True) -> None:
+    def __init__(self, path: Path, resume_step: int | None, enabled: bool = True, sinks=()) -> None:
         self.path, self.enabled = path, enabled  # disabled on every rank but the first of a distributed run
+        self.sinks = list(sinks)  # more writers of each record (zotune.tensorboard_log)
         if not enabled:
             return
         if resume_step is None:
@@ -27,6 +28,8 @@ class MetricsLog:
             return
         with open(self.path, "a") as file:
             file.write(json.dumps(record) + "\n")
+        for sink in self.sinks:
+            sink.write(record)
 
     def records(self) -> list[dict]:
         return [json.loads(line) for line in self.path.read_text().splitlines()]

@@ -39,6 +39,7 @@ from .packing import packing_note
 from .preparation import Prepared, cut_warnings, evaluate_model, prepare
 from .selection import DevSelection
 from .signals import RunInterrupted, stop_requests
+from .tensorboard_log import TensorBoardLog
 
 __all__ = ["Checkpoints", "TrainingError", "RunInterrupted", "build_optimizer", "check_fsdp", "evaluate_model",
            "prepare", "split_options", "train"]
@@ -162,8 +163,10 @@ class Run:
         self.selection = DevSelection(self.run_dir, config.select == "best_dev", config.early_stopping_patience)
         self.start_step, self.forward_passes, self.seconds_before, self.skipped_in_a_row = 0, 0, 0.0, 0
         resumed = self._resume()
+        sinks = ([TensorBoardLog(self.run_dir / "tensorboard", self.start_step if resumed else None)]
+                 if config.logger == "tensorboard" and self.main else [])
         self.metrics = MetricsLog(self.run_dir / "metrics.jsonl", self.start_step if resumed else None,
-                                  enabled=self.main)
+                                  enabled=self.main, sinks=sinks)
         packing = packing_note(self.prepared.model, self.prepared.splits["train"]) if config.head == "lm" else None
         for note in [*self.sampler.notes, *cut_warnings(self.prepared.splits, config.max_length, config.head),
                      *filter(None, [packing])]:

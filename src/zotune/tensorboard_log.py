@@ -1,0 +1,48 @@
+"""``logger: tensorboard``: the run's records as TensorBoard scalars, in ``tensorboard/`` of the run folder.
+
+Steps give ``train/<field>`` (loss, the losses at θ ± εz, the projected gradient, lr, peak memory, forward
+passes, seconds) against the step; evaluations give ``<split>/<metric>`` against the step, and again against
+the forward passes and the seconds run so far (``..._by_forward_passes``, ``..._by_seconds``), the axes on
+which zeroth-order and first-order optimizers compare fairly. A resumed run purges what followed its
+checkpoint, as ``metrics.jsonl`` does.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+from .config import ConfigError
+
+STEP_FIELDS = ("loss", "loss_plus", "loss_minus", "projected_grad", "projected_grad_at_anchor", "lr",
+               "peak_memory_mb", "forward_passes", "seconds")
+
+
+class TensorBoardLog:
+    def __init__(self, folder: Path, resume_step: int | None) -> None:
+        if importlib.util.find_spec("tensorboard") is None:
+            raise ConfigError("logger=tensorboard needs the tensorboard package: pip install tensorboard, or set "
+                              "logger=none (metrics.jsonl and plot.png are written either way)")
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(str(folder), purge_step=None if resume_step is None else resume_step + 1)
+        self.last_step: dict = {}
+
+    def write(self, record: dict) -> None:
+        step = record["step"]
+        if "loss" in record:
+            for field in STEP_FIELDS:
+                if isinstance(record.get(field), (int, float)):
+                    self.writer.add_scalar(f"train/{field}", record[field], step)
+            self.last_step = record
+        elif "split" in record and record.get("value") is not None:
+            tag = f"{record['split']}/{record['metric']}"
+            self.writer.add_scalar(tag, record["value"], step)
+            self.writer.add_scalar(f"{tag}_by_forward_passes", record["value"], self.last_step.get("forward_passes", 0))
+            self.writer.add_scalar(f"{tag}_by_seconds", record["value"], round(self.last_step.get("seconds", 0)))
+        else:
+            return
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
