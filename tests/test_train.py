@@ -301,3 +301,14 @@ def test_the_plotted_loss_mean_is_the_mean_of_each_window():
     values = [4.0, 2.0, 6.0, 0.0, 1.0]
     assert moving_mean(values, 3) == pytest.approx([4.0, 3.0, 4.0, 8 / 3, 7 / 3])
     assert moving_mean(values, 1) == values
+
+
+def test_the_dev_metric_is_plotted_against_the_forward_passes_and_seconds_before_it():
+    from zotune.plot import dev_points
+
+    records = [{"step": 0, "split": "dev", "metric": "accuracy", "value": 0.5},
+               {"step": 1, "loss": 1.0, "forward_passes": 2, "seconds": 0.5},
+               {"step": 2, "loss": 0.9, "forward_passes": 4, "seconds": 1.0},
+               {"step": 2, "split": "dev", "metric": "accuracy", "value": 0.75},
+               {"step": 2, "note": "a note"}]
+    assert dev_points(records) == [(0, 0, 0.0, 0.5), (2, 4, 1.0, 0.75)]

@@ -1,5 +1,6 @@
-"""A run's ``plot.png``: the training loss (each batch's, and its moving mean) and the dev metric against
-the step."""
+"""A run's ``plot.png``: the training loss (each batch's, and its moving mean), and the dev metric against
+the step, the forward passes and the seconds run (the axes on which zeroth- and first-order optimizers
+compare fairly)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,17 @@ def moving_mean(values: list[float], window: int) -> list[float]:
     return means
 
 
+def dev_points(records: list[dict]) -> list[tuple[int, int, float, float]]:
+    """(step, forward passes, seconds, value) of each dev evaluation, the counts of the step record before it."""
+    points, last = [], {"forward_passes": 0, "seconds": 0.0}
+    for record in records:
+        if "loss" in record:
+            last = record
+        elif record.get("split") == "dev" and record.get("value") is not None:
+            points.append((record["step"], last["forward_passes"], last["seconds"], record["value"]))
+    return points
+
+
 def plot(records: list[dict], path: Path, title: str) -> None:
     import matplotlib
 
@@ -24,8 +36,9 @@ def plot(records: list[dict], path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     steps = [r for r in records if "loss" in r]
-    dev = [r for r in records if r.get("split") == "dev"]
-    figure, (loss_axis, metric_axis) = plt.subplots(1, 2, figsize=(10, 4))
+    dev = dev_points(records)
+    name = next((r["metric"] for r in records if r.get("split") == "dev"), "accuracy")
+    figure, (loss_axis, *metric_axes) = plt.subplots(1, 4, figsize=(18, 4))
     # A batch's ZO loss is noisy: the moving mean over ~2% of the run is the curve to read.
     window = max(1, len(steps) // 50)
     losses = [r["loss"] for r in steps]
@@ -33,9 +46,9 @@ def plot(records: list[dict], path: Path, title: str) -> None:
     loss_axis.plot([r["step"] for r in steps], moving_mean(losses, window), lw=1.5, label=f"mean of {window} steps")
     loss_axis.set(xlabel="step", ylabel="training loss", title="loss")
     loss_axis.legend()
-    name = dev[0]["metric"] if dev else "accuracy"
-    metric_axis.plot([r["step"] for r in dev], [r["value"] for r in dev], marker="o")
-    metric_axis.set(xlabel="step", ylabel=f"dev {name}", title=name, ylim=(0, 1))
+    for axis, column, label in zip(metric_axes, range(3), ("step", "forward passes", "seconds")):
+        axis.plot([point[column] for point in dev], [point[3] for point in dev], marker="o")
+        axis.set(xlabel=label, ylabel=f"dev {name}", title=f"dev {name} by {label}", ylim=(0, 1))
     figure.suptitle(title)
     figure.tight_layout()
     figure.savefig(path, dpi=100)
