@@ -116,3 +116,25 @@ def test_convert_sdist_builds_deduplicated_splits_from_task_json(tmp_path):
     assert all(row["label"] in ("positive", "negative") and row["sentence"] != "s1" for row in rows)
     premise_rows = (tmp_path / "out/bigbench-presuppositions/dev.jsonl").read_text().splitlines()
     assert json.loads(premise_rows[0]).keys() == {"premise", "hypothesis", "label"}
+
+
+def test_data_fetch_downloads_from_the_index_pip_is_configured_with_and_checks_the_sha256(tmp_path, monkeypatch):
+    from zotune.tasks import bigbench
+
+    index = tmp_path / "mirror" / "bigbench"
+    index.mkdir(parents=True)
+    (index / "bigbench-1.0.0.tar.gz").write_bytes(b"not the real sdist")
+    (index / "index.html").write_text('<a href="bigbench-1.0.0.tar.gz#sha256=00">bigbench-1.0.0.tar.gz</a>')
+    config = tmp_path / "pip.conf"
+    config.write_text(f"[global]\nindex-url = file://{tmp_path / 'mirror'}/\n")
+    monkeypatch.delenv("PIP_INDEX_URL", raising=False)
+    monkeypatch.setenv("PIP_CONFIG_FILE", str(config))
+    assert bigbench.pip_index_url() == f"file://{tmp_path / 'mirror'}/"
+    def served(url, data=None, timeout=None):  # a static mirror: a folder URL serves its index.html
+        path = str(url).removeprefix("file://")
+        return open(path + "index.html" if path.endswith("/") else path, "rb")
+
+    monkeypatch.setattr(bigbench.urllib.request, "urlopen", served)
+    with pytest.raises(DataError, match=f"from file://{tmp_path}/mirror/bigbench/bigbench-1.0.0.tar.gz: sha256 mismatch"):
+        bigbench.download_sdist(tmp_path / "cache")
+    assert not list((tmp_path / "cache").iterdir())  # the bad download is not kept

@@ -1,15 +1,21 @@
 """Offline tasks from BIG-bench (Apache-2.0), read from the task JSON files of its PyPI sdist.
 
 Small seeded extracts ship in ``zotune/tasks/data/bigbench`` (see ATTRIBUTION.md there); the full tasks
-are built by ``zotune data fetch bigbench``, which downloads the sdist (bigbench==1.0.0, 358 MB) from
-PyPI, checks its sha256 and writes MeZO-sized splits (1000/500/1000) into the zotune cache.
+are built by ``zotune data fetch bigbench``, which downloads the sdist (bigbench==1.0.0, 358 MB) from the
+package index pip is configured with (a mirror or proxy a user set for pip applies), checks its sha256 and
+writes MeZO-sized splits (1000/500/1000) into the zotune cache.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
+import shutil
+import subprocess
+import sys
 import tarfile
+import urllib.parse
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
@@ -18,7 +24,8 @@ from ..paths import cache_dir, file_digest
 from .base import DEFAULT_SIZES, SPLITS, DataError, Task, read_rows, split_rows
 
 SDIST_NAME = "bigbench-1.0.0.tar.gz"
-SDIST_INDEX = "https://pypi.org/simple/bigbench/"
+SDIST_SHA256 = "1bb398a5512c6d798cdebe0dfa0ac03f67f6033fa6b39c6ef71df978c7cbc5c2"
+PYPI = "https://pypi.org/simple"
 VENDORED = Path(__file__).parent / "data" / "bigbench"
 VENDORED_SIZES = {"train": 256, "dev": 128, "test": 256}
 
@@ -130,26 +137,46 @@ def _deduplicate(rows: list[dict]) -> list[dict]:
     return [row for key, row in first.items() if len(labels[key]) == 1]
 
 
+def pip_index_url() -> str:
+    """The index pip downloads from here: ``PIP_INDEX_URL``, else pip's configuration (``pip config``: the
+    user's, the site's, the environment's files), else PyPI."""
+    if os.environ.get("PIP_INDEX_URL"):
+        return os.environ["PIP_INDEX_URL"]
+    try:
+        listed = subprocess.run([sys.executable, "-m", "pip", "config", "list"], capture_output=True, text=True,
+                                timeout=60).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return PYPI
+    found = re.findall(r"^(?:global|download)\.index-url='([^']+)'", listed, re.MULTILINE)
+    return found[-1] if found else PYPI
+
+
 def download_sdist(folder: Path) -> Path:
-    """Download the sdist from PyPI (pip cannot: its metadata names a direct-URL dependency) and check it."""
+    """The sdist from pip's index, checked against its pinned sha256. Not by ``pip download``: pip refuses this
+    sdist even with ``--no-deps``, as its metadata declares a direct-URL dependency (bleurt)."""
     target = folder / SDIST_NAME
-    with urllib.request.urlopen(SDIST_INDEX, timeout=60) as response:
-        index = response.read().decode()
-    match = re.search(rf'href="([^"]+/{re.escape(SDIST_NAME)})#sha256=([0-9a-f]+)"', index)
+    if target.is_file() and file_digest(target) == SDIST_SHA256:
+        return target
+    index = f"{pip_index_url().rstrip('/')}/bigbench/"
+    try:
+        with urllib.request.urlopen(index, timeout=60) as response:  # honours http(s)_proxy
+            page = response.read().decode()
+    except OSError as error:
+        raise DataError(f"cannot read the package index {index} ({error}): check pip's index-url and proxy, or "
+                        f"download {SDIST_NAME} yourself and pass --sdist") from None
+    match = re.search(rf'href="([^"#]*{re.escape(SDIST_NAME)})[^"]*"', page)
     if not match:
-        raise DataError(f"{SDIST_INDEX} does not list {SDIST_NAME}")
-    url, sha256 = match.groups()
-    if not (target.is_file() and file_digest(target) == sha256):
-        folder.mkdir(parents=True, exist_ok=True)
-        partial = target.with_suffix(".part")
-        urllib.request.urlretrieve(url, partial)
-        if file_digest(partial) != sha256:
-            partial.unlink()
-            raise DataError(f"{SDIST_NAME}: sha256 mismatch after download; try again")
-        partial.replace(target)
+        raise DataError(f"{index} does not list {SDIST_NAME}: download it yourself and pass --sdist")
+    url = urllib.parse.urljoin(index, match.group(1))
+    folder.mkdir(parents=True, exist_ok=True)
+    partial = target.with_suffix(".part")
+    with urllib.request.urlopen(url, timeout=60) as response, open(partial, "wb") as file:
+        shutil.copyfileobj(response, file)
+    if file_digest(partial) != SDIST_SHA256:
+        partial.unlink()
+        raise DataError(f"{SDIST_NAME} from {url}: sha256 mismatch (expected {SDIST_SHA256}); try again")
+    partial.replace(target)
     return target
-
-
 
 
 def fetch(sdist: Path | None = None) -> dict[str, dict[str, int]]:
