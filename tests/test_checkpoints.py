@@ -74,3 +74,33 @@ def test_a_run_resumes_from_the_older_checkpoint_when_the_newest_is_cut_short(tm
     assert "checkpoint-000004.pt is unusable, its checksum does not match" in capsys.readouterr().out
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4, 5, 6]  # steps 3 and 4 were taken again
+
+
+def test_a_full_disk_while_saving_stops_with_one_line_and_keeps_the_older_checkpoints(tmp_path, capsys, monkeypatch):
+    import errno
+
+    from zotune import checkpoints
+
+    args = ["train", "model=random:tiny", "num_train=16", "num_dev=8", "num_test=8", "batch_size=4", "max_length=48",
+            "optimizer=mezo", "lr=5e-3", "eval_every=0", "checkpoint_every=1", "export=false", f"output_dir={tmp_path}"]
+    real_save, saves = torch.save, []
+
+    def filling_up(state, file):  # the third checkpoint finds the disk full halfway through
+        saves.append(1)
+        if len(saves) == 3:
+            file.write(b"x" * 100)
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_save(state, file)
+
+    monkeypatch.setattr(checkpoints.torch, "save", filling_up)
+    capsys.readouterr()
+    assert main([*args, "steps=4"]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith(("zotune:", "Traceback"))]
+    assert len(err) == 1 and err[0].startswith("zotune: error: cannot save checkpoint-000003.pt")
+    assert "No space left on device" in err[0] and "checkpoint-000001.pt, checkpoint-000002.pt" in err[0]
+    assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == [
+        "checkpoint-000001.pt", "checkpoint-000001.pt.sha256", "checkpoint-000002.pt", "checkpoint-000002.pt.sha256"]
+    monkeypatch.setattr(checkpoints.torch, "save", real_save)
+    assert main([*args, "steps=4"]) == 0  # space freed: resumes from step 2
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4]

@@ -79,8 +79,18 @@ class Checkpoints:
         return sorted(self.folder.glob("checkpoint-[0-9]*.pt"))
 
     def save(self, step: int, state: dict) -> Path:
+        """Writes the checkpoint of ``step``, then drops the oldest beyond ``keep``. A write that fails (a full
+        disk) removes what it left and keeps every older checkpoint, and stops the run with a one-line error."""
         target = self.folder / f"checkpoint-{step:06d}.pt"
-        save_atomically(state, target)
+        try:
+            save_atomically(state, target)
+        except OSError as error:
+            for left in (target.with_suffix(".pt.tmp"), checksum_path(target.with_suffix(".pt.tmp"))):
+                left.unlink(missing_ok=True)
+            kept = ", ".join(path.name for path in self.paths() if path != target) or "none"
+            raise TrainingError(f"cannot save {target.name} in {self.folder}: {error.strerror or error}; the checkpoints "
+                                f"kept ({kept}) are untouched: free some space and run the same command to resume "
+                                "from the newest") from None
         for old in self.paths()[: -self.keep]:
             old.unlink()
             checksum_path(old).unlink(missing_ok=True)

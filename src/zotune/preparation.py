@@ -35,7 +35,12 @@ def resolve_device(name: str) -> torch.device:
     """``auto``: the GPU when there is one (under torchrun, the rank's own: from_environment selected it)."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise ConfigError(f"device {name!r} is not a device: use auto, cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ConfigError(f"device {name!r}: zotune runs on cpu or cuda; use auto, cpu, cuda or cuda:N")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"device {name!r}: this machine has no CUDA device; use device=cpu or device=auto")
     if device.type == "cuda" and device.index is None:
