@@ -49,16 +49,19 @@ def test_speed_ratios_are_taken_against_the_forwards_beside_each_item(monkeypatc
     assert ratios == {"step": [3.0, 3.0], "sweep": [0.5, 0.5]}
 
 
-def test_demo_runs_both_recipes_and_writes_the_table(tmp_path, monkeypatch, capsys):
+def test_demo_runs_the_three_recipes_and_writes_the_table_and_plot(tmp_path, monkeypatch, capsys):
     repository = os.getcwd()
     monkeypatch.chdir(tmp_path)
     os.symlink(os.path.join(repository, "configs"), tmp_path / "configs")
     demo.main(["model=random:tiny", "steps=4", "num_train=16", "num_dev=8", "num_test=8", "eval_every=2"])
     table = (tmp_path / "runs" / "demo.md").read_text()
-    assert "| ip-sgd | 4 |" in table and "| mezo | 4 |" in table
-    for run in ("demo-ipsgd", "demo-mezo"):
+    assert "| ip-sgd | 4 |" in table and "| mezo | 4 |" in table and "| addax | 4 |" in table
+    assert "peak memory (MiB)" in table
+    for run in ("demo-ipsgd", "demo-mezo", "demo-addax"):
         assert (tmp_path / "runs" / run / "plot.png").is_file()
-        assert json.loads((tmp_path / "runs" / run / "summary.json").read_text())["steps"] == 4
+        summary = json.loads((tmp_path / "runs" / run / "summary.json").read_text())
+        assert summary["steps"] == 4 and f"| {summary['peak_memory_mb']:.0f} |" in table
+    assert (tmp_path / "runs" / "demo.png").stat().st_size > 1000
     assert table.strip() in capsys.readouterr().out
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -159,13 +160,27 @@ def _check_types(config: TrainConfig) -> None:
     for name, expected in (("lr", float), ("weight_decay", float), ("outlier_factor", float),
                            ("max_skipped_steps", int), ("steps", int), ("batch_size", int),
                            ("eval_every", int), ("checkpoint_every", int), ("keep_checkpoints", int), ("seed", int),
-                           ("max_length", int), ("max_new_tokens", int), ("warmup_steps", int)):
+                           ("max_length", int), ("max_new_tokens", int), ("warmup_steps", int),
+                           ("eval_batch_size", int)):
         value = getattr(config, name)
         if expected is float and isinstance(value, int) and not isinstance(value, bool):
             setattr(config, name, float(value))
         elif not isinstance(value, expected) or isinstance(value, bool):
             raise ConfigError(f"config key {name!r} must be {expected.__name__}, got {value!r}")
-    for name in ("steps", "batch_size", "keep_checkpoints", "max_length", "max_new_tokens"):
+    for name, definition in FIELDS.items():
+        if isinstance(definition.default, str) and not isinstance(getattr(config, name), str):
+            raise ConfigError(f"config key {name!r} must be text, got {getattr(config, name)!r}")
+    for name in ("num_train", "num_dev", "num_test", "threads"):
+        value = getattr(config, name)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise ConfigError(f"config key {name!r} must be a whole number >= 1 or null, got {value!r}")
+    for name in ("lr", "weight_decay", "outlier_factor"):
+        if not (math.isfinite(getattr(config, name)) and getattr(config, name) >= 0):
+            raise ConfigError(f"config key {name!r} must be a finite number >= 0, got {getattr(config, name)!r}")
+    for name in ("eval_every", "checkpoint_every"):
+        if getattr(config, name) < 0:
+            raise ConfigError(f"config key {name!r} must be >= 0 (0: never during training), got {getattr(config, name)}")
+    for name in ("steps", "batch_size", "keep_checkpoints", "max_length", "max_new_tokens", "eval_batch_size"):
         if getattr(config, name) < 1:
             raise ConfigError(f"config key {name!r} must be at least 1, got {getattr(config, name)}")
     for name in ("fsdp", "zero_shot_eval", "export", "merge"):

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .errors import OptionError
+
 # Model types whose transformers implementation takes a custom 4-D mask as is and uses the position ids it is
 # given (tested against one sequence per candidate in tests/test_packing.py).
 BLOCK_MASK_MODELS = frozenset({"llama", "mistral", "qwen2", "qwen3", "gemma", "gpt2", "opt"})
@@ -61,7 +63,7 @@ def pack(examples: Sequence, pad_id: int, block_mask: bool) -> PackedBatch:
             owner += 1
         for prompt, candidates in groups.items():
             if not prompt:
-                raise ValueError("a candidate has no prompt before it, so nothing predicts its first token: give every "
+                raise OptionError("a candidate has no prompt before it, so nothing predicts its first token: give every "
                                  "example a prompt (or use a tokenizer that adds a BOS token)")
             single = [c for c in candidates if len(c[1]) == 1]
             several = [c for c in candidates if len(c[1]) > 1]

@@ -18,8 +18,14 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .errors import ZotuneError
 from .packing import pack, takes_block_mask
 from .tasks import Example
+
+
+class EncodingError(ZotuneError, ValueError):
+    """An example that cannot be encoded for scoring (a candidate that is empty or too long); the message says
+    which and what to change."""
 
 
 @dataclass(frozen=True)
@@ -48,10 +54,11 @@ def encode(tokenizer, example: Example, max_length: int) -> EncodedExample:
     for candidate in example.candidates:
         ids = tokenizer(candidate, add_special_tokens=False)["input_ids"]
         if not ids:
-            raise ValueError(f"candidate {candidate!r} tokenizes to nothing: give every candidate some text")
+            raise EncodingError(f"candidate {candidate!r} tokenizes to nothing: give every candidate some text")
         keep = max_length - len(ids)
         if keep < 1:
-            raise ValueError(f"candidate {candidate!r} has {len(ids)} tokens, more than max_length={max_length}")
+            raise EncodingError(f"candidate {candidate!r} has {len(ids)} tokens, more than max_length={max_length}: "
+                                "raise max_length")
         truncated |= len(prompt) > keep
         sequences.append(tuple(prompt[-keep:] + ids))
         lengths.append(len(ids))
