@@ -122,7 +122,7 @@ def test_memory_benchmark_orders_addax_between_mezo_and_sgd(tmp_path, capsys):
 
     assert main(["bench", "memory", "--config", "configs/addax-sentiment.yaml", "--optimizers", "inference,mezo,addax,sgd",
                  "--out", str(tmp_path), "model=random:tiny", "max_length=600", "optimizer_options.L_T=150",
-                 "optimizer_options.K0=8", "optimizer_options.K1=4", "num_train=64", "num_dev=4", "num_test=4"]) == 0
+                 "optimizer_options.K0=16", "optimizer_options.K1=4", "num_train=128", "num_dev=4", "num_test=4"]) == 0
     results = json.loads((tmp_path / "memory.json").read_text())["results"]
     extra = {name: r["peak_bytes"] - r["baseline_bytes"] for name, r in results.items()}
     assert min(results["addax"]["batch"]["long"]) > 150 >= max(results["addax"]["batch"]["short"])
