@@ -138,7 +138,8 @@ class ModulePerturbation:
                     return self._lookup(index, pairs, input)
 
                 return lookup
-            if _sliced(module, params):
+            sliced = _sliced(module, params)
+            if sliced:
                 weight = self._index_of[id(module.weight)]
 
                 def sliced_forward(input):
@@ -166,7 +167,7 @@ class ModulePerturbation:
                             self._recycle(param.data)
                             param.data = originals.pop(index)
 
-            return sliced_forward if _sliced(module, params) else perturbed_forward
+            return sliced_forward if sliced else perturbed_forward
 
         try:
             with self._replaced_forwards(replacement):

@@ -90,22 +90,23 @@ def separate_candidate_scores(model: nn.Module, examples: Sequence[EncodedExampl
     """:func:`candidate_scores` with every candidate its own sequence, its prompt run once per candidate (the
     scoring of MeZO's code, with logits at the candidates' positions only): the reference the benchmark and
     the tests compare the packed scorer with."""
-    rows = [(seq, n) for example in examples for seq, n in zip(example.sequences, example.candidate_lengths)]
     device = next(model.parameters()).device
-    input_ids, attention = padded_batch([seq for seq, _ in rows], pad_id, device)
-    row_index, position, target = [], [], []
-    for r, (seq, n) in enumerate(rows):
-        for t in range(len(seq) - n, len(seq)):  # hidden state at t-1 predicts token t
-            row_index.append(r)
-            position.append(t - 1)
-            target.append(seq[t])
-    rows_t = torch.tensor(row_index, device=device)
+    input_ids, attention, (rows, positions, targets) = one_row_per_candidate(examples, pad_id, device)
     with gathered(model):
         hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention).last_hidden_state
-        picked = hidden[rows_t, torch.tensor(position, device=device)]
-        log_probs = torch.log_softmax(model.get_output_embeddings()(picked).float(), dim=-1)
-    token_scores = log_probs.gather(1, torch.tensor(target, device=device)[:, None])[:, 0]
-    return candidate_means(examples, rows_t, token_scores)
+        log_probs = torch.log_softmax(model.get_output_embeddings()(hidden[rows, positions]).float(), dim=-1)
+    return candidate_means(examples, rows, log_probs.gather(1, targets[:, None])[:, 0])
+
+
+def one_row_per_candidate(examples: Sequence[EncodedExample], pad_id: int, device):
+    """Every candidate its own sequence (prompt + candidate), padded: input ids, attention mask, and for each
+    candidate token its row (the candidate's index), the position that predicts it and the token."""
+    sequences = [seq for example in examples for seq in example.sequences]
+    lengths = [n for example in examples for n in example.candidate_lengths]
+    input_ids, attention = padded_batch(sequences, pad_id, device)
+    reads = [(r, t - 1, seq[t]) for r, (seq, n) in enumerate(zip(sequences, lengths))  # state at t-1 predicts t
+             for t in range(len(seq) - n, len(seq))]
+    return input_ids, attention, torch.tensor(reads, device=device).T
 
 
 def candidate_means(examples: Sequence[EncodedExample], owners: torch.Tensor, token_scores: torch.Tensor):

@@ -35,7 +35,8 @@ from pathlib import Path
 import torch
 
 from ..config import ConfigError
-from ..scoring import accuracy, candidate_means, candidate_scores, padded_batch, separate_candidate_scores
+from ..scoring import (accuracy, candidate_means, candidate_scores, one_row_per_candidate,
+                       separate_candidate_scores)
 from .report import write_report
 from .speed import bracketed_timings, reference_mezo_step, spread
 
@@ -46,15 +47,10 @@ STEPS = 2  # an item: two steps from the same sampler state
 def reference_scores(model, examples, pad_id) -> torch.Tensor:
     """Candidate scores as MeZO's code computes them: every candidate its own sequence, the model's full
     logits over every position and the whole vocabulary, then the candidate's tokens picked out."""
-    rows = [(seq, n) for example in examples for seq, n in zip(example.sequences, example.candidate_lengths)]
-    input_ids, attention = padded_batch([seq for seq, _ in rows], pad_id, next(model.parameters()).device)
+    input_ids, attention, (rows, positions, targets) = one_row_per_candidate(examples, pad_id,
+                                                                             next(model.parameters()).device)
     log_probs = torch.log_softmax(model(input_ids=input_ids, attention_mask=attention).logits.float(), dim=-1)
-    owners, scores = [], []
-    for r, (seq, n) in enumerate(rows):
-        for t in range(len(seq) - n, len(seq)):
-            owners.append(r)
-            scores.append(log_probs[r, t - 1, seq[t]])
-    return candidate_means(examples, torch.tensor(owners, device=log_probs.device), torch.stack(scores))
+    return candidate_means(examples, rows, log_probs[rows, positions, targets])
 
 
 def in_order_accuracy(model, examples, pad_id, batch_size) -> float:
