@@ -76,6 +76,15 @@ def test_offline_hub_id_is_a_clear_error(monkeypatch):
         load_model("some-org/not-a-cached-model")
 
 
+@pytest.mark.parametrize("name,message", [("", "model is empty"), (" ", "model is empty"),
+                                          (":", "is not a local folder, a built-in model"),
+                                          ("a..b", "is not a local folder, a built-in model")])
+def test_names_that_are_no_model_are_one_line_errors(name, message):
+    # "" was read as the working directory, ":" reached the hub client's own validation error.
+    with pytest.raises(ModelError, match=message):
+        load_model(name)
+
+
 def test_random_model_with_byte_tokenizer_and_dtypes():
     model, tokenizer = load_model("random:tiny", dtype="bf16")
     assert model.dtype == torch.bfloat16 and model.config.vocab_size == len(tokenizer) == 258

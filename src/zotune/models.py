@@ -85,6 +85,9 @@ def load_model(name: str, dtype: str = "fp32", head: str = "lm", labels: int | N
         raise ModelError(f"unknown dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
     if head == "classifier" and not labels:
         raise ModelError("head=classifier needs the number of labels")
+    if not name.strip():
+        raise ModelError("model is empty: name a built-in model (e.g. smollm2-135m), random:<shape>, a local folder or "
+                         "a hub id")
     from transformers import AutoTokenizer
 
     if name.startswith("random:"):
@@ -147,6 +150,13 @@ def _model_path(name: str, head: str) -> Path | str:
     if name.startswith(("/", "./", "../", "~")) or name.count("/") > 1 or Path(name).exists():
         raise ModelError(f"model {name!r}: no such model folder (a folder saved with save_pretrained, the built-in "
                          f"{BUILTIN!r} or {ENCODER!r}, random:<shape> or a hub id like org/name)")
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        raise ModelError(f"model {name!r} is not a local folder, a built-in model ({BUILTIN!r}, {ENCODER!r}), "
+                         "random:<shape> or a hub id like org/name") from None
     if os.environ.get("HF_HUB_OFFLINE") == "1" and not _in_hub_cache(name):
         raise ModelError(f"model {name!r} is neither a local folder nor built in ({BUILTIN!r}, {ENCODER!r}), and the "
                          "hub is offline (HF_HUB_OFFLINE=1): pass a folder saved with save_pretrained")
