@@ -1,3 +1,4 @@
+import copy
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -70,7 +71,7 @@ def resume_and_compare(build_optimizer, batch, steps_before: int, steps_after: i
     for _ in range(steps_before):
         optimizer.step(lambda: lm_loss(model, batch))
     saved_params = {n: p.detach().clone() for n, p in model.state_dict().items()}
-    saved_state = optimizer.state_dict()
+    saved_state = copy.deepcopy(optimizer.state_dict())  # a snapshot: dense state is updated in place, as in torch
     for _ in range(steps_after):
         optimizer.step(lambda: lm_loss(model, batch))
     resumed_model = random_llama("tiny", seed=123)

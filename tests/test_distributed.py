@@ -26,10 +26,15 @@ OPTIMIZERS = {  # name: (options, which closure(s) each step takes)
     "svrg": dict(lr=1e-2, anchor_lr=1e-2, eps=1e-3),
     "ip-sgd": dict(lr=1e-1),
     "addax": dict(lr=1e-1, alpha=0.3, eps=1e-3),
+    "zo-sign": dict(lr=1e-3, eps=1e-3),
+    "zo-momentum": dict(lr=1e-2, eps=1e-3),
+    "zo-adam": dict(lr=1e-3, eps=1e-3),
+    "zo-cons": dict(lr=1e-2, eps=1e-3),
+    "forward-grad": dict(lr=1e-2),
 }
 
 
-FSDP = ("mezo", "adamezo", "svrg")
+FSDP = ("mezo", "adamezo", "svrg", "zo-sign", "zo-cons")
 
 
 def run_steps(name, model, batch, shard=lambda rows: rows, group=None, params=None):
@@ -105,6 +110,9 @@ def test_zeroth_order_steps_communicate_only_their_losses(two_rank_results):
     _, ranks = two_rank_results
     sent = {name: ranks[0][name][1] for name in OPTIMIZERS}
     assert sent["mezo"] == sent["adamezo"] == STEPS * 2 * 8  # L+ and L−, two float64 per step
+    assert sent["zo-sign"] == sent["zo-momentum"] == sent["zo-adam"] == STEPS * 2 * 8  # dense state: kept by each rank
+    assert sent["zo-cons"] == STEPS * 5 * 8  # L(θ), L+, L−, and the loss at each candidate
+    assert sent["forward-grad"] == STEPS * 2 * 8  # the loss and the directional derivative
     assert sent["svrg"] == 8 * 2 * (1 + 2 + 1)  # anchor steps 0 and 2: one estimate; step 1: two
     parameter_bytes = sum(p.numel() * 8 for p in random_llama("tiny", dtype=torch.float64).parameters())
     assert sent["ip-sgd"] == STEPS * (8 + parameter_bytes)  # the loss, then every gradient once
@@ -186,7 +194,7 @@ def test_fsdp_options_that_cannot_work_are_one_line_errors():
     group = DataParallel(rank=0, world_size=2)
     with pytest.raises(ConfigError, match="fsdp: true shards the model over processes: launch with torchrun"):
         check_fsdp(load_config(None, ["fsdp=true"]), None)
-    for overrides, message in [(["optimizer=ip-sgd"], "supports the optimizers mezo, adamezo, svrg .*got 'ip-sgd'"),
+    for overrides, message in [(["optimizer=ip-sgd"], "supports the optimizers mezo, adamezo, svrg, zo-sign, zo-cons .*got 'ip-sgd'"),
                                (["optimizer=svrg", "optimizer_options.memory=dense"], "got 'svrg' with memory=dense"),
                                (["trainable=lora"], "supports trainable=full, got 'lora'")]:
         with pytest.raises(ConfigError, match=message):

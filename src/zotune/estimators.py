@@ -2,7 +2,9 @@
 and :func:`mean_over_micro_batches`, the closure of gradient accumulation.
 
 ``c = (L(θ+εz) − L(θ−εz)) / 2ε`` estimates the directional derivative along ``z``; ``c·z`` is the
-zeroth-order gradient, kept as the pair ``(seed, c)``.
+zeroth-order gradient, kept as the pair ``(seed, c)``. ``difference="forward"`` takes the one-sided
+``(L(θ+εz) − L(θ)) / ε`` instead (the ZO benchmark's option): a bias of order ε·zᵀHz against the central
+difference's ε², for one forward of θ that every direction of a step shares.
 
 Perturbation modes:
 
@@ -37,19 +39,25 @@ from .perturbation import ModulePerturbation
 Closure = Callable[[], "torch.Tensor | float"]
 
 
+DIFFERENCES = ("central", "forward")
+
+
 @dataclass
 class Estimate:
-    """One two-point estimate. ``restore`` lists pairs the caller must still apply (inplace mode)."""
+    """One two-point estimate. ``restore`` lists pairs the caller must still apply (inplace mode). One-sided
+    (``one_sided``): ``loss_minus`` is the loss at the unperturbed point. ``forwards``: the forwards it ran."""
 
     seed: int
     eps: float
     loss_plus: float
     loss_minus: float
     restore: list[Pair] = field(default_factory=list)
+    one_sided: bool = False
+    forwards: int = 2
 
     @property
     def projected_gradient(self) -> float:
-        return (self.loss_plus - self.loss_minus) / (2.0 * self.eps)
+        return (self.loss_plus - self.loss_minus) / (self.eps if self.one_sided else 2.0 * self.eps)
 
 
 class TwoPointEstimator:
@@ -57,14 +65,20 @@ class TwoPointEstimator:
     the closure runs without dropout (see the module docstring)."""
 
     def __init__(self, engine: DirectionEngine, eps: float, model: nn.Module | None = None,
-                 dual_forward: bool = False, in_place: bool = False) -> None:
+                 dual_forward: bool = False, in_place: bool = False, difference: str = "central") -> None:
         if not eps > 0:
             raise OptionError(f"eps must be positive, got {eps}: the paper default is 1e-3")
         if dual_forward and (model is None or in_place):
             raise OptionError("dual_forward=True evaluates θ+εz and θ−εz inside the model's modules: pass the "
                               "model, not its parameters, with module perturbation")
+        if difference not in DIFFERENCES:
+            raise OptionError(f"difference must be central or forward (one-sided), got {difference!r}")
+        if dual_forward and difference == "forward":
+            raise OptionError("dual_forward=True evaluates θ+εz and θ−εz together, a central difference: drop "
+                              "dual_forward, or use difference=central")
         self.engine = engine
         self.eps = eps
+        self.one_sided = difference == "forward"
         self.dual_forward = dual_forward
         # Data parallel: replaces this rank's (L+, L−) by the means over the ranks (zotune.distributed).
         self.reduce: Callable[[list[float]], list[float]] | None = None
@@ -72,10 +86,21 @@ class TwoPointEstimator:
         self.module_perturbation = ModulePerturbation(engine, model) if model is not None and not in_place else None
 
     def estimate(self, closure: Closure, seed: int, step: int, fuse_restore: bool = False,
-                 base: Sequence[Pair] = ()) -> Estimate:
+                 base: Sequence[Pair] = (), only: frozenset[int] | None = None,
+                 loss_here: float | None = None) -> Estimate:
         """Two loss evaluations along ``z(seed)``, around θ + Σ a·z(s) over the ``base`` pairs (default: θ).
         In inplace mode with ``fuse_restore`` the parameters are left at θ−εz and ``Estimate.restore`` holds
-        the pair that brings them back; with a ``base`` they are moved there and back (rounding drift)."""
+        the pair that brings them back; with a ``base`` they are moved there and back (rounding drift).
+        ``only``: the engine indices perturbed (a block-wise estimate; module mode). One-sided: ``loss_here``
+        is the loss at the point itself when the caller has it (one forward saved), else it is evaluated."""
+        if self.one_sided:
+            return self._one_sided(closure, seed, step, base, only, loss_here)
+        if only is not None:
+            with self.module_perturbation([*base, (seed, self.eps)], only):
+                loss_plus = self._evaluate(closure)
+            with self.module_perturbation([*base, (seed, -self.eps)], only):
+                loss_minus = self._evaluate(closure)
+            return self._checked(Estimate(seed, self.eps, *self._reduced(loss_plus, loss_minus)), step)
         if self.dual_forward and not base:
             with self.module_perturbation.dual(seed, self.eps):
                 loss_plus, loss_minus = self._evaluate_copies(closure)
@@ -107,9 +132,50 @@ class TwoPointEstimator:
             if not fuse_restore or not _finite(estimate):
                 self.engine.apply(estimate.restore)
                 estimate.restore = []
+        return self._checked(estimate, step)
+
+    def _one_sided(self, closure: Closure, seed: int, step: int, base: Sequence[Pair], only: frozenset[int] | None,
+                   loss_here: float | None) -> Estimate:
+        forwards = 1 if loss_here is not None else 2
+        if loss_here is None:
+            loss_here = self.loss_at(closure, base, step)
+        plus = [*base, (seed, self.eps)]
+        if self.module_perturbation is not None:
+            with self.module_perturbation(plus, only):
+                loss_plus = self._evaluate(closure)
+        else:
+            loss_plus = self._evaluate_in_place(closure, plus)
+        loss_plus = loss_plus if self.reduce is None else self.reduce([loss_plus])[0]
+        return self._checked(Estimate(seed, self.eps, loss_plus, loss_here, one_sided=True, forwards=forwards), step)
+
+    def loss_at(self, closure: Closure, pairs: Sequence[Pair] = (), step: int = 0) -> float:
+        """The loss at θ + Σ a·z(s) over ``pairs`` (θ itself for none), without dropout, averaged over the ranks
+        (data parallel); in module mode the stored weights are not touched, in place they are moved there and
+        back (rounding drift)."""
+        if not pairs:
+            value = self._evaluate(closure)
+        elif self.module_perturbation is not None:
+            with self.module_perturbation(list(pairs)):
+                value = self._evaluate(closure)
+        else:
+            value = self._evaluate_in_place(closure, pairs)
+        value = value if self.reduce is None else self.reduce([value])[0]
+        if not math.isfinite(value):
+            raise NonFiniteLossError(step, {"loss": value})
+        return value
+
+    def _evaluate_in_place(self, closure: Closure, pairs: Sequence[Pair]) -> float:
+        self.engine.apply(pairs)
+        try:
+            return self._evaluate(closure)
+        finally:
+            self.engine.apply([(s, -a) for s, a in pairs])
+
+    @staticmethod
+    def _checked(estimate: Estimate, step: int) -> Estimate:
         if not _finite(estimate):
             raise NonFiniteLossError(step, {"loss+": estimate.loss_plus, "loss-": estimate.loss_minus,
-                                            "projected gradient": estimate.projected_gradient}, seed)
+                                            "projected gradient": estimate.projected_gradient}, estimate.seed)
         return estimate
 
     def _reduced(self, loss_plus: float, loss_minus: float) -> list[float]:

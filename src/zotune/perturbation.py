@@ -125,7 +125,9 @@ class ModulePerturbation:
                 self._recycle(copy)
 
     @contextmanager
-    def __call__(self, pairs: Sequence[Pair]):
+    def __call__(self, pairs: Sequence[Pair], only: frozenset[int] | None = None):
+        """Forwards at θ + Σ a·z(s); ``only``: the engine indices of the parameters perturbed (a block-wise
+        estimate's block, whole modules), the others left at θ."""
         originals: dict[int, torch.Tensor] = {}  # shared parameters stay perturbed until the context exits
 
         def replacement(module, params, forward):
@@ -170,7 +172,7 @@ class ModulePerturbation:
             return sliced_forward if sliced else perturbed_forward
 
         try:
-            with self._replaced_forwards(replacement):
+            with self._replaced_forwards(replacement, only):
                 yield
         finally:
             for index, original in originals.items():
@@ -332,10 +334,13 @@ class ModulePerturbation:
                 self._recycle(buffer)
 
     @contextmanager
-    def _replaced_forwards(self, replacement):
-        """Every owning module's forward ← ``replacement(module, its parameters, its forward)``."""
+    def _replaced_forwards(self, replacement, only: frozenset[int] | None = None):
+        """Every owning module's forward ← ``replacement(module, its parameters, its forward)``; with ``only``,
+        the modules that own those parameters."""
         replaced = []
         for module, params in self.owned:
+            if only is not None and not any(index in only for index, _ in params):
+                continue
             replaced.append((module, module.__dict__.get("forward")))
             module.forward = replacement(module, params, module.forward)
         try:

@@ -12,7 +12,6 @@ The recipe knows no optimizer by name or type: it asks the optimizer (the traini
 
 from __future__ import annotations
 
-import inspect
 import json
 import os
 import signal
@@ -33,6 +32,7 @@ from .metrics_log import MetricsLog, peak_memory_mb
 from .numerics import ProjectedGradientMonitor
 from .optim import resolve
 from .optim.params import fsdp_optimizers, trainable_groups
+from .optim.protocol import option_names
 from .plot import plot
 from .schedules import Schedule
 from .packing import packing_note
@@ -61,9 +61,9 @@ def build_optimizer(config: TrainConfig, model) -> torch.optim.Optimizer:
     options, _ = split_options(config)
     if cls.takes_seed:
         options.setdefault("seed", config.seed)
-    accepted = inspect.signature(cls).parameters
+    accepted = option_names(cls)
     unknown = [name for name in options if name not in accepted]
-    if unknown and not any(p.kind is p.VAR_KEYWORD for p in accepted.values()):
+    if unknown:
         known = [name for name in accepted if name not in ("self", "params", "params_or_model", "lr", "weight_decay")]
         raise ConfigError(f"optimizer {config.optimizer!r} has no option {unknown[0]!r} (optimizer_options): "
                           f"it takes {', '.join(known)}")

@@ -9,16 +9,26 @@ from ..errors import OptionError
 from .adamezo import AdaMeZO
 from .addax import Addax
 from .first_order import SGD, Adam
+from .forward_grad import ForwardGrad
 from .inplace_sgd import InPlaceSGD
 from .mezo import MeZO
 from .params import is_decayed, trainable_groups
 from .svrg import MeZOSVRG
+from .zo_adam import ZOAdam
+from .zo_conservative import ZOSGDConservative
+from .zo_momentum import ZOSGDMomentum
+from .zo_sign import ZOSGDSign
 
 OPTIMIZERS = {
     "mezo": MeZO,
     "adamezo": AdaMeZO,
     "addax": Addax,
     "svrg": MeZOSVRG,
+    "zo-sign": ZOSGDSign,
+    "zo-momentum": ZOSGDMomentum,
+    "zo-cons": ZOSGDConservative,
+    "zo-adam": ZOAdam,
+    "forward-grad": ForwardGrad,
     "ip-sgd": InPlaceSGD,
     "sgd": SGD,
     "adam": Adam,
@@ -43,5 +53,5 @@ def create_optimizer(name: str, model: nn.Module, **hyperparameters):
     return cls(model, **{key: value for key, value in options.items() if key not in cls.data_options})
 
 
-__all__ = ["ALIASES", "OPTIMIZERS", "SGD", "AdaMeZO", "Adam", "Addax", "InPlaceSGD", "MeZO", "MeZOSVRG",
-           "create_optimizer", "is_decayed", "resolve", "trainable_groups"]
+__all__ = ["ALIASES", "OPTIMIZERS", "SGD", "AdaMeZO", "Adam", "Addax", "ForwardGrad", "InPlaceSGD", "MeZO", "MeZOSVRG",
+           "ZOAdam", "ZOSGDConservative", "ZOSGDMomentum", "ZOSGDSign", "create_optimizer", "is_decayed", "resolve", "trainable_groups"]

@@ -62,6 +62,8 @@ class MeZO(ZerothOrder):
         perturbation: ``"module"`` (each module runs on perturbed copies of its parameters; needs the model, and
             refuses FSDP2 shards) or ``"inplace"`` (the parameters moved to θ±εz and back, the paper's scheme);
             None: module given the model, inplace given parameters.
+        difference: ``"central"`` (the paper's two-sided difference) or ``"forward"``: c_j = (L(θ+εz_j) − L(θ))/ε,
+            one forward at θ shared by the step's n directions (n + 1 forwards a step).
     """
 
     variants = {"dual": {"dual_forward": True}, "inplace": {"perturbation": "inplace"}}
@@ -78,34 +80,46 @@ class MeZO(ZerothOrder):
         num_threads: int | None = None,
         dual_forward: bool = False,
         perturbation: str | None = None,
+        difference: str = "central",
     ) -> None:
         if not (isinstance(n_directions, int) and n_directions >= 1):
             raise OptionError(f"n_directions must be a positive integer, got {n_directions!r}")
         super().__init__(params_or_model, lr=lr, eps=eps, weight_decay=weight_decay, distribution=distribution,
-                         seed=seed, num_threads=num_threads, dual_forward=dual_forward, perturbation=perturbation)
+                         seed=seed, num_threads=num_threads, dual_forward=dual_forward, perturbation=perturbation,
+                         difference=difference)
         self.n_directions = n_directions
 
     @torch.no_grad()
     def step(self, closure: Closure) -> float:  # type: ignore[override]
         if closure is None:
             raise TypeError("MeZO.step needs a closure that returns the loss (without calling backward)")
-        step = self.state["zo"]["step"]
-        estimates = []
-        for j in range(self.n_directions):
-            last = j == self.n_directions - 1
-            estimates.append(self.estimator.estimate(closure, self.step_seed(j), step, fuse_restore=last))
+        estimates = self.estimates(closure)
         self.advance()
         self._update(estimates)
         self.last_estimates = estimates
         return sum(e.loss_plus + e.loss_minus for e in estimates) / (2 * len(estimates))
+
+    def estimates(self, closure: Closure, loss_here: float | None = None) -> list:
+        """This step's n estimates at θ (one-sided: the loss at θ, ``loss_here`` if given, evaluated once for
+        all n); the last one's in-place restore is left pending, for the update to fold in."""
+        step, estimates = self.state["zo"]["step"], []
+        for j in range(self.n_directions):
+            estimates.append(self.estimator.estimate(closure, self.step_seed(j), step,
+                                                     fuse_restore=j == self.n_directions - 1, loss_here=loss_here))
+            if self.estimator.one_sided:
+                loss_here = estimates[0].loss_minus
+        return estimates
 
     def train_step(self, batches: dict[str, list], loss: Loss, micro_batch: int) -> dict:
         batch = batches["batch"]
         value = self.step(lambda copies=1: loss(batch, copies))
         first = self.last_estimates[0]
         return dict(loss=value, loss_plus=first.loss_plus, loss_minus=first.loss_minus,
-                    projected_grad=first.projected_gradient, seed=first.seed,
-                    forward_passes=2 * len(self.last_estimates))
+                    projected_grad=first.projected_gradient, seed=first.seed, forward_passes=self.forwards())
+
+    def forwards(self) -> int:
+        """The forwards the last step ran."""
+        return sum(e.forwards for e in self.last_estimates)
 
     def update_pairs(self, estimates, group: dict) -> list[Pair]:
         """The update rule: the (seed, a) pairs of θ ← θ·(1 − lr·wd) + Σ a·z(seed) for one parameter group,

@@ -19,6 +19,7 @@ the optimizer. An optimizer class says
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable, Sequence
 
@@ -76,6 +77,20 @@ class TrainingStep:
     def data_parallel(self, group) -> None:
         """Average this optimizer's losses (and gradients, for first-order updates) over ``group``."""
         raise NotImplementedError
+
+
+def option_names(cls: type) -> list[str]:
+    """The keyword options an optimizer class takes: its constructor's, and, where it passes ``**options`` on,
+    those of the class it extends."""
+    names: list[str] = []
+    for klass in cls.__mro__:
+        if "__init__" not in vars(klass):
+            continue
+        parameters = inspect.signature(vars(klass)["__init__"]).parameters.values()
+        names += [p.name for p in parameters if p.kind is not p.VAR_KEYWORD and p.name not in names]
+        if not any(p.kind is p.VAR_KEYWORD for p in parameters):
+            break
+    return [name for name in names if name != "self"]
 
 
 class BackwardThenStep(TrainingStep):

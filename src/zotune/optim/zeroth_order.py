@@ -11,8 +11,9 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from ..backends import working
 from ..counter_rng import STREAM_VERSION
-from ..directions import GAUSSIAN, DirectionEngine, Pair, derive_seed
+from ..directions import GAUSSIAN, Block, DirectionEngine, Pair, derive_seed
 from ..errors import CheckpointError, OptionError
 from ..estimators import TwoPointEstimator
 from .params import refuse_sharded, trainable_groups
@@ -35,6 +36,7 @@ class ZerothOrder(TrainingStep, torch.optim.Optimizer):
         num_threads: threads for CPU parameters (None: torch's).
         dual_forward: θ ± εz in one forward of the batch stacked twice (module perturbation only).
         perturbation: ``module`` (the default given the model) or ``inplace`` (the only one for parameters).
+        difference: ``central`` (L(θ+εz) − L(θ−εz))/2ε, or ``forward``, the one-sided (L(θ+εz) − L(θ))/ε.
     """
 
     # Only loss values enter an estimate, so the closure may return a non-differentiable objective (e.g. minus
@@ -48,7 +50,7 @@ class ZerothOrder(TrainingStep, torch.optim.Optimizer):
 
     def __init__(self, params_or_model, lr: float, eps: float = 1e-3, weight_decay: float = 0.0,
                  distribution: str = GAUSSIAN, seed: int = 0, num_threads: int | None = None,
-                 dual_forward: bool = False, perturbation: str | None = None) -> None:
+                 dual_forward: bool = False, perturbation: str | None = None, difference: str = "central") -> None:
         if lr < 0:
             raise OptionError(f"lr must be >= 0, got {lr}")
         if weight_decay < 0:
@@ -62,10 +64,12 @@ class ZerothOrder(TrainingStep, torch.optim.Optimizer):
                               "model, not its parameters")
         super().__init__(groups, {"lr": lr, "weight_decay": weight_decay})
         params = [p for group in self.param_groups for p in group["params"]]
+        self.param_list = params  # by engine index
         if perturbation == "module":
             refuse_sharded(params, "module perturbation swaps whole parameter tensors, which FSDP2 owns")
         self.engine = DirectionEngine(params, distribution, num_threads)
-        self.estimator = TwoPointEstimator(self.engine, eps, model, dual_forward, in_place=perturbation == "inplace")
+        self.estimator = TwoPointEstimator(self.engine, eps, model, dual_forward, in_place=perturbation == "inplace",
+                                           difference=difference)
         offsets = [0]
         for group in self.param_groups:
             offsets.append(offsets[-1] + len(group["params"]))
@@ -93,6 +97,41 @@ class ZerothOrder(TrainingStep, torch.optim.Optimizer):
         for group, indices in zip(self.param_groups, self.group_indices):
             scale = 1.0 - group["lr"] * group["weight_decay"] if decay else 1.0
             self.engine.apply(list(pairs_of(group)), indices, restore=restore, scale=scale)
+
+    @staticmethod
+    def gradient_pairs(estimates) -> list[Pair]:
+        """The step's zeroth-order gradient ĝ = (1/n)·Σ_j c_j·z(s_j) as (seed, coefficient) pairs."""
+        return [(e.seed, e.projected_gradient / len(estimates)) for e in estimates]
+
+    def dense_update(self, update: Callable[[Block, dict, dict[str, torch.Tensor]], None], names: Sequence[str],
+                     restore: Sequence[Pair] = ()) -> None:
+        """An update with per-parameter state: on every block of every group, ``restore`` (an in-place estimate's
+        pending pairs) is folded in and θ decayed by (1 − lr·wd), then ``update(block, group, state)`` changes
+        ``block.work``, ``state[name]`` being this block's part of the parameter's buffer ``name`` (float32, or
+        float64 for float64 parameters; written back to the buffer, kept in the parameter's dtype as
+        ``torch.optim`` keeps its moments, so that state_dict()/load_state_dict() round-trip them exactly)."""
+        for param in self.param_list:
+            for name in names:
+                if name not in self.state[param]:
+                    self.state[param][name] = torch.zeros_like(param, memory_format=torch.contiguous_format)
+        for group, indices in zip(self.param_groups, self.group_indices):
+
+            def process(block: Block, group: dict = group) -> None:
+                for seed, coef in restore:
+                    block.work.add_(block.z(seed), alpha=coef)
+                decay = 1.0 - group["lr"] * group["weight_decay"]
+                if decay != 1.0:
+                    block.work.mul_(decay)
+                stop = block.start + block.work.numel()
+                stored = {name: self.state[self.param_list[block.param_index]][name].view(-1)[block.start:stop]
+                          for name in names}
+                state = {name: working(value) for name, value in stored.items()}
+                update(block, group, state)
+                for name, value in state.items():
+                    if value is not stored[name]:
+                        stored[name].copy_(value)
+
+            self.engine.transform(process, indices)
 
     def data_parallel(self, group) -> None:
         self.estimator.reduce = group.mean  # the ranks share the seed stream: only the losses are averaged
