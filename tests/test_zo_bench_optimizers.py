@@ -183,3 +183,9 @@ def test_bad_options(tiny_llama):
                            (lambda: MeZO(tiny_llama, difference="forward", dual_forward=True), "use difference=central")]:
         with pytest.raises(OptionError, match=message):
             build()
+
+
+@pytest.mark.parametrize("name", ["mezo", "adamezo", "svrg", "addax", "zo-sign", "zo-momentum", "zo-cons", "zo-adam"])
+def test_every_two_point_optimizer_takes_the_one_sided_difference(name, tiny_llama):
+    assert create_optimizer(name, tiny_llama, lr=1e-3, difference="forward").estimator.one_sided
+    assert not create_optimizer(name, tiny_llama, lr=1e-3).estimator.one_sided

@@ -77,13 +77,14 @@ class AdaMeZO(MeZO):
         num_threads: the threads for CPU parameters, as for :class:`MeZO` (None: ``torch.get_num_threads()``).
         dual_forward: both sides of the estimate in one forward of the doubled batch, as for :class:`MeZO`.
         perturbation: ``"module"`` or ``"inplace"`` (None: module given the model), as for :class:`MeZO`.
+        difference: ``"central"`` or ``"forward"`` (one-sided), as for :class:`MeZO`.
     """
 
     def __init__(self, params_or_model, lr: float | None = None, eps: float = 1e-3, weight_decay: float = 0.0,
                  window: int = 10, beta1: float = 0.7, beta2: float = 0.9, delta: float = 1e-5, form: str = "code",
                  m_scale: float | None = None, distribution: str = "gaussian", seed: int = 0,
                  num_threads: int | None = None, dual_forward: bool = False,
-                 perturbation: str | None = None) -> None:
+                 perturbation: str | None = None, difference: str = "central") -> None:
         if not (isinstance(window, int) and window >= 1):
             raise OptionError(f"window must be a positive integer, got {window!r} (the paper uses 10)")
         for name, beta in (("beta1", beta1), ("beta2", beta2)):
@@ -100,7 +101,7 @@ class AdaMeZO(MeZO):
             lr = CODE_LR if form == "code" else self.paper_lr(CODE_LR, beta1, beta2)
         super().__init__(params_or_model, lr=lr, eps=eps, weight_decay=weight_decay, n_directions=1,
                          distribution=distribution, seed=seed, num_threads=num_threads,
-                         dual_forward=dual_forward, perturbation=perturbation)
+                         dual_forward=dual_forward, perturbation=perturbation, difference=difference)
         self.window, self.beta1, self.beta2, self.delta, self.form = window, beta1, beta2, delta, form
         if form == "code":
             self.m_scale = CODE_M_SCALE if m_scale is None else m_scale

@@ -68,6 +68,7 @@ class Addax(UpdatesInBackward, ZerothOrder):
         seed: the base of the seed stream, as for :class:`MeZO`.
         num_threads: the threads for CPU parameters, as for :class:`MeZO` (None: ``torch.get_num_threads()``).
         clip_grad_norm: the global norm, > 0, that ∇L_B1 is clipped to (see above); None (the default): no clipping.
+        difference: ``"central"`` or ``"forward"`` (one-sided) for the zeroth-order estimate.
     """
 
     needs_differentiable_loss = True  # the first-order batch runs backward
@@ -121,13 +122,14 @@ class Addax(UpdatesInBackward, ZerothOrder):
         seed: int = 0,
         num_threads: int | None = None,
         clip_grad_norm: float | None = None,
+        difference: str = "central",
     ) -> None:
         if mixing not in MIXINGS:
             raise OptionError(f"Addax mixing must be one of {', '.join(MIXINGS)}, got {mixing!r}")
         if not (isinstance(alpha, (int, float)) and 0 <= alpha and (mixing == "additive" or alpha <= 1)):
             raise OptionError(f"Addax alpha must be in [0, 1] for convex mixing (>= 0 for additive), got {alpha!r}")
         super().__init__(params_or_model, lr=lr, eps=eps, weight_decay=weight_decay, distribution=distribution,
-                         seed=seed, num_threads=num_threads)
+                         seed=seed, num_threads=num_threads, difference=difference)
         self.alpha, self.mixing = float(alpha), mixing
         self.last_losses: dict[str, float] = {}
         self._pending: tuple[list, float] | None = None  # (seed, w0·c) pairs and w1, during backward

@@ -75,6 +75,7 @@ class MeZOSVRG(ZerothOrder):
         anneal_threshold: the relative rise, >= 0, above which the rates are divided; the code's 0.05.
         anneal_min_lr: the floor, >= 0, that annealing does not take ``lr`` below; the code's 1e-6.
         anneal_min_anchor_lr: the floor, >= 0, for ``anchor_lr``; the code's 1e-5.
+        difference: ``"central"`` or ``"forward"`` (one-sided, each estimate with its own loss at the point).
     """
 
     def __init__(
@@ -94,6 +95,7 @@ class MeZOSVRG(ZerothOrder):
         anneal_threshold: float = 0.05,
         anneal_min_lr: float = 1e-6,
         anneal_min_anchor_lr: float = 1e-5,
+        difference: str = "central",
     ) -> None:
         if anneal is not None and not anneal > 1:
             raise OptionError(f"anneal must be > 1 (the divisor of lr and anchor_lr when the loss rises), got {anneal!r}: "
@@ -116,7 +118,8 @@ class MeZOSVRG(ZerothOrder):
                               "on the large batch")
         if anchor_lr < 0:
             raise OptionError(f"anchor_lr must be >= 0, got {anchor_lr}")
-        super().__init__(params_or_model, lr=lr, eps=eps, distribution=distribution, seed=seed, num_threads=num_threads)
+        super().__init__(params_or_model, lr=lr, eps=eps, distribution=distribution, seed=seed, num_threads=num_threads,
+                         difference=difference)
         for group in self.param_groups:
             group.setdefault("anchor_lr", anchor_lr)
         self.anchor_every, self.memory = anchor_every, memory
