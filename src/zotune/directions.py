@@ -26,6 +26,7 @@ from . import counter_rng
 from .backends import Backend, Backends, NumbaBackend, check_devices, perturb, work_dtype, working
 from .errors import OptionError
 from .keys import BLOCK_SIZE, local_view, param_key
+from .sparse_masks import MaskedBackend, SparseMask
 from .keys import block_key as block_key, derive_seed as derive_seed  # re-exported: their import path until now
 from .workers import CUDA_CHUNK as CUDA_CHUNK  # re-exported: its import path until now
 from .workers import Stretch, Workers
@@ -69,7 +70,7 @@ class Block:
                                     self.engine.distribution, BLOCK_SIZE)
                 pending.clear()
 
-        fused = NumbaBackend.takes(first)
+        fused = NumbaBackend.takes(first) and not self.engine.masked(self.param_index)
         for seed, a, b in terms:
             if fused and seed not in self._drawn:
                 pending.append((seed, a, b))
@@ -113,6 +114,17 @@ class DirectionEngine:
         self.num_threads = max(1, num_threads or torch.get_num_threads())
         self._workers = Workers(self.num_threads)
         self._backends = Backends(distribution, self._workers)
+        self.mask: SparseMask | None = None  # sparse directions (zotune.sparse_masks), set by mask_directions
+        self._masked: dict[tuple[int, int], MaskedBackend] = {}
+
+    def mask_directions(self, shares: Sequence[float]) -> SparseMask:
+        """From now on z_i has the share ``shares[i]`` of its entries zeroed, under the returned mask's seed."""
+        self.mask = SparseMask(shares)
+        self._mask_generator = Backends(GAUSSIAN, self._workers)
+        return self.mask
+
+    def masked(self, param_index: int) -> bool:
+        return self.mask is not None and self.mask.thresholds[param_index] is not None
 
     def _flat(self, param_index: int) -> torch.Tensor:
         return self.params[param_index].detach().view(-1)
@@ -121,12 +133,19 @@ class DirectionEngine:
         param = self.params[param_index]
         return param_index, self._offsets[param_index], param.numel(), param.device
 
-    def _backend(self, tensor: torch.Tensor) -> Backend:
-        return self._backends.of(tensor)
+    def _backend(self, tensor: torch.Tensor, param_index: int) -> Backend:
+        """The backend of ``tensor``, a part of parameter ``param_index`` (or of its z): masked if the parameter is."""
+        backend = self._backends.of(tensor)
+        if not self.masked(param_index):
+            return backend
+        key = (param_index, id(backend))
+        if key not in self._masked:
+            self._masked[key] = MaskedBackend(backend, self._mask_generator.of(tensor), self.mask, param_index)
+        return self._masked[key]
 
     def _fill(self, out: torch.Tensor, seed: int, param_index: int, start: int) -> None:
         """``out`` (float32) ← z at this process's positions [start, start + len) of the parameter."""
-        self._backend(out).fill(out, self._offsets[param_index] + start, param_key(seed, param_index))
+        self._backend(out, param_index).fill(out, self._offsets[param_index] + start, param_key(seed, param_index))
 
     # ----- generation -------------------------------------------------------------------------
 
@@ -167,7 +186,7 @@ class DirectionEngine:
             return
         by_backend: dict[Backend, list[int]] = {}
         for i in range(len(self.params)) if indices is None else indices:
-            by_backend.setdefault(self._backend(self.params[i]), []).append(i)
+            by_backend.setdefault(self._backend(self.params[i], i), []).append(i)
         for backend, group in by_backend.items():
             backend.update([self._flat(i) for i in group], [self._offsets[i] for i in group],
                            [[param_key(seed, i) for seed, _ in terms] for i in group], [coef for _, coef in terms],
@@ -195,7 +214,7 @@ class DirectionEngine:
         shaped like them), equal to the same rows of the whole copy."""
         param, offset = self._rows_of(param_index, rows)
         out = torch.empty_like(param, memory_format=torch.contiguous_format) if out is None else out
-        self._backend(param).copy(param.reshape(-1), out.view(-1), offset,
+        self._backend(param, param_index).copy(param.reshape(-1), out.view(-1), offset,
                                   [param_key(seed, param_index) for seed, _ in pairs], [alpha for _, alpha in pairs])
         return out
 
@@ -205,7 +224,7 @@ class DirectionEngine:
         parameter's shape, or of ``rows``, as in :meth:`perturbed_copy`), z generated once; each is
         bit-identical to :meth:`perturbed_copy` with ``(seed, ±eps)``."""
         param, offset = self._rows_of(param_index, rows)
-        self._backend(param).pair(param.reshape(-1), plus.view(-1), minus.view(-1), offset,
+        self._backend(param, param_index).pair(param.reshape(-1), plus.view(-1), minus.view(-1), offset,
                                   param_key(seed, param_index), eps)
 
     def _rows_of(self, param_index: int, rows: slice | None) -> tuple[torch.Tensor, int]:
@@ -226,6 +245,10 @@ class DirectionEngine:
         def draw(key: int) -> torch.Tensor:
             z = torch.empty(source.shape, dtype=torch.float32)
             self._backends.numba.fill_rows(z, offsets, key)
+            if self.masked(param_index):
+                drawn = torch.empty(source.shape, dtype=torch.float32)
+                self._mask_generator.numba.fill_rows(drawn, offsets, self.mask.key(param_index))
+                z.masked_fill_(drawn < self.mask.thresholds[param_index], 0.0)
             return z
 
         out = torch.empty_like(source)

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import torch
 
-from ..directions import GAUSSIAN, Pair
+from ..directions import GAUSSIAN, Pair, derive_seed
 from ..errors import OptionError
 from ..estimators import Closure
+from ..sparse_masks import MASK_COUNTER, shares_of
+from .params import refuse_sharded
 from .protocol import Loss
 from .zeroth_order import ZerothOrder
 
@@ -64,6 +66,10 @@ class MeZO(ZerothOrder):
             None: module given the model, inplace given parameters.
         difference: ``"central"`` (the paper's two-sided difference) or ``"forward"``: c_j = (L(θ+εz_j) − L(θ))/ε,
             one forward at θ shared by the step's n directions (n + 1 forwards a step).
+        sparsity: the share of z's entries zeroed, in [0, 1) (:mod:`zotune.sparse_masks`); 0: dense directions.
+        sparse_shares: ``"layer"`` (``sparsity`` in every parameter) or ``"global"`` (the benchmark's: each
+            parameter's share of weights at or below the ``sparsity`` quantile of all weights' magnitudes).
+        mask_every: the steps between new masks, a positive integer (1: a new mask every step).
     """
 
     variants = {"dual": {"dual_forward": True}, "inplace": {"perturbation": "inplace"}}
@@ -81,13 +87,23 @@ class MeZO(ZerothOrder):
         dual_forward: bool = False,
         perturbation: str | None = None,
         difference: str = "central",
+        sparsity: float = 0.0,
+        sparse_shares: str = "layer",
+        mask_every: int = 1,
     ) -> None:
         if not (isinstance(n_directions, int) and n_directions >= 1):
             raise OptionError(f"n_directions must be a positive integer, got {n_directions!r}")
+        if not (isinstance(mask_every, int) and mask_every >= 1):
+            raise OptionError(f"mask_every must be a positive integer (steps between new masks), got {mask_every!r}")
         super().__init__(params_or_model, lr=lr, eps=eps, weight_decay=weight_decay, distribution=distribution,
                          seed=seed, num_threads=num_threads, dual_forward=dual_forward, perturbation=perturbation,
                          difference=difference)
-        self.n_directions = n_directions
+        self.n_directions, self.mask_every = n_directions, mask_every
+        shares = shares_of(self.param_list, sparsity, sparse_shares, seed)
+        if sparsity:
+            if sparse_shares == "global":
+                refuse_sharded(self.param_list, "sparse_shares=global measures whole parameters' magnitudes")
+            self.engine.mask_directions(shares)
 
     @torch.no_grad()
     def step(self, closure: Closure) -> float:  # type: ignore[override]
@@ -103,6 +119,8 @@ class MeZO(ZerothOrder):
         """This step's n estimates at θ (one-sided: the loss at θ, ``loss_here`` if given, evaluated once for
         all n); the last one's in-place restore is left pending, for the update to fold in."""
         step, estimates = self.state["zo"]["step"], []
+        if self.engine.mask is not None:
+            self.engine.mask.seed = derive_seed(self.state["zo"]["seed"], step // self.mask_every, MASK_COUNTER)
         for j in range(self.n_directions):
             estimates.append(self.estimator.estimate(closure, self.step_seed(j), step,
                                                      fuse_restore=j == self.n_directions - 1, loss_here=loss_here))

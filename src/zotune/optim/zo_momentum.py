@@ -37,6 +37,9 @@ class ZOSGDMomentum(MeZO):
             raise OptionError(f"buffer must be dense or replay, got {buffer!r}")
         if not (isinstance(window, int) and window >= 1):
             raise OptionError(f"window must be a positive integer, got {window!r}")
+        if buffer == "replay" and options.get("sparsity"):
+            raise OptionError("buffer=replay regenerates past steps' directions, whose masks have changed: use "
+                              "buffer=dense with sparsity")
         super().__init__(params_or_model, lr=lr, **options)
         self.momentum, self.buffer, self.window = momentum, buffer, window
         if buffer == "replay":
