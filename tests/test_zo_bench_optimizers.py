@@ -189,3 +189,16 @@ def test_bad_options(tiny_llama):
 def test_every_two_point_optimizer_takes_the_one_sided_difference(name, tiny_llama):
     assert create_optimizer(name, tiny_llama, lr=1e-3, difference="forward").estimator.one_sided
     assert not create_optimizer(name, tiny_llama, lr=1e-3).estimator.one_sided
+
+
+def test_the_estimator_options_reach_the_optimizer_through_the_cli(tmp_path):
+    import json
+
+    from zotune.cli import main
+
+    assert main(["train", "model=random:tiny", "num_train=16", "num_dev=8", "num_test=8", "batch_size=4",
+                 "max_length=48", "optimizer=zo-momentum", "lr=1e-3", "steps=2", "eval_every=0",
+                 "optimizer_options.blocks=layer", "optimizer_options.sparsity=0.5", "optimizer_options.difference=forward",
+                 f"output_dir={tmp_path}"]) == 0
+    steps = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["forward_passes"] for r in steps if "loss" in r][-1] == 2 * (1 + 4)  # a step: θ once, then 4 blocks

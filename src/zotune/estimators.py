@@ -54,6 +54,7 @@ class Estimate:
     restore: list[Pair] = field(default_factory=list)
     one_sided: bool = False
     forwards: int = 2
+    indices: frozenset[int] | None = None  # a block-wise estimate's block (engine indices); None: every parameter
 
     @property
     def projected_gradient(self) -> float:
@@ -100,7 +101,7 @@ class TwoPointEstimator:
                 loss_plus = self._evaluate(closure)
             with self.module_perturbation([*base, (seed, -self.eps)], only):
                 loss_minus = self._evaluate(closure)
-            return self._checked(Estimate(seed, self.eps, *self._reduced(loss_plus, loss_minus)), step)
+            return self._checked(Estimate(seed, self.eps, *self._reduced(loss_plus, loss_minus), indices=only), step)
         if self.dual_forward and not base:
             with self.module_perturbation.dual(seed, self.eps):
                 loss_plus, loss_minus = self._evaluate_copies(closure)
@@ -146,7 +147,8 @@ class TwoPointEstimator:
         else:
             loss_plus = self._evaluate_in_place(closure, plus)
         loss_plus = loss_plus if self.reduce is None else self.reduce([loss_plus])[0]
-        return self._checked(Estimate(seed, self.eps, loss_plus, loss_here, one_sided=True, forwards=forwards), step)
+        return self._checked(Estimate(seed, self.eps, loss_plus, loss_here, one_sided=True, forwards=forwards,
+                                      indices=only), step)
 
     def loss_at(self, closure: Closure, pairs: Sequence[Pair] = (), step: int = 0) -> float:
         """The loss at θ + Σ a·z(s) over ``pairs`` (θ itself for none), without dropout, averaged over the ranks

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from ..blocks import perturbation_blocks
 from ..directions import GAUSSIAN, Pair, derive_seed
 from ..errors import OptionError
 from ..estimators import Closure
@@ -70,6 +71,10 @@ class MeZO(ZerothOrder):
         sparse_shares: ``"layer"`` (``sparsity`` in every parameter) or ``"global"`` (the benchmark's: each
             parameter's share of weights at or below the ``sparsity`` quantile of all weights' magnitudes).
         mask_every: the steps between new masks, a positive integer (1: a new mask every step).
+        blocks: None (the whole model perturbed at once) or block-wise perturbation (:mod:`zotune.blocks`):
+            ``"layer"``, ``"attention-mlp"`` or ``"module"``: each block perturbed alone along its part of z(s_j),
+            its own c_{j,b} from 2 forwards (one-sided: 1, plus the shared loss at θ), and its parameters updated
+            with it: θ_b ← θ_b − (lr/n)·Σ_j c_{j,b}·z_b(s_j). Needs module perturbation, without dual_forward.
     """
 
     variants = {"dual": {"dual_forward": True}, "inplace": {"perturbation": "inplace"}}
@@ -90,6 +95,7 @@ class MeZO(ZerothOrder):
         sparsity: float = 0.0,
         sparse_shares: str = "layer",
         mask_every: int = 1,
+        blocks: str | None = None,
     ) -> None:
         if not (isinstance(n_directions, int) and n_directions >= 1):
             raise OptionError(f"n_directions must be a positive integer, got {n_directions!r}")
@@ -104,6 +110,12 @@ class MeZO(ZerothOrder):
             if sparse_shares == "global":
                 refuse_sharded(self.param_list, "sparse_shares=global measures whole parameters' magnitudes")
             self.engine.mask_directions(shares)
+        self.blocks = None
+        if blocks is not None:
+            if self.estimator.module_perturbation is None or dual_forward:
+                raise OptionError("blocks perturbs one block of modules at a time, in module mode: pass the model, "
+                                  "with perturbation=module and dual_forward=false")
+            self.blocks = perturbation_blocks(params_or_model, self.param_list, blocks)
 
     @torch.no_grad()
     def step(self, closure: Closure) -> float:  # type: ignore[override]
@@ -122,11 +134,18 @@ class MeZO(ZerothOrder):
         if self.engine.mask is not None:
             self.engine.mask.seed = derive_seed(self.state["zo"]["seed"], step // self.mask_every, MASK_COUNTER)
         for j in range(self.n_directions):
-            estimates.append(self.estimator.estimate(closure, self.step_seed(j), step,
-                                                     fuse_restore=j == self.n_directions - 1, loss_here=loss_here))
-            if self.estimator.one_sided:
-                loss_here = estimates[0].loss_minus
+            for only in self.blocks or [None]:
+                estimates.append(self.estimator.estimate(closure, self.step_seed(j), step, only=only,
+                                                         fuse_restore=j == self.n_directions - 1, loss_here=loss_here))
+                if self.estimator.one_sided:
+                    loss_here = estimates[0].loss_minus
         return estimates
+
+    def gradient_pairs(self, estimates, index: int | None = None) -> list[Pair]:
+        """The step's zeroth-order gradient ĝ = (1/n)·Σ_j c_j·z(s_j) as (seed, coefficient) pairs; block-wise,
+        those of parameter ``index``'s block."""
+        return [(e.seed, e.projected_gradient / self.n_directions) for e in estimates
+                if e.indices is None or index in e.indices]
 
     def train_step(self, batches: dict[str, list], loss: Loss, micro_batch: int) -> dict:
         batch = batches["batch"]
@@ -146,5 +165,11 @@ class MeZO(ZerothOrder):
         return [(e.seed, -group["lr"] * e.projected_gradient / self.n_directions) for e in estimates]
 
     def _update(self, estimates) -> None:
-        """:meth:`update_pairs` applied per group, weight decay and the pending in-place restore folded in."""
-        self.apply_by_group(lambda group: self.update_pairs(estimates, group), restore=estimates[-1].restore)
+        """:meth:`update_pairs` applied per group (and per block, block-wise), weight decay and the pending in-place
+        restore folded in."""
+        parts: dict[frozenset[int] | None, list] = {}
+        for estimate in estimates:
+            parts.setdefault(estimate.indices, []).append(estimate)
+        for only, part in parts.items():
+            self.apply_by_group(lambda group, part=part: self.update_pairs(part, group), restore=estimates[-1].restore,
+                                only=only)

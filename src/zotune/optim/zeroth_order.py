@@ -91,17 +91,14 @@ class ZerothOrder(TrainingStep, torch.optim.Optimizer):
         self.state["zo"] = {**stream, "step": stream["step"] + 1, **changes}
 
     def apply_by_group(self, pairs_of: Callable[[dict], Sequence[Pair]], restore: Sequence[Pair] = (),
-                       decay: bool = True) -> None:
+                       decay: bool = True, only: frozenset[int] | None = None) -> None:
         """θ ← θ·(1 − lr·wd) + Σ a·z(s) in each group, over the group's ``pairs_of(group)``; ``restore``: pairs
-        an in-place estimate left pending, folded into the same pass."""
+        an in-place estimate left pending, folded into the same pass; ``only``: these engine indices alone."""
         for group, indices in zip(self.param_groups, self.group_indices):
             scale = 1.0 - group["lr"] * group["weight_decay"] if decay else 1.0
-            self.engine.apply(list(pairs_of(group)), indices, restore=restore, scale=scale)
-
-    @staticmethod
-    def gradient_pairs(estimates) -> list[Pair]:
-        """The step's zeroth-order gradient ĝ = (1/n)·Σ_j c_j·z(s_j) as (seed, coefficient) pairs."""
-        return [(e.seed, e.projected_gradient / len(estimates)) for e in estimates]
+            chosen = indices if only is None else [i for i in indices if i in only]
+            if chosen:
+                self.engine.apply(list(pairs_of(group)), chosen, restore=restore, scale=scale)
 
     def dense_update(self, update: Callable[[Block, dict, dict[str, torch.Tensor]], None], names: Sequence[str],
                      restore: Sequence[Pair] = ()) -> None:

@@ -40,7 +40,6 @@ class ZOAdam(MeZO):
         return "its dense moments are not sharded"
 
     def _update(self, estimates) -> None:
-        pairs = self.gradient_pairs(estimates)
         beta1, beta2 = self.betas
         t = self.state["zo"]["step"]  # already advanced: counts this step from 1
         correction1, root_correction2 = 1.0 - beta1**t, math.sqrt(1.0 - beta2**t)
@@ -48,7 +47,7 @@ class ZOAdam(MeZO):
         def update(block, group, state) -> None:
             m, v = state["exp_avg"], state["exp_avg_sq"]
             gradient = block.scratch("gradient").zero_()
-            for seed, coef in pairs:
+            for seed, coef in self.gradient_pairs(estimates, block.param_index):
                 gradient.add_(block.z(seed), alpha=coef)
             m.mul_(beta1).add_(gradient, alpha=1.0 - beta1)
             v.mul_(beta2).addcmul_(gradient, gradient, value=1.0 - beta2)

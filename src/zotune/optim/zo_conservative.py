@@ -29,6 +29,8 @@ class ZOSGDConservative(MeZO):
         if weight_decay:
             raise OptionError("zo-cons compares the loss at θ and at θ ∓ lr·ĝ and keeps the best: weight decay "
                               "would move θ off those points; set weight_decay=0")
+        if options.get("blocks"):
+            raise OptionError("zo-cons evaluates its candidates with the whole model moved along ĝ: drop blocks")
         super().__init__(params_or_model, lr=lr, **options)
         self.last_move = 0
 

@@ -37,9 +37,9 @@ class ZOSGDMomentum(MeZO):
             raise OptionError(f"buffer must be dense or replay, got {buffer!r}")
         if not (isinstance(window, int) and window >= 1):
             raise OptionError(f"window must be a positive integer, got {window!r}")
-        if buffer == "replay" and options.get("sparsity"):
-            raise OptionError("buffer=replay regenerates past steps' directions, whose masks have changed: use "
-                              "buffer=dense with sparsity")
+        if buffer == "replay" and (options.get("sparsity") or options.get("blocks")):
+            raise OptionError("buffer=replay rebuilds the buffer from whole-model directions of past steps: use "
+                              "buffer=dense with sparsity or blocks")
         super().__init__(params_or_model, lr=lr, **options)
         self.momentum, self.buffer, self.window = momentum, buffer, window
         if buffer == "replay":
@@ -54,8 +54,8 @@ class ZOSGDMomentum(MeZO):
         return None
 
     def _update(self, estimates) -> None:
-        pairs = self.gradient_pairs(estimates)
         if self.buffer == "replay":
+            pairs = self.gradient_pairs(estimates)
             stream = self.state["zo"]
             history = [*stream["window"], [[seed, coef] for seed, coef in pairs]][-self.window:]
             self.state["zo"] = {**stream, "window": history}
@@ -66,7 +66,7 @@ class ZOSGDMomentum(MeZO):
 
         def update(block, group, state) -> None:
             buffer = state["momentum_buffer"].mul_(self.momentum)
-            for seed, coef in pairs:
+            for seed, coef in self.gradient_pairs(estimates, block.param_index):
                 buffer.add_(block.z(seed), alpha=coef)
             block.work.add_(buffer, alpha=-group["lr"])
 

@@ -32,16 +32,14 @@ class ZOSGDSign(MeZO):
         self.sign = sign
 
     def update_pairs(self, estimates, group: dict):
-        return [(e.seed, -group["lr"] * _sign(e.projected_gradient) / len(estimates)) for e in estimates]
+        return [(e.seed, -group["lr"] * _sign(e.projected_gradient) / self.n_directions) for e in estimates]
 
     def _update(self, estimates) -> None:
         if self.sign == "scalar":
             return super()._update(estimates)
-        n = len(estimates)
-
         def update(block, group, state) -> None:
-            for e in estimates:
-                block.work.add_(block.z(e.seed).sign(), alpha=-group["lr"] * _sign(e.projected_gradient) / n)
+            for seed, coef in self.gradient_pairs(estimates, block.param_index):
+                block.work.add_(block.z(seed).sign(), alpha=-group["lr"] * _sign(coef) / self.n_directions)
 
         self.dense_update(update, (), restore=estimates[-1].restore)
 
