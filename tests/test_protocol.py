@@ -188,3 +188,24 @@ def test_bad_files_and_folders_are_one_line_errors(tmp_path, capsys, case):
     assert error.startswith("zotune: error:") and error.count("\n") == 1
     assert {"yaml": "not valid YAML at line", "model": "no such model folder",
             "output_dir": "cannot be created or written"}[case] in error
+
+
+def test_the_readmes_optimizer_table_says_what_each_optimizer_declares():
+    from pathlib import Path
+
+    from zotune.optim import OPTIMIZERS
+
+    text = (Path(__file__).parents[1] / "README.md").read_text()
+    table = text[text.index("| optimizer (`optimizer:`)"):].split("\n\n")[0]
+    rows = [line.split("|")[1:-1] for line in table.splitlines() if line.startswith("| `")]
+    listed = {}
+    for cells in rows:
+        for name in cells[0].replace("`", "").split(","):
+            listed[name.strip()] = [cell.strip() for cell in cells[4:7]]
+    assert set(listed) == set(OPTIMIZERS), set(listed) ^ set(OPTIMIZERS)
+    for name, (parallel, fsdp, hf) in listed.items():
+        cls = OPTIMIZERS[name]
+        assert parallel == "yes"
+        assert fsdp.startswith("yes") == (cls.fsdp_problem({}) is None), name
+        assert fsdp != "no" or cls.fsdp_problem({}) is not None, name
+        assert hf.startswith("yes") == cls.hf_trainer, name
