@@ -11,13 +11,15 @@ the median ratio of the rounds and their range. The items:
 - forward: the loss closure alone (the body of the model, logits only at the last position), and the same
   closure over the batch stacked twice (what a dual-forward step runs);
 - z sweep: one ``DirectionEngine.apply`` over all parameters (generate z and add it);
-- MeZO steps in module mode (exact), in-place mode (fused restore) and module mode with ``dual_forward``,
-  and an AdaMeZO step with a full window of 10 (its moments rebuilt from 10 regenerated directions);
 - a reference MeZO step written as the paper's code does it: global reseed, ``torch.normal`` per
   parameter in order, out-of-place adds, four passes over the parameters;
-- the other optimizers on the same batch: a forward + backward (what backward adds), IP-SGD, SGD and Adam
-  steps, an Addax step (ZO on one half of the batch, first-order on the other), and a MeZO-SVRG cycle
-  with q = 2 (an anchor step with this batch as the large batch, then an ordinary step) in both memory modes.
+- a forward + backward (what backward adds to the first-order steps);
+- every registered optimizer with its defaults and each variant it declares (the entries of ``zotune bench
+  memory``: ``mezo-dual``, ``mezo-inplace``, ``svrg-dense``, ``zo-momentum-replay``, ...), built before its
+  item (untimed) and past its warm-up (``skip_warm_up``: AdaMeZO with a full window), taking two steps
+  through the training-step protocol on the batches its own data plan draws from the batch (MeZO-SVRG: an
+  anchor step with the batch as its large batch, then an ordinary step); its time is per step. Addax's
+  plan splits the batch at L_T into two halves of the same length, ZO on one and first-order on the other.
 On CUDA every timed action ends with a synchronisation, so the times are the GPU's work, not the
 launches. Writes ``speed.json``, ``speed.md`` and ``speed.png`` into ``--out`` and prints the table.
 """
@@ -31,34 +33,36 @@ import platform
 import statistics
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from ..config import ConfigError
 from ..directions import DirectionEngine
 from ..models import DTYPES, random_llama
-from ..optim import AdaMeZO, Addax, InPlaceSGD, MeZO, MeZOSVRG, create_optimizer
+from ..optim import create_optimizer, resolve
+from .memory import entries
 from .report import write_report
-
 
 LABELS = dict(
     forward="forward (loss closure)",
     doubled_forward="forward of the batch stacked twice",
     z_sweep="z sweep (generate + add, all parameters)",
-    mezo_module="MeZO step, module mode (exact)",
-    mezo_inplace="MeZO step, in-place mode (fused)",
-    mezo_dual="MeZO step, dual forward (module mode)",
-    adamezo="AdaMeZO step, window 10 (module mode)",
     reference_mezo="reference MeZO step (paper's code)",
     forward_backward="forward + backward (the first-order steps' core)",
-    ip_sgd="IP-SGD step (update fused into backward)",
-    sgd="SGD step (torch.optim)",
-    adam="Adam step (torch.optim)",
-    addax="Addax step: ZO on half the batch, first-order on the other half",
-    svrg_seeds="MeZO-SVRG, q = 2, seeds: an anchor step and an ordinary step",
-    svrg_dense="MeZO-SVRG, q = 2, dense: an anchor step and an ordinary step",
 )
-MEZO_MODES = ("mezo_module", "mezo_inplace", "mezo_dual")
+MEZO_MODES = ("mezo", "mezo-inplace", "mezo-dual")
+STEPS = 2  # per optimizer item: MeZO-SVRG's cycle with q = 2; the time reported is per step
+
+
+@dataclass
+class Row:
+    """One synthetic training example: its tokens and target, and the length its data plan sees."""
+
+    ids: torch.Tensor
+    target: int
+    sequences: list
 
 
 def last_token_loss(model, input_ids, targets, copies=1):
@@ -91,12 +95,14 @@ def reference_mezo_step(params, closure, seed, lr, eps):
         param.data = param.data - lr * projected * z
 
 
-def bracketed_timings(baseline, actions, repeats, synchronize=lambda: None):
+def bracketed_timings(baseline, actions, repeats, synchronize=lambda: None, prepared=None):
     """Seconds of ``baseline`` and of each action, and each action's time over the baseline's, per round,
     for ``repeats`` rounds after a warm-up round. A round runs baseline, action 1, baseline, action 2, ...,
     baseline, and an action's ratio in a round is its time over the mean of the two baseline runs beside
     it. This machine's speed drifts by tens of percent within a minute: ratios to the neighbouring baseline
-    runs vary far less than ratios of medians taken over whole rounds."""
+    runs vary far less than ratios of medians taken over whole rounds. ``prepared``: more actions, each
+    given as a function that returns it, called untimed before each of its timings."""
+    prepared = prepared or {}
 
     def timed(action):
         synchronize()
@@ -105,12 +111,15 @@ def bracketed_timings(baseline, actions, repeats, synchronize=lambda: None):
         synchronize()
         return time.perf_counter() - start
 
-    seconds = {name: [] for name in ("baseline", *actions)}
-    ratios = {name: [] for name in actions}
+    items = {**actions, **prepared}
+    seconds = {name: [] for name in ("baseline", *items)}
+    ratios = {name: [] for name in items}
     for round_index in range(repeats + 1):
         before = timed(baseline)
         round_seconds, round_ratios = [before], {}
-        for name, action in actions.items():
+        for name, action in items.items():
+            if name in prepared:
+                action = action()
             spent, after = timed(action), timed(baseline)
             round_seconds.append(after)
             round_ratios[name] = spent / ((before + after) / 2)
@@ -134,23 +143,23 @@ def run(shape, batch, length, threads, repeats, distribution, device="cpu", dtyp
     generator = torch.Generator().manual_seed(0)
     input_ids = torch.randint(0, model.config.vocab_size, (batch, length), generator=generator).to(device)
     targets = torch.randint(0, model.config.vocab_size, (batch,), generator=generator).to(device)
+    # Addax's plan splits at L_T = length - 1: the first half "longer", the second not (the tokens are the same size).
+    half = batch // 2
+    rows = [Row(input_ids[i], int(targets[i]), [range(length if i < half else length - 1)]) for i in range(batch)]
 
     def closure(copies=1):
         return last_token_loss(model, input_ids, targets, copies)
 
+    def loss(examples, copies=1):
+        ids = torch.stack([row.ids for row in examples])
+        return last_token_loss(model, ids, torch.tensor([row.target for row in examples], device=device), copies)
+
     params = [p for p in model.parameters()]
-    module_mezo = MeZO(model, lr=1e-7, distribution=distribution, num_threads=threads)
-    inplace_mezo = MeZO(params, lr=1e-7, distribution=distribution, num_threads=threads)
-    dual_mezo = MeZO(model, lr=1e-7, distribution=distribution, num_threads=threads, dual_forward=True)
-    # Past its warm-up (window + 1 plain steps), so that every timed step rebuilds the moments from a full window.
-    adamezo = AdaMeZO(model, lr=1e-7, window=10, distribution=distribution, num_threads=threads)
-    adamezo.state["zo"] = {**adamezo.state["zo"], "step": adamezo.plain_steps,
-                           "window": [[seed, 1.0] for seed in range(9)]}
     engine = DirectionEngine(params, distribution, threads)
     seeds = iter(range(10**9))
 
     # no_grad, not inference_mode: the reference step assigns new tensors to param.data, and inference
-    # tensors there could not be updated in place by the MeZO steps that follow.
+    # tensors there could not be updated in place by the steps that follow.
     @torch.no_grad()
     def forward():
         closure()
@@ -171,48 +180,52 @@ def run(shape, batch, length, threads, repeats, distribution, device="cpu", dtyp
         closure().backward()
         model.zero_grad(set_to_none=True)
 
-    torch_optimizers = {name: create_optimizer(name, model, lr=1e-7) for name in ("sgd", "adam")}
-
-    def torch_step(name):
-        closure().backward()
-        torch_optimizers[name].step()
-        # Cleared now, not before the next step: IP-SGD and Addax refuse gradients left from another backward.
-        torch_optimizers[name].zero_grad(set_to_none=True)
-
-    # IP-SGD and Addax update inside backward, from hooks on the parameters that would fire in every other
-    # item's backward too: each is built inside its item (hooks registered: 4-7 ms) and its hooks removed after.
-    def hooked_step(build, step):
-        optimizer = build()
+    def optimizer_item(name, options):
+        """Builds the optimizer (untimed) and returns its timed action: ``STEPS`` protocol steps, after which its
+        hooks (IP-SGD's, Addax's, which would fire in every other item's backward) are removed."""
+        cls, preset = resolve(name)
+        options = {**preset, **options}
+        data = {key: value for key, value in options.items() if key in cls.data_options}
+        # The batch's split, where the plan takes it; an entry whose own options refuse it (Addax-WA draws both
+        # batches from the whole set) keeps its own plan.
+        split = {key: value for key, value in dict(L_T=length - 1, K0=half, K1=batch - half,
+                                                   large_batch=batch).items() if key in cls.data_options}
         try:
-            step(optimizer)
-        finally:
-            optimizer.remove_hooks()
+            cls.check_data_options({**split, **data}, batch, len(rows))
+            data = {**split, **data}
+        except ConfigError:
+            pass
+        built = {key: value for key, value in options.items() if key not in cls.data_options}
+        if cls.takes_seed:
+            built.update(distribution=distribution, num_threads=threads)
+        optimizer = create_optimizer(name, model, lr=1e-7, **built)
+        optimizer.skip_warm_up()
+        sampler = cls.data_plan(rows, batch, data, 0)
 
-    half = batch // 2
-    addax_closures = (lambda: last_token_loss(model, input_ids[:half], targets[:half]),
-                      lambda: last_token_loss(model, input_ids[half:], targets[half:]))
-    # MeZO-SVRG with q = 2 (the default): an anchor step (on this batch as the large batch) and an ordinary step.
-    svrg = {memory: MeZOSVRG(model, lr=1e-7, anchor_lr=1e-7, memory=memory, distribution=distribution,
-                             num_threads=threads) for memory in ("seeds", "dense")}
+        def steps():
+            try:
+                for _ in range(STEPS):
+                    batches = {key: [rows[i] for i in indices]
+                               for key, indices in sampler.next_batches(optimizer).items() if indices}
+                    optimizer.train_step(batches, loss, batch)
+            finally:
+                optimizer.remove_hooks()
+                model.zero_grad(set_to_none=True)
 
-    def svrg_cycle(memory):
-        svrg[memory].step(None, closure)
-        svrg[memory].step(closure)
+        return steps
 
+    steps = {entry: (lambda entry=entry, spec=spec: optimizer_item(*spec))
+             for entry, spec in entries().items() if spec is not None}
     times, ratios = bracketed_timings(
         forward,
-        dict(doubled_forward=doubled_forward, z_sweep=z_sweep,
-             mezo_module=lambda: module_mezo.step(closure), mezo_inplace=lambda: inplace_mezo.step(closure),
-             mezo_dual=lambda: dual_mezo.step(closure), adamezo=lambda: adamezo.step(closure),
-             reference_mezo=reference, forward_backward=forward_backward,
-             ip_sgd=lambda: hooked_step(lambda: InPlaceSGD(model, lr=1e-7), lambda o: o.step(closure)),
-             sgd=lambda: torch_step("sgd"), adam=lambda: torch_step("adam"),
-             addax=lambda: hooked_step(lambda: Addax(model, lr=1e-7, distribution=distribution, num_threads=threads),
-                                       lambda o: o.step(*addax_closures)),
-             svrg_seeds=lambda: svrg_cycle("seeds"), svrg_dense=lambda: svrg_cycle("dense")),
-        repeats, torch.cuda.synchronize if torch.device(device).type == "cuda" else lambda: None,
+        dict(doubled_forward=doubled_forward, z_sweep=z_sweep, reference_mezo=reference,
+             forward_backward=forward_backward),
+        repeats, torch.cuda.synchronize if torch.device(device).type == "cuda" else lambda: None, prepared=steps,
     )
-    times["forward"] = times.pop("baseline")
+    for entry in steps:
+        times[entry] = [seconds / STEPS for seconds in times[entry]]
+        ratios[entry] = [ratio / STEPS for ratio in ratios[entry]]
+    times = {"forward": times.pop("baseline"), **times}
     # Per round: each step over two forwards, and the reference step over the fastest mode's step.
     two_forwards = {name: [ratio / 2 for ratio in values] for name, values in ratios.items()}
     fastest = min(MEZO_MODES, key=lambda name: statistics.median(two_forwards[name]))
@@ -238,15 +251,16 @@ def markdown(result):
         r = ratios.get(name)
         return f"{r['median']:.2f} ({r['low']:.2f}–{r['high']:.2f})" if r else ""
 
+    def label(name):
+        return LABELS.get(name, f"{name} step")
+
     lines = [f"config: {json.dumps(result['config'])}", f"machine: {json.dumps(result['machine'])}", "",
              "| what | seconds (median) | ÷ (2 × forward): median (lowest–highest) of the rounds |",
              "|---|---|---|"]
-    lines += [f"| {label} | {seconds[name]:.3f} | {ratio(name)} |" for name, label in LABELS.items()]
+    lines += [f"| {label(name)} | {value:.3f} | {ratio(name)} |" for name, value in seconds.items()]
     lines += ["", "Each ratio is taken within a round, against the forwards timed just before and just after.",
-              f"speed-up of the fastest zotune MeZO step ({LABELS[speedup['mode']]}) over the reference step: "
-              f"{speedup['median']:.2f}x ({speedup['low']:.2f}–{speedup['high']:.2f}x)",
-              f"AdaMeZO's window costs {seconds['adamezo'] - seconds['mezo_module']:.3f} s per step over MeZO "
-              "(module mode)"]
+              f"speed-up of the fastest zotune MeZO step ({label(speedup['mode'])}) over the reference step: "
+              f"{speedup['median']:.2f}x ({speedup['low']:.2f}–{speedup['high']:.2f}x)"]
     return "\n".join(lines)
 
 

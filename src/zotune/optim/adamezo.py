@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from ..directions import Block
+from ..directions import Block, derive_seed
 from ..errors import OptionError
 from .mezo import MeZO
 
@@ -111,7 +111,11 @@ class AdaMeZO(MeZO):
         self.state["zo"] = {**self.state["zo"], "window": []}
 
     def skip_warm_up(self) -> None:
-        self.state["zo"] = {**self.state["zo"], "step": max(self.state["zo"]["step"], self.plain_steps)}
+        """Past the plain steps, with the window filled up by pairs of projected gradient 0: they add nothing to
+        m or v, so the updates are those of the window so far, at the cost of a full one (what benchmarks time)."""
+        stream = self.state["zo"]
+        filler = [[derive_seed(stream["seed"], -1, k), 0.0] for k in range(self.window - 1 - len(stream["window"]))]
+        self.state["zo"] = {**stream, "step": max(stream["step"], self.plain_steps), "window": [*filler, *stream["window"]]}
 
     @staticmethod
     def paper_lr(code_lr: float, beta1: float, beta2: float) -> float:
