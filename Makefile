@@ -24,6 +24,7 @@ demo: install
 
 test: install
 	$(PY) -m ruff check src tests examples
+	$(PY) -m ruff format --check src tests examples
 	$(OFFLINE) $(PY) -m pytest -q
 
 bench-speed: install

@@ -37,12 +37,26 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     model = random_llama("tiny", seed=0)
     data = Sequences(torch.randint(0, 64, (32, 16), generator=torch.Generator().manual_seed(0)))
-    training_args = TrainingArguments(output_dir=args.output_dir, max_steps=args.steps, learning_rate=args.lr,
-                                      lr_scheduler_type="constant", per_device_train_batch_size=8, logging_steps=10,
-                                      save_steps=args.steps, report_to=[], use_cpu=not torch.cuda.is_available(),
-                                      seed=0)
-    trainer = ZOTrainer(model=model, args=training_args, train_dataset=data, eval_dataset=data,
-                        zo_optimizer=args.optimizer, zo_options={"eps": 1e-3} if args.optimizer != "ip-sgd" else {})
+    training_args = TrainingArguments(
+        output_dir=args.output_dir,
+        max_steps=args.steps,
+        learning_rate=args.lr,
+        lr_scheduler_type="constant",
+        per_device_train_batch_size=8,
+        logging_steps=10,
+        save_steps=args.steps,
+        report_to=[],
+        use_cpu=not torch.cuda.is_available(),
+        seed=0,
+    )
+    trainer = ZOTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=data,
+        eval_dataset=data,
+        zo_optimizer=args.optimizer,
+        zo_options={"eps": 1e-3} if args.optimizer != "ip-sgd" else {},
+    )
     before = trainer.evaluate()["eval_loss"]
     trainer.train()
     after = trainer.evaluate()["eval_loss"]

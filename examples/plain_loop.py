@@ -31,8 +31,12 @@ def main() -> None:
     with torch.no_grad():
         print(f"initial loss on all sequences: {lm_loss(model, data).item():.4f}")
     # Zeroth-order steps move every weight along a random direction: they need far smaller rates than SGD.
-    options = {"mezo": dict(lr=3e-3, eps=1e-3), "adamezo": dict(lr=3e-5, eps=1e-3), "ip-sgd": dict(lr=0.5),
-               "addax": dict(lr=0.5, alpha=1e-2, eps=1e-3)}[args.optimizer]
+    options = {
+        "mezo": dict(lr=3e-3, eps=1e-3),
+        "adamezo": dict(lr=3e-5, eps=1e-3),
+        "ip-sgd": dict(lr=0.5),
+        "addax": dict(lr=0.5, alpha=1e-2, eps=1e-3),
+    }[args.optimizer]
     optimizer = create_optimizer(args.optimizer, model, **options)
     scheduler = torch.optim.lr_scheduler.LinearLR(optimizer, 1.0, 0.1, total_iters=args.steps)
     for step in range(1, args.steps + 1):

@@ -50,8 +50,9 @@ def lm_loss(model, input_ids, params=None, copies=1):
         logits = model(input_ids=stacked).logits
     else:
         logits = torch.func.functional_call(model, params, (), {"input_ids": stacked}).logits
-    losses = [torch.nn.functional.cross_entropy(part[:, :-1].flatten(0, 1), input_ids[:, 1:].flatten())
-              for part in logits.chunk(copies)]
+    losses = [
+        torch.nn.functional.cross_entropy(part[:, :-1].flatten(0, 1), input_ids[:, 1:].flatten()) for part in logits.chunk(copies)
+    ]
     return losses[0] if copies == 1 else torch.stack(losses)
 
 

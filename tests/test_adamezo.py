@@ -10,8 +10,9 @@ from zotune.models import random_llama
 from zotune.optim import AdaMeZO, MeZO, is_decayed
 
 
-def naive_adamezo(model, input_ids, *, steps, lr, eps, weight_decay, window, beta1, beta2, delta, seed, direction,
-                  form="code", m_scale=None):
+def naive_adamezo(
+    model, input_ids, *, steps, lr, eps, weight_decay, window, beta1, beta2, delta, seed, direction, form="code", m_scale=None
+):
     """AdaMeZO with the last ``window`` directions stored densely and m, v computed explicitly: ``form="code"``
     takes window + 1 plain MeZO steps first and scales m by ``m_scale`` (100 unless given); ``form="paper"``
     normalises m and v by (1 − β) from the first step on. β2 = 0: no second moment, m / (1 + δ)."""
@@ -42,15 +43,26 @@ def naive_adamezo(model, input_ids, *, steps, lr, eps, weight_decay, window, bet
 
 @pytest.mark.parametrize("exact", [True, False], ids=["module", "inplace"])
 def test_adamezo_matches_naive_reference_through_and_after_warm_up(exact, batch):
-    hyper = {"lr": 1e-4, "eps": 1e-3, "weight_decay": 0.1, "window": 3, "beta1": 0.7, "beta2": 0.9, "delta": 1e-5,
-             "m_scale": 100.0, "seed": 11}
+    hyper = {
+        "lr": 1e-4,
+        "eps": 1e-3,
+        "weight_decay": 0.1,
+        "window": 3,
+        "beta1": 0.7,
+        "beta2": 0.9,
+        "delta": 1e-5,
+        "m_scale": 100.0,
+        "seed": 11,
+    }
     model = random_llama("tiny", dtype=torch.float64, seed=0)
     reference = random_llama("tiny", dtype=torch.float64, seed=0)
     if exact:
         optimizer = AdaMeZO(model, **hyper)
     else:
-        groups = [{"params": [p for n, p in model.named_parameters() if is_decayed(n, p)]},
-                  {"params": [p for n, p in model.named_parameters() if not is_decayed(n, p)], "weight_decay": 0.0}]
+        groups = [
+            {"params": [p for n, p in model.named_parameters() if is_decayed(n, p)]},
+            {"params": [p for n, p in model.named_parameters() if not is_decayed(n, p)], "weight_decay": 0.0},
+        ]
         optimizer = AdaMeZO(groups, **hyper)
     for _ in range(7):  # 4 warm-up (MeZO) steps, window + 1 as in the official code, then 3 windowed steps
         optimizer.step(lambda: lm_loss(model, batch))
@@ -62,6 +74,7 @@ def test_adamezo_matches_naive_reference_through_and_after_warm_up(exact, batch)
 
 def test_moments_are_accumulated_in_float32_where_fp16_would_overflow():
     """P = 300 gives P² = 9e4 > 65504, fp16's largest value: fp16 sums of v would be inf and the update 0."""
+
     class Holder(torch.nn.Module):  # a model, so that the perturbation is module-wise and exact
         def __init__(self):
             super().__init__()
@@ -91,6 +104,7 @@ def test_moments_are_accumulated_in_float32_where_fp16_would_overflow():
 def test_windowed_update_in_float32_equals_moments_computed_densely(exact, threads):
     """float32 moments are generated and accumulated in one pass per seed; here against dense z tensors, on a
     parameter of two keyed blocks, with the in-place restore (whose seed is drawn once, for both uses)."""
+
     class Holder(torch.nn.Module):
         def __init__(self):
             super().__init__()
@@ -146,11 +160,21 @@ def test_bad_options(tiny_llama):
         AdaMeZO(tiny_llama, form="paper", m_scale=100.0)
 
 
-@pytest.mark.parametrize("form,beta2", [("paper", 0.9), ("code", 0.0), ("paper", 0.0)],
-                         ids=["paper", "code-momentum-only", "paper-momentum-only"])
+@pytest.mark.parametrize(
+    "form,beta2", [("paper", 0.9), ("code", 0.0), ("paper", 0.0)], ids=["paper", "code-momentum-only", "paper-momentum-only"]
+)
 def test_forms_and_momentum_only_match_naive_reference(form, beta2, batch):
-    hyper = {"lr": 1e-4, "eps": 1e-3, "weight_decay": 0.1, "window": 3, "beta1": 0.7, "beta2": beta2, "delta": 1e-5,
-             "seed": 11, "form": form}
+    hyper = {
+        "lr": 1e-4,
+        "eps": 1e-3,
+        "weight_decay": 0.1,
+        "window": 3,
+        "beta1": 0.7,
+        "beta2": beta2,
+        "delta": 1e-5,
+        "seed": 11,
+        "form": form,
+    }
     model = random_llama("tiny", dtype=torch.float64, seed=0)
     reference = random_llama("tiny", dtype=torch.float64, seed=0)
     optimizer = AdaMeZO(model, **hyper)
@@ -182,6 +206,7 @@ def test_paper_form_at_the_mapped_lr_takes_the_code_forms_step(beta2):
     """With M, V the unnormalised sums, code takes lr·100·M/(√V + δ) and paper lr'·(1−β1)·M/(√(1−β2)·√V + δ'):
     the same step when lr' = lr·100·√(1−β2)/(1−β1) and δ' = δ·√(1−β2), and nearly when δ is negligible next to
     √v. β2 = 0 has no √V: lr' = lr·100/(1−β1), δ' = δ."""
+
     class Holder(torch.nn.Module):
         def __init__(self):
             super().__init__()

@@ -15,8 +15,9 @@ from zotune.optim import is_decayed
 from zotune.train import build_optimizer
 
 
-def naive_addax(model, long_batch, short_batch, *, steps, lr, alpha, mixing, eps, weight_decay, seed, direction,
-                clip_grad_norm=None):
+def naive_addax(
+    model, long_batch, short_batch, *, steps, lr, alpha, mixing, eps, weight_decay, seed, direction, clip_grad_norm=None
+):
     """Addax as the paper writes it: dense z, an explicit full gradient on the short batch, no hooks; with
     ``clip_grad_norm``, that gradient clipped by torch.nn.utils.clip_grad_norm_."""
     theta = {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
@@ -59,18 +60,28 @@ def check_against_naive_reference(exact, mixing, alpha, tie, device="cpu", clip_
     long_batch, short_batch = (batch.to(device) for batch in batches())
     model = random_llama("tiny", seed=0, tie_embeddings=tie).double().to(device)
     reference_model = random_llama("tiny", seed=0, tie_embeddings=tie).double().to(device)
-    options = dict(lr=0.05, alpha=alpha, mixing=mixing, eps=1e-3, weight_decay=0.1, seed=7,
-                   clip_grad_norm=clip_grad_norm)
+    options = dict(lr=0.05, alpha=alpha, mixing=mixing, eps=1e-3, weight_decay=0.1, seed=7, clip_grad_norm=clip_grad_norm)
     if exact:
         optimizer = Addax(model, **options)
     else:  # parameters only (in-place perturbation), MeZO's no-decay rule through groups
         named = list(model.named_parameters())
-        optimizer = Addax([{"params": [p for n, p in named if is_decayed(n, p)]},
-                           {"params": [p for n, p in named if not is_decayed(n, p)], "weight_decay": 0.0}], **options)
+        optimizer = Addax(
+            [
+                {"params": [p for n, p in named if is_decayed(n, p)]},
+                {"params": [p for n, p in named if not is_decayed(n, p)], "weight_decay": 0.0},
+            ],
+            **options,
+        )
     for _ in range(3):
         optimizer.step(lambda: lm_loss(model, long_batch), lambda: lm_loss(model, short_batch))
-    expected = naive_addax(reference_model, long_batch, short_batch, steps=3, direction=keyed_direction(model, optimizer),
-                           **{k: v for k, v in options.items()})
+    expected = naive_addax(
+        reference_model,
+        long_batch,
+        short_batch,
+        steps=3,
+        direction=keyed_direction(model, optimizer),
+        **{k: v for k, v in options.items()},
+    )
     for name, param in model.named_parameters():
         torch.testing.assert_close(param, expected[name], rtol=1e-10, atol=1e-10, msg=name)
     return optimizer
@@ -103,7 +114,9 @@ def test_clipping_refuses_a_non_finite_first_order_gradient_before_any_update():
     model = random_llama("tiny", seed=0)
     before = [p.detach().clone() for p in model.parameters()]
     optimizer = Addax(model, lr=0.01, alpha=0.1, clip_grad_norm=1.0)
-    with pytest.raises(NonFiniteGradientError, match=r"step 0 \(direction seed \d+\) with a finite loss: the parameters were not"):
+    with pytest.raises(
+        NonFiniteGradientError, match=r"step 0 \(direction seed \d+\) with a finite loss: the parameters were not"
+    ):
         optimizer.step(lambda: lm_loss(model, long_batch), lambda: NaNGradient.apply(lm_loss(model, short_batch)))
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
     assert all(p.grad is None for p in model.parameters())
@@ -179,8 +192,7 @@ def test_tensor_the_short_batch_does_not_reach_still_gets_decay_and_zeroth_order
     x = torch.randn(8, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     optimizer = Addax(model, lr=0.1, alpha=0.5, weight_decay=0.2, seed=3)
     before = model.unused_by_short.weight.detach().clone()
-    optimizer.step(lambda: (model.used(x) + model.unused_by_short(x)).pow(2).mean(),
-                   lambda: model.used(x).pow(2).mean())
+    optimizer.step(lambda: (model.used(x) + model.unused_by_short(x)).pow(2).mean(), lambda: model.used(x).pow(2).mean())
     c = optimizer.last_estimates[0].projected_gradient
     z = optimizer.engine.direction(1, optimizer.last_estimates[0].seed).double()
     torch.testing.assert_close(model.unused_by_short.weight, before * (1 - 0.1 * 0.2) - 0.1 * 0.5 * c * z)

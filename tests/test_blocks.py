@@ -73,10 +73,12 @@ def test_blockwise_zero_learning_rate_is_bit_exact_in_bf16(name, batch):
 
 
 def test_blocks_that_cannot_work_are_one_line_errors(tiny_llama):
-    for build, message in [(lambda: MeZO(tiny_llama, blocks="rows"), "blocks must be one of layer, attention-mlp"),
-                           (lambda: MeZO(tiny_llama, blocks="layer", perturbation="inplace"), "perturbation=module"),
-                           (lambda: MeZO(tiny_llama, blocks="layer", dual_forward=True), "dual_forward=false"),
-                           (lambda: ZOSGDConservative(tiny_llama, blocks="layer"), "drop blocks"),
-                           (lambda: ZOSGDMomentum(tiny_llama, buffer="replay", blocks="layer"), "use buffer=dense")]:
+    for build, message in [
+        (lambda: MeZO(tiny_llama, blocks="rows"), "blocks must be one of layer, attention-mlp"),
+        (lambda: MeZO(tiny_llama, blocks="layer", perturbation="inplace"), "perturbation=module"),
+        (lambda: MeZO(tiny_llama, blocks="layer", dual_forward=True), "dual_forward=false"),
+        (lambda: ZOSGDConservative(tiny_llama, blocks="layer"), "drop blocks"),
+        (lambda: ZOSGDMomentum(tiny_llama, buffer="replay", blocks="layer"), "use buffer=dense"),
+    ]:
         with pytest.raises(OptionError, match=message):
             build()

@@ -58,14 +58,30 @@ def test_a_checksum_is_written_beside_each_checkpoint_and_removed_with_it(tmp_pa
     for step in (1, 2, 3):
         checkpoints.save(step, {"step": step})
     assert sorted(p.name for p in tmp_path.iterdir()) == [
-        "checkpoint-000002.pt", "checkpoint-000002.pt.sha256", "checkpoint-000003.pt", "checkpoint-000003.pt.sha256"]
+        "checkpoint-000002.pt",
+        "checkpoint-000002.pt.sha256",
+        "checkpoint-000003.pt",
+        "checkpoint-000003.pt.sha256",
+    ]
     assert len(checksum_path(checkpoints.paths()[-1]).read_text()) == 64
 
 
 def test_a_run_resumes_from_the_older_checkpoint_when_the_newest_is_cut_short(tmp_path, capsys):
-    args = ["train", "model=random:tiny", "num_train=16", "num_dev=8", "num_test=8", "batch_size=4", "max_length=48",
-            "optimizer=mezo", "lr=5e-3", "eval_every=0", "checkpoint_every=2", "keep_checkpoints=2",
-            f"output_dir={tmp_path}"]
+    args = [
+        "train",
+        "model=random:tiny",
+        "num_train=16",
+        "num_dev=8",
+        "num_test=8",
+        "batch_size=4",
+        "max_length=48",
+        "optimizer=mezo",
+        "lr=5e-3",
+        "eval_every=0",
+        "checkpoint_every=2",
+        "keep_checkpoints=2",
+        f"output_dir={tmp_path}",
+    ]
     assert main([*args, "steps=4"]) == 0
     newest = tmp_path / "checkpoint-000004.pt"
     newest.write_bytes(newest.read_bytes()[:1000])  # as a full disk or a copy cut short leaves it
@@ -81,8 +97,21 @@ def test_a_full_disk_while_saving_stops_with_one_line_and_keeps_the_older_checkp
 
     from zotune import checkpoints
 
-    args = ["train", "model=random:tiny", "num_train=16", "num_dev=8", "num_test=8", "batch_size=4", "max_length=48",
-            "optimizer=mezo", "lr=5e-3", "eval_every=0", "checkpoint_every=1", "export=false", f"output_dir={tmp_path}"]
+    args = [
+        "train",
+        "model=random:tiny",
+        "num_train=16",
+        "num_dev=8",
+        "num_test=8",
+        "batch_size=4",
+        "max_length=48",
+        "optimizer=mezo",
+        "lr=5e-3",
+        "eval_every=0",
+        "checkpoint_every=1",
+        "export=false",
+        f"output_dir={tmp_path}",
+    ]
     real_save, saves = torch.save, []
 
     def filling_up(state, file):  # the third checkpoint finds the disk full halfway through
@@ -99,7 +128,11 @@ def test_a_full_disk_while_saving_stops_with_one_line_and_keeps_the_older_checkp
     assert len(err) == 1 and err[0].startswith("zotune: error: cannot save checkpoint-000003.pt")
     assert "No space left on device" in err[0] and "checkpoint-000001.pt, checkpoint-000002.pt" in err[0]
     assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == [
-        "checkpoint-000001.pt", "checkpoint-000001.pt.sha256", "checkpoint-000002.pt", "checkpoint-000002.pt.sha256"]
+        "checkpoint-000001.pt",
+        "checkpoint-000001.pt.sha256",
+        "checkpoint-000002.pt",
+        "checkpoint-000002.pt.sha256",
+    ]
     monkeypatch.setattr(checkpoints.torch, "save", real_save)
     assert main([*args, "steps=4"]) == 0  # space freed: resumes from step 2
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]

@@ -96,8 +96,9 @@ def test_zero_learning_rate_is_bit_exact_in_bf16_on_cuda():
 
 def test_first_order_peak_is_the_allocators_and_grows_with_length():
     model = random_llama("tiny", seed=0).to(CUDA)
-    peaks = [first_order_peak_bytes(model, lambda n=n: lm_loss(model, torch.randint(0, 64, (8, n), device=CUDA)))
-             for n in (16, 256)]
+    peaks = [
+        first_order_peak_bytes(model, lambda n=n: lm_loss(model, torch.randint(0, 64, (8, n), device=CUDA))) for n in (16, 256)
+    ]
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     assert weights < peaks[0] < peaks[1]
 
@@ -107,8 +108,21 @@ def test_train_cli_runs_on_the_gpu(tmp_path, optimizer, lr):
     from test_train import TINY
     from zotune.cli import main
 
-    assert main(["train", *TINY, f"optimizer={optimizer}", f"lr={lr}", "steps=6", "eval_every=3", "device=cuda",
-                 f"output_dir={tmp_path}"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                *TINY,
+                f"optimizer={optimizer}",
+                f"lr={lr}",
+                "steps=6",
+                "eval_every=3",
+                "device=cuda",
+                f"output_dir={tmp_path}",
+            ]
+        )
+        == 0
+    )
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert 0 < summary["peak_memory_mb"] < 2000  # the allocator's peak for a tiny model, not the process's RSS
     state = torch.load(tmp_path / "checkpoint-000006.pt", map_location="cpu", weights_only=False)

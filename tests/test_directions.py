@@ -94,8 +94,10 @@ def test_zero_update_is_bit_exact_even_for_negative_zero():
     before = [p.clone() for p in params]
     DirectionEngine(params).apply([(3, 0.0), (4, -0.0)], scale=1.0)
     for p, p0 in zip(params, before):
-        assert torch.equal(p.view(torch.int16 if p.dtype == torch.bfloat16 else torch.int32),
-                           p0.view(torch.int16 if p0.dtype == torch.bfloat16 else torch.int32))
+        assert torch.equal(
+            p.view(torch.int16 if p.dtype == torch.bfloat16 else torch.int32),
+            p0.view(torch.int16 if p0.dtype == torch.bfloat16 else torch.int32),
+        )
 
 
 def test_low_precision_update_is_computed_in_float32_and_rounded_once():

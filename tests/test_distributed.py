@@ -124,10 +124,12 @@ def test_optimizers_that_cannot_work_on_fsdp2_shards_are_refused(monkeypatch):
 
     model = random_llama("tiny")
     monkeypatch.setattr(params_module, "is_sharded", lambda param: True)  # as if fully_shard had run
-    for make, why in [(lambda: create_optimizer("ip-sgd", model.parameters(), lr=0.1), "InPlaceSGD updates each"),
-                      (lambda: create_optimizer("addax", model.parameters(), lr=0.1), "Addax updates each"),
-                      (lambda: create_optimizer("mezo", model, lr=0.1), "module perturbation swaps"),
-                      (lambda: create_optimizer("svrg", model.parameters(), memory="dense"), "memory=dense swaps")]:
+    for make, why in [
+        (lambda: create_optimizer("ip-sgd", model.parameters(), lr=0.1), "InPlaceSGD updates each"),
+        (lambda: create_optimizer("addax", model.parameters(), lr=0.1), "Addax updates each"),
+        (lambda: create_optimizer("mezo", model, lr=0.1), "module perturbation swaps"),
+        (lambda: create_optimizer("svrg", model.parameters(), memory="dense"), "memory=dense swaps"),
+    ]:
         with pytest.raises(OptionError, match=f"FSDP2-sharded parameters: {why}.*With fully_shard use mezo, adamezo, svrg"):
             make()
 
@@ -141,8 +143,18 @@ def test_batches_that_do_not_split_evenly_and_plain_torch_optimizers_are_refused
         data_parallel(torch.optim.SGD(random_llama("tiny").parameters(), lr=0.1), group)
 
 
-TRAIN = ["train", "model=random:tiny", "num_train=32", "num_dev=8", "num_test=8", "batch_size=8", "max_length=64",
-         "steps=4", "eval_every=0", "zero_shot_eval=false"]
+TRAIN = [
+    "train",
+    "model=random:tiny",
+    "num_train=32",
+    "num_dev=8",
+    "num_test=8",
+    "batch_size=8",
+    "max_length=64",
+    "steps=4",
+    "eval_every=0",
+    "zero_shot_eval=false",
+]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 
 
@@ -150,10 +162,26 @@ def test_torchrun_training_equals_one_process_and_only_rank_0_writes(tmp_path):
     """Addax through the CLI: both of its batches are sharded, and it uses both kinds of all-reduce."""
     options = ["optimizer=addax", "lr=5e-2"]
     one, two = tmp_path / "one", tmp_path / "two"
-    subprocess.run([sys.executable, "-m", "zotune.cli", *TRAIN, *options, f"output_dir={one}"], env=ENV, check=True,
-                   capture_output=True)
-    launched = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "zotune.cli",
-                               *TRAIN, *options, f"output_dir={two}"], env=ENV, capture_output=True, text=True)
+    subprocess.run(
+        [sys.executable, "-m", "zotune.cli", *TRAIN, *options, f"output_dir={one}"], env=ENV, check=True, capture_output=True
+    )
+    launched = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "zotune.cli",
+            *TRAIN,
+            *options,
+            f"output_dir={two}",
+        ],
+        env=ENV,
+        capture_output=True,
+        text=True,
+    )
     assert launched.returncode == 0, launched.stderr[-3000:]
     assert launched.stdout.count("after 4 steps dev") == 1  # the summary line, from rank 0 only
     expected = torch.load(one / "checkpoint-000004.pt", weights_only=False)["model"]
@@ -172,18 +200,37 @@ def test_torchrun_fsdp_training_equals_one_process(tmp_path):
     perturbs module-wise, not in place: the two differ by rounding only), evaluation included."""
     one, two = tmp_path / "one", tmp_path / "two"
     options = ["optimizer=mezo", "lr=5e-3", "zero_shot_eval=true", "eval_every=2"]
-    subprocess.run([sys.executable, "-m", "zotune.cli", *TRAIN, *options, f"output_dir={one}"], env=ENV, check=True,
-                   capture_output=True)
-    launched = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "zotune.cli",
-                               *TRAIN, *options, "fsdp=true", f"output_dir={two}"], env=ENV, capture_output=True, text=True)
+    subprocess.run(
+        [sys.executable, "-m", "zotune.cli", *TRAIN, *options, f"output_dir={one}"], env=ENV, check=True, capture_output=True
+    )
+    launched = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "zotune.cli",
+            *TRAIN,
+            *options,
+            "fsdp=true",
+            f"output_dir={two}",
+        ],
+        env=ENV,
+        capture_output=True,
+        text=True,
+    )
     assert launched.returncode == 0, launched.stderr[-3000:]
     expected = torch.load(one / "checkpoint-000004.pt", weights_only=False)["model"]
     got = torch.load(two / "checkpoint-000004.pt", weights_only=False)["model"]  # gathered from the shards
     assert got.keys() == expected.keys()
     for name, value in expected.items():
         torch.testing.assert_close(got[name], value, rtol=0, atol=2e-5, msg=name)
-    evaluations = [[r["value"] for r in map(json.loads, (folder / "metrics.jsonl").read_text().splitlines())
-                    if "split" in r] for folder in (one, two)]
+    evaluations = [
+        [r["value"] for r in map(json.loads, (folder / "metrics.jsonl").read_text().splitlines()) if "split" in r]
+        for folder in (one, two)
+    ]
     assert evaluations[0] == evaluations[1] and len(evaluations[0]) == 4  # zero-shot, step 2, dev and test at 4
 
 
@@ -194,9 +241,11 @@ def test_fsdp_options_that_cannot_work_are_one_line_errors():
     group = DataParallel(rank=0, world_size=2)
     with pytest.raises(ConfigError, match="fsdp: true shards the model over processes: launch with torchrun"):
         check_fsdp(load_config(None, ["fsdp=true"]), None)
-    for overrides, message in [(["optimizer=ip-sgd"], "supports the optimizers mezo, adamezo, svrg, zo-sign, zo-cons .*got 'ip-sgd'"),
-                               (["optimizer=svrg", "optimizer_options.memory=dense"], "got 'svrg' with memory=dense"),
-                               (["trainable=lora"], "supports trainable=full, got 'lora'")]:
+    for overrides, message in [
+        (["optimizer=ip-sgd"], "supports the optimizers mezo, adamezo, svrg, zo-sign, zo-cons .*got 'ip-sgd'"),
+        (["optimizer=svrg", "optimizer_options.memory=dense"], "got 'svrg' with memory=dense"),
+        (["trainable=lora"], "supports trainable=full, got 'lora'"),
+    ]:
         with pytest.raises(ConfigError, match=message):
             check_fsdp(load_config(None, ["fsdp=true", *overrides]), group)
     with pytest.raises(ConfigError, match="config key 'fsdp' must be true or false"):
@@ -209,11 +258,27 @@ def test_torchrun_trains_a_classifier_head_as_one_process_does(tmp_path, fsdp):
     where one process does; FSDP shards the blocks it finds in any architecture."""
     one, two = tmp_path / "one", tmp_path / "two"
     options = ["head=classifier", "optimizer=mezo", "lr=5e-3"]
-    subprocess.run([sys.executable, "-m", "zotune.cli", *TRAIN, *options, f"output_dir={one}"], env=ENV, check=True,
-                   capture_output=True)
-    launched = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "zotune.cli",
-                               *TRAIN, *options, f"fsdp={fsdp}", f"output_dir={two}"], env=ENV, capture_output=True,
-                              text=True)
+    subprocess.run(
+        [sys.executable, "-m", "zotune.cli", *TRAIN, *options, f"output_dir={one}"], env=ENV, check=True, capture_output=True
+    )
+    launched = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "zotune.cli",
+            *TRAIN,
+            *options,
+            f"fsdp={fsdp}",
+            f"output_dir={two}",
+        ],
+        env=ENV,
+        capture_output=True,
+        text=True,
+    )
     assert launched.returncode == 0, launched.stderr[-3000:]
     expected = torch.load(one / "checkpoint-000004.pt", weights_only=False)["model"]
     got = torch.load(two / "checkpoint-000004.pt", weights_only=False)["model"]

@@ -82,8 +82,7 @@ def test_zero_learning_rate_leaves_parameters_bit_identical(dtype, batch):
 
 def test_adamezo_takes_the_same_steps_with_a_dual_forward(batch):
     models = [random_llama("tiny", dtype=torch.float64, seed=0) for _ in range(2)]
-    optimizers = [AdaMeZO(model, lr=1e-4, window=2, seed=5, dual_forward=dual)
-                  for model, dual in zip(models, (False, True))]
+    optimizers = [AdaMeZO(model, lr=1e-4, window=2, seed=5, dual_forward=dual) for model, dual in zip(models, (False, True))]
     for _ in range(4):  # through the warm-up and past it
         for model, optimizer in zip(models, optimizers):
             optimizer.step(lambda copies=1, model=model: lm_loss(model, batch, copies=copies))
@@ -116,7 +115,8 @@ def test_gradient_accumulation_with_a_dual_forward_equals_full_batch(batch):
         full.step(lambda copies=1: lm_loss(models[0], batch, copies=copies))
         accumulated.step(closure)
         assert accumulated.last_estimates[0].projected_gradient == pytest.approx(
-            full.last_estimates[0].projected_gradient, rel=1e-6)
+            full.last_estimates[0].projected_gradient, rel=1e-6
+        )
     for (name, a), b in zip(models[0].named_parameters(), models[1].parameters()):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-10, msg=name)
 
@@ -131,29 +131,37 @@ def test_mezo_with_a_dual_forward_lowers_the_loss_of_a_tiny_model(batch):
 SIZE = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
 ARCHITECTURES = {  # name: (config, model class); tiny random weights, vocabulary of 100
     "llama": lambda hf: (hf.LlamaConfig(vocab_size=100, num_key_value_heads=2, **SIZE), hf.AutoModelForCausalLM),
-    "opt": lambda hf: (hf.OPTConfig(vocab_size=100, ffn_dim=64, word_embed_proj_dim=32, hidden_size=32,
-                                    num_hidden_layers=2, num_attention_heads=4), hf.AutoModelForCausalLM),
+    "opt": lambda hf: (
+        hf.OPTConfig(
+            vocab_size=100, ffn_dim=64, word_embed_proj_dim=32, hidden_size=32, num_hidden_layers=2, num_attention_heads=4
+        ),
+        hf.AutoModelForCausalLM,
+    ),
     "gpt2": lambda hf: (hf.GPT2Config(vocab_size=100, n_embd=32, n_layer=2, n_head=4), hf.AutoModelForCausalLM),
     "qwen2": lambda hf: (hf.Qwen2Config(vocab_size=100, num_key_value_heads=2, **SIZE), hf.AutoModelForCausalLM),
     "mistral": lambda hf: (hf.MistralConfig(vocab_size=100, num_key_value_heads=2, **SIZE), hf.AutoModelForCausalLM),
-    "gemma": lambda hf: (hf.GemmaConfig(vocab_size=100, num_key_value_heads=2, head_dim=8, **SIZE),
-                         hf.AutoModelForCausalLM),
+    "gemma": lambda hf: (hf.GemmaConfig(vocab_size=100, num_key_value_heads=2, head_dim=8, **SIZE), hf.AutoModelForCausalLM),
     "phi": lambda hf: (hf.PhiConfig(vocab_size=100, **SIZE), hf.AutoModelForCausalLM),
     "gpt-neox": lambda hf: (hf.GPTNeoXConfig(vocab_size=100, **SIZE), hf.AutoModelForCausalLM),
     "bloom": lambda hf: (hf.BloomConfig(vocab_size=100, hidden_size=32, n_layer=2, n_head=4), hf.AutoModelForCausalLM),
-    "falcon": lambda hf: (hf.FalconConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4),
-                          hf.AutoModelForCausalLM),
-    "gptj": lambda hf: (hf.GPTJConfig(vocab_size=100, n_embd=32, n_layer=2, n_head=4, rotary_dim=4),
-                        hf.AutoModelForCausalLM),
-    "mixtral": lambda hf: (hf.MixtralConfig(vocab_size=100, num_key_value_heads=2, num_local_experts=4,
-                                             experts_implementation="eager", **SIZE),  # grouped GEMM: no fp64
-                           hf.AutoModelForCausalLM),
+    "falcon": lambda hf: (
+        hf.FalconConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4),
+        hf.AutoModelForCausalLM,
+    ),
+    "gptj": lambda hf: (hf.GPTJConfig(vocab_size=100, n_embd=32, n_layer=2, n_head=4, rotary_dim=4), hf.AutoModelForCausalLM),
+    "mixtral": lambda hf: (
+        hf.MixtralConfig(
+            vocab_size=100, num_key_value_heads=2, num_local_experts=4, experts_implementation="eager", **SIZE
+        ),  # grouped GEMM: no fp64
+        hf.AutoModelForCausalLM,
+    ),
     "bert": lambda hf: (hf.BertConfig(vocab_size=100, **SIZE), hf.AutoModelForMaskedLM),
     "roberta": lambda hf: (hf.RobertaConfig(vocab_size=100, pad_token_id=1, **SIZE), hf.AutoModelForMaskedLM),
-    "distilbert": lambda hf: (hf.DistilBertConfig(vocab_size=100, dim=32, n_layers=2, n_heads=4, hidden_dim=64),
-                              hf.AutoModelForMaskedLM),
-    "bert-classifier": lambda hf: (hf.BertConfig(vocab_size=100, num_labels=3, **SIZE),
-                                   hf.AutoModelForSequenceClassification),
+    "distilbert": lambda hf: (
+        hf.DistilBertConfig(vocab_size=100, dim=32, n_layers=2, n_heads=4, hidden_dim=64),
+        hf.AutoModelForMaskedLM,
+    ),
+    "bert-classifier": lambda hf: (hf.BertConfig(vocab_size=100, num_labels=3, **SIZE), hf.AutoModelForSequenceClassification),
 }
 
 
@@ -195,8 +203,13 @@ def test_the_dual_forward_refuses_t5s_batch_wide_position_bias():
     import transformers
 
     torch.manual_seed(0)
-    model = transformers.T5ForConditionalGeneration(transformers.T5Config(
-        vocab_size=100, d_model=32, d_ff=64, num_layers=2, num_heads=4, d_kv=8)).double().eval()
+    model = (
+        transformers.T5ForConditionalGeneration(
+            transformers.T5Config(vocab_size=100, d_model=32, d_ff=64, num_layers=2, num_heads=4, d_kv=8)
+        )
+        .double()
+        .eval()
+    )
     ids = torch.randint(3, 100, (4, 8), generator=torch.Generator().manual_seed(0))
     engine = DirectionEngine(list(model.parameters()))
 

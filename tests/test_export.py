@@ -10,8 +10,16 @@ from zotune.config import load_config
 from zotune.preparation import prepare
 from zotune.scoring import candidate_scores
 
-TINY = ["model=random:tiny", "num_train=16", "num_dev=8", "num_test=8", "batch_size=4", "max_length=48",
-        "eval_every=0", "zero_shot_eval=false"]
+TINY = [
+    "model=random:tiny",
+    "num_train=16",
+    "num_dev=8",
+    "num_test=8",
+    "batch_size=4",
+    "max_length=48",
+    "eval_every=0",
+    "zero_shot_eval=false",
+]
 
 
 def trained(tmp_path, name, *args):
@@ -47,8 +55,10 @@ def test_a_full_run_writes_a_folder_that_from_pretrained_loads_with_the_same_pre
     loaded = AutoModelForCausalLM.from_pretrained(folder)
     torch.testing.assert_close(dev_scores(loaded, run_dir), dev_scores(checkpoint_model(run_dir), run_dir))
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    assert tokenizer("It was great")["input_ids"] == prepare(load_config(run_dir / "config.yaml")).tokenizer(
-        "It was great")["input_ids"]
+    assert (
+        tokenizer("It was great")["input_ids"]
+        == prepare(load_config(run_dir / "config.yaml")).tokenizer("It was great")["input_ids"]
+    )
 
 
 def test_a_lora_run_writes_its_adapter_and_the_merged_model(tmp_path):

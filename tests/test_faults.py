@@ -18,9 +18,26 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM
 
 
 def command(run_dir):
-    return [sys.executable, "-m", "zotune.cli", "train", "model=random:tiny", "num_train=24", "num_dev=4", "num_test=4",
-            "batch_size=8", "max_length=64", "optimizer=mezo", "lr=5e-3", f"steps={STEPS}", "checkpoint_every=1",
-            "keep_checkpoints=2", "eval_every=0", "zero_shot_eval=false", f"output_dir={run_dir}"]
+    return [
+        sys.executable,
+        "-m",
+        "zotune.cli",
+        "train",
+        "model=random:tiny",
+        "num_train=24",
+        "num_dev=4",
+        "num_test=4",
+        "batch_size=8",
+        "max_length=64",
+        "optimizer=mezo",
+        "lr=5e-3",
+        f"steps={STEPS}",
+        "checkpoint_every=1",
+        "keep_checkpoints=2",
+        "eval_every=0",
+        "zero_shot_eval=false",
+        f"output_dir={run_dir}",
+    ]
 
 
 def wait_for_training(run_dir, process, timeout=120):
@@ -72,8 +89,10 @@ def test_sigterm_and_sigint_save_the_step_then_resume_is_bit_identical(tmp_path,
     assert process.returncode == 128 + stop
     last_line = error.strip().splitlines()[-1]
     step = int(last_line.split(" at step ")[1].split(":")[0])
-    assert last_line == (f"zotune: stopped: {stop.name} at step {step}: saved checkpoint-{step:06d}.pt in {tmp_path}; "
-                         "run the same command to resume")
+    assert last_line == (
+        f"zotune: stopped: {stop.name} at step {step}: saved checkpoint-{step:06d}.pt in {tmp_path}; "
+        "run the same command to resume"
+    )
     assert (tmp_path / f"checkpoint-{step:06d}.pt").exists() and step < STEPS
     subprocess.run(command(tmp_path), env=ENV, check=True, capture_output=True)
     assert_same_final_parameters(uninterrupted, tmp_path)

@@ -37,8 +37,9 @@ def test_steps_match_backwards_gradient_along_stored_directions(attention, batch
                 p.mul_(1 - 1e-2 * decay).sub_(1e-2 * moves[name])
     for (name, param), expected in zip(model.named_parameters(), reference.parameters()):
         # Eager attention takes its softmax in float32 whatever the dtype: float32 noise in a float64 comparison.
-        torch.testing.assert_close(param.detach(), expected.detach(), rtol=0, atol=1e-11 if attention == "sdpa" else 1e-8,
-                                   msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(
+            param.detach(), expected.detach(), rtol=0, atol=1e-11 if attention == "sdpa" else 1e-8, msg=lambda m: f"{name}: {m}"
+        )
 
 
 def test_zero_learning_rate_is_bit_exact_and_resume_is_exact(batch):
@@ -58,9 +59,25 @@ def test_forward_grad_lowers_the_loss_of_a_tiny_model(batch):
 
 
 def test_it_trains_through_the_cli(tmp_path):
-    assert main(["train", "model=random:tiny", "num_train=16", "num_dev=8", "num_test=8", "batch_size=4",
-                 "max_length=48", "optimizer=forward-grad", "lr=1e-3", "steps=2", "eval_every=0",
-                 f"output_dir={tmp_path}"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "model=random:tiny",
+                "num_train=16",
+                "num_dev=8",
+                "num_test=8",
+                "batch_size=4",
+                "max_length=48",
+                "optimizer=forward-grad",
+                "lr=1e-3",
+                "steps=2",
+                "eval_every=0",
+                f"output_dir={tmp_path}",
+            ]
+        )
+        == 0
+    )
     steps = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in steps if "loss" in r]
     assert len(steps) == 2 and all({"projected_grad", "seed"} <= r.keys() for r in steps)

@@ -61,12 +61,16 @@ def folders(tmp_path_factory):
     return saved
 
 
-SENTIMENT = [Example("the film It was", (" terrible", " great"), 1, texts=("the film",),
-                     masked=("the film It was", ".")),
-             Example("it was no film It was", (" terrible", " great"), 0, texts=("it was no film",),
-                     masked=("it was no film It was", "."))]
-PAIRS = [Example("p", ("Yes", "No", "Maybe"), 2, texts=("the film was great.", "it was"), masked=("the film?", ", it")),
-         Example("p", ("Yes", "No", "Maybe"), 0, texts=("no.", "yes it was the film"), masked=("no?", ", yes"))]
+SENTIMENT = [
+    Example("the film It was", (" terrible", " great"), 1, texts=("the film",), masked=("the film It was", ".")),
+    Example(
+        "it was no film It was", (" terrible", " great"), 0, texts=("it was no film",), masked=("it was no film It was", ".")
+    ),
+]
+PAIRS = [
+    Example("p", ("Yes", "No", "Maybe"), 2, texts=("the film was great.", "it was"), masked=("the film?", ", it")),
+    Example("p", ("Yes", "No", "Maybe"), 0, texts=("no.", "yes it was the film"), masked=("no?", ", yes")),
+]
 
 
 def test_the_classifier_head_encodes_text_pairs_with_the_tokenizers_special_tokens(tmp_path):
@@ -91,7 +95,7 @@ def test_the_mlm_head_puts_one_mask_where_the_label_word_goes(tmp_path):
     ids = encoded.sequences[0]
     assert ids[0] == tokenizer.cls_token_id and ids[-1] == tokenizer.sep_token_id
     assert ids[encoded.mask_position] == tokenizer.mask_token_id and ids.count(tokenizer.mask_token_id) == 1
-    assert tokenizer.decode(ids[1:encoded.mask_position]) == "the film it was"
+    assert tokenizer.decode(ids[1 : encoded.mask_position]) == "the film it was"
     assert encoded.targets == tuple(tokenizer.convert_tokens_to_ids(["terrible", "great"]))
     cut = encode_masked(tokenizer, SENTIMENT[0], 7)  # the prompt loses its beginning
     assert len(cut.sequences[0]) == 7 and cut.truncated and cut.sequences[0][cut.mask_position] == tokenizer.mask_token_id
@@ -146,15 +150,29 @@ def test_a_new_classification_head_comes_from_the_seed_and_a_model_without_a_hea
 
 
 def train(folder, *overrides):
-    return main(["train", f"model={folder}", "num_train=16", "num_dev=8", "num_test=8", "batch_size=4", "max_length=128",
-                 "eval_every=0", "zero_shot_eval=false", *overrides])
+    return main(
+        [
+            "train",
+            f"model={folder}",
+            "num_train=16",
+            "num_dev=8",
+            "num_test=8",
+            "batch_size=4",
+            "max_length=128",
+            "eval_every=0",
+            "zero_shot_eval=false",
+            *overrides,
+        ]
+    )
 
 
-CASES = [("bert", "classifier"), ("roberta", "mlm"), ("distilbert", "classifier"), ("gpt2", "classifier"),
-         ("distilbert", "mlm")]
-OPTIONS = {"svrg": ["optimizer_options.large_batch=8"], "svrg-dense": ["optimizer_options.large_batch=8",
-                                                                       "optimizer_options.memory=dense"],
-           "addax": ["optimizer_options.L_T=100"], "addax-wa": []}
+CASES = [("bert", "classifier"), ("roberta", "mlm"), ("distilbert", "classifier"), ("gpt2", "classifier"), ("distilbert", "mlm")]
+OPTIONS = {
+    "svrg": ["optimizer_options.large_batch=8"],
+    "svrg-dense": ["optimizer_options.large_batch=8", "optimizer_options.memory=dense"],
+    "addax": ["optimizer_options.L_T=100"],
+    "addax-wa": [],
+}
 
 
 @pytest.mark.parametrize("variant", [*OPTIMIZERS, "svrg-dense", "addax-wa"])
@@ -184,12 +202,14 @@ def test_every_optimizer_trains_every_head_and_lr_zero_changes_nothing(tmp_path,
 def test_lora_trains_the_adapters_and_a_classifiers_new_head_only(tmp_path, folders, arch, head):
     folder = folders[arch, head]
     run = tmp_path / "run"
-    assert train(folder, f"head={head}", "trainable=lora", "optimizer=mezo", "lr=1e-2", "steps=2",
-                 f"output_dir={run}") == 0
+    assert train(folder, f"head={head}", "trainable=lora", "optimizer=mezo", "lr=1e-2", "steps=2", f"output_dir={run}") == 0
     saved = torch.load(run / "checkpoint-000002.pt", weights_only=False)["model"]
     start = load_model(str(folder), head=head, labels=2)[0].state_dict()
-    body = {name: value for name, value in saved.items()
-            if not any(part in name for part in ("lora_", "modules_to_save", "original_module"))}
+    body = {
+        name: value
+        for name, value in saved.items()
+        if not any(part in name for part in ("lora_", "modules_to_save", "original_module"))
+    }
     for name, value in body.items():  # the frozen body, as it was loaded
         assert torch.equal(value, start[name.removeprefix("base_model.model.").replace(".base_layer", "")]), name
     trained_head = [name for name in saved if "modules_to_save" in name]
@@ -215,16 +235,21 @@ def test_a_new_mean_pooled_head_learns_a_batch_with_sgd(tmp_path, folders):
     assert losses[-1] < 0.5 * losses[0], losses
 
 
-@pytest.mark.parametrize("overrides,message", [
-    (["head=classifier", "task=local", "task_options={train: x, dev: x, test: x, template: '{q}', answer_field: a}"],
-     "needs a task with a fixed set of labels"),
-    (["head=classifier", "loss=lm"], "loss=lm trains a causal LM on the answer's tokens"),
-    (["head=classifier", "trainable=prefix"], "trainable=prefix supports head=lm"),
-    (["head=mlm", "model=random:tiny"], "random:<shape> models are causal"),
-    (["head=mlm", "model=minilm-l6"], "'minilm-l6' is a sentence encoder without a language-model or masked-LM head"),
-    (["head=linear"], "config key 'head' must be one of lm, classifier, mlm"),
-    (["pooling=max"], "config key 'pooling' must be one of cls, mean"),
-])
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (
+            ["head=classifier", "task=local", "task_options={train: x, dev: x, test: x, template: '{q}', answer_field: a}"],
+            "needs a task with a fixed set of labels",
+        ),
+        (["head=classifier", "loss=lm"], "loss=lm trains a causal LM on the answer's tokens"),
+        (["head=classifier", "trainable=prefix"], "trainable=prefix supports head=lm"),
+        (["head=mlm", "model=random:tiny"], "random:<shape> models are causal"),
+        (["head=mlm", "model=minilm-l6"], "'minilm-l6' is a sentence encoder without a language-model or masked-LM head"),
+        (["head=linear"], "config key 'head' must be one of lm, classifier, mlm"),
+        (["pooling=max"], "config key 'pooling' must be one of cls, mean"),
+    ],
+)
 def test_heads_that_cannot_work_are_one_line_errors(tmp_path, overrides, message, capsys):
     assert main(["train", *overrides, f"output_dir={tmp_path}", "steps=1"]) == 2
     err = capsys.readouterr().err
@@ -235,22 +260,44 @@ def test_a_local_task_for_a_classifier_needs_only_text_fields_and_labels(tmp_pat
     rows = [{"text": "the film was great", "label": "pos"}, {"text": "it was terrible", "label": "neg"}] * 4
     for split in ("train", "dev", "test"):
         (tmp_path / f"{split}.jsonl").write_text("\n".join(json.dumps(row) for row in rows) + "\n")
-    options = (f"task_options={{train: {tmp_path}/train.jsonl, dev: {tmp_path}/dev.jsonl, test: {tmp_path}/test.jsonl, "
-               "text_fields: [text], labels: [neg, pos]}")
-    assert train(folders["bert", "classifier"], "head=classifier", "task=local", options, "optimizer=sgd", "lr=0.1",
-                 "steps=2", f"output_dir={tmp_path / 'run'}") == 0
+    options = (
+        f"task_options={{train: {tmp_path}/train.jsonl, dev: {tmp_path}/dev.jsonl, test: {tmp_path}/test.jsonl, "
+        "text_fields: [text], labels: [neg, pos]}"
+    )
+    assert (
+        train(
+            folders["bert", "classifier"],
+            "head=classifier",
+            "task=local",
+            options,
+            "optimizer=sgd",
+            "lr=0.1",
+            "steps=2",
+            f"output_dir={tmp_path / 'run'}",
+        )
+        == 0
+    )
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert 0 <= summary["test"] <= 1
 
 
-@pytest.mark.parametrize("arch,head", [("bert", "classifier"), ("gpt2", "classifier"), ("roberta", "mlm"),
-                                       ("distilbert", "mlm")])
+@pytest.mark.parametrize("arch,head", [("bert", "classifier"), ("gpt2", "classifier"), ("roberta", "mlm"), ("distilbert", "mlm")])
 def test_a_dual_forward_run_of_a_head_takes_the_steps_of_separate_forwards(tmp_path, folders, arch, head):
     losses = {}
     for dual in ("false", "true"):
         run = tmp_path / dual
-        assert train(folders[arch, head], f"head={head}", "optimizer=mezo", "lr=1e-3", "steps=3",
-                     f"optimizer_options.dual_forward={dual}", f"output_dir={run}") == 0
+        assert (
+            train(
+                folders[arch, head],
+                f"head={head}",
+                "optimizer=mezo",
+                "lr=1e-3",
+                "steps=3",
+                f"optimizer_options.dual_forward={dual}",
+                f"output_dir={run}",
+            )
+            == 0
+        )
         records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
         losses[dual] = [r[key] for r in records if "loss" in r for key in ("loss_plus", "loss_minus")]
     assert losses["true"] == pytest.approx(losses["false"], rel=0, abs=1e-5)
@@ -265,8 +312,18 @@ def test_a_classifier_run_exports_a_folder_that_transformers_loads_with_the_same
     from zotune.preparation import prepare
 
     run_dir = tmp_path / pooling
-    assert train(folders["bert", "classifier"], "head=classifier", f"pooling={pooling}", "optimizer=sgd", "lr=0.1",
-                 "steps=2", f"output_dir={run_dir}") == 0
+    assert (
+        train(
+            folders["bert", "classifier"],
+            "head=classifier",
+            f"pooling={pooling}",
+            "optimizer=sgd",
+            "lr=0.1",
+            "steps=2",
+            f"output_dir={run_dir}",
+        )
+        == 0
+    )
     prepared = prepare(load_config(run_dir / "config.yaml"))
     prepared.model.load_state_dict(torch.load(sorted(run_dir.glob("checkpoint-*.pt"))[-1], weights_only=False)["model"])
     examples = prepared.splits["dev"]

@@ -27,11 +27,27 @@ class Sequences(torch.utils.data.Dataset):
 
 def make_trainer(tmp_path, optimizer="mezo", lr=3e-3, steps=40, **extra):
     data = Sequences(torch.randint(0, 64, (32, 16), generator=torch.Generator().manual_seed(0)))
-    args = TrainingArguments(output_dir=str(tmp_path), max_steps=steps, learning_rate=lr, lr_scheduler_type="linear",
-                             per_device_train_batch_size=8, logging_steps=10, save_steps=steps, report_to=[],
-                             use_cpu=True, seed=0, **extra)
-    return ZOTrainer(model=random_llama("tiny", seed=0), args=args, train_dataset=data, eval_dataset=data,
-                     zo_optimizer=optimizer, zo_options={"eps": 1e-3} if optimizer not in ("ip-sgd", "forward-grad") else {})
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        max_steps=steps,
+        learning_rate=lr,
+        lr_scheduler_type="linear",
+        per_device_train_batch_size=8,
+        logging_steps=10,
+        save_steps=steps,
+        report_to=[],
+        use_cpu=True,
+        seed=0,
+        **extra,
+    )
+    return ZOTrainer(
+        model=random_llama("tiny", seed=0),
+        args=args,
+        train_dataset=data,
+        eval_dataset=data,
+        zo_optimizer=optimizer,
+        zo_options={"eps": 1e-3} if optimizer not in ("ip-sgd", "forward-grad") else {},
+    )
 
 
 def test_zotrainer_takes_one_mezo_step_per_batch_lowers_the_loss_and_writes_the_trainers_outputs(tmp_path):
@@ -49,8 +65,9 @@ def test_zotrainer_takes_one_mezo_step_per_batch_lowers_the_loss_and_writes_the_
     assert saved["state"]["zo"]["step"] == 40  # the seed stream is saved with the checkpoint
 
 
-@pytest.mark.parametrize("optimizer,lr", [("zo-sign", 1e-3), ("zo-momentum", 3e-4), ("zo-cons", 3e-3), ("zo-adam", 1e-3),
-                                          ("forward-grad", 3e-3)])
+@pytest.mark.parametrize(
+    "optimizer,lr", [("zo-sign", 1e-3), ("zo-momentum", 3e-4), ("zo-cons", 3e-3), ("zo-adam", 1e-3), ("forward-grad", 3e-3)]
+)
 def test_the_zo_benchmarks_optimizers_train_under_zotrainer(tmp_path, optimizer, lr):
     trainer = make_trainer(tmp_path, optimizer, lr=lr, steps=20)
     before = trainer.evaluate()["eval_loss"]
@@ -66,11 +83,16 @@ def test_zotrainer_refuses_what_it_cannot_do(tmp_path):
         make_trainer(tmp_path, gradient_accumulation_steps=2)
 
 
-@pytest.mark.parametrize("script,args", [("plain_loop.py", ["--optimizer", "addax"]),
-                                         ("hf_trainer.py", ["--optimizer", "ip-sgd", "--lr", "0.5"])])
+@pytest.mark.parametrize(
+    "script,args", [("plain_loop.py", ["--optimizer", "addax"]), ("hf_trainer.py", ["--optimizer", "ip-sgd", "--lr", "0.5"])]
+)
 def test_examples_run_and_lower_the_loss(tmp_path, script, args):
-    output = subprocess.run([sys.executable, f"examples/{script}", *args, *(["--output-dir", str(tmp_path)]
-                            if script == "hf_trainer.py" else [])], capture_output=True, text=True, check=True).stdout
+    output = subprocess.run(
+        [sys.executable, f"examples/{script}", *args, *(["--output-dir", str(tmp_path)] if script == "hf_trainer.py" else [])],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     if script == "plain_loop.py":
         before, after = (float(x) for x in re.findall(r"(?:initial|final) loss on all sequences: ([0-9.]+)", output))
     else:

@@ -96,7 +96,9 @@ def test_registry_builds_every_optimizer_with_the_decay_rule(name, tiny_llama):
 
 
 def test_unknown_optimizer_name(tiny_llama):
-    with pytest.raises(ValueError, match="unknown optimizer 'mezzo': choose one of adam, adamezo, addax, addax-wa, ip-sgd, mezo, sgd, svrg"):
+    with pytest.raises(
+        ValueError, match="unknown optimizer 'mezzo': choose one of adam, adamezo, addax, addax-wa, ip-sgd, mezo, sgd, svrg"
+    ):
         create_optimizer("mezzo", tiny_llama)
 
 
@@ -121,8 +123,9 @@ def test_clip_grad_norm_matches_torch_clip_grad_norm(max_norm, batch):
     for _ in range(3):
         optimizer.step(lambda: forwards.append(1) or lm_loss(model, batch))
         measured.append(optimizer.last_grad_norm)
-    norms = torch_sgd_with_clipping(reference, lambda: lm_loss(reference, batch), lr=0.5, weight_decay=0.1,
-                                    max_norm=max_norm, steps=3)
+    norms = torch_sgd_with_clipping(
+        reference, lambda: lm_loss(reference, batch), lr=0.5, weight_decay=0.1, max_norm=max_norm, steps=3
+    )
     assert all(norm > max_norm for norm in norms) == (max_norm < 1)  # the clip acts in one case only
     assert measured == pytest.approx(norms, rel=1e-5)
     assert len(forwards) == 3  # one forward a step: the measuring backward keeps the graph for the updating one
@@ -147,8 +150,9 @@ def test_the_clipping_norm_is_that_of_the_gradient_averaged_over_the_ranks(batch
     optimizer.reduce_gradient = lambda grad: reduced.append(grad.mul_(3.0))
     optimizer.step(lambda: lm_loss(model, batch))
     assert len(reduced) == 2 * len(list(model.parameters()))
-    norms = torch_sgd_with_clipping(reference, lambda: 3 * lm_loss(reference, batch), lr=0.5, weight_decay=0.0,
-                                    max_norm=0.5, steps=1)
+    norms = torch_sgd_with_clipping(
+        reference, lambda: 3 * lm_loss(reference, batch), lr=0.5, weight_decay=0.0, max_norm=0.5, steps=1
+    )
     assert optimizer.last_grad_norm == pytest.approx(norms[0], rel=1e-5) and norms[0] / 3 > 0.5
     for (name, a), b in zip(model.named_parameters(), reference.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7, msg=name)

@@ -1,8 +1,15 @@
 import pytest
 
 from zotune.config import ConfigError
-from zotune.lengths import (LengthSplit, choose_threshold, even_threshold, example_length, first_order_peak_bytes,
-                            parse_memory, plan_addax)
+from zotune.lengths import (
+    LengthSplit,
+    choose_threshold,
+    even_threshold,
+    example_length,
+    first_order_peak_bytes,
+    parse_memory,
+    plan_addax,
+)
 from zotune.models import random_llama
 from zotune.sampling import AddaxBatches
 from zotune.scoring import EncodedExample, classification_loss
@@ -54,15 +61,18 @@ def test_empty_bucket_falls_back_with_a_note_or_refuses(threshold, empty, fallba
         plan_addax({"L_T": threshold, "on_empty_bucket": "error"}, EXAMPLES, batch_size=2)
 
 
-@pytest.mark.parametrize("options,message", [
-    ({"L_T": 20, "K0": 5}, "K0=5 is larger than D0, which holds 4 examples"),
-    ({"L_T": 20, "K1": 0}, "K1 must be a positive integer"),
-    ({"L_T": -3}, "L_T must be a positive number of tokens or auto"),
-    ({"L_T": "auto"}, "L_T: auto needs memory_budget"),
-    ({"L_T": 20, "memory_budget": "6GB"}, "memory_budget is used only with L_T: auto"),
-    ({"L_T": 20, "on_empty_bucket": "skip"}, "on_empty_bucket must be fallback or error"),
-    ({"LT": 20}, "unknown Addax data option 'LT'"),
-])
+@pytest.mark.parametrize(
+    "options,message",
+    [
+        ({"L_T": 20, "K0": 5}, "K0=5 is larger than D0, which holds 4 examples"),
+        ({"L_T": 20, "K1": 0}, "K1 must be a positive integer"),
+        ({"L_T": -3}, "L_T must be a positive number of tokens or auto"),
+        ({"L_T": "auto"}, "L_T: auto needs memory_budget"),
+        ({"L_T": 20, "memory_budget": "6GB"}, "memory_budget is used only with L_T: auto"),
+        ({"L_T": 20, "on_empty_bucket": "skip"}, "on_empty_bucket must be fallback or error"),
+        ({"LT": 20}, "unknown Addax data option 'LT'"),
+    ],
+)
 def test_bad_addax_options_are_one_line_errors(options, message):
     with pytest.raises(ConfigError, match=message):
         plan_addax(options, EXAMPLES, batch_size=4)
@@ -112,8 +122,9 @@ def test_auto_threshold_under_data_parallel_is_rank_zeros():
             return 20  # what rank 0 chose
 
     options = {"L_T": "auto", "memory_budget": "1GB"}
-    own = plan_addax(options, EXAMPLES, 4, measure=lambda indices: 100 * max(
-        example_length(EXAMPLES[i]) for i in indices))  # this rank's device allows every length: L_T = 55
+    own = plan_addax(
+        options, EXAMPLES, 4, measure=lambda indices: 100 * max(example_length(EXAMPLES[i]) for i in indices)
+    )  # this rank's device allows every length: L_T = 55
     assert own.split.threshold == 55
     agreed = agreed_plan(own, RankOneOfTwo().from_first, options, EXAMPLES, 4)
     assert agreed.split == plan_addax({"L_T": 20}, EXAMPLES, 4).split

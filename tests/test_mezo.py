@@ -48,8 +48,10 @@ def run_mezo(model, input_ids, steps, exact, **kwargs):
     if exact:
         optimizer = MeZO(model, **kwargs)
     else:  # parameters only: apply MeZO's no-decay rule through groups, as a user would
-        groups = [{"params": [p for n, p in model.named_parameters() if is_decayed(n, p)]},
-                  {"params": [p for n, p in model.named_parameters() if not is_decayed(n, p)], "weight_decay": 0.0}]
+        groups = [
+            {"params": [p for n, p in model.named_parameters() if is_decayed(n, p)]},
+            {"params": [p for n, p in model.named_parameters() if not is_decayed(n, p)], "weight_decay": 0.0},
+        ]
         optimizer = MeZO(groups, **kwargs)
     for _ in range(steps):
         optimizer.step(lambda: lm_loss(model, input_ids))
@@ -61,9 +63,11 @@ def run_mezo(model, input_ids, steps, exact, **kwargs):
 # lr·2.4e-4·|z| = 1.6e-6. So several steps are compared in float64 (in-place θ+εz−2εz rounds differently from
 # a dense θ−εz, and the dual forward's batched matmuls and per-copy means from separate forwards), and
 # float32 step by step below.
-@pytest.mark.parametrize("exact,dtype,tolerance", [(True, torch.float64, 1e-10), (False, torch.float64, 1e-10),
-                                                  ("dual", torch.float64, 1e-10)],
-                         ids=["module-fp64", "inplace-fp64", "dual-fp64"])
+@pytest.mark.parametrize(
+    "exact,dtype,tolerance",
+    [(True, torch.float64, 1e-10), (False, torch.float64, 1e-10), ("dual", torch.float64, 1e-10)],
+    ids=["module-fp64", "inplace-fp64", "dual-fp64"],
+)
 @pytest.mark.parametrize("n_directions,distribution", [(1, "gaussian"), (2, "gaussian"), (1, "rademacher")])
 @pytest.mark.parametrize("tie", [True, False], ids=["tied", "untied"])
 def test_mezo_matches_naive_reference(exact, dtype, tolerance, n_directions, distribution, tie, batch):
@@ -106,8 +110,10 @@ def test_zero_learning_rate_leaves_parameters_bit_identical(dtype, batch):
         optimizer.step(lambda: lm_loss(model, batch))
     assert all(e.projected_gradient != 0 for e in optimizer.last_estimates)
     for name, param in model.named_parameters():
-        assert torch.equal(param.detach().view(torch.int16 if dtype != torch.float32 else torch.int32),
-                           before[name].view(torch.int16 if dtype != torch.float32 else torch.int32)), name
+        assert torch.equal(
+            param.detach().view(torch.int16 if dtype != torch.float32 else torch.int32),
+            before[name].view(torch.int16 if dtype != torch.float32 else torch.int32),
+        ), name
 
 
 def test_inplace_perturbation_drifts_in_bf16_which_is_why_module_mode_exists(batch):
@@ -130,8 +136,9 @@ def test_gradient_accumulation_equals_full_batch(batch, cut):
     for _ in range(3):
         full.step(lambda: lm_loss(full_model, batch))
         accumulated.step(mean_over_micro_batches(lambda b: lm_loss(accumulated_model, b), micro_batches))
-        assert math.isclose(full.last_estimates[0].projected_gradient,
-                            accumulated.last_estimates[0].projected_gradient, rel_tol=1e-6)
+        assert math.isclose(
+            full.last_estimates[0].projected_gradient, accumulated.last_estimates[0].projected_gradient, rel_tol=1e-6
+        )
     for (name, a), b in zip(full_model.named_parameters(), accumulated_model.parameters()):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-10, msg=name)
 
@@ -230,7 +237,8 @@ def test_clear_errors_for_bad_arguments(tiny_llama):
         MeZO(tiny_llama)
     with pytest.raises(ValueError, match="do not belong to the model"):
         MeZO([{"params": [torch.nn.Parameter(torch.zeros(3))]}], lr=1.0).estimator.__class__(
-            MeZO([torch.nn.Parameter(torch.zeros(3))]).engine, 1e-3, tiny_llama)
+            MeZO([torch.nn.Parameter(torch.zeros(3))]).engine, 1e-3, tiny_llama
+        )
 
 
 @pytest.mark.parametrize("exact", [True, False], ids=["module", "inplace"])

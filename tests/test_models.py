@@ -28,7 +28,7 @@ def test_builtin_smollm2_is_converted_once_and_works(smollm2_cache, monkeypatch)
     ids = tokenizer("The capital of France is", return_tensors="pt").input_ids
     with torch.no_grad():
         generated = model.generate(ids, max_new_tokens=4, do_sample=False)
-    assert "Paris" in tokenizer.decode(generated[0, ids.shape[1]:])
+    assert "Paris" in tokenizer.decode(generated[0, ids.shape[1] :])
     monkeypatch.setenv("ZOTUNE_CACHE", str(cache))
     again, _ = load_model("smollm2-135m", dtype="bf16")  # from the converted folder, not the GGUF
     assert again.dtype == torch.bfloat16
@@ -55,8 +55,9 @@ def test_builtin_minilm_loads_the_trained_encoder_with_a_new_head(capsys):
             hidden = model.body(**inputs).last_hidden_state[0]
         return torch.nn.functional.normalize(hidden.mean(dim=0), dim=0)
 
-    guitar, plays, market = map(embedding, ["A man is playing a guitar.", "Someone plays the guitar.",
-                                            "The stock market fell sharply today."])
+    guitar, plays, market = map(
+        embedding, ["A man is playing a guitar.", "Someone plays the guitar.", "The stock market fell sharply today."]
+    )
     assert guitar @ plays > guitar @ market + 0.3  # trained weights, not random ones
     cls_model, _ = load_model("minilm-l6", head="classifier", labels=2)
     assert type(cls_model).__name__ == "BertForSequenceClassification"
@@ -76,9 +77,15 @@ def test_offline_hub_id_is_a_clear_error(monkeypatch):
         load_model("some-org/not-a-cached-model")
 
 
-@pytest.mark.parametrize("name,message", [("", "model is empty"), (" ", "model is empty"),
-                                          (":", "is not a local folder, a built-in model"),
-                                          ("a..b", "is not a local folder, a built-in model")])
+@pytest.mark.parametrize(
+    "name,message",
+    [
+        ("", "model is empty"),
+        (" ", "model is empty"),
+        (":", "is not a local folder, a built-in model"),
+        ("a..b", "is not a local folder, a built-in model"),
+    ],
+)
 def test_names_that_are_no_model_are_one_line_errors(name, message):
     # "" was read as the working directory, ":" reached the hub client's own validation error.
     with pytest.raises(ModelError, match=message):

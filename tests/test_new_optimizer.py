@@ -36,9 +36,25 @@ def test_the_new_rule_matches_a_naive_reference_with_stored_directions(batch):
 
 def test_one_registry_line_trains_it_through_the_cli(tmp_path, monkeypatch):
     monkeypatch.setitem(optim.OPTIMIZERS, "zo-clipped", ClippedMeZO)
-    assert main(["train", "model=random:tiny", "num_train=16", "num_dev=8", "num_test=8", "batch_size=4",
-                 "max_length=48", "optimizer=zo-clipped", "lr=1e-3", "steps=3", "eval_every=0",
-                 f"output_dir={tmp_path}"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "model=random:tiny",
+                "num_train=16",
+                "num_dev=8",
+                "num_test=8",
+                "batch_size=4",
+                "max_length=48",
+                "optimizer=zo-clipped",
+                "lr=1e-3",
+                "steps=3",
+                "eval_every=0",
+                f"output_dir={tmp_path}",
+            ]
+        )
+        == 0
+    )
     steps = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in steps if "loss" in r]
     assert len(steps) == 3 and all({"loss_plus", "loss_minus", "projected_grad", "seed"} <= r.keys() for r in steps)

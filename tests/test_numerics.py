@@ -28,8 +28,20 @@ def loss_replaced_on_calls(monkeypatch, calls, replace):
 def test_skip_policy_skips_a_nan_step_and_goes_on(tmp_path, monkeypatch, capsys):
     # zero_shot_eval=false: the loss's calls are MeZO's two forwards per step, so calls 5 and 6 are step 3.
     loss_replaced_on_calls(monkeypatch, {5, 6}, lambda loss: loss * float("nan"))
-    assert run_cli(["optimizer=mezo", "lr=5e-3", "steps=5", "eval_every=0", "zero_shot_eval=false",
-                    "on_nonfinite=skip", f"output_dir={tmp_path}"]) == 0
+    assert (
+        run_cli(
+            [
+                "optimizer=mezo",
+                "lr=5e-3",
+                "steps=5",
+                "eval_every=0",
+                "zero_shot_eval=false",
+                "on_nonfinite=skip",
+                f"output_dir={tmp_path}",
+            ]
+        )
+        == 0
+    )
     records = [r for r in read_metrics(tmp_path) if "step" in r and "split" not in r and "note" not in r]  # steps only
     assert [("skipped" in r) for r in records] == [False, False, True, False, False]
     assert records[2]["skipped"].startswith("non-finite loss at step 2 (direction seed ")  # the optimizer's step 2
@@ -41,8 +53,9 @@ def test_skip_policy_skips_a_nan_step_and_goes_on(tmp_path, monkeypatch, capsys)
 
 def test_stop_policy_names_the_step_and_seed(tmp_path, monkeypatch, capsys):
     loss_replaced_on_calls(monkeypatch, {3}, lambda loss: loss * float("inf"))
-    assert run_cli(["optimizer=mezo", "lr=5e-3", "steps=5", "eval_every=0", "zero_shot_eval=false",
-                    f"output_dir={tmp_path}"]) == 2
+    assert (
+        run_cli(["optimizer=mezo", "lr=5e-3", "steps=5", "eval_every=0", "zero_shot_eval=false", f"output_dir={tmp_path}"]) == 2
+    )
     error = capsys.readouterr().err.splitlines()[-1]
     assert error.startswith("zotune: error: run step 2: non-finite loss at step 1 (direction seed ")
     assert "loss+=inf" in error and "The parameters were not updated" in error
@@ -51,19 +64,46 @@ def test_stop_policy_names_the_step_and_seed(tmp_path, monkeypatch, capsys):
 
 def test_too_many_skips_in_a_row_stop_the_run(tmp_path, capsys):
     """lr = 1e30 blows the weights up at step 1; every later step is skipped, until the limit."""
-    assert run_cli(["optimizer=sgd", "lr=1e30", "steps=8", "eval_every=0", "on_nonfinite=skip",
-                    "max_skipped_steps=2", f"output_dir={tmp_path}"]) == 2
+    assert (
+        run_cli(
+            [
+                "optimizer=sgd",
+                "lr=1e30",
+                "steps=8",
+                "eval_every=0",
+                "on_nonfinite=skip",
+                "max_skipped_steps=2",
+                f"output_dir={tmp_path}",
+            ]
+        )
+        == 2
+    )
     error = capsys.readouterr().err.splitlines()[-1]
     assert error.startswith("zotune: error: run step 4 (3 steps in a row, more than max_skipped_steps=2): non-finite")
 
 
 def test_a_nonfinite_gradient_fused_into_backward_stops_even_when_skipping(tmp_path, monkeypatch, capsys):
     loss_replaced_on_calls(monkeypatch, {2}, NaNGradient.apply)
-    assert run_cli(["optimizer=ip-sgd", "lr=1e-2", "steps=4", "checkpoint_every=1", "eval_every=0",
-                    "zero_shot_eval=false", "on_nonfinite=skip", f"output_dir={tmp_path}"]) == 2
+    assert (
+        run_cli(
+            [
+                "optimizer=ip-sgd",
+                "lr=1e-2",
+                "steps=4",
+                "checkpoint_every=1",
+                "eval_every=0",
+                "zero_shot_eval=false",
+                "on_nonfinite=skip",
+                f"output_dir={tmp_path}",
+            ]
+        )
+        == 2
+    )
     error = capsys.readouterr().err.splitlines()[-1]
-    assert error.startswith("zotune: error: run step 2: non-finite gradient at step 1 with a finite loss: the update "
-                            "fused into backward has already written it into the weights")
+    assert error.startswith(
+        "zotune: error: run step 2: non-finite gradient at step 1 with a finite loss: the update "
+        "fused into backward has already written it into the weights"
+    )
     assert [p.name for p in sorted(tmp_path.glob("checkpoint-*.pt"))] == ["checkpoint-000001.pt"]  # step 2 unsaved
 
 
@@ -104,16 +144,20 @@ def test_monitor_reports_values_far_beyond_the_recent_median():
 def test_an_outlying_projected_gradient_is_reported_in_the_log(tmp_path, monkeypatch, capsys):
     # Step 12's two losses are scaled by 1000, and so is its c: far beyond the median of steps 1-11.
     loss_replaced_on_calls(monkeypatch, {23, 24}, lambda loss: loss * 1000)
-    assert run_cli(["optimizer=mezo", "lr=1e-3", "steps=13", "eval_every=0", "zero_shot_eval=false",
-                    f"output_dir={tmp_path}"]) == 0
+    assert (
+        run_cli(["optimizer=mezo", "lr=1e-3", "steps=13", "eval_every=0", "zero_shot_eval=false", f"output_dir={tmp_path}"]) == 0
+    )
     warned = [r["step"] for r in read_metrics(tmp_path) if "warning" in r]
     assert warned == [12]
     assert "step 12: projected gradient" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("make", [lambda m: MeZO(m, lr=0.0, eps=1e-2, weight_decay=0.1),
-                                  lambda m: AdaMeZO(m, lr=0.0, eps=1e-2, window=3)], ids=["mezo", "adamezo"])
+@pytest.mark.parametrize(
+    "make",
+    [lambda m: MeZO(m, lr=0.0, eps=1e-2, weight_decay=0.1), lambda m: AdaMeZO(m, lr=0.0, eps=1e-2, window=3)],
+    ids=["mezo", "adamezo"],
+)
 def test_a_thousand_steps_at_zero_learning_rate_leave_half_precision_weights_bit_identical(dtype, make):
     model = random_llama("tiny", dtype=dtype, seed=3)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}

@@ -14,8 +14,9 @@ from zotune.scoring import EncodedExample, accuracy, candidate_scores, classific
 SIZE = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
 CAUSAL = {  # name: config of a tiny random causal LM, vocabulary of 100
     "llama": lambda hf: hf.LlamaConfig(vocab_size=100, num_key_value_heads=2, **SIZE),
-    "opt": lambda hf: hf.OPTConfig(vocab_size=100, ffn_dim=64, word_embed_proj_dim=32, hidden_size=32,
-                                   num_hidden_layers=2, num_attention_heads=4),
+    "opt": lambda hf: hf.OPTConfig(
+        vocab_size=100, ffn_dim=64, word_embed_proj_dim=32, hidden_size=32, num_hidden_layers=2, num_attention_heads=4
+    ),
     "gpt2": lambda hf: hf.GPT2Config(vocab_size=100, n_embd=32, n_layer=2, n_head=4),
     "qwen2": lambda hf: hf.Qwen2Config(vocab_size=100, num_key_value_heads=2, **SIZE),
     "mistral": lambda hf: hf.MistralConfig(vocab_size=100, num_key_value_heads=2, **SIZE),
@@ -41,7 +42,7 @@ def example(prompt, candidates, label, cut_to=None):
     sequences = []
     for candidate in candidates:
         keep = len(prompt) if cut_to is None else min(len(prompt), cut_to - len(candidate))
-        sequences.append(tuple(prompt[len(prompt) - keep:]) + tuple(candidate))
+        sequences.append(tuple(prompt[len(prompt) - keep :]) + tuple(candidate))
     return EncodedExample(tuple(sequences), tuple(map(len, candidates)), label, cut_to is not None)
 
 
@@ -76,8 +77,9 @@ def test_packed_scores_equal_one_sequence_per_candidate(name, attention):
 def test_the_tested_architectures_share_one_row_per_prompt_and_the_others_one_per_long_candidate():
     examples = mixed_examples()
     assert takes_block_mask(causal_model("llama")) and not takes_block_mask(causal_model("phi"))
-    assert not takes_block_mask(SimpleNamespace(config=SimpleNamespace(model_type="llama",
-                                                                       _attn_implementation="flash_attention_2")))
+    assert not takes_block_mask(
+        SimpleNamespace(config=SimpleNamespace(model_type="llama", _attn_implementation="flash_attention_2"))
+    )
     shared = pack(examples, PAD, block_mask=True)
     assert shared.input_ids.shape[0] == 6  # one row per distinct prompt: example 4 has two
     assert shared.attention_mask.dim() == 4 and shared.position_ids is not None
@@ -108,9 +110,13 @@ def test_the_dual_forward_of_packed_rows_equals_module_mode(name):
     model = causal_model(name)
     examples = mixed_examples()
     engine = DirectionEngine([p for p in model.parameters() if p.requires_grad])
-    closure = lambda copies=1: classification_loss(model, examples, PAD, copies)  # noqa: E731
-    reference = lambda copies=1: classification_loss(model, examples, PAD, copies,  # noqa: E731
-                                                     scorer=separate_candidate_scores)
+
+    def closure(copies=1):
+        return classification_loss(model, examples, PAD, copies)
+
+    def reference(copies=1):
+        return classification_loss(model, examples, PAD, copies, scorer=separate_candidate_scores)
+
     separate = TwoPointEstimator(engine, 1e-3, model).estimate(reference, 3, 0)
     dual = TwoPointEstimator(engine, 1e-3, model, dual_forward=True).estimate(closure, 3, 0)
     assert separate.loss_plus != separate.loss_minus
@@ -123,15 +129,17 @@ def test_a_prefix_tuned_model_scores_packed_rows_as_separate_ones():
     model = PrefixTunedLM(causal_model("llama"), tokens=3, seed=0).double()
     examples = mixed_examples()
     with torch.no_grad():
-        torch.testing.assert_close(candidate_scores(model, examples, PAD),
-                                   separate_candidate_scores(model, examples, PAD), rtol=0, atol=1e-10)
+        torch.testing.assert_close(
+            candidate_scores(model, examples, PAD), separate_candidate_scores(model, examples, PAD), rtol=0, atol=1e-10
+        )
 
 
 def test_evaluation_in_low_precision_predicts_as_separate_sequences():
     model = causal_model("llama", dtype=torch.bfloat16)
     examples = mixed_examples() * 3
-    assert accuracy(model, examples, PAD, batch_size=4) == accuracy(model, examples, PAD, batch_size=4,
-                                                                     scorer=separate_candidate_scores)
+    assert accuracy(model, examples, PAD, batch_size=4) == accuracy(
+        model, examples, PAD, batch_size=4, scorer=separate_candidate_scores
+    )
 
 
 def test_an_empty_prompt_is_a_clear_error():

@@ -28,14 +28,33 @@ def local_task(folder, sizes=(("train", 32), ("dev", 32), ("test", 32))):
                 label = generator.randint(0, 1)
                 word = generator.choice(["red", "blue", "green"] if label == 0 else ["cat", "dog", "cow"])
                 file.write(json.dumps({"text": f"{word} {generator.choice(['is', 'was'])} here", "label": label}) + "\n")
-    return ["model=random:tiny", "task=local", *(f"task_options.{split}={folder / f'{split}.jsonl'}" for split, _ in sizes),
-            "task_options.template={text}. It is", 'task_options.verbalizer={0: " A", 1: " B"}']
+    return [
+        "model=random:tiny",
+        "task=local",
+        *(f"task_options.{split}={folder / f'{split}.jsonl'}" for split, _ in sizes),
+        "task_options.template={text}. It is",
+        'task_options.verbalizer={0: " A", 1: " B"}',
+    ]
 
 
 def test_best_dev_selection_tests_the_weights_of_the_best_dev_evaluation(tmp_path):
     run_dir = tmp_path / "run"
-    assert main(["train", *TINY, "optimizer=mezo", "lr=5e-2", "optimizer_options.eps=1e-1", "steps=24", "eval_every=4",
-                 "select=best_dev", f"output_dir={run_dir}"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                *TINY,
+                "optimizer=mezo",
+                "lr=5e-2",
+                "optimizer_options.eps=1e-1",
+                "steps=24",
+                "eval_every=4",
+                "select=best_dev",
+                f"output_dir={run_dir}",
+            ]
+        )
+        == 0
+    )
     log = records(run_dir)
     during = [(r["step"], r["value"]) for r in log if r.get("split") == "dev" and r["step"] > 0]  # not zero-shot
     best_step, best_value = max(during, key=lambda item: (item[1], -item[0]))  # the first of equal bests
@@ -62,8 +81,17 @@ def test_select_last_tests_the_last_weights_and_keeps_no_best_file(tmp_path):
 def test_early_stopping_after_evaluations_without_improvement_and_a_rerun_stays_stopped(tmp_path):
     # lr = 0: dev accuracy never changes, and a tie is no improvement, so evaluations 2 and 3 (steps 4, 6) are
     # stale and patience 2 stops the run at step 6.
-    args = ["train", *TINY, "optimizer=mezo", "lr=0", "steps=40", "eval_every=2", "early_stopping_patience=2",
-            "select=best_dev", f"output_dir={tmp_path}"]
+    args = [
+        "train",
+        *TINY,
+        "optimizer=mezo",
+        "lr=0",
+        "steps=40",
+        "eval_every=2",
+        "early_stopping_patience=2",
+        "select=best_dev",
+        f"output_dir={tmp_path}",
+    ]
     assert main(args) == 0
     log = records(tmp_path)
     assert max(r["step"] for r in log if "loss" in r) == 6
@@ -92,9 +120,13 @@ def test_the_loss_follows_the_task_unless_overridden(tmp_path):
     task = local_task(tmp_path)
     assert prepare(load_config(None, task)).loss is classification_loss
     assert prepare(load_config(None, [*task, "loss=lm"])).loss is answer_loss
-    generation = ["model=random:tiny", "task=local", *(f"task_options.{s}={tmp_path / 'gen.jsonl'}" for s in
-                                                      ("train", "dev", "test")),
-                  "task_options.template=Q: {q}\nA:", "task_options.answer_field=a"]
+    generation = [
+        "model=random:tiny",
+        "task=local",
+        *(f"task_options.{s}={tmp_path / 'gen.jsonl'}" for s in ("train", "dev", "test")),
+        "task_options.template=Q: {q}\nA:",
+        "task_options.answer_field=a",
+    ]
     (tmp_path / "gen.jsonl").write_text("".join(json.dumps({"q": f"{i}?", "a": str(i)}) + "\n" for i in range(6)))
     assert prepare(load_config(None, generation)).loss is answer_loss
     with pytest.raises(ConfigError, match="loss=classification needs candidates"):
@@ -102,8 +134,7 @@ def test_the_loss_follows_the_task_unless_overridden(tmp_path):
 
 
 def test_more_than_one_percent_of_a_split_cut_is_warned_in_the_log(tmp_path):
-    assert main(["train", *TINY, "max_length=24", "optimizer=mezo", "steps=1", "eval_every=0",
-                 f"output_dir={tmp_path}"]) == 0
+    assert main(["train", *TINY, "max_length=24", "optimizer=mezo", "steps=1", "eval_every=0", f"output_dir={tmp_path}"]) == 0
     notes = [r["note"] for r in records(tmp_path) if "note" in r]
     assert notes and all("lose the beginning of their prompt: raise max_length" in note for note in notes)
     assert {note.split(" examples")[0].split()[-1] for note in notes} == {"train", "dev", "test"}
@@ -123,9 +154,24 @@ def test_a_metric_objective_must_be_the_tasks_metric(tmp_path):
 
 def test_mezo_trained_on_accuracy_itself_raises_dev_accuracy(tmp_path):
     run_dir = tmp_path / "run"
-    assert main(["train", *local_task(tmp_path), "objective=accuracy", "optimizer=mezo", "lr=3e-2",
-                 "optimizer_options.eps=0.1", "steps=100", "eval_every=20", "batch_size=32", "select=best_dev",
-                 f"output_dir={run_dir}"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                *local_task(tmp_path),
+                "objective=accuracy",
+                "optimizer=mezo",
+                "lr=3e-2",
+                "optimizer_options.eps=0.1",
+                "steps=100",
+                "eval_every=20",
+                "batch_size=32",
+                "select=best_dev",
+                f"output_dir={run_dir}",
+            ]
+        )
+        == 0
+    )
     log = records(run_dir)
     losses = [r["loss"] for r in log if "loss" in r]
     assert all(-1 <= loss <= 0 for loss in losses)  # minus the batch's accuracy
@@ -135,13 +181,32 @@ def test_mezo_trained_on_accuracy_itself_raises_dev_accuracy(tmp_path):
 
 def generation_task(folder):
     (folder / "gen.jsonl").write_text("".join(json.dumps({"q": f"{i} plus one?", "a": str(i + 1)}) + "\n" for i in range(8)))
-    return ["model=random:tiny", "task=local", *(f"task_options.{s}={folder / 'gen.jsonl'}" for s in ("train", "dev", "test")),
-            "task_options.template=Q: {q}\nA:", "task_options.answer_field=a", "max_new_tokens=3", "batch_size=4"]
+    return [
+        "model=random:tiny",
+        "task=local",
+        *(f"task_options.{s}={folder / 'gen.jsonl'}" for s in ("train", "dev", "test")),
+        "task_options.template=Q: {q}\nA:",
+        "task_options.answer_field=a",
+        "max_new_tokens=3",
+        "batch_size=4",
+    ]
 
 
 def test_mezo_trains_on_f1_with_minus_the_batch_f1_as_its_loss(tmp_path):
-    assert main(["train", *generation_task(tmp_path), "objective=f1", "optimizer=mezo", "steps=2", "eval_every=0",
-                 f"output_dir={tmp_path / 'run'}"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                *generation_task(tmp_path),
+                "objective=f1",
+                "optimizer=mezo",
+                "steps=2",
+                "eval_every=0",
+                f"output_dir={tmp_path / 'run'}",
+            ]
+        )
+        == 0
+    )
     steps = [r for r in records(tmp_path / "run") if "loss" in r]
     assert len(steps) == 2 and all(-1 <= r["loss_plus"] <= 0 and -1 <= r["loss_minus"] <= 0 for r in steps)
 
@@ -152,8 +217,21 @@ def test_the_f1_objective_refuses_the_dual_forward(tmp_path):
 
 
 def test_a_clipped_first_order_step_logs_its_gradient_norm(tmp_path):
-    assert main(["train", *TINY, "optimizer=ip-sgd", "lr=1e-2", "optimizer_options.clip_grad_norm=0.5", "steps=2",
-                 "eval_every=0", f"output_dir={tmp_path}"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                *TINY,
+                "optimizer=ip-sgd",
+                "lr=1e-2",
+                "optimizer_options.clip_grad_norm=0.5",
+                "steps=2",
+                "eval_every=0",
+                f"output_dir={tmp_path}",
+            ]
+        )
+        == 0
+    )
     steps = [r for r in records(tmp_path) if "loss" in r]
     assert len(steps) == 2 and all(r["grad_norm"] > 0 for r in steps)
 
@@ -179,15 +257,19 @@ def test_bad_files_and_folders_are_one_line_errors(tmp_path, capsys, case):
     recipe.write_text("steps: 3\noptimizer: mezo\n")
     blocked = tmp_path / "a-file"
     blocked.write_text("")
-    args = {"yaml": ["--config", str(recipe)], "model": ["model=./no/such/model"],
-            "output_dir": [f"output_dir={blocked / 'run'}"]}[case]
+    args = {
+        "yaml": ["--config", str(recipe)],
+        "model": ["model=./no/such/model"],
+        "output_dir": [f"output_dir={blocked / 'run'}"],
+    }[case]
     if case == "yaml":
         recipe.write_text("steps: 3\noptimizer: [mezo\n")
     assert main(["train", *TINY, *args]) == 2
     error = capsys.readouterr().err
     assert error.startswith("zotune: error:") and error.count("\n") == 1
-    assert {"yaml": "not valid YAML at line", "model": "no such model folder",
-            "output_dir": "cannot be created or written"}[case] in error
+    assert {"yaml": "not valid YAML at line", "model": "no such model folder", "output_dir": "cannot be created or written"}[
+        case
+    ] in error
 
 
 def test_the_readmes_optimizer_table_says_what_each_optimizer_declares():
@@ -196,7 +278,7 @@ def test_the_readmes_optimizer_table_says_what_each_optimizer_declares():
     from zotune.optim import OPTIMIZERS
 
     text = (Path(__file__).parents[1] / "README.md").read_text()
-    table = text[text.index("| optimizer (`optimizer:`)"):].split("\n\n")[0]
+    table = text[text.index("| optimizer (`optimizer:`)") :].split("\n\n")[0]
     rows = [line.split("|")[1:-1] for line in table.splitlines() if line.startswith("| `")]
     listed = {}
     for cells in rows:

@@ -28,16 +28,24 @@ def test_a_paper_recipe_says_how_to_run_it_and_what_it_reproduces(recipe):
 
 def test_there_is_a_paper_recipe_for_each_headline_setting():
     names = {p.stem for p in PAPER}
-    assert {"mezo-opt13b-sst2-full", "mezo-opt13b-sst2-lora", "mezo-opt13b-sst2-prefix", "addax-opt13b-sst2",
-            "adamezo-opt1.3b-sst2"} <= names
+    assert {
+        "mezo-opt13b-sst2-full",
+        "mezo-opt13b-sst2-lora",
+        "mezo-opt13b-sst2-prefix",
+        "addax-opt13b-sst2",
+        "adamezo-opt1.3b-sst2",
+    } <= names
 
 
-@pytest.mark.parametrize("override,message", [
-    ("optimizer_options.window=0", "window must be a positive integer"),
-    ("optimizer_options.windw=3", "has no option 'windw'"),
-    ("objective=f1", "is scored by accuracy"),
-    ("task=no-such-task", "unknown task"),
-])
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("optimizer_options.window=0", "window must be a positive integer"),
+        ("optimizer_options.windw=3", "has no option 'windw'"),
+        ("objective=f1", "is scored by accuracy"),
+        ("task=no-such-task", "unknown task"),
+    ],
+)
 def test_a_dry_run_reports_what_is_wrong_in_one_line(override, message, capsys):
     recipe = CONFIGS / "adamezo-sentiment.yaml"
     assert main(["train", "--config", str(recipe), "--dry-run", override]) == 2
@@ -45,12 +53,15 @@ def test_a_dry_run_reports_what_is_wrong_in_one_line(override, message, capsys):
     assert err.startswith("zotune: error:") and message in err and err.count("\n") == 1
 
 
-@pytest.mark.parametrize("overrides,message", [
-    (["optimizer_options.K0=0"], "K0 must be a positive integer"),
-    (["optimizer_options.L_T=auto"], "L_T: auto needs memory_budget"),
-    (["optimizer_options.L_T=auto", "optimizer_options.memory_budget=lots"], "is not a size"),
-    (["optimizer_options.L_T=-3"], "L_T must be a positive number of tokens or auto"),
-])
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (["optimizer_options.K0=0"], "K0 must be a positive integer"),
+        (["optimizer_options.L_T=auto"], "L_T: auto needs memory_budget"),
+        (["optimizer_options.L_T=auto", "optimizer_options.memory_budget=lots"], "is not a size"),
+        (["optimizer_options.L_T=-3"], "L_T must be a positive number of tokens or auto"),
+    ],
+)
 def test_a_dry_run_checks_addaxs_data_options(overrides, message, capsys):
     assert main(["train", "--config", str(CONFIGS / "addax-sentiment.yaml"), "--dry-run", *overrides]) == 2
     assert message in capsys.readouterr().err

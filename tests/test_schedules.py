@@ -8,8 +8,17 @@ import torch
 from zotune.cli import main
 from zotune.schedules import lr_factor
 
-TINY = ["train", "model=random:tiny", "num_train=32", "num_dev=8", "num_test=8", "batch_size=8", "max_length=64",
-        "eval_every=0", "zero_shot_eval=false"]
+TINY = [
+    "train",
+    "model=random:tiny",
+    "num_train=32",
+    "num_dev=8",
+    "num_test=8",
+    "batch_size=8",
+    "max_length=64",
+    "eval_every=0",
+    "zero_shot_eval=false",
+]
 
 
 def test_the_factors_warm_up_linearly_then_hold_or_decay_to_zero():
@@ -27,15 +36,27 @@ def logged(run, key):
 @pytest.mark.parametrize("optimizer", ["mezo", "svrg", "sgd"])
 def test_each_step_is_taken_at_the_scheduled_rate(tmp_path, optimizer):
     options = ["optimizer_options={large_batch: 8}"] if optimizer == "svrg" else []
-    assert main([*TINY, f"optimizer={optimizer}", "lr=1e-2", "steps=6", "lr_schedule=linear", "warmup_steps=2",
-                 *options, f"output_dir={tmp_path}"]) == 0
+    assert (
+        main(
+            [
+                *TINY,
+                f"optimizer={optimizer}",
+                "lr=1e-2",
+                "steps=6",
+                "lr_schedule=linear",
+                "warmup_steps=2",
+                *options,
+                f"output_dir={tmp_path}",
+            ]
+        )
+        == 0
+    )
     expected = [1e-2 * lr_factor("linear", step, 6, 2) for step in range(1, 7)]
     assert logged(tmp_path, "lr") == pytest.approx(expected)
 
 
 def test_a_run_resumed_mid_schedule_ends_as_an_uninterrupted_one(tmp_path):
-    common = [*TINY, "optimizer=mezo", "lr=5e-3", "steps=6", "lr_schedule=cosine", "warmup_steps=2",
-              "checkpoint_every=3"]
+    common = [*TINY, "optimizer=mezo", "lr=5e-3", "steps=6", "lr_schedule=cosine", "warmup_steps=2", "checkpoint_every=3"]
     whole, cut = tmp_path / "whole", tmp_path / "cut"
     assert main([*common, f"output_dir={whole}"]) == 0
     assert main([*common, f"output_dir={cut}"]) == 0
@@ -48,11 +69,14 @@ def test_a_run_resumed_mid_schedule_ends_as_an_uninterrupted_one(tmp_path):
         assert torch.equal(final[1][name], value), name
 
 
-@pytest.mark.parametrize("overrides,message", [
-    (["lr_schedule=step"], "config key 'lr_schedule' must be one of constant, linear, cosine"),
-    (["warmup_steps=10", "steps=10"], "'warmup_steps' must be >= 0 and below steps=10"),
-    (["optimizer=svrg", "optimizer_options.anneal=5", "lr_schedule=linear"], "both set the learning rates"),
-])
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (["lr_schedule=step"], "config key 'lr_schedule' must be one of constant, linear, cosine"),
+        (["warmup_steps=10", "steps=10"], "'warmup_steps' must be >= 0 and below steps=10"),
+        (["optimizer=svrg", "optimizer_options.anneal=5", "lr_schedule=linear"], "both set the learning rates"),
+    ],
+)
 def test_schedules_that_cannot_work_are_one_line_errors(tmp_path, overrides, message, capsys):
     assert main([*TINY, *overrides, f"output_dir={tmp_path}"]) == 2
     err = capsys.readouterr().err

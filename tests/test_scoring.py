@@ -35,8 +35,9 @@ def test_batched_position_only_scores_match_naive_full_logits(model_and_tokenize
     model, tokenizer = model_and_tokenizer
     encoded = [encode(tokenizer, e, 64) for e in EXAMPLES]
     with torch.no_grad():
-        torch.testing.assert_close(candidate_scores(model, encoded, tokenizer.pad_token_id),
-                                   naive_scores(model, encoded), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(
+            candidate_scores(model, encoded, tokenizer.pad_token_id), naive_scores(model, encoded), rtol=1e-5, atol=1e-5
+        )
 
 
 def test_loss_is_cross_entropy_over_candidate_scores_and_accuracy_is_argmax(model_and_tokenizer):
@@ -45,11 +46,12 @@ def test_loss_is_cross_entropy_over_candidate_scores_and_accuracy_is_argmax(mode
     with torch.no_grad():
         scores = naive_scores(model, encoded)
         expected = torch.nn.functional.cross_entropy(scores, torch.tensor([1, 0, 1]))
-        torch.testing.assert_close(classification_loss(model, encoded, tokenizer.pad_token_id), expected,
-                                   rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(classification_loss(model, encoded, tokenizer.pad_token_id), expected, rtol=1e-5, atol=1e-5)
     predicted = scores.argmax(1).tolist()
-    assert accuracy(model, encoded, tokenizer.pad_token_id, batch_size=2) == sum(
-        p == label for p, label in zip(predicted, [1, 0, 1])) / 3
+    assert (
+        accuracy(model, encoded, tokenizer.pad_token_id, batch_size=2)
+        == sum(p == label for p, label in zip(predicted, [1, 0, 1])) / 3
+    )
 
 
 def test_stacked_copies_give_one_loss_per_copy(model_and_tokenizer):
@@ -58,8 +60,9 @@ def test_stacked_copies_give_one_loss_per_copy(model_and_tokenizer):
     with torch.no_grad():
         for loss in (classification_loss, answer_loss):
             single = loss(model, encoded, tokenizer.pad_token_id)
-            torch.testing.assert_close(loss(model, encoded, tokenizer.pad_token_id, copies=2), single.repeat(2),
-                                       rtol=1e-6, atol=1e-6)
+            torch.testing.assert_close(
+                loss(model, encoded, tokenizer.pad_token_id, copies=2), single.repeat(2), rtol=1e-6, atol=1e-6
+            )
 
 
 def test_long_prompts_are_cut_from_the_left(model_and_tokenizer):
@@ -75,8 +78,11 @@ def test_empty_candidate_is_a_clear_error(model_and_tokenizer):
         encode(tokenizer, Example("p", ("", " b"), 0), 10)
 
 
-MIXED = [Example("Pick one:", (" a", " b"), 1), Example("Pick among four:", (" w", " x", " yy", " z"), 2),
-         Example("Again, pick one:", (" c", " d"), 0)]
+MIXED = [
+    Example("Pick one:", (" a", " b"), 1),
+    Example("Pick among four:", (" w", " x", " yy", " z"), 2),
+    Example("Again, pick one:", (" c", " d"), 0),
+]
 
 
 def test_examples_with_different_numbers_of_candidates_are_each_scored_over_their_own(model_and_tokenizer):
@@ -89,12 +95,14 @@ def test_examples_with_different_numbers_of_candidates_are_each_scored_over_thei
         assert scores.shape == (3, 4)
         for row, expected in zip(scores, naive):
             torch.testing.assert_close(row[: len(expected)], expected, rtol=1e-5, atol=1e-5)
-            assert torch.isneginf(row[len(expected):]).all()
-        expected_loss = torch.stack([torch.nn.functional.cross_entropy(row[None], torch.tensor([e.label]))
-                                     for row, e in zip(naive, encoded)]).mean()
+            assert torch.isneginf(row[len(expected) :]).all()
+        expected_loss = torch.stack(
+            [torch.nn.functional.cross_entropy(row[None], torch.tensor([e.label])) for row, e in zip(naive, encoded)]
+        ).mean()
         torch.testing.assert_close(classification_loss(model, encoded, pad), expected_loss, rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(classification_loss(model, encoded, pad, copies=2), expected_loss.repeat(2),
-                                   rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(
+            classification_loss(model, encoded, pad, copies=2), expected_loss.repeat(2), rtol=1e-5, atol=1e-5
+        )
     predicted = [int(row.argmax()) for row in naive]
     assert accuracy(model, encoded, pad, batch_size=3) == sum(p == e.label for p, e in zip(predicted, encoded)) / 3
 

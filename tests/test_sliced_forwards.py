@@ -19,8 +19,9 @@ def test_rows_of_a_perturbed_copy_equal_those_rows_of_the_whole_copy(dtype):
     whole = engine.perturbed_copy(0, pairs)
     for rows in (slice(0, 4), slice(9, 30), slice(30, 37)):
         assert torch.equal(engine.perturbed_copy(0, pairs, rows=rows), whole[rows])
-        assert torch.equal(engine.perturbed_copy(0, [(5, 1e-2), (6, -3e-3)], rows=rows),
-                           engine.perturbed_copy(0, [(5, 1e-2), (6, -3e-3)])[rows])
+        assert torch.equal(
+            engine.perturbed_copy(0, [(5, 1e-2), (6, -3e-3)], rows=rows), engine.perturbed_copy(0, [(5, 1e-2), (6, -3e-3)])[rows]
+        )
         plus, minus = torch.empty_like(whole[rows]), torch.empty_like(whole[rows])
         engine.perturbed_pair(0, 5, 1e-2, plus, minus, rows=rows)
         assert torch.equal(plus, whole[rows]) and torch.equal(minus, engine.perturbed_copy(0, [(5, -1e-2)])[rows])

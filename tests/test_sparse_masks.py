@@ -42,8 +42,9 @@ def test_every_operation_draws_the_same_masked_direction(dtype):
         engine.perturbed_pair(i, 5, 0.5, plus, minus)
         torch.testing.assert_close(minus.float(), (-0.5 * z).to(dtype).float(), rtol=0, atol=0)
     rows = torch.tensor([3, 250, 17])
-    torch.testing.assert_close(engine.perturbed_rows(0, [(5, 1.0)], rows).float(), expected[0][rows].to(dtype).float(),
-                               rtol=0, atol=0)
+    torch.testing.assert_close(
+        engine.perturbed_rows(0, [(5, 1.0)], rows).float(), expected[0][rows].to(dtype).float(), rtol=0, atol=0
+    )
     engine.apply([(5, 2.0)])
     for param, z in zip(params, expected):
         torch.testing.assert_close(param.float(), (2.0 * z).to(dtype).float(), rtol=0, atol=0)
@@ -61,8 +62,10 @@ def test_sparse_mezo_matches_stored_masked_directions_and_masks_change_every_n_s
     for step in range(3):
         optimizer.step(lambda: lm_loss(model, batch))
         mask_seed = derive_seed(3, step // 2, MASK_COUNTER)
-        z = {name: value.double() for name, value in
-             zip(order, naive_masked(params, derive_seed(3, step, 0), mask_seed, [0.6] * len(params)))}
+        z = {
+            name: value.double()
+            for name, value in zip(order, naive_masked(params, derive_seed(3, step, 0), mask_seed, [0.6] * len(params)))
+        }
         masks.append(z["model.embed_tokens.weight"] == 0)
         with torch.no_grad():
             plus = lm_loss(model, batch, {k: theta[k] + 1e-3 * z[k] for k in theta}).item()
@@ -90,14 +93,17 @@ def test_sparse_steps_at_zero_lr_are_bit_exact_and_resume_exactly(name, batch):
     for _ in range(2):
         optimizer.step(lambda: lm_loss(model, batch))
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
-    resume_and_compare(lambda m: create_optimizer(name, m, lr=1e-4, seed=3, sparsity=0.5, mask_every=2), batch,
-                       steps_before=3, steps_after=3)
+    resume_and_compare(
+        lambda m: create_optimizer(name, m, lr=1e-4, seed=3, sparsity=0.5, mask_every=2), batch, steps_before=3, steps_after=3
+    )
 
 
 def test_bad_sparse_options(tiny_llama):
-    for build, message in [(lambda: MeZO(tiny_llama, sparsity=1.0), r"sparsity must be .* in \[0, 1\)"),
-                           (lambda: MeZO(tiny_llama, sparsity=0.5, sparse_shares="rows"), "layer or global"),
-                           (lambda: MeZO(tiny_llama, sparsity=0.5, mask_every=0), "mask_every must be a positive"),
-                           (lambda: ZOSGDMomentum(tiny_llama, buffer="replay", sparsity=0.5), "use buffer=dense")]:
+    for build, message in [
+        (lambda: MeZO(tiny_llama, sparsity=1.0), r"sparsity must be .* in \[0, 1\)"),
+        (lambda: MeZO(tiny_llama, sparsity=0.5, sparse_shares="rows"), "layer or global"),
+        (lambda: MeZO(tiny_llama, sparsity=0.5, mask_every=0), "mask_every must be a positive"),
+        (lambda: ZOSGDMomentum(tiny_llama, buffer="replay", sparsity=0.5), "use buffer=dense"),
+    ]:
         with pytest.raises(OptionError, match=message):
             build()

@@ -98,7 +98,9 @@ def test_svrg_direction_has_lower_variance_than_mezo_near_a_solution():
     carries the minibatch noise; SVRG's cancels it against the same minibatch at the anchor."""
     generator = torch.Generator().manual_seed(0)
     features, d = torch.randn(64, 20, generator=generator, dtype=torch.float64), 20
-    targets = features @ torch.randn(d, generator=generator, dtype=torch.float64) + torch.randn(64, generator=generator, dtype=torch.float64)
+    targets = features @ torch.randn(d, generator=generator, dtype=torch.float64) + torch.randn(
+        64, generator=generator, dtype=torch.float64
+    )
     solution = torch.linalg.lstsq(features, targets[:, None]).solution[:, 0]
     start = solution + 1e-3 * torch.randn(d, generator=generator, dtype=torch.float64)
     loss = lambda w, rows: 0.5 * ((features[rows] @ w - targets[rows]) ** 2).mean()  # noqa: E731
@@ -139,8 +141,8 @@ def naive_annealed_rates(losses, *, lr, anchor_lr, anneal, window, threshold=0.0
     rates = []
     for t in range(len(losses)):
         if t % window == 0 and t > 4 * window:
-            recent = sum(losses[t - window:t]) / window
-            earlier = sum(losses[t - 3 * window:t - 2 * window]) / window
+            recent = sum(losses[t - window : t]) / window
+            earlier = sum(losses[t - 3 * window : t - 2 * window]) / window
             if recent / earlier > 1 + threshold:
                 lr = lr if lr <= min_lr else max(lr / anneal, min_lr)  # a rate at or below its floor stays
                 anchor_lr = anchor_lr if anchor_lr <= min_anchor_lr else max(anchor_lr / anneal, min_anchor_lr)
@@ -178,7 +180,7 @@ def test_annealing_divides_both_rates_when_the_loss_rises_more_than_5_percent(ri
 
 @pytest.mark.parametrize("lr", [4e-6, 1e-7])
 def test_annealing_stops_at_the_floors(lr):
-    losses = [1.1 ** t for t in range(12)]  # window 1: every check from step 5 on sees a 21% rise
+    losses = [1.1**t for t in range(12)]  # window 1: every check from step 5 on sees a 21% rise
     options = {"lr": lr, "anchor_lr": 1e-4, "anneal": 2.0}
     rates = scripted_rates(losses, anneal_window=1, **options)
     assert rates == naive_annealed_rates(losses, window=1, **options)
@@ -202,14 +204,14 @@ def test_annealed_rates_are_the_ones_the_update_uses(memory):
     by_hand = MeZOSVRG(by_hand_model, **options)
     losses, rates = [], []
     for batch in batches:
-        losses.append(optimizer.step(offset_loss(model, batch, optimizer, offsets),
-                                     offset_loss(model, large, optimizer, offsets)))
+        losses.append(
+            optimizer.step(offset_loss(model, batch, optimizer, offsets), offset_loss(model, large, optimizer, offsets))
+        )
         rates.append((optimizer.param_groups[0]["lr"], optimizer.param_groups[0]["anchor_lr"]))
         for group in by_hand.param_groups:
             group["lr"], group["anchor_lr"] = rates[-1]
         by_hand.step(offset_loss(by_hand_model, batch, by_hand, offsets), offset_loss(by_hand_model, large, by_hand, offsets))
-    assert rates == naive_annealed_rates(losses, lr=0.01, anchor_lr=0.02, anneal=2.0, window=1, min_lr=0.0,
-                                         min_anchor_lr=0.0)
+    assert rates == naive_annealed_rates(losses, lr=0.01, anchor_lr=0.02, anneal=2.0, window=1, min_lr=0.0, min_anchor_lr=0.0)
     assert rates[4] == (0.01, 0.02) and rates[6] == (0.0025, 0.005) == rates[-1]
     assert all(group["lr"] == 0.0025 for group in optimizer.param_groups)
     for a, b in zip(model.parameters(), by_hand_model.parameters()):
@@ -217,13 +219,16 @@ def test_annealed_rates_are_the_ones_the_update_uses(memory):
 
 
 def test_annealing_is_off_by_default_and_changes_nothing_until_it_fires():
-    losses = [1.1 ** t for t in range(12)]
+    losses = [1.1**t for t in range(12)]
     assert scripted_rates(losses, lr=1e-4, anchor_lr=1e-3) == [(1e-4, 1e-3)] * 12
     batches, large = data(12)
     models = [random_llama("tiny", seed=0) for _ in range(3)]
     options = {"lr": 3e-3, "anchor_lr": 3e-3, "seed": 2}
-    optimizers = [MeZOSVRG(models[0], **options), MeZOSVRG(models[1], anneal=None, **options),
-                  MeZOSVRG(models[2], anneal=5.0, anneal_window=1, **options)]  # a falling loss: no rise of 5%
+    optimizers = [
+        MeZOSVRG(models[0], **options),
+        MeZOSVRG(models[1], anneal=None, **options),
+        MeZOSVRG(models[2], anneal=5.0, anneal_window=1, **options),
+    ]  # a falling loss: no rise of 5%
     assert set(optimizers[0].state["zo"]) == {"seed", "step", "stream", "anchor_gradient", "path"}
     for batch in batches:
         for model, optimizer in zip(models, optimizers):
@@ -241,8 +246,18 @@ def test_resume_with_annealing_is_exact(memory):
     offsets = [0.0] * 4 + [1.0] * 6
 
     def build(model):
-        return MeZOSVRG(model, lr=0.01, anchor_lr=0.02, anchor_every=3, memory=memory, seed=4, anneal=2.0,
-                        anneal_window=1, anneal_min_lr=0.0, anneal_min_anchor_lr=0.0)
+        return MeZOSVRG(
+            model,
+            lr=0.01,
+            anchor_lr=0.02,
+            anchor_every=3,
+            memory=memory,
+            seed=4,
+            anneal=2.0,
+            anneal_window=1,
+            anneal_min_lr=0.0,
+            anneal_min_anchor_lr=0.0,
+        )
 
     model = random_llama("tiny", seed=0)
     optimizer = build(model)
@@ -257,8 +272,9 @@ def test_resume_with_annealing_is_exact(memory):
     resumed_optimizer = build(resumed)
     resumed_optimizer.load_state_dict(saved_state)
     for batch in batches[5:]:
-        resumed_optimizer.step(offset_loss(resumed, batch, resumed_optimizer, offsets),
-                               offset_loss(resumed, large, resumed_optimizer, offsets))
+        resumed_optimizer.step(
+            offset_loss(resumed, batch, resumed_optimizer, offsets), offset_loss(resumed, large, resumed_optimizer, offsets)
+        )
     assert all(g["lr"] == 0.0025 for g in resumed_optimizer.param_groups + optimizer.param_groups)
     assert resumed_optimizer.state["zo"]["anneal_losses"] == optimizer.state["zo"]["anneal_losses"]
     for a, b in zip(model.parameters(), resumed.parameters()):

@@ -6,12 +6,15 @@ from zotune.tasks import DataError, load_task, task_names
 from zotune.tasks.base import split_rows
 
 
-@pytest.mark.parametrize("name,candidates", [
-    ("bigbench-sentiment", (" terrible", " great")),
-    ("bigbench-epistemic", ("Yes", "No")),
-    ("bigbench-presuppositions", ("Yes", "No", "Maybe")),
-    ("bigbench-strategyqa", (" No", " Yes")),
-])
+@pytest.mark.parametrize(
+    "name,candidates",
+    [
+        ("bigbench-sentiment", (" terrible", " great")),
+        ("bigbench-epistemic", ("Yes", "No")),
+        ("bigbench-presuppositions", ("Yes", "No", "Maybe")),
+        ("bigbench-strategyqa", (" No", " Yes")),
+    ],
+)
 def test_vendored_bigbench_tasks_load_with_disjoint_splits(name, candidates):
     loaded = load_task(name)
     assert {split: len(examples) for split, examples in loaded.splits.items()} == {"train": 256, "dev": 128, "test": 256}
@@ -41,9 +44,14 @@ def write_jsonl(path, rows):
 
 def local_options(tmp_path, train_rows, **extra):
     good = [{"text": "fine", "label": 1}, {"text": "bad", "label": 0}]
-    return dict(train=write_jsonl(tmp_path / "train.jsonl", train_rows), dev=write_jsonl(tmp_path / "dev.jsonl", good),
-                test=write_jsonl(tmp_path / "test.jsonl", good), template="{text} It was",
-                verbalizer={0: " terrible", 1: " great"}, **extra)
+    return dict(
+        train=write_jsonl(tmp_path / "train.jsonl", train_rows),
+        dev=write_jsonl(tmp_path / "dev.jsonl", good),
+        test=write_jsonl(tmp_path / "test.jsonl", good),
+        template="{text} It was",
+        verbalizer={0: " terrible", 1: " great"},
+        **extra,
+    )
 
 
 def test_local_jsonl_and_csv_tasks(tmp_path):
@@ -55,13 +63,16 @@ def test_local_jsonl_and_csv_tasks(tmp_path):
     assert loaded.splits["train"][0].prompt == "awful It was" and loaded.splits["train"][0].label == 0
 
 
-@pytest.mark.parametrize("rows,message", [
-    (['{"text": "ok", "label": 1}', "{not json"], r"train.jsonl, row 2: not valid JSON"),
-    ([{"label": 1}], r"train.jsonl, row 1: missing field 'text'"),
-    ([{"text": "ok", "label": 7}], r"train.jsonl, row 1: label '7' is not one of \['0', '1'\]"),
-    ([], r"train.jsonl: the split is empty"),
-    (["[1, 2]"], r"train.jsonl, row 1: expected a JSON object, got list"),
-])
+@pytest.mark.parametrize(
+    "rows,message",
+    [
+        (['{"text": "ok", "label": 1}', "{not json"], r"train.jsonl, row 2: not valid JSON"),
+        ([{"label": 1}], r"train.jsonl, row 1: missing field 'text'"),
+        ([{"text": "ok", "label": 7}], r"train.jsonl, row 1: label '7' is not one of \['0', '1'\]"),
+        ([], r"train.jsonl: the split is empty"),
+        (["[1, 2]"], r"train.jsonl, row 1: expected a JSON object, got list"),
+    ],
+)
 def test_bad_local_data_names_file_row_and_field(tmp_path, rows, message):
     with pytest.raises(DataError, match=message):
         load_task("local", local=local_options(tmp_path, rows))
@@ -92,13 +103,31 @@ def test_convert_sdist_builds_deduplicated_splits_from_task_json(tmp_path):
         return {label: int(label == correct) for label in labels}
 
     contents = {
-        "multiemo/all_sentence_en/task.json": [{"input": f"s{i}", "target_scores": scores(
-            ["positive", "negative", "neutral"][i % 3], ["positive", "negative", "neutral", "ambivalent"])} for i in range(30)]
+        "multiemo/all_sentence_en/task.json": [
+            {
+                "input": f"s{i}",
+                "target_scores": scores(
+                    ["positive", "negative", "neutral"][i % 3], ["positive", "negative", "neutral", "ambivalent"]
+                ),
+            }
+            for i in range(30)
+        ]
         + [{"input": "s1", "target_scores": scores("negative", ["positive", "negative"])}],  # conflicting repeat
-        "epistemic_reasoning/task.json": [{"input": f"Premise: p{i}. Hypothesis: h{i}.", "target_scores": scores(
-            "entailment", ["entailment", "non-entailment"])} for i in range(10)] * 2,  # every row twice
-        "presuppositions_as_nli/task.json": [{"input": f"Sentence 1: a{i}\nSentence 2: b{i}\n\nThe answer is: ",
-                                              "target_scores": scores("neutral", ["entailment", "neutral"])} for i in range(10)],
+        "epistemic_reasoning/task.json": [
+            {
+                "input": f"Premise: p{i}. Hypothesis: h{i}.",
+                "target_scores": scores("entailment", ["entailment", "non-entailment"]),
+            }
+            for i in range(10)
+        ]
+        * 2,  # every row twice
+        "presuppositions_as_nli/task.json": [
+            {
+                "input": f"Sentence 1: a{i}\nSentence 2: b{i}\n\nThe answer is: ",
+                "target_scores": scores("neutral", ["entailment", "neutral"]),
+            }
+            for i in range(10)
+        ],
         "strategyqa/task.json": [{"input": f"q{i}?", "target_scores": scores("Yes", ["Yes", "No"])} for i in range(10)],
     }
     sdist = tmp_path / "bigbench.tar.gz"
@@ -130,6 +159,7 @@ def test_data_fetch_downloads_from_the_index_pip_is_configured_with_and_checks_t
     monkeypatch.delenv("PIP_INDEX_URL", raising=False)
     monkeypatch.setenv("PIP_CONFIG_FILE", str(config))
     assert bigbench.pip_index_url() == f"file://{tmp_path / 'mirror'}/"
+
     def served(url, data=None, timeout=None):  # a static mirror: a folder URL serves its index.html
         path = str(url).removeprefix("file://")
         return open(path + "index.html" if path.endswith("/") else path, "rb")

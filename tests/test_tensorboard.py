@@ -5,8 +5,18 @@ import json
 
 from zotune.cli import main
 
-TINY = ["model=random:tiny", "num_train=16", "num_dev=8", "num_test=8", "batch_size=4", "max_length=48",
-        "export=false", "optimizer=mezo", "lr=1e-2", "eval_every=2"]
+TINY = [
+    "model=random:tiny",
+    "num_train=16",
+    "num_dev=8",
+    "num_test=8",
+    "batch_size=4",
+    "max_length=48",
+    "export=false",
+    "optimizer=mezo",
+    "lr=1e-2",
+    "eval_every=2",
+]
 
 
 def scalars(folder):

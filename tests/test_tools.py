@@ -39,11 +39,11 @@ def test_speed_ratios_are_taken_against_the_forwards_beside_each_item(monkeypatc
             clock[0] += costs[name] * speed_of_round["factor"]
             if calls.count("forward") % 3 == 0 and name == "forward":  # a round's last call: the next is slower
                 speed_of_round["factor"] += 1.0
+
         return run
 
     monkeypatch.setattr(speed.time, "perf_counter", lambda: clock[0])
-    seconds, ratios = speed.bracketed_timings(action("forward"), {"step": action("step"), "sweep": action("sweep")},
-                                              repeats=2)
+    seconds, ratios = speed.bracketed_timings(action("forward"), {"step": action("step"), "sweep": action("sweep")}, repeats=2)
     assert calls == ["forward", "step", "forward", "sweep", "forward"] * 3
     assert seconds["step"] == [6.0, 9.0] and seconds["sweep"] == [1.0, 1.5]  # rounds 1 and 2; 0 is the warm-up
     assert seconds["baseline"] == [2.0, 2.0, 2.0, 3.0, 3.0, 3.0]
@@ -69,16 +69,35 @@ def test_demo_runs_the_three_recipes_and_writes_the_table_and_plot(tmp_path, mon
 def test_a_resumed_convergence_suite_keeps_finished_runs_and_continues_stopped_ones(tmp_path):
     from zotune.cli import main
 
-    common = ["bench", "convergence", "--config", "configs/demo-sentiment-mezo.yaml", "--optimizers", "mezo,ip-sgd@1e-2",
-              "--set", "ip-sgd@1e-2:optimizer_options={}", "--out", str(tmp_path), "model=random:tiny", "steps=6",
-              "eval_every=3", "num_train=16", "num_dev=8", "num_test=8", "checkpoint_every=3", "lr=5e-3"]
+    common = [
+        "bench",
+        "convergence",
+        "--config",
+        "configs/demo-sentiment-mezo.yaml",
+        "--optimizers",
+        "mezo,ip-sgd@1e-2",
+        "--set",
+        "ip-sgd@1e-2:optimizer_options={}",
+        "--out",
+        str(tmp_path),
+        "model=random:tiny",
+        "steps=6",
+        "eval_every=3",
+        "num_train=16",
+        "num_dev=8",
+        "num_test=8",
+        "checkpoint_every=3",
+        "lr=5e-3",
+    ]
     assert main(common) == 0
     finished = (tmp_path / "mezo" / "metrics.jsonl").read_text()
     # ip-sgd stopped after its first checkpoint: its last steps and its summary are gone
     stopped = tmp_path / "ip-sgd@1e-2"
     lines = (stopped / "metrics.jsonl").read_text().splitlines()
-    (stopped / "metrics.jsonl").write_text("\n".join(line for line in lines if '"step": 6' not in line
-                                                     and '"step": 4' not in line and '"step": 5' not in line) + "\n")
+    (stopped / "metrics.jsonl").write_text(
+        "\n".join(line for line in lines if '"step": 6' not in line and '"step": 4' not in line and '"step": 5' not in line)
+        + "\n"
+    )
     for name in ("summary.json", "checkpoint-000006.pt", "checkpoint-000006.pt.sha256"):
         (stopped / name).unlink()
     assert main([*common, "--resume"]) == 0
@@ -86,22 +105,46 @@ def test_a_resumed_convergence_suite_keeps_finished_runs_and_continues_stopped_o
     steps = [json.loads(line)["step"] for line in (stopped / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
     assert steps == [1, 2, 3, 4, 5, 6] and (stopped / "summary.json").is_file()  # resumed from step 3
     assert main([*common, "steps=8", "--resume"]) == 0  # a longer budget continues the finished runs
-    steps = [json.loads(line)["step"] for line in (tmp_path / "mezo" / "metrics.jsonl").read_text().splitlines()
-             if '"loss"' in line]
+    steps = [
+        json.loads(line)["step"] for line in (tmp_path / "mezo" / "metrics.jsonl").read_text().splitlines() if '"loss"' in line
+    ]
     assert steps == list(range(1, 9))
     assert main([*common, "seed=1", "--resume"]) == 0  # a setting that defines another run: it starts over
-    steps = [json.loads(line)["step"] for line in (tmp_path / "mezo" / "metrics.jsonl").read_text().splitlines()
-             if '"loss"' in line]
+    steps = [
+        json.loads(line)["step"] for line in (tmp_path / "mezo" / "metrics.jsonl").read_text().splitlines() if '"loss"' in line
+    ]
     assert steps == list(range(1, 7))
 
 
 def test_convergence_benchmark_compares_optimizers_on_shared_targets(tmp_path, capsys):
     from zotune.cli import main
 
-    assert main(["bench", "convergence", "--config", "configs/demo-sentiment-mezo.yaml", "--optimizers", "mezo,adamezo@1e-4",
-                 "--set", "adamezo@1e-4:optimizer_options.window=2", "--smooth", "3",
-                 "--out", str(tmp_path), "model=random:tiny", "steps=8", "eval_every=4", "num_train=16",
-                 "num_dev=8", "num_test=8", "lr=5e-3"]) == 0
+    assert (
+        main(
+            [
+                "bench",
+                "convergence",
+                "--config",
+                "configs/demo-sentiment-mezo.yaml",
+                "--optimizers",
+                "mezo,adamezo@1e-4",
+                "--set",
+                "adamezo@1e-4:optimizer_options.window=2",
+                "--smooth",
+                "3",
+                "--out",
+                str(tmp_path),
+                "model=random:tiny",
+                "steps=8",
+                "eval_every=4",
+                "num_train=16",
+                "num_dev=8",
+                "num_test=8",
+                "lr=5e-3",
+            ]
+        )
+        == 0
+    )
     result = json.loads((tmp_path / "convergence.json").read_text())
     assert set(result) == {"mezo", "adamezo@1e-4"}
     adamezo = result["adamezo@1e-4"]["config"]
@@ -121,9 +164,29 @@ def test_memory_benchmark_orders_addax_between_mezo_and_sgd(tmp_path, capsys):
     stay near MeZO and well below SGD, which keeps the long part's activations and every gradient."""
     from zotune.cli import main
 
-    assert main(["bench", "memory", "--config", "configs/addax-sentiment.yaml", "--optimizers", "inference,mezo,addax,sgd",
-                 "--out", str(tmp_path), "model=random:tiny", "max_length=600", "optimizer_options.L_T=150",
-                 "optimizer_options.K0=16", "optimizer_options.K1=4", "num_train=128", "num_dev=4", "num_test=4"]) == 0
+    assert (
+        main(
+            [
+                "bench",
+                "memory",
+                "--config",
+                "configs/addax-sentiment.yaml",
+                "--optimizers",
+                "inference,mezo,addax,sgd",
+                "--out",
+                str(tmp_path),
+                "model=random:tiny",
+                "max_length=600",
+                "optimizer_options.L_T=150",
+                "optimizer_options.K0=16",
+                "optimizer_options.K1=4",
+                "num_train=128",
+                "num_dev=4",
+                "num_test=4",
+            ]
+        )
+        == 0
+    )
     results = json.loads((tmp_path / "memory.json").read_text())["results"]
     extra = {name: r["peak_bytes"] - r["baseline_bytes"] for name, r in results.items()}
     assert min(results["addax"]["batch"]["long"]) > 150 >= max(results["addax"]["batch"]["short"])
@@ -135,8 +198,25 @@ def test_memory_benchmark_orders_addax_between_mezo_and_sgd(tmp_path, capsys):
 def test_parallel_benchmark_times_one_and_two_processes(tmp_path, capsys):
     from zotune.cli import main
 
-    assert main(["bench", "parallel", "--config", "configs/demo-sentiment-mezo.yaml", "--processes", "1,2",
-                 "--out", str(tmp_path), "model=random:tiny", "steps=4", "num_train=32", "lr=5e-3"]) == 0
+    assert (
+        main(
+            [
+                "bench",
+                "parallel",
+                "--config",
+                "configs/demo-sentiment-mezo.yaml",
+                "--processes",
+                "1,2",
+                "--out",
+                str(tmp_path),
+                "model=random:tiny",
+                "steps=4",
+                "num_train=32",
+                "lr=5e-3",
+            ]
+        )
+        == 0
+    )
     result = json.loads((tmp_path / "parallel.json").read_text())
     assert set(result) == {"1", "2"}
     assert result["1"]["bytes_per_step"] == 0  # one process: no all-reduce at all
@@ -147,9 +227,29 @@ def test_parallel_benchmark_times_one_and_two_processes(tmp_path, capsys):
 
 
 def test_task_speed_times_every_optimizer_with_both_scorers_on_a_real_batch(tmp_path):
-    speed.main(["--task", "bigbench-sentiment", "--model", "random:tiny", "--batch", "4", "--max-length", "48",
-                "--repeats", "1", "--eval-examples", "6", "--optimizers", "mezo,svrg,ip-sgd", "--out", str(tmp_path),
-                "num_train=16", "num_dev=6", "num_test=4"])
+    speed.main(
+        [
+            "--task",
+            "bigbench-sentiment",
+            "--model",
+            "random:tiny",
+            "--batch",
+            "4",
+            "--max-length",
+            "48",
+            "--repeats",
+            "1",
+            "--eval-examples",
+            "6",
+            "--optimizers",
+            "mezo,svrg,ip-sgd",
+            "--out",
+            str(tmp_path),
+            "num_train=16",
+            "num_dev=6",
+            "num_test=4",
+        ]
+    )
     result = json.loads((tmp_path / "task_speed.json").read_text())
     assert set(result["steps"]) == {"mezo", "svrg", "ip-sgd"}
     for step in result["steps"].values():

@@ -22,8 +22,9 @@ def run_cli(args):
     return main(["train", *TINY, *args])
 
 
-@pytest.mark.parametrize("optimizer,lr,steps", [("mezo", 5e-3, 40), ("adamezo", 1e-4, 40), ("ip-sgd", 5e-2, 15),
-                                                ("sgd", 5e-2, 15), ("adam", 1e-3, 15)])
+@pytest.mark.parametrize(
+    "optimizer,lr,steps", [("mezo", 5e-3, 40), ("adamezo", 1e-4, 40), ("ip-sgd", 5e-2, 15), ("sgd", 5e-2, 15), ("adam", 1e-3, 15)]
+)
 def test_train_cli_logs_losses_and_writes_run_files(tmp_path, optimizer, lr, steps):
     run_dir = tmp_path / optimizer
     assert run_cli([f"optimizer={optimizer}", f"lr={lr}", f"steps={steps}", "eval_every=5", f"output_dir={run_dir}"]) == 0
@@ -48,16 +49,29 @@ def test_train_cli_logs_losses_and_writes_run_files(tmp_path, optimizer, lr, ste
     assert [p.name for p in run_dir.glob("checkpoint-*.pt")] == [f"checkpoint-{steps:06d}.pt"]
 
 
-@pytest.mark.parametrize("optimizer,lr,trainable", [("mezo", 5e-3, "full"), ("adamezo", 1e-4, "full"),
-                                                    ("mezo", 5e-3, "lora"), ("mezo", 5e-2, "prefix")])
+@pytest.mark.parametrize(
+    "optimizer,lr,trainable",
+    [("mezo", 5e-3, "full"), ("adamezo", 1e-4, "full"), ("mezo", 5e-3, "lora"), ("mezo", 5e-2, "prefix")],
+)
 def test_a_dual_forward_run_takes_the_steps_of_separate_forwards(tmp_path, optimizer, lr, trainable):
     losses = {}
     for dual in (False, True):
         run_dir = tmp_path / str(dual)
-        assert run_cli([f"optimizer={optimizer}", f"lr={lr}", "steps=12", "eval_every=0", f"output_dir={run_dir}",
-                        f"trainable={trainable}",
-                        f"optimizer_options.dual_forward={str(dual).lower()}", "optimizer_options.window=3"
-                        if optimizer == "adamezo" else "seed=0"]) == 0
+        assert (
+            run_cli(
+                [
+                    f"optimizer={optimizer}",
+                    f"lr={lr}",
+                    "steps=12",
+                    "eval_every=0",
+                    f"output_dir={run_dir}",
+                    f"trainable={trainable}",
+                    f"optimizer_options.dual_forward={str(dual).lower()}",
+                    "optimizer_options.window=3" if optimizer == "adamezo" else "seed=0",
+                ]
+            )
+            == 0
+        )
         losses[dual] = [r[key] for r in read_metrics(run_dir) if "loss" in r for key in ("loss_plus", "loss_minus")]
     assert len(losses[True]) == 2 * 12
     # float32: the batched forward rounds a little differently, which c = ΔL/2ε magnifies step after step
@@ -65,12 +79,17 @@ def test_a_dual_forward_run_takes_the_steps_of_separate_forwards(tmp_path, optim
     assert losses[True][:2] == pytest.approx(losses[False][:2], abs=1e-6)
 
 
-@pytest.mark.parametrize("optimizer,lr", [("mezo", 5e-3), ("adamezo", 1e-4), ("adam", 1e-3), ("addax", 5e-2),
-                                          ("svrg", 5e-3)])
+@pytest.mark.parametrize("optimizer,lr", [("mezo", 5e-3), ("adamezo", 1e-4), ("adam", 1e-3), ("addax", 5e-2), ("svrg", 5e-3)])
 def test_resumed_run_is_bit_identical_to_an_uninterrupted_one(tmp_path, optimizer, lr):
-    common = [f"optimizer={optimizer}", f"lr={lr}", "checkpoint_every=3", "keep_checkpoints=2", "eval_every=0",
-              "num_train=12", *(["max_length=200", "optimizer_options.K0=4", "optimizer_options.K1=4"]
-                                if optimizer == "addax" else [])]  # 12 examples, batches of 8: the resumed run crosses an epoch boundary
+    common = [
+        f"optimizer={optimizer}",
+        f"lr={lr}",
+        "checkpoint_every=3",
+        "keep_checkpoints=2",
+        "eval_every=0",
+        "num_train=12",
+        *(["max_length=200", "optimizer_options.K0=4", "optimizer_options.K1=4"] if optimizer == "addax" else []),
+    ]  # 12 examples, batches of 8: the resumed run crosses an epoch boundary
     run_cli([*common, "steps=9", f"output_dir={tmp_path / 'whole'}"])
     run_cli([*common, "steps=4", f"output_dir={tmp_path / 'parts'}"])  # checkpoints at 3 and 4
     (tmp_path / "parts" / "checkpoint-000004.pt").unlink()  # as if killed after step 4's metrics, before its save
@@ -85,7 +104,10 @@ def test_resumed_run_is_bit_identical_to_an_uninterrupted_one(tmp_path, optimize
         return [{k: v for k, v in r.items() if k not in ("seconds", "peak_memory_mb")} for r in records]
 
     assert strip(read_metrics(tmp_path / "whole")) == strip(read_metrics(tmp_path / "parts"))
-    assert sorted(p.name for p in (tmp_path / "whole").glob("checkpoint-*.pt")) == ["checkpoint-000006.pt", "checkpoint-000009.pt"]
+    assert sorted(p.name for p in (tmp_path / "whole").glob("checkpoint-*.pt")) == [
+        "checkpoint-000006.pt",
+        "checkpoint-000009.pt",
+    ]
 
 
 ADDAX = ["max_length=200", "lr=0.05", "optimizer_options.alpha=0.01", "optimizer_options.K0=4", "optimizer_options.K1=4"]
@@ -98,8 +120,9 @@ def test_addax_runs_split_by_length_and_log_both_batches(tmp_path, optimizer, ex
     records = read_metrics(tmp_path)
     notes = [r["note"] for r in records if "note" in r and not r["note"].startswith("warning:")]
     if optimizer == "addax":
-        assert notes == ["length split at L_T=105 tokens: D0 (zeroth-order, longer) 16 examples, D1 (first-order) 16; "
-                         "lengths 32..200"]
+        assert notes == [
+            "length split at L_T=105 tokens: D0 (zeroth-order, longer) 16 examples, D1 (first-order) 16; lengths 32..200"
+        ]
     else:
         assert notes == ["addax-wa: K0=4 and K1=4 examples per step, both from all 32 training examples"]
     losses = [r for r in records if "loss" in r]
@@ -109,21 +132,58 @@ def test_addax_runs_split_by_length_and_log_both_batches(tmp_path, optimizer, ex
 
 
 def test_addax_with_an_empty_bucket_falls_back_to_ip_sgd_or_refuses(tmp_path, capsys):
-    assert run_cli([*ADDAX, "optimizer=addax", "optimizer_options.L_T=500", "steps=2", "eval_every=0",
-                    f"output_dir={tmp_path / 'fallback'}"]) == 0
+    assert (
+        run_cli(
+            [
+                *ADDAX,
+                "optimizer=addax",
+                "optimizer_options.L_T=500",
+                "steps=2",
+                "eval_every=0",
+                f"output_dir={tmp_path / 'fallback'}",
+            ]
+        )
+        == 0
+    )
     last = [r for r in read_metrics(tmp_path / "fallback") if "loss" in r][-1]
     assert "loss_fo" in last and "loss_zo" not in last and last["forward_passes"] == 2
     assert "every step falls back to IP-SGD on D1" in capsys.readouterr().out
-    assert run_cli([*ADDAX, "optimizer=addax", "optimizer_options.L_T=500", "optimizer_options.on_empty_bucket=error",
-                    f"output_dir={tmp_path / 'refused'}"]) == 2
-    assert capsys.readouterr().err.strip().startswith("zotune: error: D0 is empty: no training example is longer than "
-                                                      "L_T=500 tokens")
+    assert (
+        run_cli(
+            [
+                *ADDAX,
+                "optimizer=addax",
+                "optimizer_options.L_T=500",
+                "optimizer_options.on_empty_bucket=error",
+                f"output_dir={tmp_path / 'refused'}",
+            ]
+        )
+        == 2
+    )
+    assert (
+        capsys.readouterr()
+        .err.strip()
+        .startswith("zotune: error: D0 is empty: no training example is longer than L_T=500 tokens")
+    )
 
 
 @pytest.mark.parametrize("memory", ["seeds", "dense"])
 def test_svrg_run_alternates_anchor_and_ordinary_steps(tmp_path, memory):
-    assert run_cli(["optimizer=svrg", "lr=5e-3", "optimizer_options.anchor_lr=5e-3", "optimizer_options.large_batch=16",
-                    f"optimizer_options.memory={memory}", "steps=6", "eval_every=0", f"output_dir={tmp_path}"]) == 0
+    assert (
+        run_cli(
+            [
+                "optimizer=svrg",
+                "lr=5e-3",
+                "optimizer_options.anchor_lr=5e-3",
+                "optimizer_options.large_batch=16",
+                f"optimizer_options.memory={memory}",
+                "steps=6",
+                "eval_every=0",
+                f"output_dir={tmp_path}",
+            ]
+        )
+        == 0
+    )
     steps = [r for r in read_metrics(tmp_path) if "loss" in r]
     assert [r["anchor"] for r in steps] == [True, False] * 3
     assert [r["forward_passes"] for r in steps] == [4, 8, 12, 16, 20, 24]  # anchor: 2 × 2 micro-batches of 8
@@ -138,8 +198,9 @@ def test_overflowing_gradient_stops_the_run_with_the_step(tmp_path, capsys):
     error = capsys.readouterr().err.splitlines()[-1]  # above it: the progress bar
     failed = read_metrics(tmp_path)[-1]
     assert failed["step"] == 2
-    assert error.startswith("zotune: error: run step 2: non-finite gradient at step 2 with a finite loss: the "
-                            "parameters were not updated.")
+    assert error.startswith(
+        "zotune: error: run step 2: non-finite gradient at step 2 with a finite loss: the parameters were not updated."
+    )
     assert failed["error"] in error and not (tmp_path / "summary.json").exists()
 
 
@@ -169,9 +230,13 @@ def test_config_file_overrides_and_errors(tmp_path):
 
 
 def test_unknown_names_are_one_line_errors(tmp_path, capsys):
-    for override, message in [("optimizer=mezzo", "unknown optimizer 'mezzo'"), ("task=sst3", "unknown task 'sst3'"),
-                              ("dtype=fp8", "unknown dtype 'fp8'"), ("optimizer_options.epss=1", "optimizer 'mezo' has no option 'epss'"),
-                              ("optimizer_options.eps=0", "eps must be positive")]:
+    for override, message in [
+        ("optimizer=mezzo", "unknown optimizer 'mezzo'"),
+        ("task=sst3", "unknown task 'sst3'"),
+        ("dtype=fp8", "unknown dtype 'fp8'"),
+        ("optimizer_options.epss=1", "optimizer 'mezo' has no option 'epss'"),
+        ("optimizer_options.eps=0", "eps must be positive"),
+    ]:
         assert run_cli([override, f"output_dir={tmp_path}"]) == 2
         assert message in capsys.readouterr().err
 
@@ -190,8 +255,20 @@ def test_sampler_covers_each_epoch_once_and_resumes():
 
 @pytest.mark.parametrize("optimizer,lr", [("mezo", 1e-2), ("ip-sgd", 1e-1)])
 def test_lora_trains_only_the_adapters(tmp_path, optimizer, lr):
-    assert run_cli([f"optimizer={optimizer}", f"lr={lr}", "steps=12", "eval_every=0", "trainable=lora",
-                    "lora.r=4", f"output_dir={tmp_path}"]) == 0
+    assert (
+        run_cli(
+            [
+                f"optimizer={optimizer}",
+                f"lr={lr}",
+                "steps=12",
+                "eval_every=0",
+                "trainable=lora",
+                "lora.r=4",
+                f"output_dir={tmp_path}",
+            ]
+        )
+        == 0
+    )
     state = torch.load(tmp_path / "checkpoint-000012.pt", weights_only=False)["model"]
     from zotune.models import load_model
 
@@ -224,8 +301,20 @@ def test_every_recipe_in_configs_loads():
 
 @pytest.mark.parametrize("optimizer,lr,extra", [("mezo", 1e-2, ["optimizer_options.eps=1e-1"]), ("adam", 1e-2, [])])
 def test_prefix_tuning_trains_only_the_prefix_and_lowers_the_loss(tmp_path, optimizer, lr, extra):
-    assert run_cli([f"optimizer={optimizer}", f"lr={lr}", *extra, "steps=40", "eval_every=0", "trainable=prefix",
-                    f"output_dir={tmp_path}"]) == 0
+    assert (
+        run_cli(
+            [
+                f"optimizer={optimizer}",
+                f"lr={lr}",
+                *extra,
+                "steps=40",
+                "eval_every=0",
+                "trainable=prefix",
+                f"output_dir={tmp_path}",
+            ]
+        )
+        == 0
+    )
     losses = [r["loss"] for r in read_metrics(tmp_path) if "loss" in r]
     if optimizer == "adam":
         # MeZO's 40 steps on the random model leave the loss at chance (ln 2 ± 0.002 per batch): comparing its
@@ -253,25 +342,42 @@ def test_sequences_longer_than_the_models_context_are_refused(tmp_path, capsys):
     assert run_cli([*local, "max_length=2000", f"output_dir={tmp_path / 'run'}"]) == 2
     assert capsys.readouterr().err.splitlines()[-1] == (
         "zotune: error: train example 0 is 1512 tokens long, more than the model's context of 1024 positions: set "
-        "max_length to at most 1024 (longer prompts then lose their beginning)")
+        "max_length to at most 1024 (longer prompts then lose their beginning)"
+    )
     assert run_cli([*local, "max_length=1024", "trainable=prefix", "prefix.tokens=5", f"output_dir={tmp_path / 'run'}"]) == 2
     error = capsys.readouterr().err
     assert "(including 5 prefix positions)" in error and "set max_length to at most 1019" in error
 
 
 PEFT_RUNS = {  # optimizer: the options for a few steps that move the adapters on the tiny model
-    "mezo": ["lr=1e-2"], "adamezo": ["lr=1e-3"], "svrg": ["lr=1e-2", "optimizer_options.anchor_lr=1e-2",
-                                                          "optimizer_options.large_batch=16"],
-    "addax": ["lr=1e-1", "optimizer_options.L_T=62"], "addax-wa": ["lr=1e-1"], "ip-sgd": ["lr=1e-1"],
-    "sgd": ["lr=1e-1"], "adam": ["lr=1e-2"],
+    "mezo": ["lr=1e-2"],
+    "adamezo": ["lr=1e-3"],
+    "svrg": ["lr=1e-2", "optimizer_options.anchor_lr=1e-2", "optimizer_options.large_batch=16"],
+    "addax": ["lr=1e-1", "optimizer_options.L_T=62"],
+    "addax-wa": ["lr=1e-1"],
+    "ip-sgd": ["lr=1e-1"],
+    "sgd": ["lr=1e-1"],
+    "adam": ["lr=1e-2"],
 }
 
 
 @pytest.mark.parametrize("trainable", ["lora", "prefix"])
 @pytest.mark.parametrize("optimizer", list(PEFT_RUNS))
 def test_every_optimizer_trains_lora_and_prefix_and_only_them(tmp_path, optimizer, trainable):
-    assert run_cli([f"optimizer={optimizer}", *PEFT_RUNS[optimizer], "steps=4", "eval_every=0", "zero_shot_eval=false",
-                    f"trainable={trainable}", f"output_dir={tmp_path}"]) == 0
+    assert (
+        run_cli(
+            [
+                f"optimizer={optimizer}",
+                *PEFT_RUNS[optimizer],
+                "steps=4",
+                "eval_every=0",
+                "zero_shot_eval=false",
+                f"trainable={trainable}",
+                f"output_dir={tmp_path}",
+            ]
+        )
+        == 0
+    )
     state = torch.load(tmp_path / "checkpoint-000004.pt", weights_only=False)["model"]
     from zotune.models import load_model, select_trainable
 
@@ -306,9 +412,11 @@ def test_the_plotted_loss_mean_is_the_mean_of_each_window():
 def test_the_dev_metric_is_plotted_against_the_forward_passes_and_seconds_before_it():
     from zotune.plot import dev_points
 
-    records = [{"step": 0, "split": "dev", "metric": "accuracy", "value": 0.5},
-               {"step": 1, "loss": 1.0, "forward_passes": 2, "seconds": 0.5},
-               {"step": 2, "loss": 0.9, "forward_passes": 4, "seconds": 1.0},
-               {"step": 2, "split": "dev", "metric": "accuracy", "value": 0.75},
-               {"step": 2, "note": "a note"}]
+    records = [
+        {"step": 0, "split": "dev", "metric": "accuracy", "value": 0.5},
+        {"step": 1, "loss": 1.0, "forward_passes": 2, "seconds": 0.5},
+        {"step": 2, "loss": 0.9, "forward_passes": 4, "seconds": 1.0},
+        {"step": 2, "split": "dev", "metric": "accuracy", "value": 0.75},
+        {"step": 2, "note": "a note"},
+    ]
     assert dev_points(records) == [(0, 0, 0.0, 0.5), (2, 4, 1.0, 0.75)]

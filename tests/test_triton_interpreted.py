@@ -44,14 +44,15 @@ def check_interpreted():
         source = torch.randn(numel, generator=torch.Generator().manual_seed(0))
         # Six terms take two launches, which float32 does not notice (the CPU too rounds after each add); bf16
         # is rounded once per launch, and once per update on the CPU: so at most four terms there.
-        for dtype, seeds, (offset, length) in [(torch.float32, range(6), (BLOCK_SIZE - 100, 5_001)),
-                                               (torch.bfloat16, range(3), (7, 4_000))]:
+        for dtype, seeds, (offset, length) in [
+            (torch.float32, range(6), (BLOCK_SIZE - 100, 5_001)),
+            (torch.bfloat16, range(3), (7, 4_000)),
+        ]:
             terms = [(seed, (-1) ** seed * 0.1 * (seed + 1)) for seed in seeds]
             on_cpu = source.to(dtype, copy=True)
             DirectionEngine([on_cpu], distribution).apply(terms, scale=0.9)
             shard = source.to(dtype)[offset : offset + length].clone()
-            triton_rng.update(shard, offset, [(param_key(seed, 0), c) for seed, c in terms], 0.9, distribution,
-                              BLOCK_SIZE)
+            triton_rng.update(shard, offset, [(param_key(seed, 0), c) for seed, c in terms], 0.9, distribution, BLOCK_SIZE)
             if dtype == torch.float32:
                 assert torch.equal(shard, on_cpu[offset : offset + length]), distribution
             else:  # the interpreter truncates float32 to bf16 where a GPU and the CPU round to nearest: one ulp

@@ -67,8 +67,9 @@ def test_zo_sign_matches_stored_directions(sign):
 
 @pytest.mark.parametrize("buffer,window", [("dense", 50), ("replay", 50), ("replay", 2)])
 def test_zo_momentum_is_torch_sgd_momentum_on_the_estimate(buffer, window):
-    model, batch, theta, direction, _ = run(ZOSGDMomentum, steps=4, lr=1e-2, momentum=0.8, weight_decay=0.1,
-                                            buffer=buffer, window=window)
+    model, batch, theta, direction, _ = run(
+        ZOSGDMomentum, steps=4, lr=1e-2, momentum=0.8, weight_decay=0.1, buffer=buffer, window=window
+    )
     history = []  # the estimates, newest last: the dense buffer, or the replayed window
     for step in range(4):
         pairs = estimates(model, batch, theta, direction, step)
@@ -98,8 +99,9 @@ def test_zo_adam_is_torch_adamw_on_the_estimate():
     params = {name: torch.nn.Parameter(value.clone()) for name, value in theta.items()}
     decayed = [p for n, p in params.items() if is_decayed(n, p)]
     others = [p for n, p in params.items() if not is_decayed(n, p)]
-    reference = torch.optim.AdamW([{"params": decayed}, {"params": others, "weight_decay": 0.0}], lr=1e-3,
-                                  betas=(0.8, 0.99), eps=1e-6, weight_decay=0.1)
+    reference = torch.optim.AdamW(
+        [{"params": decayed}, {"params": others, "weight_decay": 0.0}], lr=1e-3, betas=(0.8, 0.99), eps=1e-6, weight_decay=0.1
+    )
     for step in range(3):
         pairs = estimates(model, batch, {n: p.detach() for n, p in params.items()}, direction, step)
         for name, param in params.items():
@@ -113,7 +115,7 @@ def test_zo_cons_keeps_the_best_of_three_points(perturbation):
     model, batch, theta, direction, optimizer = run(ZOSGDConservative, steps=6, lr=0.1, perturbation=perturbation)
     moves = []
     for step in range(6):
-        (c, z), = estimates(model, batch, theta, direction, step)
+        ((c, z),) = estimates(model, batch, theta, direction, step)
         with torch.no_grad():
             here = lm_loss(model, batch, theta).item()
             down = lm_loss(model, batch, {k: theta[k] - 0.1 * c * z[k] for k in theta}).item()
@@ -135,9 +137,17 @@ def test_one_sided_difference_matches_stored_directions_and_shares_the_loss_at_t
     assert optimizer.forwards() == 4  # the loss at θ once, then one forward per direction
 
 
-@pytest.mark.parametrize("name,options", [("zo-sign", {"sign": "coordinate"}), ("zo-momentum", {}),
-                                          ("zo-momentum", {"buffer": "replay", "window": 3}), ("zo-adam", {}),
-                                          ("zo-cons", {}), ("mezo", {"difference": "forward"})])
+@pytest.mark.parametrize(
+    "name,options",
+    [
+        ("zo-sign", {"sign": "coordinate"}),
+        ("zo-momentum", {}),
+        ("zo-momentum", {"buffer": "replay", "window": 3}),
+        ("zo-adam", {}),
+        ("zo-cons", {}),
+        ("mezo", {"difference": "forward"}),
+    ],
+)
 def test_zero_learning_rate_is_bit_exact_in_bf16(name, options, batch):
     model = random_llama("tiny", dtype=torch.bfloat16, seed=2)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -147,12 +157,20 @@ def test_zero_learning_rate_is_bit_exact_in_bf16(name, options, batch):
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
 
 
-@pytest.mark.parametrize("name,options", [("zo-sign", {"sign": "coordinate"}), ("zo-momentum", {}),
-                                          ("zo-momentum", {"buffer": "replay", "window": 2}), ("zo-adam", {}),
-                                          ("zo-cons", {})])
+@pytest.mark.parametrize(
+    "name,options",
+    [
+        ("zo-sign", {"sign": "coordinate"}),
+        ("zo-momentum", {}),
+        ("zo-momentum", {"buffer": "replay", "window": 2}),
+        ("zo-adam", {}),
+        ("zo-cons", {}),
+    ],
+)
 def test_state_dict_round_trip_resumes_exactly(name, options, batch):
-    resume_and_compare(lambda model: create_optimizer(name, model, lr=1e-4, seed=3, **options), batch,
-                       steps_before=3, steps_after=3)
+    resume_and_compare(
+        lambda model: create_optimizer(name, model, lr=1e-4, seed=3, **options), batch, steps_before=3, steps_after=3
+    )
 
 
 def test_dense_state_in_bf16_resumes_exactly(batch):
@@ -162,25 +180,33 @@ def test_dense_state_in_bf16_resumes_exactly(batch):
     resume_and_compare(build, batch, steps_before=2, steps_after=2)
 
 
-@pytest.mark.parametrize("name,lr,options", [("zo-sign", 1e-2, {}), ("zo-momentum", 3e-4, {}),
-                                             ("zo-momentum", 3e-4, {"buffer": "replay", "window": 10}),
-                                             ("zo-adam", 3e-3, {}), ("zo-cons", 5e-3, {}),
-                                             ("mezo", 3e-3, {"difference": "forward"})])
+@pytest.mark.parametrize(
+    "name,lr,options",
+    [
+        ("zo-sign", 1e-2, {}),
+        ("zo-momentum", 3e-4, {}),
+        ("zo-momentum", 3e-4, {"buffer": "replay", "window": 10}),
+        ("zo-adam", 3e-3, {}),
+        ("zo-cons", 5e-3, {}),
+        ("mezo", 3e-3, {"difference": "forward"}),
+    ],
+)
 def test_each_lowers_the_loss_of_a_tiny_model(name, lr, options, batch):
     model = random_llama("tiny", seed=7)
-    initial, final = loss_before_and_after(model, create_optimizer(name, model, lr=lr, seed=0, **options), batch,
-                                           steps=300)
+    initial, final = loss_before_and_after(model, create_optimizer(name, model, lr=lr, seed=0, **options), batch, steps=300)
     assert final < initial - 0.3, (initial, final)
 
 
 def test_bad_options(tiny_llama):
-    for build, message in [(lambda: ZOSGDSign(tiny_llama, sign="both"), "sign must be scalar or coordinate"),
-                           (lambda: ZOSGDMomentum(tiny_llama, momentum=1.0), r"momentum must be in \[0, 1\)"),
-                           (lambda: ZOSGDMomentum(tiny_llama, buffer="disk"), "buffer must be dense or replay"),
-                           (lambda: ZOAdam(tiny_llama, betas=(0.9, 1.0)), "betas must be two numbers"),
-                           (lambda: ZOSGDConservative(tiny_llama, weight_decay=0.1), "set weight_decay=0"),
-                           (lambda: MeZO(tiny_llama, difference="backward"), "difference must be central or forward"),
-                           (lambda: MeZO(tiny_llama, difference="forward", dual_forward=True), "use difference=central")]:
+    for build, message in [
+        (lambda: ZOSGDSign(tiny_llama, sign="both"), "sign must be scalar or coordinate"),
+        (lambda: ZOSGDMomentum(tiny_llama, momentum=1.0), r"momentum must be in \[0, 1\)"),
+        (lambda: ZOSGDMomentum(tiny_llama, buffer="disk"), "buffer must be dense or replay"),
+        (lambda: ZOAdam(tiny_llama, betas=(0.9, 1.0)), "betas must be two numbers"),
+        (lambda: ZOSGDConservative(tiny_llama, weight_decay=0.1), "set weight_decay=0"),
+        (lambda: MeZO(tiny_llama, difference="backward"), "difference must be central or forward"),
+        (lambda: MeZO(tiny_llama, difference="forward", dual_forward=True), "use difference=central"),
+    ]:
         with pytest.raises(OptionError, match=message):
             build()
 
@@ -196,9 +222,27 @@ def test_the_estimator_options_reach_the_optimizer_through_the_cli(tmp_path):
 
     from zotune.cli import main
 
-    assert main(["train", "model=random:tiny", "num_train=16", "num_dev=8", "num_test=8", "batch_size=4",
-                 "max_length=48", "optimizer=zo-momentum", "lr=1e-3", "steps=2", "eval_every=0",
-                 "optimizer_options.blocks=layer", "optimizer_options.sparsity=0.5", "optimizer_options.difference=forward",
-                 f"output_dir={tmp_path}"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "model=random:tiny",
+                "num_train=16",
+                "num_dev=8",
+                "num_test=8",
+                "batch_size=4",
+                "max_length=48",
+                "optimizer=zo-momentum",
+                "lr=1e-3",
+                "steps=2",
+                "eval_every=0",
+                "optimizer_options.blocks=layer",
+                "optimizer_options.sparsity=0.5",
+                "optimizer_options.difference=forward",
+                f"output_dir={tmp_path}",
+            ]
+        )
+        == 0
+    )
     steps = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["forward_passes"] for r in steps if "loss" in r][-1] == 2 * (1 + 4)  # a step: θ once, then 4 blocks

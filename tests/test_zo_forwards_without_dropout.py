@@ -56,8 +56,12 @@ def take_steps(name: str, model: nn.Module, optimizer, batch, mode: str, steps: 
     return losses
 
 
-CASES = [(name, mode) for name in ("mezo", "adamezo", "svrg", "addax") for mode in ("module", "dual", "params")
-         if not (mode == "dual" and name in ("svrg", "addax"))]
+CASES = [
+    (name, mode)
+    for name in ("mezo", "adamezo", "svrg", "addax")
+    for mode in ("module", "dual", "params")
+    if not (mode == "dual" and name in ("svrg", "addax"))
+]
 
 
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])
@@ -101,15 +105,20 @@ def test_no_dropout_turns_torchs_dropout_functions_into_the_identity():
         assert torch.equal(nn.functional.dropout(x, 0.9, training=True), x)
         assert torch.equal(nn.AlphaDropout(0.9).train()(x), x)
         assert torch.equal(nn.Dropout2d(0.9).train()(x[None]), x[None])
-        assert torch.equal(nn.functional.scaled_dot_product_attention(q, k, v, None, 0.9),
-                           nn.functional.scaled_dot_product_attention(q, k, v))
-        assert torch.equal(nn.functional.scaled_dot_product_attention(q, k, v, dropout_p=0.9),
-                           nn.functional.scaled_dot_product_attention(q, k, v))
+        assert torch.equal(
+            nn.functional.scaled_dot_product_attention(q, k, v, None, 0.9), nn.functional.scaled_dot_product_attention(q, k, v)
+        )
+        assert torch.equal(
+            nn.functional.scaled_dot_product_attention(q, k, v, dropout_p=0.9),
+            nn.functional.scaled_dot_product_attention(q, k, v),
+        )
 
 
-@pytest.mark.parametrize("draw", [lambda x: torch.rand_like(x), lambda x: x.bernoulli(0.5),
-                                  lambda x: torch.randn(3), lambda x: x.clone().uniform_()],
-                         ids=["rand_like", "bernoulli", "randn", "uniform_"])
+@pytest.mark.parametrize(
+    "draw",
+    [lambda x: torch.rand_like(x), lambda x: x.bernoulli(0.5), lambda x: torch.randn(3), lambda x: x.clone().uniform_()],
+    ids=["rand_like", "bernoulli", "randn", "uniform_"],
+)
 def test_a_random_draw_in_a_parameters_only_forward_is_refused(draw):
     weight = nn.Parameter(torch.ones(3))
     optimizer = MeZO([weight], lr=0.0)

@@ -57,14 +57,19 @@ def working(target: torch.Tensor) -> torch.Tensor:
     return target if target.dtype in (torch.float32, torch.float64) else target.float()
 
 
-def perturb(target: torch.Tensor, source: torch.Tensor, terms: Sequence[tuple[int, float]],
-            draw: Callable[[int], torch.Tensor], work: torch.Tensor) -> None:
+def perturb(
+    target: torch.Tensor,
+    source: torch.Tensor,
+    terms: Sequence[tuple[int, float]],
+    draw: Callable[[int], torch.Tensor],
+    work: torch.Tensor,
+) -> None:
     """``target`` ← ``source`` + Σ c·draw(key) over the terms [(key, c)]. One term adds the rounded c·z straight to
     θ, as a dense reference does (add's alpha may fuse the two roundings); several are summed in ``work``
     (float32, float64 for float64 tensors) and rounded once. ``draw(key)`` returns float32 values that may be
     scaled in place."""
     if len(terms) == 1:
-        (key, coefficient), = terms
+        ((key, coefficient),) = terms
         z = draw(key)
         scaled = z if work.dtype == torch.float32 else work.copy_(z)
         torch.add(source, scaled.mul_(coefficient), out=target)
@@ -79,11 +84,15 @@ def check_devices(tensors: Sequence[torch.Tensor]) -> None:
     """Refuse tensors that no backend covers."""
     unsupported = sorted({str(t.device) for t in tensors if t.device.type not in ("cpu", "cuda")})
     if unsupported:
-        raise OptionError(f"parameters on {', '.join(unsupported)}: zotune generates directions on the CPU "
-                          "(numba) or on CUDA GPUs (Triton) only")
+        raise OptionError(
+            f"parameters on {', '.join(unsupported)}: zotune generates directions on the CPU "
+            "(numba) or on CUDA GPUs (Triton) only"
+        )
     if any(t.device.type == "cuda" for t in tensors) and importlib.util.find_spec("triton") is None:
-        raise OptionError("parameters on CUDA need Triton for zotune's direction kernel: pip install triton "
-                          "(torch's Linux CUDA wheels bring it)")
+        raise OptionError(
+            "parameters on CUDA need Triton for zotune's direction kernel: pip install triton "
+            "(torch's Linux CUDA wheels bring it)"
+        )
 
 
 class Backend:
@@ -102,8 +111,14 @@ class Backend:
         self.fill(z, offset, key)
         return z
 
-    def update(self, targets: Sequence[torch.Tensor], offsets: Sequence[int], keys: Sequence[Sequence[int]],
-               coefficients: Sequence[float], scale: float) -> None:
+    def update(
+        self,
+        targets: Sequence[torch.Tensor],
+        offsets: Sequence[int],
+        keys: Sequence[Sequence[int]],
+        coefficients: Sequence[float],
+        scale: float,
+    ) -> None:
         def process(p: int, start: int, stop: int) -> None:
             target = targets[p][start:stop]
             work = working(target)
@@ -114,11 +129,13 @@ class Backend:
             if work is not target:
                 target.copy_(work)
 
-        self.workers.run([(p, offset, target.numel(), target.device)
-                          for p, (target, offset) in enumerate(zip(targets, offsets))], process)
+        self.workers.run(
+            [(p, offset, target.numel(), target.device) for p, (target, offset) in enumerate(zip(targets, offsets))], process
+        )
 
-    def pair(self, source: torch.Tensor, plus: torch.Tensor, minus: torch.Tensor | None, offset: int, key: int,
-             coefficient: float) -> None:
+    def pair(
+        self, source: torch.Tensor, plus: torch.Tensor, minus: torch.Tensor | None, offset: int, key: int, coefficient: float
+    ) -> None:
         wide = source.dtype == torch.float64
 
         def process(_: int, start: int, stop: int) -> None:
@@ -131,8 +148,9 @@ class Backend:
 
         self.workers.run([(0, offset, source.numel(), source.device)], process)
 
-    def copy(self, source: torch.Tensor, target: torch.Tensor, offset: int, keys: Sequence[int],
-             coefficients: Sequence[float]) -> None:
+    def copy(
+        self, source: torch.Tensor, target: torch.Tensor, offset: int, keys: Sequence[int], coefficients: Sequence[float]
+    ) -> None:
         if len(keys) == 1:
             self.pair(source, target, None, offset, keys[0], coefficients[0])
             return
@@ -140,9 +158,13 @@ class Backend:
         dtype = work_dtype(source.dtype)
 
         def process(_: int, start: int, stop: int) -> None:
-            perturb(target[start:stop], source[start:stop], terms,
-                    lambda key: self._z(offset + start, stop - start, key, source.device),
-                    self.workers.buffer("sum", stop - start, source.device, dtype))
+            perturb(
+                target[start:stop],
+                source[start:stop],
+                terms,
+                lambda key: self._z(offset + start, stop - start, key, source.device),
+                self.workers.buffer("sum", stop - start, source.device, dtype),
+            )
 
         self.workers.run([(0, offset, source.numel(), source.device)], process)
 
@@ -162,12 +184,29 @@ class NumbaBackend(Backend):
         counter_rng.fill_rows(out.numpy(), offsets, key, self.distribution, BLOCK_SIZE)
 
     def update(self, targets, offsets, keys, coefficients, scale) -> None:
-        counter_rng.update_all([target.numpy() for target in targets], offsets, keys, coefficients, scale,
-                               self.distribution, BLOCK_SIZE, self.workers.num_threads)
+        counter_rng.update_all(
+            [target.numpy() for target in targets],
+            offsets,
+            keys,
+            coefficients,
+            scale,
+            self.distribution,
+            BLOCK_SIZE,
+            self.workers.num_threads,
+        )
 
     def pair(self, source, plus, minus, offset, key, coefficient) -> None:
-        counter_rng.pair(source.numpy(), plus.numpy(), None if minus is None else minus.numpy(), offset, key,
-                         coefficient, self.distribution, BLOCK_SIZE, self.workers.num_threads)
+        counter_rng.pair(
+            source.numpy(),
+            plus.numpy(),
+            None if minus is None else minus.numpy(),
+            offset,
+            key,
+            coefficient,
+            self.distribution,
+            BLOCK_SIZE,
+            self.workers.num_threads,
+        )
 
 
 class TritonBackend(Backend):
@@ -188,8 +227,7 @@ class TritonBackend(Backend):
 
     def update(self, targets, offsets, keys, coefficients, scale) -> None:
         for target, offset, target_keys in zip(targets, offsets, keys):
-            self._kernels.update(target, offset, list(zip(target_keys, coefficients)), scale, self.distribution,
-                                 BLOCK_SIZE)
+            self._kernels.update(target, offset, list(zip(target_keys, coefficients)), scale, self.distribution, BLOCK_SIZE)
 
     def pair(self, source, plus, minus, offset, key, coefficient) -> None:
         self._kernels.pair(source, plus, minus, offset, key, coefficient, self.distribution, BLOCK_SIZE)

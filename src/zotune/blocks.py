@@ -31,8 +31,9 @@ def perturbation_blocks(model: nn.Module, params: Sequence[torch.Tensor], level:
     index_of = {id(p): i for i, p in enumerate(params)}
     layers = _transformer_blocks(model)
     if level != "module" and layers is None:
-        raise OptionError(f"blocks={level} groups parameters by transformer block, and this model has no list of "
-                          "blocks: use blocks=module")
+        raise OptionError(
+            f"blocks={level} groups parameters by transformer block, and this model has no list of blocks: use blocks=module"
+        )
     blocks: dict[str, set[int]] = {}
     for name, param in model.named_parameters():
         if id(param) not in index_of:
@@ -40,9 +41,14 @@ def perturbation_blocks(model: nn.Module, params: Sequence[torch.Tensor], level:
         owner = name.rsplit(".", 1)[0] if "." in name else ""
         key = owner
         if layers is not None and name.startswith(f"{layers}."):
-            position, inside = name[len(layers) + 1:].split(".", 1)
-            key = f"{layers}.{position}" if level == "layer" else \
-                f"{layers}.{position}.{inside.split('.', 1)[0]}" if level == "attention-mlp" else owner
+            position, inside = name[len(layers) + 1 :].split(".", 1)
+            key = (
+                f"{layers}.{position}"
+                if level == "layer"
+                else f"{layers}.{position}.{inside.split('.', 1)[0]}"
+                if level == "attention-mlp"
+                else owner
+            )
         blocks.setdefault(key, set()).add(index_of[id(param)])
     return [frozenset(indices) for indices in blocks.values()]
 
@@ -51,7 +57,10 @@ def _transformer_blocks(model: nn.Module) -> str | None:
     """The name of the model's longest ``nn.ModuleList`` whose modules hold parameters (its transformer blocks)."""
     best, size = None, 0
     for name, module in model.named_modules():
-        if isinstance(module, nn.ModuleList) and len(module) > size and \
-                all(any(True for _ in child.parameters()) for child in module):
+        if (
+            isinstance(module, nn.ModuleList)
+            and len(module) > size
+            and all(any(True for _ in child.parameters()) for child in module)
+        ):
             best, size = name, len(module)
     return best

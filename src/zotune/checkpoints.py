@@ -88,9 +88,11 @@ class Checkpoints:
             for left in (target.with_suffix(".pt.tmp"), checksum_path(target.with_suffix(".pt.tmp"))):
                 left.unlink(missing_ok=True)
             kept = ", ".join(path.name for path in self.paths() if path != target) or "none"
-            raise TrainingError(f"cannot save {target.name} in {self.folder}: {error.strerror or error}; the checkpoints "
-                                f"kept ({kept}) are untouched: free some space and run the same command to resume "
-                                "from the newest") from None
+            raise TrainingError(
+                f"cannot save {target.name} in {self.folder}: {error.strerror or error}; the checkpoints "
+                f"kept ({kept}) are untouched: free some space and run the same command to resume "
+                "from the newest"
+            ) from None
         for old in self.paths()[: -self.keep]:
             old.unlink()
             checksum_path(old).unlink(missing_ok=True)
@@ -108,6 +110,8 @@ class Checkpoints:
             failures.append(f"{path.name}: {problem}")
             warn(f"warning: {path} is unusable, {problem}: trying the checkpoint before it")
         if failures:
-            raise TrainingError(f"no readable checkpoint in {self.folder} ({'; '.join(failures)}): move them away "
-                                "to start the run again, or use a new output_dir")
+            raise TrainingError(
+                f"no readable checkpoint in {self.folder} ({'; '.join(failures)}): move them away "
+                "to start the run again, or use a new output_dir"
+            )
         return None

@@ -18,14 +18,19 @@ def main(argv: list[str] | None = None) -> int:
 
     from .config import key_help
 
-    train = commands.add_parser("train", help="fine-tune a model on a task", epilog=key_help(),
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    train = commands.add_parser(
+        "train", help="fine-tune a model on a task", epilog=key_help(), formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     train.add_argument("--config", help="YAML recipe (see configs/)")
     train.add_argument("overrides", nargs="*", metavar="key=value", help="override config keys (a.b=v inside dicts)")
-    train.add_argument("--force-resume", action="store_true",
-                       help="resume a run folder's checkpoints even though the run's defining settings differ")
-    train.add_argument("--dry-run", action="store_true",
-                       help="resolve and check the recipe without loading the model or the data, then exit")
+    train.add_argument(
+        "--force-resume",
+        action="store_true",
+        help="resume a run folder's checkpoints even though the run's defining settings differ",
+    )
+    train.add_argument(
+        "--dry-run", action="store_true", help="resolve and check the recipe without loading the model or the data, then exit"
+    )
 
     evaluate = commands.add_parser("eval", help="accuracy of a model (zero-shot) or a checkpoint")
     evaluate.add_argument("--config", help="YAML recipe for model, task and data")
@@ -70,11 +75,13 @@ def _run(args) -> int:
             return 0
         summary = train(config, force_resume=args.force_resume)
         if summary is not None:  # None on the ranks of a distributed run but the first
-            chosen = (f", step {summary['selected_step']} selected by dev" if config.select == "best_dev" else "")
-            print(f"{config.optimizer} on {config.task} ({summary['metric']}): zero-shot dev "
-                  f"{_pct(summary['zero_shot_dev'])}, "
-                  f"after {summary['steps']} steps dev {_pct(summary['dev'])}{chosen}, test {_pct(summary['test'])} "
-                  f"(run folder {config.output_dir})")
+            chosen = f", step {summary['selected_step']} selected by dev" if config.select == "best_dev" else ""
+            print(
+                f"{config.optimizer} on {config.task} ({summary['metric']}): zero-shot dev "
+                f"{_pct(summary['zero_shot_dev'])}, "
+                f"after {summary['steps']} steps dev {_pct(summary['dev'])}{chosen}, test {_pct(summary['test'])} "
+                f"(run folder {config.output_dir})"
+            )
     elif args.command == "eval":
         from .config import load_config
         from .train import evaluate_model

@@ -84,10 +84,16 @@ def key_help() -> str:
 
 
 NONFINITE_POLICIES = ("stop", "skip")
-CHOICES = {"on_nonfinite": NONFINITE_POLICIES, "loss": ("auto", "classification", "lm"),
-           "objective": ("loss", "accuracy", "f1"), "select": ("last", "best_dev"), "head": ("lm", "classifier", "mlm"),
-           "pooling": ("cls", "mean"), "lr_schedule": ("constant", "linear", "cosine"),
-           "logger": ("none", "tensorboard")}
+CHOICES = {
+    "on_nonfinite": NONFINITE_POLICIES,
+    "loss": ("auto", "classification", "lm"),
+    "objective": ("loss", "accuracy", "f1"),
+    "select": ("last", "best_dev"),
+    "head": ("lm", "classifier", "mlm"),
+    "pooling": ("cls", "mean"),
+    "lr_schedule": ("constant", "linear", "cosine"),
+    "logger": ("none", "tensorboard"),
+}
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 
 
@@ -97,8 +103,10 @@ class _Loader(yaml.SafeLoader):
 
 _Loader.add_implicit_resolver(
     "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(?:[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?|[0-9][0-9_]*[eE][-+]?[0-9]+|\.[0-9_]+(?:[eE][-+]?[0-9]+)?"
-               r"|\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"),
+    re.compile(
+        r"^[-+]?(?:[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?|[0-9][0-9_]*[eE][-+]?[0-9]+|\.[0-9_]+(?:[eE][-+]?[0-9]+)?"
+        r"|\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"
+    ),
     list("-+0123456789."),
 )
 
@@ -157,11 +165,22 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Tr
 
 
 def _check_types(config: TrainConfig) -> None:
-    for name, expected in (("lr", float), ("weight_decay", float), ("outlier_factor", float),
-                           ("max_skipped_steps", int), ("steps", int), ("batch_size", int),
-                           ("eval_every", int), ("checkpoint_every", int), ("keep_checkpoints", int), ("seed", int),
-                           ("max_length", int), ("max_new_tokens", int), ("warmup_steps", int),
-                           ("eval_batch_size", int)):
+    for name, expected in (
+        ("lr", float),
+        ("weight_decay", float),
+        ("outlier_factor", float),
+        ("max_skipped_steps", int),
+        ("steps", int),
+        ("batch_size", int),
+        ("eval_every", int),
+        ("checkpoint_every", int),
+        ("keep_checkpoints", int),
+        ("seed", int),
+        ("max_length", int),
+        ("max_new_tokens", int),
+        ("warmup_steps", int),
+        ("eval_batch_size", int),
+    ):
         value = getattr(config, name)
         if expected is float and isinstance(value, int) and not isinstance(value, bool):
             setattr(config, name, float(value))
@@ -191,14 +210,14 @@ def _check_types(config: TrainConfig) -> None:
             raise ConfigError(f"config key {name!r} must be one of {', '.join(choices)}, got {getattr(config, name)!r}")
     patience = config.early_stopping_patience
     if patience is not None and (not isinstance(patience, int) or isinstance(patience, bool) or patience < 1):
-        raise ConfigError(f"config key 'early_stopping_patience' must be a number of evaluations >= 1 or null, "
-                          f"got {patience!r}")
+        raise ConfigError(f"config key 'early_stopping_patience' must be a number of evaluations >= 1 or null, got {patience!r}")
     if (config.select == "best_dev" or patience is not None) and config.eval_every < 1:
-        raise ConfigError("select: best_dev and early_stopping_patience need dev evaluations during training: set "
-                          "eval_every to a number of steps")
+        raise ConfigError(
+            "select: best_dev and early_stopping_patience need dev evaluations during training: set "
+            "eval_every to a number of steps"
+        )
     if not 0 <= config.warmup_steps < config.steps:
-        raise ConfigError(f"config key 'warmup_steps' must be >= 0 and below steps={config.steps}, got "
-                          f"{config.warmup_steps}")
+        raise ConfigError(f"config key 'warmup_steps' must be >= 0 and below steps={config.steps}, got {config.warmup_steps}")
     if (config.lr_schedule != "constant" or config.warmup_steps) and config.optimizer_options.get("anneal"):
         raise ConfigError("lr_schedule/warmup_steps and MeZO-SVRG's anneal both set the learning rates: use one")
     if config.outlier_factor < 0 or config.max_skipped_steps < 0:

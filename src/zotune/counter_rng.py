@@ -134,8 +134,7 @@ def _box_muller(low, high):
     # Branch-free signs (branches would stop vectorization): cos of the rotation is + in quadrants 0 and 3.
     cos_sign = np.float32(1.0) - np.float32(2.0) * np.float32(np.int32((quadrant ^ (quadrant >> np.uint32(1))) & np.uint32(1)))
     sin_sign = np.float32(1.0) - np.float32(2.0) * np.float32(np.int32(quadrant >> np.uint32(1)))
-    return (np.float32(radius * (cos_sign * cos - sin_sign * sin)),
-            np.float32(radius * (sin_sign * cos + cos_sign * sin)))
+    return (np.float32(radius * (cos_sign * cos - sin_sign * sin)), np.float32(radius * (sin_sign * cos + cos_sign * sin)))
 
 
 @njit(**_COMPILE)
@@ -201,8 +200,16 @@ def _stream(out, key, start, coefficient, mode, gaussian, source, minus, square_
         first = max(per_word * word, start)
         last = min(per_word * (word + count), stop)
         at = first - start
-        _write(out[at:], values[first - per_word * word:], last - first, coefficient, mode, source[at:], minus[at:],
-               square_coefficient)
+        _write(
+            out[at:],
+            values[first - per_word * word :],
+            last - first,
+            coefficient,
+            mode,
+            source[at:],
+            minus[at:],
+            square_coefficient,
+        )
         word += count
 
 
@@ -213,8 +220,7 @@ def _block_key(param_key, block):
 
 
 @njit(**_COMPILE)
-def _keyed(out, offset, param_keys, coefficients, scale, mode, gaussian, keyed_block, source, minus,
-           square_coefficients):
+def _keyed(out, offset, param_keys, coefficients, scale, mode, gaussian, keyed_block, source, minus, square_coefficients):
     """``_stream`` over the positions [offset, offset + len(out)) of a parameter whose keyed block b draws from the
     stream of ``_block_key(param_key, b)``, once per term (param_keys[t], coefficients[t], square_coefficients[t]);
     in add mode ``out`` is multiplied by ``scale`` first. Block by block, so each value sees scale then the terms in order, as the
@@ -230,21 +236,42 @@ def _keyed(out, offset, param_keys, coefficients, scale, mode, gaussian, keyed_b
             for k in range(stop - done):
                 piece[k] *= scale
         for t in range(param_keys.shape[0]):
-            _stream(piece, _block_key(param_keys[t], block), inside, coefficients[t], mode, gaussian,
-                    source[done:stop], minus[done:stop], square_coefficients[t])
+            _stream(
+                piece,
+                _block_key(param_keys[t], block),
+                inside,
+                coefficients[t],
+                mode,
+                gaussian,
+                source[done:stop],
+                minus[done:stop],
+                square_coefficients[t],
+            )
         done = stop
 
 
 @njit(parallel=True, **_COMPILE)
-def _keyed_shared(out, offset, param_keys, coefficients, scale, mode, gaussian, keyed_block, source, minus,
-                  square_coefficients, shares):
+def _keyed_shared(
+    out, offset, param_keys, coefficients, scale, mode, gaussian, keyed_block, source, minus, square_coefficients, shares
+):
     """``_keyed`` on ``shares`` equal stretches of ``out``, one per thread of numba's pool."""
     length = out.shape[0]
     for share in prange(shares):
         first = length * share // shares // SHARE_ALIGN * SHARE_ALIGN
         last = length if share == shares - 1 else length * (share + 1) // shares // SHARE_ALIGN * SHARE_ALIGN
-        _keyed(out[first:last], offset + first, param_keys, coefficients, scale, mode, gaussian, keyed_block,
-               source[first:last], minus[first:last], square_coefficients)
+        _keyed(
+            out[first:last],
+            offset + first,
+            param_keys,
+            coefficients,
+            scale,
+            mode,
+            gaussian,
+            keyed_block,
+            source[first:last],
+            minus[first:last],
+            square_coefficients,
+        )
 
 
 def _generate(threads, out, *arguments) -> None:
@@ -296,8 +323,7 @@ def _aligned_cut(lengths, position):
 
 
 @njit(**_INLINE)
-def _update_share(share, shares, addresses, lengths, offsets, param_keys, coefficients, scale, gaussian, keyed_block,
-                  unused):
+def _update_share(share, shares, addresses, lengths, offsets, param_keys, coefficients, scale, gaussian, keyed_block, unused):
     """Share ``share`` of ``shares`` equal stretches of the arrays laid end to end, updated as ``_keyed`` does."""
     total = lengths.sum()
     first = _aligned_cut(lengths, total * share // shares)
@@ -307,8 +333,19 @@ def _update_share(share, shares, addresses, lengths, offsets, param_keys, coeffi
         low, high = max(first, begin), min(last, begin + lengths[p])
         if low < high:
             out = numba.carray(_float32_at(addresses[p]), lengths[p])
-            _keyed(out[low - begin:high - begin], offsets[p] + low - begin, param_keys[p], coefficients, scale, _ADD,
-                   gaussian, keyed_block, unused, unused, coefficients)
+            _keyed(
+                out[low - begin : high - begin],
+                offsets[p] + low - begin,
+                param_keys[p],
+                coefficients,
+                scale,
+                _ADD,
+                gaussian,
+                keyed_block,
+                unused,
+                unused,
+                coefficients,
+            )
         begin += lengths[p]
 
 
@@ -318,18 +355,27 @@ def _update_all(addresses, lengths, offsets, param_keys, coefficients, scale, ga
 
 
 @njit(parallel=True, **_COMPILE)
-def _update_all_shared(addresses, lengths, offsets, param_keys, coefficients, scale, gaussian, keyed_block, unused,
-                       shares):
+def _update_all_shared(addresses, lengths, offsets, param_keys, coefficients, scale, gaussian, keyed_block, unused, shares):
     for share in prange(shares):
-        _update_share(share, shares, addresses, lengths, offsets, param_keys, coefficients, scale, gaussian,
-                      keyed_block, unused)
+        _update_share(share, shares, addresses, lengths, offsets, param_keys, coefficients, scale, gaussian, keyed_block, unused)
 
 
 @njit(**_COMPILE)
 def _rows(out, offsets, param_keys, coefficients, gaussian, keyed_block, unused):
     for row in range(out.shape[0]):
-        _keyed(out[row], offsets[row], param_keys, coefficients, np.float32(1.0), _FILL, gaussian, keyed_block, unused,
-               unused, coefficients)
+        _keyed(
+            out[row],
+            offsets[row],
+            param_keys,
+            coefficients,
+            np.float32(1.0),
+            _FILL,
+            gaussian,
+            keyed_block,
+            unused,
+            unused,
+            coefficients,
+        )
 
 
 _UNUSED = np.empty(0, np.float32)
@@ -348,28 +394,46 @@ def fill(out: np.ndarray, offset: int, param_key: int, distribution: str, keyed_
     """``out`` (1-D float32) ← z at the parameter's positions [offset, offset + len), keys changing every
     ``keyed_block`` values (the arguments of :func:`zotune.triton_rng.fill`), on up to ``threads`` threads."""
     coefficients = _one_coefficient(1.0)
-    _generate(threads, out, offset, _one_key(param_key), coefficients, _ONE, _FILL, distribution == "gaussian",
-              keyed_block, _UNUSED, _UNUSED, coefficients)
+    _generate(
+        threads,
+        out,
+        offset,
+        _one_key(param_key),
+        coefficients,
+        _ONE,
+        _FILL,
+        distribution == "gaussian",
+        keyed_block,
+        _UNUSED,
+        _UNUSED,
+        coefficients,
+    )
 
 
 def fill_rows(out: np.ndarray, offsets: np.ndarray, param_key: int, distribution: str, keyed_block: int) -> None:
     """Each row r of ``out`` (2-D float32, C-contiguous) ← z at the parameter's positions [offsets[r], offsets[r] +
     row length), in one call: the rows of a table that an embedding lookup perturbs."""
-    _rows(out, offsets.astype(np.int64), _one_key(param_key), _one_coefficient(1.0), distribution == "gaussian",
-          keyed_block, _UNUSED)
+    _rows(
+        out,
+        offsets.astype(np.int64),
+        _one_key(param_key),
+        _one_coefficient(1.0),
+        distribution == "gaussian",
+        keyed_block,
+        _UNUSED,
+    )
 
 
-def update(out: np.ndarray, offset: int, terms, scale: float, distribution: str, keyed_block: int,
-           threads: int = 1) -> None:
+def update(out: np.ndarray, offset: int, terms, scale: float, distribution: str, keyed_block: int, threads: int = 1) -> None:
     """``out ← out·scale + Σ c·z(key)`` over ``terms`` [(parameter key, c)], ``out`` (1-D float32) holding the
     parameter's values from position ``offset``: generated and added chunk by chunk, with no buffer the size of
     ``out``, rounded after the scale and after each term; on up to ``threads`` threads."""
-    update_all([out], [offset], [[key for key, _ in terms]], [c for _, c in terms], scale, distribution, keyed_block,
-               threads)
+    update_all([out], [offset], [[key for key, _ in terms]], [c for _, c in terms], scale, distribution, keyed_block, threads)
 
 
-def update_all(outs, offsets, param_keys, coefficients, scale: float, distribution: str, keyed_block: int,
-               threads: int = 1) -> None:
+def update_all(
+    outs, offsets, param_keys, coefficients, scale: float, distribution: str, keyed_block: int, threads: int = 1
+) -> None:
     """:func:`update` of many parameters in one call: ``outs[p] ← outs[p]·scale + Σ_t coefficients[t]·z(param_keys[p][t])``
     at the parameter's positions from ``offsets[p]``, each ``outs[p]`` a 1-D float32 C-contiguous writable array.
     The values of all the arrays are shared equally between up to ``threads`` threads, in one launch: a sweep
@@ -378,28 +442,60 @@ def update_all(outs, offsets, param_keys, coefficients, scale: float, distributi
     arrays must not overlap, since threads write them at once."""
     for out in outs:
         if out.dtype != np.float32 or out.ndim != 1 or not out.flags.c_contiguous or not out.flags.writeable:
-            raise ValueError(f"update_all writes 1-D float32 C-contiguous writable arrays, got {out.dtype} "
-                             f"{out.shape} with strides {out.strides}")
+            raise ValueError(
+                f"update_all writes 1-D float32 C-contiguous writable arrays, got {out.dtype} "
+                f"{out.shape} with strides {out.strides}"
+            )
     if not outs:
         return
     addresses = np.array([out.ctypes.data for out in outs], np.int64)
     lengths = np.array([out.shape[0] for out in outs], np.int64)
     keys = np.array(param_keys, np.uint64).reshape(len(outs), len(coefficients))
-    arguments = (addresses, lengths, np.array(offsets, np.int64), keys, np.array(coefficients, np.float32),
-                 np.float32(scale), distribution == "gaussian", keyed_block, _UNUSED)
+    arguments = (
+        addresses,
+        lengths,
+        np.array(offsets, np.int64),
+        keys,
+        np.array(coefficients, np.float32),
+        np.float32(scale),
+        distribution == "gaussian",
+        keyed_block,
+        _UNUSED,
+    )
     _launch(_update_all, _update_all_shared, threads, int(lengths.sum()), arguments)
 
 
-def pair(source: np.ndarray, plus: np.ndarray, minus: np.ndarray | None, offset: int, param_key: int,
-         coefficient: float, distribution: str, keyed_block: int, threads: int = 1) -> None:
+def pair(
+    source: np.ndarray,
+    plus: np.ndarray,
+    minus: np.ndarray | None,
+    offset: int,
+    param_key: int,
+    coefficient: float,
+    distribution: str,
+    keyed_block: int,
+    threads: int = 1,
+) -> None:
     """``plus`` ← source + d and, unless ``minus`` is None, ``minus`` ← source − d, with d = coefficient · z
     rounded to float32 before the add (1-D float32 arrays of one length, holding the parameter's values from
     position ``offset``): a perturbed copy, or the two sides of a two-point estimate from one generation; on up
     to ``threads`` threads."""
     mode, minus = (_COPY, _UNUSED) if minus is None else (_PAIR, minus)
     coefficients = _one_coefficient(coefficient)
-    _generate(threads, plus, offset, _one_key(param_key), coefficients, _ONE, mode, distribution == "gaussian",
-              keyed_block, source, minus, coefficients)
+    _generate(
+        threads,
+        plus,
+        offset,
+        _one_key(param_key),
+        coefficients,
+        _ONE,
+        mode,
+        distribution == "gaussian",
+        keyed_block,
+        source,
+        minus,
+        coefficients,
+    )
 
 
 def moments(first: np.ndarray, second: np.ndarray, offset: int, terms, distribution: str, keyed_block: int) -> None:
@@ -409,8 +505,19 @@ def moments(first: np.ndarray, second: np.ndarray, offset: int, terms, distribut
     keys = np.array([key for key, _, _ in terms], np.uint64)
     coefficients = np.array([a for _, a, _ in terms], np.float32)
     square_coefficients = np.array([b for _, _, b in terms], np.float32)
-    _keyed(first, offset, keys, coefficients, _ONE, _MOMENTS, distribution == "gaussian", keyed_block, _UNUSED, second,
-           square_coefficients)
+    _keyed(
+        first,
+        offset,
+        keys,
+        coefficients,
+        _ONE,
+        _MOMENTS,
+        distribution == "gaussian",
+        keyed_block,
+        _UNUSED,
+        second,
+        square_coefficients,
+    )
 
 
 def warm_up() -> None:

@@ -36,14 +36,22 @@ def main(argv: list[str] | None = None) -> None:
         summary = json.loads((run_dir / "summary.json").read_text())
         records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
         curves[config.optimizer] = records
-        rows.append(f"| {config.optimizer} | {config.steps} | {summary['seconds']:.0f} | "
-                    f"{100 * summary['zero_shot_dev']:.1f}% | {100 * summary['dev']:.1f}% | {100 * summary['test']:.1f}% "
-                    f"| {summary['peak_memory_mb']:.0f} | {config.output_dir} |")
-    table = "\n".join([
-        f"{config.model} on {config.task} ({config.num_dev} dev / {config.num_test} test examples); peak memory: "
-        "the run's process (resident set on a CPU, allocator on a GPU)", "",
-        "| optimizer | steps | train seconds | zero-shot dev | fine-tuned dev | fine-tuned test | peak memory (MiB) "
-        "| run folder |", "|---|---|---|---|---|---|---|---|", *rows])
+        rows.append(
+            f"| {config.optimizer} | {config.steps} | {summary['seconds']:.0f} | "
+            f"{100 * summary['zero_shot_dev']:.1f}% | {100 * summary['dev']:.1f}% | {100 * summary['test']:.1f}% "
+            f"| {summary['peak_memory_mb']:.0f} | {config.output_dir} |"
+        )
+    table = "\n".join(
+        [
+            f"{config.model} on {config.task} ({config.num_dev} dev / {config.num_test} test examples); peak memory: "
+            "the run's process (resident set on a CPU, allocator on a GPU)",
+            "",
+            "| optimizer | steps | train seconds | zero-shot dev | fine-tuned dev | fine-tuned test | peak memory (MiB) "
+            "| run folder |",
+            "|---|---|---|---|---|---|---|---|",
+            *rows,
+        ]
+    )
     Path("runs").mkdir(exist_ok=True)
     Path("runs/demo.md").write_text(table + "\n")
     plot_together(curves, Path("runs/demo.png"), f"{config.model} on {config.task}")

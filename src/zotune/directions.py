@@ -65,9 +65,14 @@ class Block:
 
         def generate_pending() -> None:
             if pending:
-                counter_rng.moments(first.numpy(), second.numpy(), self.engine._offsets[self.param_index] + self.start,
-                                    [(param_key(seed, self.param_index), a, b) for seed, a, b in pending],
-                                    self.engine.distribution, BLOCK_SIZE)
+                counter_rng.moments(
+                    first.numpy(),
+                    second.numpy(),
+                    self.engine._offsets[self.param_index] + self.start,
+                    [(param_key(seed, self.param_index), a, b) for seed, a, b in pending],
+                    self.engine.distribution,
+                    BLOCK_SIZE,
+                )
                 pending.clear()
 
         fused = NumbaBackend.takes(first) and not self.engine.masked(self.param_index)
@@ -103,9 +108,7 @@ class DirectionEngine:
         num_threads: int | None = None,
     ) -> None:
         if distribution not in DISTRIBUTIONS:
-            raise OptionError(
-                f"unknown direction distribution {distribution!r}: choose one of {', '.join(DISTRIBUTIONS)}"
-            )
+            raise OptionError(f"unknown direction distribution {distribution!r}: choose one of {', '.join(DISTRIBUTIONS)}")
         views = [local_view(param) for param in params]
         self.params = [local for local, _ in views]
         self._offsets = [offset for _, offset in views]  # flat offset of the held part in the whole parameter
@@ -188,25 +191,30 @@ class DirectionEngine:
         for i in range(len(self.params)) if indices is None else indices:
             by_backend.setdefault(self._backend(self.params[i], i), []).append(i)
         for backend, group in by_backend.items():
-            backend.update([self._flat(i) for i in group], [self._offsets[i] for i in group],
-                           [[param_key(seed, i) for seed, _ in terms] for i in group], [coef for _, coef in terms],
-                           scale)
+            backend.update(
+                [self._flat(i) for i in group],
+                [self._offsets[i] for i in group],
+                [[param_key(seed, i) for seed, _ in terms] for i in group],
+                [coef for _, coef in terms],
+                scale,
+            )
 
     def transform(self, update: Callable[[Block], None], indices: Sequence[int] | None = None) -> None:
         """Run ``update`` on every block of the given parameters (default: all), spread over the threads.
         ``update`` changes ``block.work`` in place (float32, or float64 for float64 parameters); the result
         is written back to the parameter, rounded once for low-precision dtypes."""
+
         def process(param_index: int, start: int, stop: int) -> None:
             block = Block(self, param_index, start, stop)
             update(block)
             if block.work is not block.target:
                 block.target.copy_(block.work)
 
-        self._workers.run([self._stretch(i) for i in (range(len(self.params)) if indices is None else indices)],
-                          process)
+        self._workers.run([self._stretch(i) for i in (range(len(self.params)) if indices is None else indices)], process)
 
-    def perturbed_copy(self, param_index: int, pairs: Sequence[Pair], out: torch.Tensor | None = None,
-                       rows: slice | None = None) -> torch.Tensor:
+    def perturbed_copy(
+        self, param_index: int, pairs: Sequence[Pair], out: torch.Tensor | None = None, rows: slice | None = None
+    ) -> torch.Tensor:
         """``θ_i + Σ a·z_i(s)`` over ``pairs``, in the parameter's dtype, written into ``out`` (a contiguous
         tensor of the parameter's shape) or a new tensor; θ_i is untouched. One pair is added straight from
         θ, bit-identical to ``θ + a·z`` computed densely; several are summed in the work dtype first, then rounded
@@ -214,18 +222,25 @@ class DirectionEngine:
         shaped like them), equal to the same rows of the whole copy."""
         param, offset = self._rows_of(param_index, rows)
         out = torch.empty_like(param, memory_format=torch.contiguous_format) if out is None else out
-        self._backend(param, param_index).copy(param.reshape(-1), out.view(-1), offset,
-                                  [param_key(seed, param_index) for seed, _ in pairs], [alpha for _, alpha in pairs])
+        self._backend(param, param_index).copy(
+            param.reshape(-1),
+            out.view(-1),
+            offset,
+            [param_key(seed, param_index) for seed, _ in pairs],
+            [alpha for _, alpha in pairs],
+        )
         return out
 
-    def perturbed_pair(self, param_index: int, seed: int, eps: float, plus: torch.Tensor, minus: torch.Tensor,
-                       rows: slice | None = None) -> None:
+    def perturbed_pair(
+        self, param_index: int, seed: int, eps: float, plus: torch.Tensor, minus: torch.Tensor, rows: slice | None = None
+    ) -> None:
         """``plus`` ← θ_i + ε·z_i(seed) and ``minus`` ← θ_i − ε·z_i(seed) (contiguous tensors of the
         parameter's shape, or of ``rows``, as in :meth:`perturbed_copy`), z generated once; each is
         bit-identical to :meth:`perturbed_copy` with ``(seed, ±eps)``."""
         param, offset = self._rows_of(param_index, rows)
-        self._backend(param, param_index).pair(param.reshape(-1), plus.view(-1), minus.view(-1), offset,
-                                  param_key(seed, param_index), eps)
+        self._backend(param, param_index).pair(
+            param.reshape(-1), plus.view(-1), minus.view(-1), offset, param_key(seed, param_index), eps
+        )
 
     def _rows_of(self, param_index: int, rows: slice | None) -> tuple[torch.Tensor, int]:
         """The parameter (or its ``rows``) and the flat position in the whole parameter where it starts."""

@@ -68,8 +68,10 @@ class DataParallel:
     def shard(self, batch: list, name: str = "batch") -> list:
         """This rank's contiguous slice of ``batch``: rank r takes items [r·k, (r+1)·k), k = len / world size."""
         if len(batch) % self.world_size:
-            raise OptionError(f"the {name} of {len(batch)} examples cannot be split evenly over {self.world_size} "
-                              f"processes: make it a multiple of {self.world_size}")
+            raise OptionError(
+                f"the {name} of {len(batch)} examples cannot be split evenly over {self.world_size} "
+                f"processes: make it a multiple of {self.world_size}"
+            )
         size = len(batch) // self.world_size
         return batch[self.rank * size : (self.rank + 1) * size]
 
@@ -142,7 +144,9 @@ def data_parallel(optimizer: torch.optim.Optimizer, group: DataParallel) -> torc
     rank's closure must return the loss on its own slice of the batch (:meth:`DataParallel.shard`). Other
     optimizers (plain ``torch.optim``) are refused: wrap the model in DistributedDataParallel for them."""
     if not callable(getattr(optimizer, "data_parallel", None)):
-        raise OptionError(f"{type(optimizer).__name__} is not a zotune optimizer: wrap the model in "
-                          "torch.nn.parallel.DistributedDataParallel instead")
+        raise OptionError(
+            f"{type(optimizer).__name__} is not a zotune optimizer: wrap the model in "
+            "torch.nn.parallel.DistributedDataParallel instead"
+        )
     optimizer.data_parallel(group)
     return optimizer

@@ -47,7 +47,8 @@ def dry_run(config: TrainConfig) -> list[str]:
     return [
         yaml.safe_dump(config.to_dict(), sort_keys=False).rstrip(),
         f"model: {_model_source(config.model)}, {config.dtype}, head={config.head}"
-        + (f" ({labels} labels, pooling={config.pooling})" if labels else "") + f", trainable={config.trainable}",
+        + (f" ({labels} labels, pooling={config.pooling})" if labels else "")
+        + f", trainable={config.trainable}",
         f"task: {config.task} ({kind}, scored by {metric}), trained on {objective}",
         f"optimizer: {type(optimizer).__name__} with {options}, lr={config.lr}",
         f"tests {tested} of {config.steps} steps{stopping}",

@@ -23,10 +23,16 @@ class NonFiniteGradientError(ZotuneError, FloatingPointError):
 
     def __init__(self, step: int, seed: int | None = None, applied: bool = True) -> None:
         where = f"step {step}" if seed is None else f"step {step} (direction seed {seed})"
-        consequence = ("the update fused into backward has already written it into the weights, so they must not be "
-                       "saved: resume from the last checkpoint" if applied else "the parameters were not updated")
-        super().__init__(f"non-finite gradient at {where} with a finite loss: {consequence}. Lower the learning "
-                         "rate, or train in fp32 or bf16 rather than fp16.")
+        consequence = (
+            "the update fused into backward has already written it into the weights, so they must not be "
+            "saved: resume from the last checkpoint"
+            if applied
+            else "the parameters were not updated"
+        )
+        super().__init__(
+            f"non-finite gradient at {where} with a finite loss: {consequence}. Lower the learning "
+            "rate, or train in fp32 or bf16 rather than fp16."
+        )
         self.step, self.seed, self.applied = step, seed, applied
 
 

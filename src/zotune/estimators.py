@@ -65,18 +65,29 @@ class TwoPointEstimator:
     """Evaluates a loss closure at θ+εz and θ−εz; with ``model`` in module mode, else in place. Either way
     the closure runs without dropout (see the module docstring)."""
 
-    def __init__(self, engine: DirectionEngine, eps: float, model: nn.Module | None = None,
-                 dual_forward: bool = False, in_place: bool = False, difference: str = "central") -> None:
+    def __init__(
+        self,
+        engine: DirectionEngine,
+        eps: float,
+        model: nn.Module | None = None,
+        dual_forward: bool = False,
+        in_place: bool = False,
+        difference: str = "central",
+    ) -> None:
         if not eps > 0:
             raise OptionError(f"eps must be positive, got {eps}: the paper default is 1e-3")
         if dual_forward and (model is None or in_place):
-            raise OptionError("dual_forward=True evaluates θ+εz and θ−εz inside the model's modules: pass the "
-                              "model, not its parameters, with module perturbation")
+            raise OptionError(
+                "dual_forward=True evaluates θ+εz and θ−εz inside the model's modules: pass the "
+                "model, not its parameters, with module perturbation"
+            )
         if difference not in DIFFERENCES:
             raise OptionError(f"difference must be central or forward (one-sided), got {difference!r}")
         if dual_forward and difference == "forward":
-            raise OptionError("dual_forward=True evaluates θ+εz and θ−εz together, a central difference: drop "
-                              "dual_forward, or use difference=central")
+            raise OptionError(
+                "dual_forward=True evaluates θ+εz and θ−εz together, a central difference: drop "
+                "dual_forward, or use difference=central"
+            )
         self.engine = engine
         self.eps = eps
         self.one_sided = difference == "forward"
@@ -86,9 +97,16 @@ class TwoPointEstimator:
         self.model = model  # given, its modules run the forwards in eval mode, whatever the perturbation
         self.module_perturbation = ModulePerturbation(engine, model) if model is not None and not in_place else None
 
-    def estimate(self, closure: Closure, seed: int, step: int, fuse_restore: bool = False,
-                 base: Sequence[Pair] = (), only: frozenset[int] | None = None,
-                 loss_here: float | None = None) -> Estimate:
+    def estimate(
+        self,
+        closure: Closure,
+        seed: int,
+        step: int,
+        fuse_restore: bool = False,
+        base: Sequence[Pair] = (),
+        only: frozenset[int] | None = None,
+        loss_here: float | None = None,
+    ) -> Estimate:
         """Two loss evaluations along ``z(seed)``, around θ + Σ a·z(s) over the ``base`` pairs (default: θ).
         In inplace mode with ``fuse_restore`` the parameters are left at θ−εz and ``Estimate.restore`` holds
         the pair that brings them back; with a ``base`` they are moved there and back (rounding drift).
@@ -135,8 +153,9 @@ class TwoPointEstimator:
                 estimate.restore = []
         return self._checked(estimate, step)
 
-    def _one_sided(self, closure: Closure, seed: int, step: int, base: Sequence[Pair], only: frozenset[int] | None,
-                   loss_here: float | None) -> Estimate:
+    def _one_sided(
+        self, closure: Closure, seed: int, step: int, base: Sequence[Pair], only: frozenset[int] | None, loss_here: float | None
+    ) -> Estimate:
         forwards = 1 if loss_here is not None else 2
         if loss_here is None:
             loss_here = self.loss_at(closure, base, step)
@@ -147,8 +166,9 @@ class TwoPointEstimator:
         else:
             loss_plus = self._evaluate_in_place(closure, plus)
         loss_plus = loss_plus if self.reduce is None else self.reduce([loss_plus])[0]
-        return self._checked(Estimate(seed, self.eps, loss_plus, loss_here, one_sided=True, forwards=forwards,
-                                      indices=only), step)
+        return self._checked(
+            Estimate(seed, self.eps, loss_plus, loss_here, one_sided=True, forwards=forwards, indices=only), step
+        )
 
     def loss_at(self, closure: Closure, pairs: Sequence[Pair] = (), step: int = 0) -> float:
         """The loss at θ + Σ a·z(s) over ``pairs`` (θ itself for none), without dropout, averaged over the ranks
@@ -176,8 +196,11 @@ class TwoPointEstimator:
     @staticmethod
     def _checked(estimate: Estimate, step: int) -> Estimate:
         if not _finite(estimate):
-            raise NonFiniteLossError(step, {"loss+": estimate.loss_plus, "loss-": estimate.loss_minus,
-                                            "projected gradient": estimate.projected_gradient}, estimate.seed)
+            raise NonFiniteLossError(
+                step,
+                {"loss+": estimate.loss_plus, "loss-": estimate.loss_minus, "projected gradient": estimate.projected_gradient},
+                estimate.seed,
+            )
         return estimate
 
     def _reduced(self, loss_plus: float, loss_minus: float) -> list[float]:
@@ -209,15 +232,18 @@ class TwoPointEstimator:
         try:
             inspect.signature(closure).bind(2)
         except (TypeError, ValueError):
-            raise OptionError("dual_forward=True needs a closure that takes copies: closure(2) must evaluate its "
-                              "batch stacked twice along dim 0 and return the two copies' mean losses (see "
-                              "zotune.estimators.mean_over_micro_batches and zotune.scoring.classification_loss)"
-                              ) from None
+            raise OptionError(
+                "dual_forward=True needs a closure that takes copies: closure(2) must evaluate its "
+                "batch stacked twice along dim 0 and return the two copies' mean losses (see "
+                "zotune.estimators.mean_over_micro_batches and zotune.scoring.classification_loss)"
+            ) from None
         with self._forwards():
             losses = torch.as_tensor(closure(2)).detach().flatten().tolist()
         if len(losses) != 2:
-            raise OptionError(f"dual_forward=True: closure(2) returned {len(losses)} value(s); it must return the "
-                              "mean loss of each of the two copies of the batch")
+            raise OptionError(
+                f"dual_forward=True: closure(2) returned {len(losses)} value(s); it must return the "
+                "mean loss of each of the two copies of the batch"
+            )
         return losses[0], losses[1]
 
 

@@ -31,8 +31,10 @@ class ExportError(ZotuneError, ValueError):
 def export_problem(config: TrainConfig) -> str | None:
     """Why a run with this config cannot be exported, or None."""
     if config.trainable == "prefix":
-        return ("trainable=prefix trains a key/value prefix, which transformers cannot load by itself: the run's "
-                "checkpoints hold it (zotune eval --checkpoint)")
+        return (
+            "trainable=prefix trains a key/value prefix, which transformers cannot load by itself: the run's "
+            "checkpoints hold it (zotune eval --checkpoint)"
+        )
     return None
 
 
@@ -48,8 +50,9 @@ def export(model: nn.Module, tokenizer, config: TrainConfig, out: Path, results:
         from safetensors.torch import save_file
 
         model.body.save_pretrained(out, safe_serialization=True)
-        save_file({name: value.detach().contiguous() for name, value in model.score.state_dict().items()},
-                  out / "score.safetensors")
+        save_file(
+            {name: value.detach().contiguous() for name, value in model.score.state_dict().items()}, out / "score.safetensors"
+        )
         written.append("the encoder body, and the mean-pooling head in score.safetensors")
     else:
         model.save_pretrained(out, safe_serialization=True)
@@ -83,8 +86,10 @@ def export_checkpoint(checkpoint: Path, out: Path) -> Path:
     except ValueError as error:
         raise ExportError(f"{checkpoint} is unusable: {error}") from None
     if "config" not in state:
-        raise ExportError(f"{checkpoint} holds no config (best.pt holds weights only): pass a checkpoint-NNNNNN.pt "
-                          "of the same run, or export the run's model/ folder it wrote at the end")
+        raise ExportError(
+            f"{checkpoint} holds no config (best.pt holds weights only): pass a checkpoint-NNNNNN.pt "
+            "of the same run, or export the run's model/ folder it wrote at the end"
+        )
     config = TrainConfig(**{key: value for key, value in state["config"].items() if key in TrainConfig.__dataclass_fields__})
     problem = export_problem(config)
     if problem is not None:
@@ -96,8 +101,13 @@ def export_checkpoint(checkpoint: Path, out: Path) -> Path:
     summary_path = checkpoint.parent / "summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
     same = summary.get("selected_step") == state["step"]  # the run's figures are of this checkpoint's weights
-    results = dict(metric=summary.get("metric", "accuracy"), steps=state["step"], selected_step=state["step"],
-                   dev=summary.get("dev") if same else None, test=summary.get("test") if same else None)
+    results = dict(
+        metric=summary.get("metric", "accuracy"),
+        steps=state["step"],
+        selected_step=state["step"],
+        dev=summary.get("dev") if same else None,
+        test=summary.get("test") if same else None,
+    )
     return export(model, tokenizer, config, out, results)
 
 
@@ -111,11 +121,18 @@ def model_card(config: TrainConfig, results: dict, contents: str) -> str:
 
     metric = results.get("metric", "accuracy")
     lines = [
-        "---", "library_name: transformers" if config.trainable != "lora" else "library_name: peft",
-        f"base_model: {config.model}", "tags: [zotune, zeroth-order]", "---", "",
-        f"# {config.model} fine-tuned on {config.task} with {config.optimizer}", "",
-        f"This folder holds {contents}, written by zotune.", "",
-        "| | |", "|---|---|",
+        "---",
+        "library_name: transformers" if config.trainable != "lora" else "library_name: peft",
+        f"base_model: {config.model}",
+        "tags: [zotune, zeroth-order]",
+        "---",
+        "",
+        f"# {config.model} fine-tuned on {config.task} with {config.optimizer}",
+        "",
+        f"This folder holds {contents}, written by zotune.",
+        "",
+        "| | |",
+        "|---|---|",
         f"| base model | {config.model} ({config.dtype}) |",
         f"| task | {config.task} (head: {config.head}{', pooling: ' + config.pooling if config.head == 'classifier' else ''}) |",
         f"| trainable | {config.trainable} |",
@@ -123,16 +140,24 @@ def model_card(config: TrainConfig, results: dict, contents: str) -> str:
         f"| steps | {results.get('steps')} of batch {config.batch_size} (weights of step {results.get('selected_step')}, select: {config.select}) |",
         f"| dev {metric} | {pct(results.get('dev'))} |",
         f"| test {metric} | {pct(results.get('test'))} |",
-        f"| seed | {config.seed} |", "",
+        f"| seed | {config.seed} |",
+        "",
     ]
     if config.head == "classifier" and config.pooling == "mean":
-        lines += ["Load the body with `AutoModel.from_pretrained(folder)`, average its last hidden states over the "
-                  "non-padding tokens, and apply the linear layer in `score.safetensors` (`weight`, `bias`).", ""]
+        lines += [
+            "Load the body with `AutoModel.from_pretrained(folder)`, average its last hidden states over the "
+            "non-padding tokens, and apply the linear layer in `score.safetensors` (`weight`, `bias`).",
+            "",
+        ]
     elif config.trainable == "lora":
-        lines += ["Load with `PeftModel.from_pretrained(base_model, folder)`" +
-                  (", or the merged model in `merged/` with `from_pretrained`." if config.merge else "."), ""]
+        lines += [
+            "Load with `PeftModel.from_pretrained(base_model, folder)`"
+            + (", or the merged model in `merged/` with `from_pretrained`." if config.merge else "."),
+            "",
+        ]
     else:
-        kind = {"lm": "AutoModelForCausalLM", "classifier": "AutoModelForSequenceClassification",
-                "mlm": "AutoModelForMaskedLM"}[config.head]
+        kind = {"lm": "AutoModelForCausalLM", "classifier": "AutoModelForSequenceClassification", "mlm": "AutoModelForMaskedLM"}[
+            config.head
+        ]
         lines += [f"Load with `{kind}.from_pretrained(folder)` and `AutoTokenizer.from_pretrained(folder)`.", ""]
     return "\n".join(lines)

@@ -34,8 +34,10 @@ def encode_fields(tokenizer, example: Example, max_length: int) -> EncodedExampl
     ([CLS] a [SEP] b [SEP], further fields joined to the second) or, for a tokenizer without a separator
     (decoders), the fields joined by newlines. Cut at the end to ``max_length`` tokens."""
     if not example.texts:
-        raise HeadError("head=classifier needs an example's text fields, which this task does not give (its candidates "
-                        "differ per example): use head=lm")
+        raise HeadError(
+            "head=classifier needs an example's text fields, which this task does not give (its candidates "
+            "differ per example): use head=lm"
+        )
     texts = (example.texts[0], " ".join(example.texts[1:])) if len(example.texts) > 1 else example.texts[:1]
     if tokenizer.sep_token_id is None:
         texts = ("\n".join(example.texts),)
@@ -48,16 +50,20 @@ def encode_masked(tokenizer, example: Example, max_length: int) -> EncodedExampl
     """[CLS] before [MASK] after [SEP] (the special tokens the tokenizer has), ``before`` cut from the left
     to fit ``max_length``; each candidate must be one token (with a leading space, as LM-BFF's label words)."""
     if tokenizer.mask_token_id is None:
-        raise HeadError("head=mlm needs a tokenizer with a mask token (a masked LM such as BERT or RoBERTa); this one "
-                        "has none: use head=lm or head=classifier")
+        raise HeadError(
+            "head=mlm needs a tokenizer with a mask token (a masked LM such as BERT or RoBERTa); this one "
+            "has none: use head=lm or head=classifier"
+        )
     if example.masked is None:
         raise HeadError("head=mlm needs a template with a mask, which this task does not give: use head=lm")
     targets = []
     for candidate in example.candidates:
         ids = tokenizer(" " + candidate.strip(), add_special_tokens=False)["input_ids"]
         if len(ids) != 1:
-            raise HeadError(f"head=mlm scores one token per candidate, but {candidate.strip()!r} is {len(ids)} tokens "
-                            "for this tokenizer: choose single-token candidates (task_options.verbalizer) or use head=lm")
+            raise HeadError(
+                f"head=mlm scores one token per candidate, but {candidate.strip()!r} is {len(ids)} tokens "
+                "for this tokenizer: choose single-token candidates (task_options.verbalizer) or use head=lm"
+            )
         targets.append(ids[0])
     before = tokenizer(example.masked[0], add_special_tokens=False)["input_ids"]
     after = tokenizer(example.masked[1], add_special_tokens=False)["input_ids"]
@@ -66,16 +72,16 @@ def encode_masked(tokenizer, example: Example, max_length: int) -> EncodedExampl
     keep = max_length - len(start) - 1 - len(after) - len(end)
     if keep < 0:
         raise HeadError(f"head=mlm: the text after the mask is {len(after)} tokens, too long for max_length={max_length}")
-    kept = before[len(before) - keep:]
+    kept = before[len(before) - keep :]
     sequence = (*start, *kept, tokenizer.mask_token_id, *after, *end)
-    return EncodedExample((sequence,), (0,), example.label, len(before) > keep, targets=tuple(targets),
-                          mask_position=len(start) + len(kept))
+    return EncodedExample(
+        (sequence,), (0,), example.label, len(before) > keep, targets=tuple(targets), mask_position=len(start) + len(kept)
+    )
 
 
 def label_logits(model: nn.Module, examples: Sequence[EncodedExample], pad_id: int) -> torch.Tensor:
     """[len(examples), labels] logits of a sequence-classification model (in fp32)."""
-    input_ids, attention = padded_batch([example.sequences[0] for example in examples], pad_id,
-                                        next(model.parameters()).device)
+    input_ids, attention = padded_batch([example.sequences[0] for example in examples], pad_id, next(model.parameters()).device)
     return model(input_ids=input_ids, attention_mask=attention).logits.float()
 
 
@@ -121,6 +127,9 @@ class Head:
     scores: Callable  # (model, examples, pad_id) -> [len(examples), labels] tensor
 
 
-HEADS = {"lm": Head("lm", encode, candidate_scores), "classifier": Head("classifier", encode_fields, label_logits),
-         "mlm": Head("mlm", encode_masked, mask_scores)}
+HEADS = {
+    "lm": Head("lm", encode, candidate_scores),
+    "classifier": Head("classifier", encode_fields, label_logits),
+    "mlm": Head("mlm", encode_masked, mask_scores),
+}
 POOLINGS = ("cls", "mean")

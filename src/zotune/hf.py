@@ -28,22 +28,33 @@ class ZOTrainer(Trainer):
 
     def __init__(self, *args, zo_optimizer: str = "mezo", zo_options: dict | None = None, **kwargs) -> None:
         if not resolve(zo_optimizer)[0].hf_trainer:
-            raise OptionError(f"ZOTrainer supports {', '.join(SUPPORTED)}, got {zo_optimizer!r}: it needs batches the "
-                              "Trainer does not make (or is the Trainer's own kind), so train it with `zotune train`")
+            raise OptionError(
+                f"ZOTrainer supports {', '.join(SUPPORTED)}, got {zo_optimizer!r}: it needs batches the "
+                "Trainer does not make (or is the Trainer's own kind), so train it with `zotune train`"
+            )
         super().__init__(*args, **kwargs)
         if self.args.gradient_accumulation_steps != 1:
-            raise OptionError("ZOTrainer takes one optimizer step per batch: set gradient_accumulation_steps=1 and "
-                              "raise per_device_train_batch_size instead")
+            raise OptionError(
+                "ZOTrainer takes one optimizer step per batch: set gradient_accumulation_steps=1 and "
+                "raise per_device_train_batch_size instead"
+            )
         if self.args.world_size > 1:
-            raise OptionError("ZOTrainer runs in one process; for data parallel runs use `torchrun ... zotune train`, "
-                              "whose ranks exchange only the losses")
+            raise OptionError(
+                "ZOTrainer runs in one process; for data parallel runs use `torchrun ... zotune train`, "
+                "whose ranks exchange only the losses"
+            )
         self.zo_optimizer, self.zo_options = zo_optimizer, dict(zo_options or {})
         self._zotune = None
 
     def create_optimizer(self, model=None):
         if self.optimizer is None:
-            self.optimizer = create_optimizer(self.zo_optimizer, model or self.model, lr=self.args.learning_rate,
-                                              weight_decay=self.args.weight_decay, **self.zo_options)
+            self.optimizer = create_optimizer(
+                self.zo_optimizer,
+                model or self.model,
+                lr=self.args.learning_rate,
+                weight_decay=self.args.weight_decay,
+                **self.zo_options,
+            )
         if self._zotune is None:
             # The Trainer's loop calls optimizer.step() after training_step, which has already taken the step
             # (it needs the batch, which step() is not given): that later call, without a closure, does nothing.

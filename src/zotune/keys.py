@@ -56,8 +56,10 @@ def local_view(param: torch.Tensor) -> tuple[torch.Tensor, int]:
     if not isinstance(param, DTensor):
         return param, 0
     if param.device_mesh.ndim != 1 or tuple(param.placements) != (Shard(0),):
-        raise OptionError(f"a parameter sharded as {tuple(param.placements)} on a {param.device_mesh.ndim}-D mesh: "
-                          "zotune's keyed directions support FSDP2's default, Shard(0) on a 1-D mesh")
+        raise OptionError(
+            f"a parameter sharded as {tuple(param.placements)} on a {param.device_mesh.ndim}-D mesh: "
+            "zotune's keyed directions support FSDP2's default, Shard(0) on a 1-D mesh"
+        )
     rows = param.shape[0]
     chunk = -(-rows // param.device_mesh.size())  # torch.chunk's split: ceil(rows / ranks) rows per rank
     first_row = min(param.device_mesh.get_local_rank() * chunk, rows)

@@ -17,8 +17,22 @@ from .scoring import EncodedExample
 
 # by_length: false is Addax-WA (optimizer: addax-wa), both batches drawn from the whole training set.
 ADDAX_DATA_OPTIONS = ("L_T", "K0", "K1", "memory_budget", "on_empty_bucket", "by_length")
-_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "m": 10**6, "mb": 10**6, "mib": 2**20,
-          "g": 10**9, "gb": 10**9, "gib": 2**30, "t": 10**12, "tb": 10**12, "tib": 2**40}
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 10**3,
+    "kb": 10**3,
+    "kib": 2**10,
+    "m": 10**6,
+    "mb": 10**6,
+    "mib": 2**20,
+    "g": 10**9,
+    "gb": 10**9,
+    "gib": 2**30,
+    "t": 10**12,
+    "tb": 10**12,
+    "tib": 2**40,
+}
 
 
 def example_length(example: EncodedExample) -> int:
@@ -43,8 +57,11 @@ class LengthSplit:
 
     @classmethod
     def by_threshold(cls, lengths: Sequence[int], threshold: int) -> LengthSplit:
-        return cls(threshold, tuple(i for i, n in enumerate(lengths) if n > threshold),
-                   tuple(i for i, n in enumerate(lengths) if n <= threshold))
+        return cls(
+            threshold,
+            tuple(i for i, n in enumerate(lengths) if n > threshold),
+            tuple(i for i, n in enumerate(lengths) if n <= threshold),
+        )
 
 
 def first_order_peak_bytes(model: torch.nn.Module, loss_fn: Callable[[], torch.Tensor]) -> int:
@@ -83,8 +100,9 @@ def first_order_peak_bytes(model: torch.nn.Module, loss_fn: Callable[[], torch.T
     return weights + sum(saved.values()) + largest_gradient
 
 
-def choose_threshold(examples: Sequence[EncodedExample], k1: int, budget: int,
-                     measure: Callable[[list[int]], int]) -> tuple[int, dict[int, int]]:
+def choose_threshold(
+    examples: Sequence[EncodedExample], k1: int, budget: int, measure: Callable[[list[int]], int]
+) -> tuple[int, dict[int, int]]:
     """The largest L_T such that a first-order step on K1 examples no longer than L_T fits ``budget`` bytes.
 
     For each candidate L (a distinct length in the data), the batch measured is K1 copies of the example of
@@ -114,7 +132,8 @@ def choose_threshold(examples: Sequence[EncodedExample], k1: int, budget: int,
         raise ConfigError(
             f"memory_budget {budget / 2**30:.2f} GiB is too small: a first-order step on K1={k1} examples of the "
             f"shortest length ({candidates[0]} tokens) needs {measured[candidates[0]] / 2**30:.2f} GiB; raise "
-            "memory_budget, lower K1, or set L_T yourself")
+            "memory_budget, lower K1, or set L_T yourself"
+        )
     low, high = 0, len(candidates) - 1  # invariant: candidates[low] fits
     while low < high:
         middle = (low + high + 1) // 2
@@ -161,8 +180,10 @@ def check_addax_options(options: dict, batch_size: int) -> tuple[int, int, str]:
         raise ConfigError(f"optimizer_options.by_length must be true or false, got {by_length!r}")
     if not by_length:
         if "L_T" in options or "memory_budget" in options:
-            raise ConfigError("addax-wa draws both batches from the whole training set (by_length: false): remove "
-                              "L_T and memory_budget, or use optimizer=addax for the length split")
+            raise ConfigError(
+                "addax-wa draws both batches from the whole training set (by_length: false): remove "
+                "L_T and memory_budget, or use optimizer=addax for the length split"
+            )
     elif threshold == "auto":
         if "memory_budget" not in options:
             raise ConfigError("L_T: auto needs memory_budget (e.g. optimizer_options.memory_budget=6GB)")
@@ -174,8 +195,9 @@ def check_addax_options(options: dict, batch_size: int) -> tuple[int, int, str]:
     return k0, k1, on_empty
 
 
-def plan_addax(options: dict, examples: Sequence[EncodedExample], batch_size: int,
-               measure: Callable[[list[int]], int] | None = None) -> AddaxPlan:
+def plan_addax(
+    options: dict, examples: Sequence[EncodedExample], batch_size: int, measure: Callable[[list[int]], int] | None = None
+) -> AddaxPlan:
     """Check Addax's data options (``L_T``, ``K0``, ``K1``, ``memory_budget``, ``on_empty_bucket``) against the
     training set and split it. ``measure(indices)`` gives a first-order step's peak bytes (for ``L_T: auto``).
 
@@ -196,32 +218,41 @@ def plan_addax(options: dict, examples: Sequence[EncodedExample], batch_size: in
             budget = parse_memory(options["memory_budget"])
             threshold, measurements = choose_threshold(examples, k1, budget, measure)
             table = ", ".join(f"{n}: {b / 2**20:.0f} MiB" for n, b in sorted(measurements.items()))
-            notes.append(f"L_T=auto under memory_budget {options['memory_budget']}: L_T={threshold} "
-                         f"(first-order peak on K1={k1} examples by length: {table})")
+            notes.append(
+                f"L_T=auto under memory_budget {options['memory_budget']}: L_T={threshold} "
+                f"(first-order peak on K1={k1} examples by length: {table})"
+            )
         elif threshold is None:
             threshold = even_threshold(lengths)
             notes.append(f"L_T not given: using {threshold} tokens, the length that splits the training set most evenly")
         split = LengthSplit.by_threshold(lengths, threshold)
-        notes.append(f"length split at L_T={threshold} tokens: D0 (zeroth-order, longer) {len(split.long)} examples, "
-                     f"D1 (first-order) {len(split.short)}; lengths {min(lengths)}..{max(lengths)}")
-        for name, bucket, other, side in (("D0", split.long, "IP-SGD on D1", "longer than"),
-                                          ("D1", split.short, "MeZO on D0", "at most")):
+        notes.append(
+            f"length split at L_T={threshold} tokens: D0 (zeroth-order, longer) {len(split.long)} examples, "
+            f"D1 (first-order) {len(split.short)}; lengths {min(lengths)}..{max(lengths)}"
+        )
+        for name, bucket, other, side in (
+            ("D0", split.long, "IP-SGD on D1", "longer than"),
+            ("D1", split.short, "MeZO on D0", "at most"),
+        ):
             if bucket:
                 continue
-            problem = f"{name} is empty: no training example is {side} L_T={threshold} tokens " \
-                      f"(lengths {min(lengths)}..{max(lengths)})"
+            problem = (
+                f"{name} is empty: no training example is {side} L_T={threshold} tokens (lengths {min(lengths)}..{max(lengths)})"
+            )
             if on_empty == "error":
                 raise ConfigError(f"{problem}; change L_T, or set optimizer_options.on_empty_bucket=fallback")
             notes.append(f"{problem}: every step falls back to {other}")
     for name, bucket, k in (("D0", split.long, k0), ("D1", split.short, k1)):
         if bucket and k > len(bucket):
-            raise ConfigError(f"K{name[1]}={k} is larger than {name}, which holds {len(bucket)} examples: lower "
-                              f"K{name[1]} or move L_T")
+            raise ConfigError(
+                f"K{name[1]}={k} is larger than {name}, which holds {len(bucket)} examples: lower K{name[1]} or move L_T"
+            )
     return AddaxPlan(split, k0, k1, notes)
 
 
-def agreed_plan(plan: AddaxPlan, from_first: Callable[[int], int], options: dict, examples: Sequence[EncodedExample],
-                batch_size: int) -> AddaxPlan:
+def agreed_plan(
+    plan: AddaxPlan, from_first: Callable[[int], int], options: dict, examples: Sequence[EncodedExample], batch_size: int
+) -> AddaxPlan:
     """Every rank must split the data alike, but ``L_T: auto`` measures memory on each rank's own device,
     which may differ slightly: all ranks take rank 0's threshold (``from_first``)."""
     if options.get("L_T") != "auto":

@@ -17,13 +17,34 @@ from .paths import cache_dir
 
 # Shapes of Llama-family models. "smollm2-135m" is SmolLM2-135M's architecture (134.5M parameters).
 LLAMA_SHAPES = {
-    "tiny": dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024),
-    "smollm2-135m": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-                         num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192),
+    "tiny": dict(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+    ),
+    "smollm2-135m": dict(
+        vocab_size=49152,
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        max_position_embeddings=8192,
+    ),
     # Llama-3.2-1B's architecture (1.24B parameters with tied embeddings), for GPU speed and memory benchmarks.
-    "llama-1b": dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
-                     num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192),
+    "llama-1b": dict(
+        vocab_size=128256,
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=16,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        max_position_embeddings=8192,
+    ),
 }
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 BUILTIN = "smollm2-135m"
@@ -37,8 +58,9 @@ class ModelError(ZotuneError, ValueError):
     """A model cannot be loaded; the message says what to install or pass instead."""
 
 
-def random_llama(shape: str = "tiny", dtype: torch.dtype = torch.float32, seed: int = 0, tie_embeddings=True,
-                 vocab_size: int | None = None):
+def random_llama(
+    shape: str = "tiny", dtype: torch.dtype = torch.float32, seed: int = 0, tie_embeddings=True, vocab_size: int | None = None
+):
     """A LlamaForCausalLM of a named shape with random weights (needs the ``hf`` extra: transformers)."""
     from transformers import LlamaForCausalLM
 
@@ -73,8 +95,7 @@ def byte_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>")
 
 
-def load_model(name: str, dtype: str = "fp32", head: str = "lm", labels: int | None = None, pooling: str = "cls",
-               seed: int = 0):
+def load_model(name: str, dtype: str = "fp32", head: str = "lm", labels: int | None = None, pooling: str = "cls", seed: int = 0):
     """``(model, tokenizer)`` for ``name``: ``smollm2-135m`` or ``minilm-l6`` (built in, offline),
     ``random:<shape>`` (a random Llama of fixed weights, byte tokenizer), a local folder saved with ``save_pretrained``, or a
     hub id (online only). ``head``: ``lm`` (causal LM), ``classifier`` (``labels`` classes; ``pooling``:
@@ -86,15 +107,16 @@ def load_model(name: str, dtype: str = "fp32", head: str = "lm", labels: int | N
     if head == "classifier" and not labels:
         raise ModelError("head=classifier needs the number of labels")
     if not name.strip():
-        raise ModelError("model is empty: name a built-in model (e.g. smollm2-135m), random:<shape>, a local folder or "
-                         "a hub id")
+        raise ModelError("model is empty: name a built-in model (e.g. smollm2-135m), random:<shape>, a local folder or a hub id")
     from transformers import AutoTokenizer
 
     if name.startswith("random:"):
         tokenizer, shape = byte_tokenizer(), name.split(":", 1)[1]
         if head == "mlm":
-            raise ModelError("random:<shape> models are causal (Llama); head=mlm needs a masked LM: pass a folder of one "
-                             "(BERT, RoBERTa, DistilBERT)")
+            raise ModelError(
+                "random:<shape> models are causal (Llama); head=mlm needs a masked LM: pass a folder of one "
+                "(BERT, RoBERTa, DistilBERT)"
+            )
         if head == "lm":
             return random_llama(shape, DTYPES[dtype], vocab_size=len(tokenizer)), tokenizer
         with torch.random.fork_rng(devices=[]):
@@ -111,8 +133,10 @@ def load_model(name: str, dtype: str = "fp32", head: str = "lm", labels: int | N
             print(f"head=classifier: new weights ({new}) initialised from seed {seed}", file=sys.stderr)
     if missing and head != "classifier":
         kind = "language-model" if head == "lm" else "masked-LM"
-        raise ModelError(f"model {name!r} has no trained {kind} head (missing {missing[0]}): head={head} would score with "
-                         "random weights; use head=classifier, which trains a new head")
+        raise ModelError(
+            f"model {name!r} has no trained {kind} head (missing {missing[0]}): head={head} would score with "
+            "random weights; use head=classifier, which trains a new head"
+        )
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token if tokenizer.eos_token is not None else tokenizer.unk_token
     if head == "classifier":
@@ -142,24 +166,29 @@ def _model_path(name: str, head: str) -> Path | str:
         return builtin_smollm2()
     if name == ENCODER:
         if head != "classifier":
-            raise ModelError(f"{ENCODER!r} is a sentence encoder without a language-model or masked-LM head: use "
-                             "head=classifier")
+            raise ModelError(f"{ENCODER!r} is a sentence encoder without a language-model or masked-LM head: use head=classifier")
         return builtin_minilm()
     if Path(name).is_dir():
         return Path(name)
     if name.startswith(("/", "./", "../", "~")) or name.count("/") > 1 or Path(name).exists():
-        raise ModelError(f"model {name!r}: no such model folder (a folder saved with save_pretrained, the built-in "
-                         f"{BUILTIN!r} or {ENCODER!r}, random:<shape> or a hub id like org/name)")
+        raise ModelError(
+            f"model {name!r}: no such model folder (a folder saved with save_pretrained, the built-in "
+            f"{BUILTIN!r} or {ENCODER!r}, random:<shape> or a hub id like org/name)"
+        )
     from huggingface_hub.utils import HFValidationError, validate_repo_id
 
     try:
         validate_repo_id(name)
     except HFValidationError:
-        raise ModelError(f"model {name!r} is not a local folder, a built-in model ({BUILTIN!r}, {ENCODER!r}), "
-                         "random:<shape> or a hub id like org/name") from None
+        raise ModelError(
+            f"model {name!r} is not a local folder, a built-in model ({BUILTIN!r}, {ENCODER!r}), "
+            "random:<shape> or a hub id like org/name"
+        ) from None
     if os.environ.get("HF_HUB_OFFLINE") == "1" and not _in_hub_cache(name):
-        raise ModelError(f"model {name!r} is neither a local folder nor built in ({BUILTIN!r}, {ENCODER!r}), and the "
-                         "hub is offline (HF_HUB_OFFLINE=1): pass a folder saved with save_pretrained")
+        raise ModelError(
+            f"model {name!r} is neither a local folder nor built in ({BUILTIN!r}, {ENCODER!r}), and the "
+            "hub is offline (HF_HUB_OFFLINE=1): pass a folder saved with save_pretrained"
+        )
     return name
 
 
@@ -168,8 +197,11 @@ def _head_model(path, config, head: str, labels: int | None, pooling: str, dtype
     from transformers import AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM, AutoModelForSequenceClassification
 
     mean = head == "classifier" and pooling == "mean"
-    kind = AutoModel if mean else {"lm": AutoModelForCausalLM, "classifier": AutoModelForSequenceClassification,
-                                   "mlm": AutoModelForMaskedLM}[head]
+    kind = (
+        AutoModel
+        if mean
+        else {"lm": AutoModelForCausalLM, "classifier": AutoModelForSequenceClassification, "mlm": AutoModelForMaskedLM}[head]
+    )
     options = {"num_labels": labels} if head == "classifier" and not mean else {}
     try:
         if config is not None:
@@ -183,8 +215,10 @@ def _head_model(path, config, head: str, labels: int | None, pooling: str, dtype
         if "Unrecognized configuration class" not in str(error):
             raise
         model_type = str(error).split("configuration class", 1)[1].split("'>")[0].rsplit(".", 1)[-1]
-        raise ModelError(f"this model ({model_type}) has no {head} form in transformers: head=lm needs a causal LM, "
-                         "head=mlm a masked LM (BERT, RoBERTa, DistilBERT...), head=classifier either") from None
+        raise ModelError(
+            f"this model ({model_type}) has no {head} form in transformers: head=lm needs a causal LM, "
+            "head=mlm a masked LM (BERT, RoBERTa, DistilBERT...), head=classifier either"
+        ) from None
     if mean:
         from .pooling import MeanPooledClassifier
 
@@ -277,18 +311,21 @@ class PrefixDecoder(torch.nn.Module):
             attention_mask = torch.ones_like(input_ids)
         if attention_mask.dim() == 4:  # a block mask (zotune.packing): every query sees the prefix too
             seen = True if attention_mask.dtype == torch.bool else 0
-            attention_mask = torch.cat([attention_mask.new_full((*attention_mask.shape[:-1], tokens), seen),
-                                        attention_mask], dim=-1)
+            attention_mask = torch.cat(
+                [attention_mask.new_full((*attention_mask.shape[:-1], tokens), seen), attention_mask], dim=-1
+            )
         else:
             attention_mask = torch.cat([attention_mask.new_ones(batch, tokens), attention_mask], dim=1)
         if kwargs.get("position_ids") is not None:  # the inputs' positions follow the prefix's
             kwargs["position_ids"] = kwargs["position_ids"] + tokens
-        output = self._body[0](input_ids=input_ids, attention_mask=attention_mask, past_key_values=cache,
-                               use_cache=False, **kwargs)
+        output = self._body[0](
+            input_ids=input_ids, attention_mask=attention_mask, past_key_values=cache, use_cache=False, **kwargs
+        )
         # Without the prefix cache, which the body hands back although use_cache=False: it holds nothing of this
         # call, and an output of batch-first tensors only can be joined by MeZO's dual forward.
-        return BaseModelOutputWithPast(last_hidden_state=output.last_hidden_state, hidden_states=output.hidden_states,
-                                       attentions=output.attentions)
+        return BaseModelOutputWithPast(
+            last_hidden_state=output.last_hidden_state, hidden_states=output.hidden_states, attentions=output.attentions
+        )
 
 
 class PrefixTunedLM(torch.nn.Module):
@@ -312,12 +349,13 @@ class PrefixTunedLM(torch.nn.Module):
 def check_head_trainable(mode: str, head: str) -> None:
     """Refuses a trainable mode the head cannot train (before anything loads, or when the model is wrapped)."""
     if mode == "prefix" and head != "lm":
-        raise ModelError(f"trainable=prefix supports head=lm (a causal LM's key/value cache), not head={head}: use "
-                         "trainable=full or trainable=lora")
+        raise ModelError(
+            f"trainable=prefix supports head=lm (a causal LM's key/value cache), not head={head}: use "
+            "trainable=full or trainable=lora"
+        )
 
 
-def select_trainable(model, mode: str = "full", lora: dict | None = None, prefix: dict | None = None,
-                     head: str = "lm"):
+def select_trainable(model, mode: str = "full", lora: dict | None = None, prefix: dict | None = None, head: str = "lm"):
     """``full``: every parameter trains. ``lora``: the model is wrapped with peft LoRA adapters (MeZO's
     setting by default: r=8, alpha=16 on the query and value projections) and only they train, with a
     classifier's new head. ``prefix``: only a key/value prefix of ``tokens`` positions per layer trains
@@ -347,6 +385,11 @@ def select_trainable(model, mode: str = "full", lora: dict | None = None, prefix
     missing = [target for target in options["targets"] if target not in names]
     if missing:
         raise ModelError(f"LoRA target {missing[0]!r} is not a module of this model (set lora.targets)")
-    config = LoraConfig(r=options["r"], lora_alpha=options["alpha"], lora_dropout=options["dropout"],
-                        target_modules=list(options["targets"]), task_type=LORA_TASK_TYPES[head])
+    config = LoraConfig(
+        r=options["r"],
+        lora_alpha=options["alpha"],
+        lora_dropout=options["dropout"],
+        target_modules=list(options["targets"]),
+        task_type=LORA_TASK_TYPES[head],
+    )
     return get_peft_model(model, config)

@@ -23,16 +23,45 @@ from torch.overrides import TorchFunctionMode
 
 from .errors import OptionError
 
-_DROPOUTS = {F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.feature_alpha_dropout,
-             torch.dropout, torch.alpha_dropout, torch.feature_dropout, torch.feature_alpha_dropout}
+_DROPOUTS = {
+    F.dropout,
+    F.dropout1d,
+    F.dropout2d,
+    F.dropout3d,
+    F.alpha_dropout,
+    F.feature_alpha_dropout,
+    torch.dropout,
+    torch.alpha_dropout,
+    torch.feature_dropout,
+    torch.feature_alpha_dropout,
+}
 for _name in ("dropout_", "alpha_dropout_", "feature_dropout_", "feature_alpha_dropout_"):
     if hasattr(torch, _name):
         _DROPOUTS.add(getattr(torch, _name))
-_RANDOM = {torch.rand, torch.rand_like, torch.randn, torch.randn_like, torch.randint, torch.randint_like,
-           torch.randperm, torch.bernoulli, torch.multinomial, torch.normal, torch.poisson, torch.native_dropout,
-           torch.Tensor.bernoulli, torch.Tensor.bernoulli_, torch.Tensor.uniform_, torch.Tensor.normal_,
-           torch.Tensor.random_, torch.Tensor.exponential_, torch.Tensor.geometric_, torch.Tensor.cauchy_,
-           torch.Tensor.log_normal_, torch.Tensor.multinomial}
+_RANDOM = {
+    torch.rand,
+    torch.rand_like,
+    torch.randn,
+    torch.randn_like,
+    torch.randint,
+    torch.randint_like,
+    torch.randperm,
+    torch.bernoulli,
+    torch.multinomial,
+    torch.normal,
+    torch.poisson,
+    torch.native_dropout,
+    torch.Tensor.bernoulli,
+    torch.Tensor.bernoulli_,
+    torch.Tensor.uniform_,
+    torch.Tensor.normal_,
+    torch.Tensor.random_,
+    torch.Tensor.exponential_,
+    torch.Tensor.geometric_,
+    torch.Tensor.cauchy_,
+    torch.Tensor.log_normal_,
+    torch.Tensor.multinomial,
+}
 _SDPA_DROPOUT_POSITION = 4  # scaled_dot_product_attention(query, key, value, attn_mask, dropout_p, ...)
 
 
@@ -45,12 +74,14 @@ class NoDropout(TorchFunctionMode):
             return args[0] if args else kwargs["input"]
         if func is F.scaled_dot_product_attention:
             if len(args) > _SDPA_DROPOUT_POSITION:
-                args = (*args[:_SDPA_DROPOUT_POSITION], 0.0, *args[_SDPA_DROPOUT_POSITION + 1:])
+                args = (*args[:_SDPA_DROPOUT_POSITION], 0.0, *args[_SDPA_DROPOUT_POSITION + 1 :])
             elif "dropout_p" in kwargs:
                 kwargs = {**kwargs, "dropout_p": 0.0}
         elif func in _RANDOM:
-            raise OptionError(f"a zeroth-order forward drew random numbers ({getattr(func, '__name__', func)}): its "
-                              "two evaluations would see different draws. Pass the model to the optimizer (it is "
-                              "put in eval mode for these forwards) or call model.eval(), and draw batches outside "
-                              "the closure")
+            raise OptionError(
+                f"a zeroth-order forward drew random numbers ({getattr(func, '__name__', func)}): its "
+                "two evaluations would see different draws. Pass the model to the optimizer (it is "
+                "put in eval mode for these forwards) or call model.eval(), and draw batches outside "
+                "the closure"
+            )
         return func(*args, **kwargs)

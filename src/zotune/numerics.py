@@ -25,9 +25,11 @@ class ProjectedGradientMonitor:
         if self.factor and len(self.recent) >= self.warmup:
             typical = statistics.median(abs(v) for v in self.recent)
             if typical > 0 and abs(value) > self.factor * typical:
-                report = (f"projected gradient {value:.4g} is {abs(value) / typical:.0f}x the median |c| "
-                          f"({typical:.3g}) of the last {len(self.recent)} steps")
-        self.recent = [*self.recent, value][-self.window:]
+                report = (
+                    f"projected gradient {value:.4g} is {abs(value) / typical:.0f}x the median |c| "
+                    f"({typical:.3g}) of the last {len(self.recent)} steps"
+                )
+        self.recent = [*self.recent, value][-self.window :]
         return report
 
     def state_dict(self) -> dict:

@@ -46,9 +46,11 @@ def takes_block_mask(model: nn.Module) -> bool:
     """Whether the model's architecture and attention implementation honour a custom 4-D mask and position ids
     (eager and SDPA attention do; FlashAttention takes no arbitrary mask)."""
     config = getattr(model, "config", None)
-    return (getattr(config, "model_type", None) in BLOCK_MASK_MODELS
-            and getattr(config, "_attn_implementation", None) in ("eager", "sdpa")
-            and not getattr(config, "use_sliding_window", False))
+    return (
+        getattr(config, "model_type", None) in BLOCK_MASK_MODELS
+        and getattr(config, "_attn_implementation", None) in ("eager", "sdpa")
+        and not getattr(config, "use_sliding_window", False)
+    )
 
 
 def pack(examples: Sequence, pad_id: int, block_mask: bool) -> PackedBatch:
@@ -63,8 +65,10 @@ def pack(examples: Sequence, pad_id: int, block_mask: bool) -> PackedBatch:
             owner += 1
         for prompt, candidates in groups.items():
             if not prompt:
-                raise OptionError("a candidate has no prompt before it, so nothing predicts its first token: give every "
-                                 "example a prompt (or use a tokenizer that adds a BOS token)")
+                raise OptionError(
+                    "a candidate has no prompt before it, so nothing predicts its first token: give every "
+                    "example a prompt (or use a tokenizer that adds a BOS token)"
+                )
             single = [c for c in candidates if len(c[1]) == 1]
             several = [c for c in candidates if len(c[1]) > 1]
             first = len(rows)
@@ -76,8 +80,14 @@ def pack(examples: Sequence, pad_id: int, block_mask: bool) -> PackedBatch:
                     tokens += candidate[:-1]
                     positions += range(len(prompt), len(prompt) + len(candidate) - 1)
                     blocks += [index] * (len(candidate) - 1)
-                    _read(reads, targets, owners, cand_owner, candidate,
-                          [(row, len(prompt) - 1)] + [(row, start + j) for j in range(len(candidate) - 1)])
+                    _read(
+                        reads,
+                        targets,
+                        owners,
+                        cand_owner,
+                        candidate,
+                        [(row, len(prompt) - 1)] + [(row, start + j) for j in range(len(candidate) - 1)],
+                    )
                 rows.append((tokens, positions, blocks, len(chunk)))
             for cand_owner, candidate in single:  # read at the prompt's end in the prompt's first row
                 _read(reads, targets, owners, cand_owner, candidate, [(first, len(prompt) - 1)])
@@ -118,10 +128,15 @@ def packing_note(model: nn.Module, examples: Sequence) -> str | None:
     if takes_block_mask(model):
         return None
     for example in examples:
-        prompts = [sequence[: len(sequence) - length] for sequence, length in
-                   zip(example.sequences, example.candidate_lengths) if length > 1]
+        prompts = [
+            sequence[: len(sequence) - length]
+            for sequence, length in zip(example.sequences, example.candidate_lengths)
+            if length > 1
+        ]
         if len(prompts) > len(set(prompts)):
             kind = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
-            return (f"note: {kind} models are not known to take a block-causal attention mask (zotune.packing), so "
-                    "candidates of several tokens run one sequence each behind their prompt (slower, same scores)")
+            return (
+                f"note: {kind} models are not known to take a block-causal attention mask (zotune.packing), so "
+                "candidates of several tokens run one sequence each behind their prompt (slower, same scores)"
+            )
     return None

@@ -79,8 +79,14 @@ class ModulePerturbation:
         self._sign, self._held, self._rows = 0, set(), None
         owning = {id(module) for module, _ in self.owned}
         # T5's relative position bias: one tensor for the whole batch, which the dual forward cannot split.
-        self._batch_wide = next((name for name, module in model.named_modules() if id(module) in owning
-                                 and name.rsplit(".", 1)[-1] == "relative_attention_bias"), None)
+        self._batch_wide = next(
+            (
+                name
+                for name, module in model.named_modules()
+                if id(module) in owning and name.rsplit(".", 1)[-1] == "relative_attention_bias"
+            ),
+            None,
+        )
 
     def _copy_buffer(self, param: torch.Tensor, copies: int = 1) -> torch.Tensor:
         """A recycled tensor for ``copies`` copies of ``param`` (shaped like it, or stacked along a new dim 0)."""
@@ -132,7 +138,7 @@ class ModulePerturbation:
 
         def replacement(module, params, forward):
             if _looks_up_rows(module, params):
-                (index, table), = params
+                ((index, table),) = params
 
                 def lookup(input):
                     if index in originals:  # a shared table, already swapped for its copy by another module
@@ -147,6 +153,7 @@ class ModulePerturbation:
                 def sliced_forward(input):
                     if weight in originals:  # a shared weight, already swapped for its copy by another module
                         return perturbed_forward(input)
+
                     def fill(rows, buffer):
                         self.engine.perturbed_copy(weight, pairs, buffer[0], rows)
                         return buffer
@@ -182,8 +189,10 @@ class ModulePerturbation:
     @contextmanager
     def dual(self, seed: int, eps: float):
         if self._batch_wide is not None:
-            raise OptionError(f"dual_forward: {self._batch_wide} computes one position bias for the whole batch "
-                              "(T5-style), so the two halves cannot see different weights there: use dual_forward=false")
+            raise OptionError(
+                f"dual_forward: {self._batch_wide} computes one position bias for the whole batch "
+                "(T5-style), so the two halves cannot see different weights there: use dual_forward=false"
+            )
 
         def replacement(module, params, forward):
             rows_only = _looks_up_rows(module, params)
@@ -200,24 +209,32 @@ class ModulePerturbation:
                 rows = _batch_rows(module, args, kwargs)
                 if self._rows is None:  # the first module to run sees the stacked batch itself
                     if rows % 2:
-                        raise OptionError(f"dual_forward: {type(module).__name__} got an input of {rows} rows, an odd "
-                                          "number: the closure must stack two copies of its batch along dim 0 when "
-                                          "called with copies=2")
+                        raise OptionError(
+                            f"dual_forward: {type(module).__name__} got an input of {rows} rows, an odd "
+                            "number: the closure must stack two copies of its batch along dim 0 when "
+                            "called with copies=2"
+                        )
                     self._rows = rows
                 if rows == 1:  # a row the stacked batch broadcasts against (GPT-2's, BERT's position embeddings)
                     args, kwargs, rows = *_expanded(args, kwargs, self._rows), self._rows
                 if rows % 2:
-                    raise OptionError(f"dual_forward: {type(module).__name__} got an input of {rows} rows, which does "
-                                      "not split into the two stacked copies: its input is not batch-first, so the "
-                                      "halves cannot see different weights there: use dual_forward=false for this model")
+                    raise OptionError(
+                        f"dual_forward: {type(module).__name__} got an input of {rows} rows, which does "
+                        "not split into the two stacked copies: its input is not batch-first, so the "
+                        "halves cannot see different weights there: use dual_forward=false for this model"
+                    )
                 if _sliced(module, params) and not rows_only:
                     return self._dual_in_slices(module, seed, eps, *args, **kwargs)
                 if type(module) is nn.Linear:
                     return self._dual_linear(module, params, seed, eps, *args, **kwargs)
                 halves = _halves(module, args, kwargs)
                 if rows_only:
-                    return torch.cat([self._lookup(params[0][0], [(seed, sign * eps)], *half_args, **half_kwargs)
-                                      for sign, (half_args, half_kwargs) in zip((1, -1), halves)])
+                    return torch.cat(
+                        [
+                            self._lookup(params[0][0], [(seed, sign * eps)], *half_args, **half_kwargs)
+                            for sign, (half_args, half_kwargs) in zip((1, -1), halves)
+                        ]
+                    )
                 with self._pair_copies(params, seed, eps) as stacked:
                     return _joined(module, *self._halves_run(params, stacked, forward, halves))
 
@@ -356,8 +373,7 @@ class ModulePerturbation:
 def _looks_up_rows(module: nn.Module, params) -> bool:
     """A plain embedding table on the CPU, where drawing z for single rows costs less than for the whole table
     (on a GPU, a kernel launch per row would cost more)."""
-    return (type(module) is nn.Embedding and module.max_norm is None and len(params) == 1
-            and params[0][1].device.type == "cpu")
+    return type(module) is nn.Embedding and module.max_norm is None and len(params) == 1 and params[0][1].device.type == "cpu"
 
 
 # Above this many elements, an optimized linear weight or embedding table is never copied whole: its forward
@@ -383,14 +399,17 @@ def _batch_rows(module: nn.Module, args, kwargs) -> int:
     """The length along dim 0 of a dual forward's first tensor input."""
     tensors = [value for value in (*args, *kwargs.values()) if isinstance(value, torch.Tensor) and value.dim()]
     if not tensors:
-        raise OptionError(f"dual_forward: {type(module).__name__} owns optimized parameters but got no tensor input "
-                          "to cut in two: use dual_forward=False for this model")
+        raise OptionError(
+            f"dual_forward: {type(module).__name__} owns optimized parameters but got no tensor input "
+            "to cut in two: use dual_forward=False for this model"
+        )
     return tensors[0].shape[0]
 
 
 def _expanded(args, kwargs, rows: int):
     """The inputs with every one-row tensor repeated to ``rows`` rows, so that each half of the stacked batch
     gets its own copy (and so its own weights)."""
+
     def expand(value):
         if isinstance(value, torch.Tensor) and value.dim() and value.shape[0] == 1:
             return value.expand(rows, *value.shape[1:])
@@ -406,7 +425,7 @@ def _halves(module: nn.Module, args, kwargs):
 
     def cut(value, part):
         if isinstance(value, torch.Tensor) and value.dim() and value.shape[0] == rows:
-            return value[:rows // 2] if part == 0 else value[rows // 2:]
+            return value[: rows // 2] if part == 0 else value[rows // 2 :]
         return value
 
     return [(tuple(cut(a, part) for a in args), {k: cut(v, part) for k, v in kwargs.items()}) for part in (0, 1)]
@@ -423,5 +442,7 @@ def _joined(module: nn.Module, first, second):
     if isinstance(first, dict):
         joined = {key: _joined(module, first[key], second[key]) for key in first}
         return type(first)(**joined) if type(first) is not dict else joined
-    raise OptionError(f"dual_forward: {type(module).__name__} returned a {type(first).__name__}, which zotune cannot "
-                      "join along the batch: use dual_forward=False for this model")
+    raise OptionError(
+        f"dual_forward: {type(module).__name__} returned a {type(first).__name__}, which zotune cannot "
+        "join along the batch: use dual_forward=False for this model"
+    )

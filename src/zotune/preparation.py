@@ -62,8 +62,10 @@ def prepare(config: TrainConfig) -> Prepared:
     context = getattr(model.config, "max_position_embeddings", None)
     model = select_trainable(model, config.trainable, config.lora, config.prefix, config.head)
     head = HEADS[config.head]
-    encoded = {split: [head.encode(tokenizer, example, config.max_length) for example in examples]
-               for split, examples in loaded.splits.items()}
+    encoded = {
+        split: [head.encode(tokenizer, example, config.max_length) for example in examples]
+        for split, examples in loaded.splits.items()
+    }
     if context is not None:
         prefix_tokens = config.prefix.get("tokens", PREFIX_DEFAULTS["tokens"]) if config.trainable == "prefix" else 0
         check_context(encoded, context, prefix_tokens)
@@ -84,19 +86,25 @@ def head_labels(config: TrainConfig, task) -> int | None:
         return None
     verbalizer = getattr(task, "verbalizer", None)
     if not verbalizer or getattr(task, "generation", False):
-        raise ConfigError(f"head={config.head} needs a task with a fixed set of labels; {config.task!r} has candidates "
-                          "that differ per example or is a generation task: use head=lm")
+        raise ConfigError(
+            f"head={config.head} needs a task with a fixed set of labels; {config.task!r} has candidates "
+            "that differ per example or is a generation task: use head=lm"
+        )
     if config.loss == "lm":
-        raise ConfigError(f"loss=lm trains a causal LM on the answer's tokens; head={config.head} is trained by "
-                          "cross-entropy over the labels: set loss=auto or loss=classification")
+        raise ConfigError(
+            f"loss=lm trains a causal LM on the answer's tokens; head={config.head} is trained by "
+            "cross-entropy over the labels: set loss=auto or loss=classification"
+        )
     return len(verbalizer)
 
 
 def check_trainable_fits(config: TrainConfig, generation: bool) -> None:
     check_head_trainable(config.trainable, config.head)
     if generation and config.trainable == "prefix":
-        raise ConfigError(f"trainable=prefix supports classification tasks; {config.task!r} is a generation task: "
-                          "use trainable=full or trainable=lora")
+        raise ConfigError(
+            f"trainable=prefix supports classification tasks; {config.task!r} is a generation task: "
+            "use trainable=full or trainable=lora"
+        )
 
 
 def training_loss(config: TrainConfig, task, metric: str, tokenizer) -> Callable:
@@ -104,17 +112,23 @@ def training_loss(config: TrainConfig, task, metric: str, tokenizer) -> Callable
     ``objective: accuracy | f1`` minus the batch's metric, which only zeroth-order optimizers can follow."""
     if config.objective != "loss":
         if resolve(config.optimizer)[0].needs_differentiable_loss:
-            raise ConfigError(f"objective={config.objective} trains on a metric, which has no gradient: it needs a "
-                              f"zeroth-order optimizer ({', '.join(zeroth_order_optimizers())}), not "
-                              f"{config.optimizer!r}; or set objective=loss")
+            raise ConfigError(
+                f"objective={config.objective} trains on a metric, which has no gradient: it needs a "
+                f"zeroth-order optimizer ({', '.join(zeroth_order_optimizers())}), not "
+                f"{config.optimizer!r}; or set objective=loss"
+            )
         if config.objective != metric:
-            raise ConfigError(f"objective={config.objective}, but task {config.task!r} is scored by {metric}: set "
-                              f"objective={metric} or objective=loss")
+            raise ConfigError(
+                f"objective={config.objective}, but task {config.task!r} is scored by {metric}: set "
+                f"objective={metric} or objective=loss"
+            )
         if config.objective == "accuracy":
             return negated_accuracy if config.head == "lm" else partial(negated_accuracy, scorer=HEADS[config.head].scores)
         if config.optimizer_options.get("dual_forward"):
-            raise ConfigError("objective=f1 decodes answers token by token, which the dual forward cannot stack: "
-                              "set optimizer_options.dual_forward=false")
+            raise ConfigError(
+                "objective=f1 decodes answers token by token, which the dual forward cannot stack: "
+                "set optimizer_options.dual_forward=false"
+            )
 
         def negated_f1(model, examples, pad_id, copies=1):
             return -torch.tensor(mean_f1(model, tokenizer, examples, len(examples), config.max_new_tokens))
@@ -122,8 +136,10 @@ def training_loss(config: TrainConfig, task, metric: str, tokenizer) -> Callable
         return negated_f1
     loss = task.loss if config.loss == "auto" else config.loss
     if loss == "classification" and getattr(task, "generation", False):
-        raise ConfigError(f"loss=classification needs candidates to choose between; {config.task!r} is a generation "
-                          "task with one answer: set loss=lm or loss=auto")
+        raise ConfigError(
+            f"loss=classification needs candidates to choose between; {config.task!r} is a generation "
+            "task with one answer: set loss=lm or loss=auto"
+        )
     if config.head != "lm":
         return partial(classification_loss, scorer=HEADS[config.head].scores)
     return answer_loss if loss == "lm" else classification_loss
@@ -137,9 +153,11 @@ def cut_warnings(encoded: dict[str, list[EncodedExample]], max_length: int, head
     for split, examples in encoded.items():
         cut = sum(example.truncated for example in examples)
         if cut > 0.01 * len(examples):
-            warnings.append(f"warning: {cut} of {len(examples)} {split} examples ({cut / len(examples):.0%}) are longer "
-                            f"than max_length={max_length} tokens and lose {lost}: raise "
-                            "max_length (MeZO uses 2048) if the model's context allows")
+            warnings.append(
+                f"warning: {cut} of {len(examples)} {split} examples ({cut / len(examples):.0%}) are longer "
+                f"than max_length={max_length} tokens and lose {lost}: raise "
+                "max_length (MeZO uses 2048) if the model's context allows"
+            )
     return warnings
 
 
@@ -151,9 +169,11 @@ def check_context(encoded: dict[str, list[EncodedExample]], context: int, reserv
             length = reserved + max(len(sequence) for sequence in example.sequences)
             if length > context:
                 prefix = f" (including {reserved} prefix positions)" if reserved else ""
-                raise ConfigError(f"{split} example {index} is {length} tokens long{prefix}, more than the model's "
-                                  f"context of {context} positions: set max_length to at most {context - reserved} "
-                                  "(longer prompts then lose their beginning)")
+                raise ConfigError(
+                    f"{split} example {index} is {length} tokens long{prefix}, more than the model's "
+                    f"context of {context} positions: set max_length to at most {context - reserved} "
+                    "(longer prompts then lose their beginning)"
+                )
 
 
 def evaluate_model(config: TrainConfig, checkpoint: str | None, split: str) -> tuple[str, float]:

@@ -51,13 +51,17 @@ class AddaxBatches:
 
     def __init__(self, split: LengthSplit, k0: int, k1: int, seed: int, notes: list[str] = ()) -> None:
         self.split, self.notes = split, list(notes)
-        self.samplers = [BatchSampler(len(bucket), k, seed + offset) if bucket else None
-                         for offset, (bucket, k) in enumerate(((split.long, k0), (split.short, k1)))]
+        self.samplers = [
+            BatchSampler(len(bucket), k, seed + offset) if bucket else None
+            for offset, (bucket, k) in enumerate(((split.long, k0), (split.short, k1)))
+        ]
 
     def next_batches(self, optimizer=None) -> dict[str, list[int] | None]:
         buckets = (self.split.long, self.split.short)
-        return {name: None if sampler is None else [bucket[i] for i in sampler.next_batch()]
-                for name, sampler, bucket in zip(("K0 batch", "K1 batch"), self.samplers, buckets)}
+        return {
+            name: None if sampler is None else [bucket[i] for i in sampler.next_batch()]
+            for name, sampler, bucket in zip(("K0 batch", "K1 batch"), self.samplers, buckets)
+        }
 
     def state_dict(self) -> dict:
         return {"buckets": [None if s is None else s.state_dict() for s in self.samplers]}
@@ -66,8 +70,6 @@ class AddaxBatches:
         for sampler, saved in zip(self.samplers, state["buckets"]):
             if sampler is not None:
                 sampler.load_state_dict(saved)
-
-
 
 
 class SVRGBatches:

@@ -57,8 +57,9 @@ def encode(tokenizer, example: Example, max_length: int) -> EncodedExample:
             raise EncodingError(f"candidate {candidate!r} tokenizes to nothing: give every candidate some text")
         keep = max_length - len(ids)
         if keep < 1:
-            raise EncodingError(f"candidate {candidate!r} has {len(ids)} tokens, more than max_length={max_length}: "
-                                "raise max_length")
+            raise EncodingError(
+                f"candidate {candidate!r} has {len(ids)} tokens, more than max_length={max_length}: raise max_length"
+            )
         truncated |= len(prompt) > keep
         sequences.append(tuple(prompt[-keep:] + ids))
         lengths.append(len(ids))
@@ -76,8 +77,9 @@ def candidate_scores(model: nn.Module, examples: Sequence[EncodedExample], pad_i
         inputs["position_ids"] = packed.position_ids.to(device)
         if model.config._attn_implementation == "eager":  # eager attention adds the mask to its scores
             dtype = model.get_output_embeddings().weight.dtype
-            inputs["attention_mask"] = torch.zeros(inputs["attention_mask"].shape, dtype=dtype, device=device) \
-                .masked_fill(~inputs["attention_mask"], torch.finfo(dtype).min)
+            inputs["attention_mask"] = torch.zeros(inputs["attention_mask"].shape, dtype=dtype, device=device).masked_fill(
+                ~inputs["attention_mask"], torch.finfo(dtype).min
+            )
     rows, positions = torch.tensor(packed.reads, device=device).T
     with gathered(model):
         hidden = model.get_decoder()(**inputs).last_hidden_state
@@ -104,8 +106,11 @@ def one_row_per_candidate(examples: Sequence[EncodedExample], pad_id: int, devic
     sequences = [seq for example in examples for seq in example.sequences]
     lengths = [n for example in examples for n in example.candidate_lengths]
     input_ids, attention = padded_batch(sequences, pad_id, device)
-    reads = [(r, t - 1, seq[t]) for r, (seq, n) in enumerate(zip(sequences, lengths))  # state at t-1 predicts t
-             for t in range(len(seq) - n, len(seq))]
+    reads = [
+        (r, t - 1, seq[t])
+        for r, (seq, n) in enumerate(zip(sequences, lengths))  # state at t-1 predicts t
+        for t in range(len(seq) - n, len(seq))
+    ]
     return input_ids, attention, torch.tensor(reads, device=device).T
 
 
@@ -113,8 +118,7 @@ def candidate_means(examples: Sequence[EncodedExample], owners: torch.Tensor, to
     """Each candidate's mean token score (``owners``: the candidate of each token score, counted example by
     example), laid out [examples, most candidates] with −inf where an example has fewer."""
     device = token_scores.device
-    counts = torch.tensor([n for example in examples for n in example.candidate_lengths], device=device,
-                          dtype=token_scores.dtype)
+    counts = torch.tensor([n for example in examples for n in example.candidate_lengths], device=device, dtype=token_scores.dtype)
     sums = torch.zeros(len(counts), device=device, dtype=token_scores.dtype).index_add(0, owners, token_scores)
     widths = [len(example.sequences) for example in examples]
     owner = torch.repeat_interleave(torch.arange(len(examples)), torch.tensor(widths)).to(device)
@@ -151,8 +155,9 @@ def gathered(model: nn.Module):
         model.reshard()
 
 
-def classification_loss(model: nn.Module, examples: Sequence[EncodedExample], pad_id: int, copies: int = 1,
-                        scorer: Callable = candidate_scores) -> torch.Tensor:
+def classification_loss(
+    model: nn.Module, examples: Sequence[EncodedExample], pad_id: int, copies: int = 1, scorer: Callable = candidate_scores
+) -> torch.Tensor:
     """Cross-entropy over the candidates' scores (MeZO's train_as_classification). With ``copies`` > 1 the
     examples are scored stacked that many times in one forward, and the result holds each copy's mean loss
     (the protocol of MeZO's ``dual_forward``). ``scorer``: the head's (:mod:`zotune.heads`)."""
@@ -172,8 +177,9 @@ def by_length(examples: Sequence[EncodedExample]) -> list[int]:
 
 
 @torch.inference_mode()
-def accuracy(model: nn.Module, examples: Sequence[EncodedExample], pad_id: int, batch_size: int = 16,
-             scorer: Callable = candidate_scores) -> float:
+def accuracy(
+    model: nn.Module, examples: Sequence[EncodedExample], pad_id: int, batch_size: int = 16, scorer: Callable = candidate_scores
+) -> float:
     """Fraction of examples whose highest-scoring candidate is the labelled one (scored in eval mode, in batches
     of similar lengths)."""
     training = model.training
@@ -188,8 +194,9 @@ def accuracy(model: nn.Module, examples: Sequence[EncodedExample], pad_id: int, 
     return correct / len(examples)
 
 
-def answer_loss(model: nn.Module, examples: Sequence[EncodedExample], pad_id: int, copies: int = 1,
-                scorer: Callable = candidate_scores) -> torch.Tensor:
+def answer_loss(
+    model: nn.Module, examples: Sequence[EncodedExample], pad_id: int, copies: int = 1, scorer: Callable = candidate_scores
+) -> torch.Tensor:
     """Language-model loss on the correct candidate's tokens only (the prompt is context; the other candidates
     are not run): minus the mean, over the batch, of each correct answer's mean token log-probability. MeZO
     trains generation tasks, COPA and ReCoRD this way. ``copies``, ``scorer``: as in :func:`classification_loss`."""
@@ -201,12 +208,12 @@ def answer_loss(model: nn.Module, examples: Sequence[EncodedExample], pad_id: in
 
 def _correct_only(example: EncodedExample) -> EncodedExample:
     label = example.label
-    return EncodedExample((example.sequences[label],), (example.candidate_lengths[label],), 0, example.truncated,
-                          example.answers)
+    return EncodedExample((example.sequences[label],), (example.candidate_lengths[label],), 0, example.truncated, example.answers)
 
 
-def negated_accuracy(model: nn.Module, examples: Sequence[EncodedExample], pad_id: int, copies: int = 1,
-                     scorer: Callable = candidate_scores) -> torch.Tensor:
+def negated_accuracy(
+    model: nn.Module, examples: Sequence[EncodedExample], pad_id: int, copies: int = 1, scorer: Callable = candidate_scores
+) -> torch.Tensor:
     """Minus the batch's accuracy: a training objective for zeroth-order optimizers, which need loss values
     only (the MeZO paper trains on accuracy directly). ``copies``, ``scorer``: as in :func:`classification_loss`."""
     scores = scorer(model, list(examples) * copies, pad_id)
@@ -243,8 +250,9 @@ def f1(prediction: str, answers: Sequence[str]) -> float:
 
 
 @torch.inference_mode()
-def greedy_answers(model: nn.Module, tokenizer, examples: Sequence[EncodedExample], max_new_tokens: int = 50,
-                   batch_size: int = 16) -> list[str]:
+def greedy_answers(
+    model: nn.Module, tokenizer, examples: Sequence[EncodedExample], max_new_tokens: int = 50, batch_size: int = 16
+) -> list[str]:
     """Greedy continuations of each prompt (left-padded batches of similar lengths), cut at the first newline,
     in the examples' order."""
     training = model.training
@@ -259,10 +267,15 @@ def greedy_answers(model: nn.Module, tokenizer, examples: Sequence[EncodedExampl
         input_ids = torch.full((len(chunk), longest), tokenizer.pad_token_id, dtype=torch.long)
         attention = torch.zeros_like(input_ids)
         for row, prompt in enumerate(chunk):
-            input_ids[row, longest - len(prompt):] = torch.tensor(prompt)
-            attention[row, longest - len(prompt):] = 1
-        generated = model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device),
-                                   max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+            input_ids[row, longest - len(prompt) :] = torch.tensor(prompt)
+            attention[row, longest - len(prompt) :] = 1
+        generated = model.generate(
+            input_ids=input_ids.to(device),
+            attention_mask=attention.to(device),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
+        )
         for row in generated[:, longest:]:
             outputs.append(tokenizer.decode(row, skip_special_tokens=True).strip().split("\n")[0].strip())
     model.train(training)
@@ -272,8 +285,9 @@ def greedy_answers(model: nn.Module, tokenizer, examples: Sequence[EncodedExampl
     return answers
 
 
-def mean_f1(model: nn.Module, tokenizer, examples: Sequence[EncodedExample], batch_size: int = 16,
-            max_new_tokens: int = 50) -> float:
+def mean_f1(
+    model: nn.Module, tokenizer, examples: Sequence[EncodedExample], batch_size: int = 16, max_new_tokens: int = 50
+) -> float:
     """The mean F1 of greedy answers against each example's gold answers (SQuAD's metric)."""
     predictions = greedy_answers(model, tokenizer, examples, max_new_tokens, batch_size)
     return sum(f1(p, example.answers) for p, example in zip(predictions, examples)) / len(examples)

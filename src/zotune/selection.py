@@ -48,16 +48,22 @@ class DevSelection:
         try:
             return load_checked(self.path)["model"]
         except (OSError, ValueError) as error:
-            raise TrainingError(f"{self.path}, the best dev weights, cannot be used: {error}; test the last weights "
-                                "with select: last") from None
+            raise TrainingError(
+                f"{self.path}, the best dev weights, cannot be used: {error}; test the last weights with select: last"
+            ) from None
 
     def _write(self, step: int, value: float, weights: dict) -> None:
         if weights:  # empty on a rank that does not save (the first rank alone writes)
             save_atomically(dict(step=step, dev=value, model=weights), self.path)
 
     def state_dict(self) -> dict:
-        return dict(best_step=self.best_step, best_value=self.best_value, stale=self.stale,
-                    last_value=self.last_value, stopped_at=self.stopped_at)
+        return dict(
+            best_step=self.best_step,
+            best_value=self.best_value,
+            stale=self.stale,
+            last_value=self.last_value,
+            stopped_at=self.stopped_at,
+        )
 
     def load_state_dict(self, state: dict) -> None:
         self.best_step, self.best_value, self.stale = state["best_step"], state["best_value"], state["stale"]

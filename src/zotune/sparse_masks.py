@@ -52,10 +52,13 @@ class MaskedBackend(Backend):
 
     def fill(self, out: torch.Tensor, offset: int, key: int) -> None:
         self.inner.fill(out, offset, key)
-        threshold, mask_key, size = self.mask.thresholds[self.param_index], self.mask.key(self.param_index), \
-            chunk_size(out.device)
+        threshold, mask_key, size = (
+            self.mask.thresholds[self.param_index],
+            self.mask.key(self.param_index),
+            chunk_size(out.device),
+        )
         for start in range(0, out.numel(), size):  # the mask drawn a scratch chunk at a time
-            part = out[start:start + size]
+            part = out[start : start + size]
             drawn = self.workers.buffer("mask", part.numel(), out.device)
             self.gaussian.fill(drawn, offset + start, mask_key)
             part.masked_fill_(drawn < threshold, 0.0)

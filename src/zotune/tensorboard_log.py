@@ -14,15 +14,26 @@ from pathlib import Path
 
 from .config import ConfigError
 
-STEP_FIELDS = ("loss", "loss_plus", "loss_minus", "projected_grad", "projected_grad_at_anchor", "lr",
-               "peak_memory_mb", "forward_passes", "seconds")
+STEP_FIELDS = (
+    "loss",
+    "loss_plus",
+    "loss_minus",
+    "projected_grad",
+    "projected_grad_at_anchor",
+    "lr",
+    "peak_memory_mb",
+    "forward_passes",
+    "seconds",
+)
 
 
 class TensorBoardLog:
     def __init__(self, folder: Path, resume_step: int | None) -> None:
         if importlib.util.find_spec("tensorboard") is None:
-            raise ConfigError("logger=tensorboard needs the tensorboard package: pip install tensorboard, or set "
-                              "logger=none (metrics.jsonl and plot.png are written either way)")
+            raise ConfigError(
+                "logger=tensorboard needs the tensorboard package: pip install tensorboard, or set "
+                "logger=none (metrics.jsonl and plot.png are written either way)"
+            )
         from torch.utils.tensorboard import SummaryWriter
 
         self.writer = SummaryWriter(str(folder), purge_step=None if resume_step is None else resume_step + 1)

@@ -41,8 +41,17 @@ from .selection import DevSelection
 from .signals import RunInterrupted, stop_requests
 from .tensorboard_log import TensorBoardLog
 
-__all__ = ["Checkpoints", "TrainingError", "RunInterrupted", "build_optimizer", "check_fsdp", "evaluate_model",
-           "prepare", "split_options", "train"]
+__all__ = [
+    "Checkpoints",
+    "TrainingError",
+    "RunInterrupted",
+    "build_optimizer",
+    "check_fsdp",
+    "evaluate_model",
+    "prepare",
+    "split_options",
+    "train",
+]
 
 
 def split_options(config: TrainConfig) -> tuple[dict, dict]:
@@ -50,8 +59,10 @@ def split_options(config: TrainConfig) -> tuple[dict, dict]:
     options of its data plan, which the optimizer declares as ``data_options``)."""
     cls, preset = resolve(config.optimizer)
     options = {**preset, **config.optimizer_options}
-    return ({k: v for k, v in options.items() if k not in cls.data_options},
-            {k: v for k, v in options.items() if k in cls.data_options})
+    return (
+        {k: v for k, v in options.items() if k not in cls.data_options},
+        {k: v for k, v in options.items() if k in cls.data_options},
+    )
 
 
 def build_optimizer(config: TrainConfig, model) -> torch.optim.Optimizer:
@@ -65,33 +76,58 @@ def build_optimizer(config: TrainConfig, model) -> torch.optim.Optimizer:
     unknown = [name for name in options if name not in accepted]
     if unknown:
         known = [name for name in accepted if name not in ("self", "params", "params_or_model", "lr", "weight_decay")]
-        raise ConfigError(f"optimizer {config.optimizer!r} has no option {unknown[0]!r} (optimizer_options): "
-                          f"it takes {', '.join(known)}")
+        raise ConfigError(
+            f"optimizer {config.optimizer!r} has no option {unknown[0]!r} (optimizer_options): it takes {', '.join(known)}"
+        )
     return cls(model, lr=config.lr, weight_decay=config.weight_decay, **options)
 
 
 def check_fsdp(config: TrainConfig, group: DataParallel | None) -> None:
     """Refuses, before anything loads, an FSDP2 run that cannot work."""
     if group is None:
-        raise ConfigError("fsdp: true shards the model over processes: launch with torchrun --nproc_per_node N "
-                          "(N >= 2), or set fsdp: false")
+        raise ConfigError(
+            "fsdp: true shards the model over processes: launch with torchrun --nproc_per_node N (N >= 2), or set fsdp: false"
+        )
     cls, _ = resolve(config.optimizer)
     problem = cls.fsdp_problem(split_options(config)[0])
     if problem is not None:
         given = ", ".join(f"{k}={v}" for k, v in config.optimizer_options.items())
-        raise ConfigError(f"fsdp: true supports the optimizers {', '.join(fsdp_optimizers())} (with their default options), "
-                          f"got {config.optimizer!r}"
-                          f"{f' with {given}' if given else ''}: {problem}")
+        raise ConfigError(
+            f"fsdp: true supports the optimizers {', '.join(fsdp_optimizers())} (with their default options), "
+            f"got {config.optimizer!r}"
+            f"{f' with {given}' if given else ''}: {problem}"
+        )
     if config.trainable != "full":
-        raise ConfigError(f"fsdp: true supports trainable=full, got {config.trainable!r}: LoRA and prefix "
-                          "parameters are small enough to train data parallel without fsdp")
+        raise ConfigError(
+            f"fsdp: true supports trainable=full, got {config.trainable!r}: LoRA and prefix "
+            "parameters are small enough to train data parallel without fsdp"
+        )
 
 
 # What defines a run: resuming a folder with other values would continue one run as another. The rest
 # (steps, evaluation and checkpoint intervals, lr, threads, ...) may change between a run and its resumption.
-DEFINING_KEYS = ("model", "dtype", "head", "pooling", "trainable", "lora", "prefix", "task", "data", "task_options", "num_train",
-                 "num_dev", "num_test", "max_length", "loss", "objective", "optimizer", "optimizer_options",
-                 "weight_decay", "seed")
+DEFINING_KEYS = (
+    "model",
+    "dtype",
+    "head",
+    "pooling",
+    "trainable",
+    "lora",
+    "prefix",
+    "task",
+    "data",
+    "task_options",
+    "num_train",
+    "num_dev",
+    "num_test",
+    "max_length",
+    "loss",
+    "objective",
+    "optimizer",
+    "optimizer_options",
+    "weight_decay",
+    "seed",
+)
 
 
 def check_resumable(config: TrainConfig, run_dir: Path, force: bool) -> None:
@@ -101,11 +137,14 @@ def check_resumable(config: TrainConfig, run_dir: Path, force: bool) -> None:
         return
     saved = yaml.safe_load(saved_path.read_text()) or {}
     current = config.to_dict()
-    differences = [f"{key}: {saved.get(key)!r} there, {current[key]!r} here" for key in DEFINING_KEYS
-                   if saved.get(key) != current[key]]
+    differences = [
+        f"{key}: {saved.get(key)!r} there, {current[key]!r} here" for key in DEFINING_KEYS if saved.get(key) != current[key]
+    ]
     if differences:
-        raise ConfigError(f"{run_dir} holds the checkpoints of another run ({'; '.join(differences)}): use a new "
-                          "output_dir, or resume it with these settings with zotune train --force-resume")
+        raise ConfigError(
+            f"{run_dir} holds the checkpoints of another run ({'; '.join(differences)}): use a new "
+            "output_dir, or resume it with these settings with zotune train --force-resume"
+        )
 
 
 def make_run_folder(run_dir: Path) -> None:
@@ -116,8 +155,9 @@ def make_run_folder(run_dir: Path) -> None:
         probe.write_text("")
         probe.unlink()
     except OSError as error:
-        raise ConfigError(f"output_dir {str(run_dir)!r} cannot be created or written ({error.strerror or error}): "
-                          "choose another output_dir") from None
+        raise ConfigError(
+            f"output_dir {str(run_dir)!r} cannot be created or written ({error.strerror or error}): choose another output_dir"
+        ) from None
 
 
 def load_weights(model: torch.nn.Module, weights: dict, fsdp: bool) -> None:
@@ -163,13 +203,20 @@ class Run:
         self.selection = DevSelection(self.run_dir, config.select == "best_dev", config.early_stopping_patience)
         self.start_step, self.forward_passes, self.seconds_before, self.skipped_in_a_row = 0, 0, 0.0, 0
         resumed = self._resume()
-        sinks = ([TensorBoardLog(self.run_dir / "tensorboard", self.start_step if resumed else None)]
-                 if config.logger == "tensorboard" and self.main else [])
-        self.metrics = MetricsLog(self.run_dir / "metrics.jsonl", self.start_step if resumed else None,
-                                  enabled=self.main, sinks=sinks)
+        sinks = (
+            [TensorBoardLog(self.run_dir / "tensorboard", self.start_step if resumed else None)]
+            if config.logger == "tensorboard" and self.main
+            else []
+        )
+        self.metrics = MetricsLog(
+            self.run_dir / "metrics.jsonl", self.start_step if resumed else None, enabled=self.main, sinks=sinks
+        )
         packing = packing_note(self.prepared.model, self.prepared.splits["train"]) if config.head == "lm" else None
-        for note in [*self.sampler.notes, *cut_warnings(self.prepared.splits, config.max_length, config.head),
-                     *filter(None, [packing])]:
+        for note in [
+            *self.sampler.notes,
+            *cut_warnings(self.prepared.splits, config.max_length, config.head),
+            *filter(None, [packing]),
+        ]:
             self.say(note)
             if not resumed:
                 self.metrics.write({"step": 0, "note": note})
@@ -189,10 +236,14 @@ class Run:
         examples = self.prepared.splits["train"]
         cls, _ = resolve(self.config.optimizer)
         from_first = int if self.group is None else self.group.from_first
-        return cls.data_plan(examples, self.config.batch_size, split_options(self.config)[1], self.config.seed,
-                             lambda indices: first_order_peak_bytes(self.model,
-                                                                    lambda: self.loss([examples[i] for i in indices])),
-                             from_first)
+        return cls.data_plan(
+            examples,
+            self.config.batch_size,
+            split_options(self.config)[1],
+            self.config.seed,
+            lambda indices: first_order_peak_bytes(self.model, lambda: self.loss([examples[i] for i in indices])),
+            from_first,
+        )
 
     def _optimizer(self):
         if self.config.fsdp:
@@ -250,8 +301,10 @@ class Run:
             over = self.group.agree(over)
         if over:
             self.selection.stopped_at = step
-            self.say(f"early stop at step {step}: {self.config.early_stopping_patience} dev evaluations without "
-                     f"improvement on step {self.selection.best_step} (early_stopping_patience)")
+            self.say(
+                f"early stop at step {step}: {self.config.early_stopping_patience} dev evaluations without "
+                f"improvement on step {self.selection.best_step} (early_stopping_patience)"
+            )
             self.metrics.write({"step": step, "early_stop": True, "best_step": self.selection.best_step})
         return over
 
@@ -261,8 +314,11 @@ class Run:
         """One optimizer step on the batches its data plan names (this rank's share of each)."""
         train = self.prepared.splits["train"]
         shard = (lambda batch, name: batch) if self.group is None else self.group.shard
-        batches = {name: shard([train[i] for i in indices], name)
-                   for name, indices in self.sampler.next_batches(self.optimizer).items() if indices}
+        batches = {
+            name: shard([train[i] for i in indices], name)
+            for name, indices in self.sampler.next_batches(self.optimizer).items()
+            if indices
+        }
         micro_batch = len(shard(list(range(self.config.batch_size)), "batch"))  # this rank's share of batch_size
         return self.optimizer.train_step(batches, self.loss, micro_batch)
 
@@ -278,8 +334,11 @@ class Run:
             too_many = self.skipped_in_a_row > config.max_skipped_steps
             if config.on_nonfinite == "stop" or getattr(error, "applied", False) or too_many:
                 self.metrics.write({"step": step, "error": str(error)})
-                why = (f" ({self.skipped_in_a_row} steps in a row, more than max_skipped_steps="
-                       f"{config.max_skipped_steps})" if config.on_nonfinite == "skip" and too_many else "")
+                why = (
+                    f" ({self.skipped_in_a_row} steps in a row, more than max_skipped_steps={config.max_skipped_steps})"
+                    if config.on_nonfinite == "skip" and too_many
+                    else ""
+                )
                 raise TrainingError(f"run step {step}{why}: {error}") from None
             self.say(f"step {step} skipped (on_nonfinite=skip): {error}")
             return dict(skipped=str(error), forward_passes=0)
@@ -290,9 +349,14 @@ class Run:
             self.say(f"step {step}: {report}")
             record["warning"] = report
         self.forward_passes += record.pop("forward_passes")
-        record = dict(step=step, **record, lr=self.optimizer.param_groups[0]["lr"], forward_passes=self.forward_passes,
-                      seconds=self.seconds_before + time.perf_counter() - started,
-                      peak_memory_mb=peak_memory_mb(self.device))
+        record = dict(
+            step=step,
+            **record,
+            lr=self.optimizer.param_groups[0]["lr"],
+            forward_passes=self.forward_passes,
+            seconds=self.seconds_before + time.perf_counter() - started,
+            peak_memory_mb=peak_memory_mb(self.device),
+        )
         if self.group is not None:
             record["communicated_bytes"] = self.group.communicated_bytes  # this run's all-reduces so far, per rank
         self.metrics.write(record)
@@ -301,11 +365,21 @@ class Run:
     def checkpoint(self, step: int, seconds: float) -> None:
         saved = self.weights()
         if self.main:
-            self.checkpoints.save(step, dict(
-                step=step, model=saved, optimizer=self.optimizer.state_dict(), sampler=self.sampler.state_dict(),
-                monitor=self.monitor.state_dict(), skipped_in_a_row=self.skipped_in_a_row,
-                forward_passes=self.forward_passes, seconds=seconds, selection=self.selection.state_dict(),
-                config=self.config.to_dict()))
+            self.checkpoints.save(
+                step,
+                dict(
+                    step=step,
+                    model=saved,
+                    optimizer=self.optimizer.state_dict(),
+                    sampler=self.sampler.state_dict(),
+                    monitor=self.monitor.state_dict(),
+                    skipped_in_a_row=self.skipped_in_a_row,
+                    forward_passes=self.forward_passes,
+                    seconds=seconds,
+                    selection=self.selection.state_dict(),
+                    config=self.config.to_dict(),
+                ),
+            )
 
     def train(self) -> dict | None:
         config = self.config
@@ -314,8 +388,14 @@ class Run:
             self.say(f"zero-shot dev {self.prepared.metric}: {zero_shot:.3f}")
         started = time.perf_counter()
         last_step = self.selection.stopped_at or config.steps
-        bar = tqdm(range(self.start_step + 1, last_step + 1), initial=self.start_step, total=config.steps,
-                   desc=f"{config.optimizer} on {config.task}", unit="step", disable=not self.main)
+        bar = tqdm(
+            range(self.start_step + 1, last_step + 1),
+            initial=self.start_step,
+            total=config.steps,
+            desc=f"{config.optimizer} on {config.task}",
+            unit="step",
+            disable=not self.main,
+        )
         with stop_requests() as requested:
             for step in bar:
                 self.schedule.before(step)
@@ -335,8 +415,11 @@ class Run:
                     number = requested[0] or signal.SIGTERM  # on a rank the signal had not reached
                     name = signal.Signals(number).name
                     self.metrics.write({"step": step, "stopped": name})
-                    raise RunInterrupted(f"{name} at step {step}: saved checkpoint-{step:06d}.pt in {self.run_dir}; run "
-                                         "the same command to resume", number)
+                    raise RunInterrupted(
+                        f"{name} at step {step}: saved checkpoint-{step:06d}.pt in {self.run_dir}; run "
+                        "the same command to resume",
+                        number,
+                    )
                 if step == last_step:
                     break
         return self.finish(last_step, self.seconds_before + time.perf_counter() - started)
@@ -354,16 +437,24 @@ class Run:
             selected = selection.best_step
             if selected != last_step and (self.main or config.fsdp):
                 load_weights(self.model, selection.best_weights(), config.fsdp)
-            self.say(f"selected step {selected} for test (select: best_dev, dev {self.prepared.metric} "
-                     f"{selection.best_value:.4f})")
+            self.say(
+                f"selected step {selected} for test (select: best_dev, dev {self.prepared.metric} {selection.best_value:.4f})"
+            )
             self.metrics.write({"step": last_step, "selected_step": selected, "select": config.select})
         test = self.evaluate(selected, "test")
         if not self.main:
             return None
-        summary = dict(dev=selection.best_value if config.select == "best_dev" else selection.last_value, test=test,
-                       selected_step=selected, last_dev=selection.last_value, early_stopped_at=selection.stopped_at,
-                       steps=last_step, forward_passes=self.forward_passes, seconds=seconds,
-                       peak_memory_mb=training_peak)
+        summary = dict(
+            dev=selection.best_value if config.select == "best_dev" else selection.last_value,
+            test=test,
+            selected_step=selected,
+            last_dev=selection.last_value,
+            early_stopped_at=selection.stopped_at,
+            steps=last_step,
+            forward_passes=self.forward_passes,
+            seconds=seconds,
+            peak_memory_mb=training_peak,
+        )
         records = self.metrics.records()
         zero = [r["value"] for r in records if r.get("split") == "dev" and r["step"] == 0]
         summary.update(metric=self.prepared.metric, zero_shot_dev=zero[0] if zero else None)
@@ -376,8 +467,9 @@ class Run:
     def export(self, summary: dict) -> None:
         """The selected weights as a Hugging Face folder, ``model/`` (see :mod:`zotune.export`)."""
         config = self.config
-        problem = export_problem(config) or ("an FSDP run's model is in shards; its checkpoint holds it whole: "
-                                             "zotune export --checkpoint" if config.fsdp else None)
+        problem = export_problem(config) or (
+            "an FSDP run's model is in shards; its checkpoint holds it whole: zotune export --checkpoint" if config.fsdp else None
+        )
         if problem is not None:
             self.say(f"note: no model/ folder: {problem}")
             self.metrics.write({"step": summary["steps"], "note": f"not exported: {problem}"})

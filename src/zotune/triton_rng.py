@@ -85,9 +85,26 @@ def _positions(offset, numel, PAIRS: tl.constexpr):
 
 
 @triton.jit
-def _kernel(target, numel, offset, scale, key0, c0, key1, c1, key2, c2, key3, c3,
-            TERMS: tl.constexpr, GAUSSIAN: tl.constexpr, ACCUMULATE: tl.constexpr, SCALE: tl.constexpr,
-            KEYED: tl.constexpr, PAIRS: tl.constexpr):
+def _kernel(
+    target,
+    numel,
+    offset,
+    scale,
+    key0,
+    c0,
+    key1,
+    c1,
+    key2,
+    c2,
+    key3,
+    c3,
+    TERMS: tl.constexpr,
+    GAUSSIAN: tl.constexpr,
+    ACCUMULATE: tl.constexpr,
+    SCALE: tl.constexpr,
+    KEYED: tl.constexpr,
+    PAIRS: tl.constexpr,
+):
     # Values are loaded and stored contiguously and split into the pairs' first and second values in registers.
     pairs, positions, inside = _positions(offset, numel, PAIRS)
     if ACCUMULATE:
@@ -115,8 +132,19 @@ def _kernel(target, numel, offset, scale, key0, c0, key1, c1, key2, c2, key3, c3
 
 
 @triton.jit
-def _pair_kernel(source, plus, minus, numel, offset, key, c, GAUSSIAN: tl.constexpr, KEYED: tl.constexpr,
-                 BOTH: tl.constexpr, PAIRS: tl.constexpr):
+def _pair_kernel(
+    source,
+    plus,
+    minus,
+    numel,
+    offset,
+    key,
+    c,
+    GAUSSIAN: tl.constexpr,
+    KEYED: tl.constexpr,
+    BOTH: tl.constexpr,
+    PAIRS: tl.constexpr,
+):
     pairs, positions, inside = _positions(offset, numel, PAIRS)
     x = tl.load(source + positions, mask=inside).to(tl.float32)
     z_even, z_odd = _term(pairs, key.to(tl.uint64, bitcast=True), GAUSSIAN, KEYED)
@@ -136,15 +164,31 @@ def _pair_count(offset: int, numel: int) -> int:
     return (offset + numel - 1) // 2 - offset // 2 + 1
 
 
-def _launch(target: torch.Tensor, offset: int, terms, scale: float, distribution: str, accumulate: bool,
-            keyed_block: int) -> None:
+def _launch(
+    target: torch.Tensor, offset: int, terms, scale: float, distribution: str, accumulate: bool, keyed_block: int
+) -> None:
     padded = [*terms, *[(2**40, 0.0)] * (MAX_TERMS - len(terms))]  # unused slots: any key Triton won't specialize
     keys = [_signed(key) for key, _ in padded]
     _kernel[(triton.cdiv(_pair_count(offset, target.numel()), _PAIRS_PER_PROGRAM),)](
-        target, target.numel(), offset, scale,
-        keys[0], padded[0][1], keys[1], padded[1][1], keys[2], padded[2][1], keys[3], padded[3][1],
-        TERMS=len(terms), GAUSSIAN=distribution == "gaussian", ACCUMULATE=accumulate, SCALE=scale != 1.0,
-        KEYED=keyed_block, PAIRS=_PAIRS_PER_PROGRAM)
+        target,
+        target.numel(),
+        offset,
+        scale,
+        keys[0],
+        padded[0][1],
+        keys[1],
+        padded[1][1],
+        keys[2],
+        padded[2][1],
+        keys[3],
+        padded[3][1],
+        TERMS=len(terms),
+        GAUSSIAN=distribution == "gaussian",
+        ACCUMULATE=accumulate,
+        SCALE=scale != 1.0,
+        KEYED=keyed_block,
+        PAIRS=_PAIRS_PER_PROGRAM,
+    )
 
 
 def update(target: torch.Tensor, offset: int, terms, scale: float, distribution: str, keyed_block: int) -> None:
@@ -152,8 +196,7 @@ def update(target: torch.Tensor, offset: int, terms, scale: float, distribution:
     rounded once per launch (four terms a launch). ``target`` is a contiguous CUDA tensor (float32, bf16 or
     fp16) holding the parameter's values from position ``offset``; keys change every ``keyed_block`` values."""
     for first in range(0, max(len(terms), 1), MAX_TERMS):
-        _launch(target, offset, terms[first:first + MAX_TERMS], scale if first == 0 else 1.0, distribution,
-                True, keyed_block)
+        _launch(target, offset, terms[first : first + MAX_TERMS], scale if first == 0 else 1.0, distribution, True, keyed_block)
 
 
 def fill(out: torch.Tensor, offset: int, param_key: int, distribution: str, keyed_block: int) -> None:
@@ -161,8 +204,16 @@ def fill(out: torch.Tensor, offset: int, param_key: int, distribution: str, keye
     _launch(out, offset, [(param_key, 1.0)], 1.0, distribution, False, keyed_block)
 
 
-def pair(source: torch.Tensor, plus: torch.Tensor, minus: torch.Tensor | None, offset: int, param_key: int,
-         coefficient: float, distribution: str, keyed_block: int) -> None:
+def pair(
+    source: torch.Tensor,
+    plus: torch.Tensor,
+    minus: torch.Tensor | None,
+    offset: int,
+    param_key: int,
+    coefficient: float,
+    distribution: str,
+    keyed_block: int,
+) -> None:
     """``plus ← source + d`` and, unless ``minus`` is None, ``minus ← source − d``, with ``d = coefficient · z``
     rounded to float32 first: a perturbed copy, or the two sides of a two-point estimate from one
     generation, in one launch that reads θ once and holds z in registers only. Contiguous CUDA tensors of one
@@ -171,6 +222,16 @@ def pair(source: torch.Tensor, plus: torch.Tensor, minus: torch.Tensor | None, o
     Compiled without fused multiply-adds: every operation is rounded as the CPU's, so a copy does not depend
     on which kernel made it, and z equals the CPU stream's bit for bit."""
     _pair_kernel[(triton.cdiv(_pair_count(offset, source.numel()), _PAIRS_PER_PROGRAM),)](
-        source, plus, plus if minus is None else minus, source.numel(), offset, _signed(param_key), coefficient,
-        GAUSSIAN=distribution == "gaussian", KEYED=keyed_block, BOTH=minus is not None, PAIRS=_PAIRS_PER_PROGRAM,
-        enable_fp_fusion=False)
+        source,
+        plus,
+        plus if minus is None else minus,
+        source.numel(),
+        offset,
+        _signed(param_key),
+        coefficient,
+        GAUSSIAN=distribution == "gaussian",
+        KEYED=keyed_block,
+        BOTH=minus is not None,
+        PAIRS=_PAIRS_PER_PROGRAM,
+        enable_fp_fusion=False,
+    )

@@ -38,8 +38,10 @@ def chunk_size(device: torch.device) -> int:
 
 def _pieces(offset: int, length: int, size: int) -> list[tuple[int, int]]:
     """(start, stop) inside a stretch of a parameter, cut where the whole parameter's chunks of ``size`` end."""
-    return [(max(b * size, offset) - offset, min((b + 1) * size, offset + length) - offset)
-            for b in range(offset // size, -(-(offset + length) // size))]
+    return [
+        (max(b * size, offset) - offset, min((b + 1) * size, offset + length) - offset)
+        for b in range(offset // size, -(-(offset + length) // size))
+    ]
 
 
 class Workers:
@@ -71,8 +73,11 @@ class Workers:
         576 × 192 matrix (one block), as a bf16 copy asks for, module by module. Pieces stay inside chunks, the
         unit of a :class:`zotune.directions.Block`. Work on a GPU stays on the calling thread."""
         if stretches not in self._schedules:
-            blocks = [(tag, *piece) for tag, offset, length, device in stretches
-                      for piece in _pieces(offset, length, chunk_size(device))]
+            blocks = [
+                (tag, *piece)
+                for tag, offset, length, device in stretches
+                for piece in _pieces(offset, length, chunk_size(device))
+            ]
             parallel = self._pool is not None and all(device.type == "cpu" for *_, device in stretches)
             total = sum(stop - start for _, start, stop in blocks)
             workers = max(1, min(self.num_threads, total // MIN_SHARE)) if parallel else 1

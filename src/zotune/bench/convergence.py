@@ -58,15 +58,23 @@ def _finished(config, folder: Path) -> bool:
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="zotune bench convergence", description=__doc__.splitlines()[0])
     parser.add_argument("--config", required=True)
-    parser.add_argument("--optimizers", required=True,
-                        help="comma-separated optimizer names, each optionally with @lr and a #label "
-                             "(e.g. mezo@5e-5,adamezo@1e-5,svrg#dense)")
-    parser.add_argument("--set", action="append", default=[], metavar="OPTIMIZER:key=value",
-                        help="an override for one optimizer's run (repeatable)")
+    parser.add_argument(
+        "--optimizers",
+        required=True,
+        help="comma-separated optimizer names, each optionally with @lr and a #label (e.g. mezo@5e-5,adamezo@1e-5,svrg#dense)",
+    )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="OPTIMIZER:key=value",
+        help="an override for one optimizer's run (repeatable)",
+    )
     parser.add_argument("--smooth", type=int, default=10)
     parser.add_argument("--out", default="results/convergence")
-    parser.add_argument("--resume", action="store_true",
-                        help="keep finished runs with the same settings and resume unfinished ones")
+    parser.add_argument(
+        "--resume", action="store_true", help="keep finished runs with the same settings and resume unfinished ones"
+    )
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="overrides for every run")
     args = parser.parse_args(argv)
     out = Path(args.out)
@@ -75,7 +83,14 @@ def main(argv=None):
         # "adamezo@1e-5": that optimizer at that learning rate; "svrg#dense": a label, to run one optimizer twice
         optimizer, _, lr = name.partition("#")[0].partition("@")
         own = [item.split(":", 1)[1] for item in args.set if item.split(":", 1)[0] == name]
-        overrides = ["export=false", *args.overrides, f"optimizer={optimizer}", f"output_dir={out / name}", *([f"lr={lr}"] if lr else []), *own]
+        overrides = [
+            "export=false",
+            *args.overrides,
+            f"optimizer={optimizer}",
+            f"output_dir={out / name}",
+            *([f"lr={lr}"] if lr else []),
+            *own,
+        ]
         resolved = load_config(args.config, overrides)  # a bad override fails here, before any run starts
         if not (args.resume and _same_run(resolved, out / name)):
             shutil.rmtree(out / name, ignore_errors=True)  # else the trainer would resume an earlier run there
@@ -92,8 +107,15 @@ def main(argv=None):
             window = steps[max(0, i - args.smooth + 1) : i + 1]
             smoothed.append((sum(w["loss"] for w in window) / len(window), r["forward_passes"], r["seconds"]))
         by_step = {r["step"]: r for r in steps}
-        evals = [(r["value"], by_step.get(r["step"], {"forward_passes": 0})["forward_passes"],
-                  by_step.get(r["step"], {"seconds": 0.0})["seconds"]) for r in records if r.get("split") == "dev"]
+        evals = [
+            (
+                r["value"],
+                by_step.get(r["step"], {"forward_passes": 0})["forward_passes"],
+                by_step.get(r["step"], {"seconds": 0.0})["seconds"],
+            )
+            for r in records
+            if r.get("split") == "dev"
+        ]
         runs[name] = dict(config=config, summary=summary, smoothed=smoothed, evals=evals)
     target_metric = min(max(value for value, *_ in run["evals"]) for run in runs.values())
     target_loss = max(min(loss for loss, *_ in run["smoothed"]) for run in runs.values())
@@ -106,20 +128,30 @@ def main(argv=None):
         def show(at):
             return "not reached" if at is None else f"{at[0]} passes, {at[1]:.0f} s"
 
-        rows.append(f"| {name} | {run['config']['lr']:g} | {run['summary']['zero_shot_dev']:.3f} | {run['summary']['dev']:.3f} "
-                    f"| {run['summary']['test']:.3f} | {show(metric_at)} | {show(loss_at)} | {run['summary']['seconds']:.0f} "
-                    f"| {run['summary']['peak_memory_mb']:.0f} |")
+        rows.append(
+            f"| {name} | {run['config']['lr']:g} | {run['summary']['zero_shot_dev']:.3f} | {run['summary']['dev']:.3f} "
+            f"| {run['summary']['test']:.3f} | {show(metric_at)} | {show(loss_at)} | {run['summary']['seconds']:.0f} "
+            f"| {run['summary']['peak_memory_mb']:.0f} |"
+        )
     metric = next(iter(runs.values()))["summary"]["metric"]
     import torch
 
-    machine = f"{platform.machine()}, {os.cpu_count()} cores" + (f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else "")
-    table = "\n".join([
-        f"command: zotune bench convergence {shlex.join(sys.argv[1:] if argv is None else argv)}",
-        f"machine: {machine}; torch {torch.__version__}", "",
-        f"targets: dev {metric} {target_metric:.3f}; training loss (mean of {args.smooth} steps) {target_loss:.4f}", "",
-        f"| optimizer | lr | zero-shot dev | final dev | final test | dev {metric} target at | loss target at | train seconds "
-        "| peak memory (MiB) |",
-        "|---|---|---|---|---|---|---|---|---|", *rows])
+    machine = f"{platform.machine()}, {os.cpu_count()} cores" + (
+        f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
+    )
+    table = "\n".join(
+        [
+            f"command: zotune bench convergence {shlex.join(sys.argv[1:] if argv is None else argv)}",
+            f"machine: {machine}; torch {torch.__version__}",
+            "",
+            f"targets: dev {metric} {target_metric:.3f}; training loss (mean of {args.smooth} steps) {target_loss:.4f}",
+            "",
+            f"| optimizer | lr | zero-shot dev | final dev | final test | dev {metric} target at | loss target at | train seconds "
+            "| peak memory (MiB) |",
+            "|---|---|---|---|---|---|---|---|---|",
+            *rows,
+        ]
+    )
     out.mkdir(parents=True, exist_ok=True)
     (out / "convergence.json").write_text(json.dumps(runs, indent=2))
     (out / "convergence.md").write_text(table + "\n")

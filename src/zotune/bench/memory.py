@@ -32,6 +32,7 @@ import torch
 
 from .report import write_report
 
+
 def entries() -> dict[str, tuple[str, dict] | None]:
     """``inference`` (no optimizer), every registered optimizer and alias with its default options, and each
     optimizer's declared ``variants`` as ``name-variant``: entry name -> (optimizer name, options)."""
@@ -120,8 +121,14 @@ def measure(name: str, config_path: str | None, overrides: list[str]) -> dict:
         optimizer.train_step(batches, loss, len(whole))
     parameters = sum(p.numel() * p.element_size() for p in model.parameters())
     shown = {"long": batches.get("K0 batch", long), "short": batches.get("K1 batch", short)}
-    return dict(name=name, peak_bytes=peak_bytes(), baseline_bytes=baseline, parameter_bytes=parameters,
-                batch={part: [example_length(e) for e in shown[part]] for part in shown}, L_T=plan.split.threshold)
+    return dict(
+        name=name,
+        peak_bytes=peak_bytes(),
+        baseline_bytes=baseline,
+        parameter_bytes=parameters,
+        batch={part: [example_length(e) for e in shown[part]] for part in shown},
+        L_T=plan.split.threshold,
+    )
 
 
 def main(argv=None):
@@ -154,16 +161,33 @@ def main(argv=None):
     reference = results.get("inference", next(iter(results.values())))
     mib = lambda b: f"{b / 2**20:.0f}"  # noqa: E731
     first = next(iter(results.values()))
-    rows = [f"| {name} | {mib(r['peak_bytes'])} | {mib(r['peak_bytes'] - r['baseline_bytes'])} | "
-            f"{r['peak_bytes'] / reference['peak_bytes']:.2f} |" for name, r in results.items()]
+    rows = [
+        f"| {name} | {mib(r['peak_bytes'])} | {mib(r['peak_bytes'] - r['baseline_bytes'])} | "
+        f"{r['peak_bytes'] / reference['peak_bytes']:.2f} |"
+        for name, r in results.items()
+    ]
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({platform.processor() or platform.machine()})"
-    table = "\n".join([
-        f"peak memory of two steps; {device}; parameters {mib(first['parameter_bytes'])} MiB; batch: long "
-        f"{first['batch']['long']} + short {first['batch']['short']} tokens (L_T={first['L_T']})", "",
-        f"| optimizer | peak (MiB) | above the loaded model (MiB) | × {reference['name']} |", "|---|---|---|---|", *rows])
-    write_report(Path(args.out), "memory", dict(results=results, command=sys.argv, device=device, torch=torch.__version__),
-                 table, (list(results), [r["peak_bytes"] / 2**20 for r in results.values()],
-                         dict(ylabel="peak memory (MiB)", title="one training step, same model and batch")))
+    table = "\n".join(
+        [
+            f"peak memory of two steps; {device}; parameters {mib(first['parameter_bytes'])} MiB; batch: long "
+            f"{first['batch']['long']} + short {first['batch']['short']} tokens (L_T={first['L_T']})",
+            "",
+            f"| optimizer | peak (MiB) | above the loaded model (MiB) | × {reference['name']} |",
+            "|---|---|---|---|",
+            *rows,
+        ]
+    )
+    write_report(
+        Path(args.out),
+        "memory",
+        dict(results=results, command=sys.argv, device=device, torch=torch.__version__),
+        table,
+        (
+            list(results),
+            [r["peak_bytes"] / 2**20 for r in results.values()],
+            dict(ylabel="peak memory (MiB)", title="one training step, same model and batch"),
+        ),
+    )
 
 
 if __name__ == "__main__":

@@ -45,8 +45,19 @@ def main(argv=None):
         overrides = [*DEFAULTS, *args.overrides, f"threads={threads}", f"output_dir={run_dir}"]
         config = load_config(args.config, overrides)  # a bad override fails here, before any run starts
         shutil.rmtree(run_dir, ignore_errors=True)  # else the trainer would resume an earlier run
-        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n), "-m", "zotune.cli",
-                   "train", "--config", args.config, *overrides]
+        command = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            str(n),
+            "-m",
+            "zotune.cli",
+            "train",
+            "--config",
+            args.config,
+            *overrides,
+        ]
         finished = subprocess.run(command, env={**os.environ, "OMP_NUM_THREADS": str(threads)})
         if finished.returncode != 0:
             raise ConfigError(f"the run on {n} processes failed (exit code {finished.returncode}); its output is above")
@@ -55,24 +66,43 @@ def main(argv=None):
         if len(steps) < 2:
             raise ConfigError("the benchmark needs at least 2 steps (the first is warm-up): set steps=")
         timed = steps[-1]["seconds"] - steps[0]["seconds"]
-        results[n] = dict(threads_per_process=threads, batch_size=config.batch_size, steps=len(steps),
-                          examples_per_second=config.batch_size * (len(steps) - 1) / timed,
-                          seconds_per_step=timed / (len(steps) - 1),
-                          # between two steps' records: a step's own record is written before its stop-flag all-reduce
-                          bytes_per_step=(steps[-1].get("communicated_bytes", 0) - steps[0].get("communicated_bytes", 0))
-                          / (len(steps) - 1),
-                          final_loss=steps[-1]["loss"])
+        results[n] = dict(
+            threads_per_process=threads,
+            batch_size=config.batch_size,
+            steps=len(steps),
+            examples_per_second=config.batch_size * (len(steps) - 1) / timed,
+            seconds_per_step=timed / (len(steps) - 1),
+            # between two steps' records: a step's own record is written before its stop-flag all-reduce
+            bytes_per_step=(steps[-1].get("communicated_bytes", 0) - steps[0].get("communicated_bytes", 0)) / (len(steps) - 1),
+            final_loss=steps[-1]["loss"],
+        )
     base = results[counts[0]]["examples_per_second"]
-    rows = [f"| {n} | {r['threads_per_process']} | {r['seconds_per_step']:.2f} | {r['examples_per_second']:.2f} | "
-            f"{r['examples_per_second'] / base:.2f} | {r['bytes_per_step']:.0f} |" for n, r in results.items()]
+    rows = [
+        f"| {n} | {r['threads_per_process']} | {r['seconds_per_step']:.2f} | {r['examples_per_second']:.2f} | "
+        f"{r['examples_per_second'] / base:.2f} | {r['bytes_per_step']:.0f} |"
+        for n, r in results.items()
+    ]
     import torch
 
-    table = "\n".join([
-        f"command: zotune bench parallel {shlex.join(sys.argv[1:] if argv is None else argv)}",
-        f"machine: {platform.machine()}, {cores} cores; torch {torch.__version__}; "
-        f"{config.optimizer} on {config.task}, {config.model}, batch {config.batch_size}", "",
-        f"| processes | threads each | seconds/step | examples/s | vs {counts[0]} process(es) | bytes all-reduced per step per rank |",
-        "|---|---|---|---|---|---|", *rows])
-    write_report(out, "parallel", results, table, ([str(n) for n in results],
-                                                  [r["examples_per_second"] for r in results.values()],
-                                                  dict(xlabel="processes", ylabel="training examples / s")))
+    table = "\n".join(
+        [
+            f"command: zotune bench parallel {shlex.join(sys.argv[1:] if argv is None else argv)}",
+            f"machine: {platform.machine()}, {cores} cores; torch {torch.__version__}; "
+            f"{config.optimizer} on {config.task}, {config.model}, batch {config.batch_size}",
+            "",
+            f"| processes | threads each | seconds/step | examples/s | vs {counts[0]} process(es) | bytes all-reduced per step per rank |",
+            "|---|---|---|---|---|---|",
+            *rows,
+        ]
+    )
+    write_report(
+        out,
+        "parallel",
+        results,
+        table,
+        (
+            [str(n) for n in results],
+            [r["examples_per_second"] for r in results.values()],
+            dict(xlabel="processes", ylabel="training examples / s"),
+        ),
+    )

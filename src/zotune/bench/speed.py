@@ -188,8 +188,11 @@ def run(shape, batch, length, threads, repeats, distribution, device="cpu", dtyp
         data = {key: value for key, value in options.items() if key in cls.data_options}
         # The batch's split, where the plan takes it; an entry whose own options refuse it (Addax-WA draws both
         # batches from the whole set) keeps its own plan.
-        split = {key: value for key, value in dict(L_T=length - 1, K0=half, K1=batch - half,
-                                                   large_batch=batch).items() if key in cls.data_options}
+        split = {
+            key: value
+            for key, value in dict(L_T=length - 1, K0=half, K1=batch - half, large_batch=batch).items()
+            if key in cls.data_options
+        }
         try:
             cls.check_data_options({**split, **data}, batch, len(rows))
             data = {**split, **data}
@@ -205,8 +208,9 @@ def run(shape, batch, length, threads, repeats, distribution, device="cpu", dtyp
         def steps():
             try:
                 for _ in range(STEPS):
-                    batches = {key: [rows[i] for i in indices]
-                               for key, indices in sampler.next_batches(optimizer).items() if indices}
+                    batches = {
+                        key: [rows[i] for i in indices] for key, indices in sampler.next_batches(optimizer).items() if indices
+                    }
                     optimizer.train_step(batches, loss, batch)
             finally:
                 optimizer.remove_hooks()
@@ -214,13 +218,15 @@ def run(shape, batch, length, threads, repeats, distribution, device="cpu", dtyp
 
         return steps
 
-    steps = {entry: (lambda entry=entry, spec=spec: optimizer_item(*spec))
-             for entry, spec in entries().items() if spec is not None}
+    steps = {
+        entry: (lambda entry=entry, spec=spec: optimizer_item(*spec)) for entry, spec in entries().items() if spec is not None
+    }
     times, ratios = bracketed_timings(
         forward,
-        dict(doubled_forward=doubled_forward, z_sweep=z_sweep, reference_mezo=reference,
-             forward_backward=forward_backward),
-        repeats, torch.cuda.synchronize if torch.device(device).type == "cuda" else lambda: None, prepared=steps,
+        dict(doubled_forward=doubled_forward, z_sweep=z_sweep, reference_mezo=reference, forward_backward=forward_backward),
+        repeats,
+        torch.cuda.synchronize if torch.device(device).type == "cuda" else lambda: None,
+        prepared=steps,
     )
     for entry in steps:
         times[entry] = [seconds / STEPS for seconds in times[entry]]
@@ -231,11 +237,24 @@ def run(shape, batch, length, threads, repeats, distribution, device="cpu", dtyp
     fastest = min(MEZO_MODES, key=lambda name: statistics.median(two_forwards[name]))
     speedups = [reference / step for reference, step in zip(two_forwards["reference_mezo"], two_forwards[fastest])]
     return {
-        "config": dict(shape=shape, parameters=sum(p.numel() for p in params), batch=batch, length=length,
-                       threads=threads, repeats=repeats, distribution=distribution, device=device, dtype=dtype),
-        "machine": dict(platform=platform.platform(), cpus=os.cpu_count(), torch=torch.__version__,
-                        omp_wait_policy=os.environ.get("OMP_WAIT_POLICY", "unset"),
-                        gpu=torch.cuda.get_device_name() if torch.device(device).type == "cuda" else None),
+        "config": dict(
+            shape=shape,
+            parameters=sum(p.numel() for p in params),
+            batch=batch,
+            length=length,
+            threads=threads,
+            repeats=repeats,
+            distribution=distribution,
+            device=device,
+            dtype=dtype,
+        ),
+        "machine": dict(
+            platform=platform.platform(),
+            cpus=os.cpu_count(),
+            torch=torch.__version__,
+            omp_wait_policy=os.environ.get("OMP_WAIT_POLICY", "unset"),
+            gpu=torch.cuda.get_device_name() if torch.device(device).type == "cuda" else None,
+        ),
         "seconds": {name: statistics.median(values) for name, values in times.items()},
         "over_two_forwards": {name: spread(values) for name, values in two_forwards.items()},
         "over_two_forwards_per_round": two_forwards,
@@ -254,13 +273,20 @@ def markdown(result):
     def label(name):
         return LABELS.get(name, f"{name} step")
 
-    lines = [f"config: {json.dumps(result['config'])}", f"machine: {json.dumps(result['machine'])}", "",
-             "| what | seconds (median) | ÷ (2 × forward): median (lowest–highest) of the rounds |",
-             "|---|---|---|"]
+    lines = [
+        f"config: {json.dumps(result['config'])}",
+        f"machine: {json.dumps(result['machine'])}",
+        "",
+        "| what | seconds (median) | ÷ (2 × forward): median (lowest–highest) of the rounds |",
+        "|---|---|---|",
+    ]
     lines += [f"| {label(name)} | {value:.3f} | {ratio(name)} |" for name, value in seconds.items()]
-    lines += ["", "Each ratio is taken within a round, against the forwards timed just before and just after.",
-              f"speed-up of the fastest zotune MeZO step ({label(speedup['mode'])}) over the reference step: "
-              f"{speedup['median']:.2f}x ({speedup['low']:.2f}–{speedup['high']:.2f}x)"]
+    lines += [
+        "",
+        "Each ratio is taken within a round, against the forwards timed just before and just after.",
+        f"speed-up of the fastest zotune MeZO step ({label(speedup['mode'])}) over the reference step: "
+        f"{speedup['median']:.2f}x ({speedup['low']:.2f}–{speedup['high']:.2f}x)",
+    ]
     return "\n".join(lines)
 
 
@@ -283,11 +309,15 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error(f"--device {args.device}: this machine has no CUDA device; use --device cpu")
-    result = run(args.shape, args.batch, args.length, args.threads, args.repeats, args.distribution, args.device,
-                 args.dtype)
+    result = run(args.shape, args.batch, args.length, args.threads, args.repeats, args.distribution, args.device, args.dtype)
     seconds = result["seconds"]
-    write_report(Path(args.out), "speed", result, markdown(result),
-                 (list(seconds), list(seconds.values()), dict(ylabel="seconds (median)", title=result["config"]["shape"])))
+    write_report(
+        Path(args.out),
+        "speed",
+        result,
+        markdown(result),
+        (list(seconds), list(seconds.values()), dict(ylabel="seconds (median)", title=result["config"]["shape"])),
+    )
 
 
 if __name__ == "__main__":

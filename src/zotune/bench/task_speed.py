@@ -35,8 +35,7 @@ from pathlib import Path
 import torch
 
 from ..config import ConfigError
-from ..scoring import (accuracy, candidate_means, candidate_scores, one_row_per_candidate,
-                       separate_candidate_scores)
+from ..scoring import accuracy, candidate_means, candidate_scores, one_row_per_candidate, separate_candidate_scores
 from .report import write_report
 from .speed import bracketed_timings, reference_mezo_step, spread
 
@@ -47,8 +46,7 @@ STEPS = 2  # an item: two steps from the same sampler state
 def reference_scores(model, examples, pad_id) -> torch.Tensor:
     """Candidate scores as MeZO's code computes them: every candidate its own sequence, the model's full
     logits over every position and the whole vocabulary, then the candidate's tokens picked out."""
-    input_ids, attention, (rows, positions, targets) = one_row_per_candidate(examples, pad_id,
-                                                                             next(model.parameters()).device)
+    input_ids, attention, (rows, positions, targets) = one_row_per_candidate(examples, pad_id, next(model.parameters()).device)
     log_probs = torch.log_softmax(model(input_ids=input_ids, attention_mask=attention).logits.float(), dim=-1)
     return candidate_means(examples, rows, log_probs[rows, positions, targets])
 
@@ -70,8 +68,9 @@ def run(config, names: list[str], repeats: int, eval_examples: int) -> dict:
     from ..train import build_optimizer, prepare, split_options
 
     if config.head != "lm":
-        raise ConfigError(f"bench speed --task compares ways of scoring candidates (head=lm); head={config.head} "
-                          "scores labels: set head=lm")
+        raise ConfigError(
+            f"bench speed --task compares ways of scoring candidates (head=lm); head={config.head} scores labels: set head=lm"
+        )
     prepared = prepare(config)
     model, pad = prepared.model, prepared.tokenizer.pad_token_id
     train, dev = prepared.splits["train"], prepared.splits["dev"][:eval_examples]
@@ -99,18 +98,22 @@ def run(config, names: list[str], repeats: int, eval_examples: int) -> dict:
 
     @torch.no_grad()
     def reference_step():
-        reference_mezo_step(params, lambda: reference_loss(model, batch, pad),
-                            next(seeds), 0.0, eps)
+        reference_mezo_step(params, lambda: reference_loss(model, batch, pad), next(seeds), 0.0, eps)
 
-    actions = {"separate forward": lambda: forward("separate"), "reference forward": reference_forward,
-               "reference MeZO step": reference_step}
+    actions = {
+        "separate forward": lambda: forward("separate"),
+        "reference forward": reference_forward,
+        "reference MeZO step": reference_step,
+    }
     _, ratios = bracketed_timings(forward, actions, repeats)
     results = {"forward": {name: spread(values) for name, values in ratios.items()}}
 
     steps = {}
     for name in names:
-        config.optimizer, config.optimizer_options = name, {"large_batch": config.batch_size} \
-            if "large_batch" in OPTIMIZERS[name].data_options else {}
+        config.optimizer, config.optimizer_options = (
+            name,
+            {"large_batch": config.batch_size} if "large_batch" in OPTIMIZERS[name].data_options else {},
+        )
         optimizer = build_optimizer(config, model)
         optimizer.skip_warm_up()
         sampler = OPTIMIZERS[name].data_plan(train, config.batch_size, split_options(config)[1], config.seed)
@@ -121,8 +124,9 @@ def run(config, names: list[str], repeats: int, eval_examples: int) -> dict:
             batches for both scorers."""
             sampler.load_state_dict(start)
             for _ in range(STEPS):
-                batches = {key: [train[i] for i in indices]
-                           for key, indices in sampler.next_batches(optimizer).items() if indices}
+                batches = {
+                    key: [train[i] for i in indices] for key, indices in sampler.next_batches(optimizer).items() if indices
+                }
                 optimizer.train_step(batches, loss_with(scorer), config.batch_size)
 
         try:
@@ -130,54 +134,78 @@ def run(config, names: list[str], repeats: int, eval_examples: int) -> dict:
         finally:
             optimizer.remove_hooks()
         speedups = [a / b for a, b in zip(step_ratios["separate"], step_ratios["packed"])]
-        steps[name] = dict(seconds={s: statistics.median(seconds[s]) / STEPS for s in SCORERS},
-                           over_packed_forward={s: spread([r / STEPS for r in step_ratios[s]]) for s in SCORERS},
-                           speedup=spread(speedups))
+        steps[name] = dict(
+            seconds={s: statistics.median(seconds[s]) / STEPS for s in SCORERS},
+            over_packed_forward={s: spread([r / STEPS for r in step_ratios[s]]) for s in SCORERS},
+            speedup=spread(speedups),
+        )
     evaluation = {}
     if dev:
         timed, eval_ratios = bracketed_timings(
             lambda: accuracy(model, dev, pad, config.eval_batch_size),
-            {"before": lambda: in_order_accuracy(model, dev, pad, config.eval_batch_size)}, repeats)
-        evaluation = dict(examples=len(dev), seconds=dict(packed=statistics.median(timed["baseline"]),
-                                                          before=statistics.median(timed["before"])),
-                          speedup=spread(eval_ratios["before"]))
+            {"before": lambda: in_order_accuracy(model, dev, pad, config.eval_batch_size)},
+            repeats,
+        )
+        evaluation = dict(
+            examples=len(dev),
+            seconds=dict(packed=statistics.median(timed["baseline"]), before=statistics.median(timed["before"])),
+            speedup=spread(eval_ratios["before"]),
+        )
     if "mezo" in steps:
         mezo = steps["mezo"]["over_packed_forward"]["packed"]["median"]
-        results["mezo_over_reference"] = {key: value / mezo for key, value in
-                                          results["forward"]["reference MeZO step"].items()}
+        results["mezo_over_reference"] = {key: value / mezo for key, value in results["forward"]["reference MeZO step"].items()}
     candidates = [len(example.sequences) for example in batch]
     return dict(
-        config=dict(model=config.model, task=config.task, batch=len(batch), max_length=config.max_length,
-                    threads=torch.get_num_threads(), repeats=repeats, dtype=config.dtype,
-                    candidates=f"{min(candidates)}-{max(candidates)}",
-                    candidate_tokens=sorted({n for e in batch for n in e.candidate_lengths}),
-                    longest=max(len(s) for e in batch for s in e.sequences)),
+        config=dict(
+            model=config.model,
+            task=config.task,
+            batch=len(batch),
+            max_length=config.max_length,
+            threads=torch.get_num_threads(),
+            repeats=repeats,
+            dtype=config.dtype,
+            candidates=f"{min(candidates)}-{max(candidates)}",
+            candidate_tokens=sorted({n for e in batch for n in e.candidate_lengths}),
+            longest=max(len(s) for e in batch for s in e.sequences),
+        ),
         machine=dict(platform=platform.platform(), cpus=os.cpu_count(), torch=torch.__version__),
-        steps=steps, evaluation=evaluation, **results)
+        steps=steps,
+        evaluation=evaluation,
+        **results,
+    )
 
 
 def markdown(result) -> str:
     def ratio(r):
         return f"{r['median']:.2f}× ({r['low']:.2f}–{r['high']:.2f})"
 
-    lines = [f"config: {json.dumps(result['config'])}", f"machine: {json.dumps(result['machine'])}", "",
-             "| optimizer | step, packed (s) | step, separate (s) | packing's speed-up: median (range) |",
-             "|---|---|---|---|"]
+    lines = [
+        f"config: {json.dumps(result['config'])}",
+        f"machine: {json.dumps(result['machine'])}",
+        "",
+        "| optimizer | step, packed (s) | step, separate (s) | packing's speed-up: median (range) |",
+        "|---|---|---|---|",
+    ]
     for name, step in result["steps"].items():
-        lines.append(f"| {name} | {step['seconds']['packed']:.3f} | {step['seconds']['separate']:.3f} | "
-                     f"{ratio(step['speedup'])} |")
+        lines.append(
+            f"| {name} | {step['seconds']['packed']:.3f} | {step['seconds']['separate']:.3f} | {ratio(step['speedup'])} |"
+        )
     forward = result["forward"]
-    lines += ["", "Against the packed forward (loss closure, no gradient), within rounds:",
-              f"- separate forward: {ratio(forward['separate forward'])}",
-              f"- reference forward (full logits): {ratio(forward['reference forward'])}",
-              f"- reference MeZO step: {ratio(forward['reference MeZO step'])}"]
+    lines += [
+        "",
+        "Against the packed forward (loss closure, no gradient), within rounds:",
+        f"- separate forward: {ratio(forward['separate forward'])}",
+        f"- reference forward (full logits): {ratio(forward['reference forward'])}",
+        f"- reference MeZO step: {ratio(forward['reference MeZO step'])}",
+    ]
     if "mezo_over_reference" in result:
-        lines.append(f"- packed MeZO step's speed-up over the reference MeZO step: "
-                     f"{ratio(result['mezo_over_reference'])}")
+        lines.append(f"- packed MeZO step's speed-up over the reference MeZO step: {ratio(result['mezo_over_reference'])}")
     if result["evaluation"]:
         ev = result["evaluation"]
-        lines.append(f"- dev evaluation of {ev['examples']} examples: {ev['seconds']['packed']:.2f} s packed in "
-                     f"length buckets, {ev['seconds']['before']:.2f} s before: {ratio(ev['speedup'])}")
+        lines.append(
+            f"- dev evaluation of {ev['examples']} examples: {ev['seconds']['packed']:.2f} s packed in "
+            f"length buckets, {ev['seconds']['before']:.2f} s before: {ratio(ev['speedup'])}"
+        )
     return "\n".join(lines)
 
 
@@ -202,10 +230,24 @@ def main(argv=None):
     unknown = [name for name in names if name not in OPTIMIZERS]
     if unknown:
         raise ConfigError(f"bench speed --task has no optimizer {unknown[0]!r}: choose from {', '.join(OPTIMIZERS)}")
-    overrides = [f"task={args.task}", f"batch_size={args.batch}", f"max_length={args.max_length}",
-                 f"threads={args.threads}", *([f"model={args.model}"] if args.model else []), *args.overrides]
+    overrides = [
+        f"task={args.task}",
+        f"batch_size={args.batch}",
+        f"max_length={args.max_length}",
+        f"threads={args.threads}",
+        *([f"model={args.model}"] if args.model else []),
+        *args.overrides,
+    ]
     config = load_config(args.config, overrides)
     result = run(config, names, args.repeats, args.eval_examples)
-    write_report(Path(args.out), "task_speed", result, markdown(result),
-                 (list(result["steps"]), [s["speedup"]["median"] for s in result["steps"].values()],
-                  dict(ylabel="step time, separate ÷ packed", title=f"{config.task}, {config.model}")))
+    write_report(
+        Path(args.out),
+        "task_speed",
+        result,
+        markdown(result),
+        (
+            list(result["steps"]),
+            [s["speedup"]["median"] for s in result["steps"].values()],
+            dict(ylabel="step time, separate ÷ packed", title=f"{config.task}, {config.model}"),
+        ),
+    )

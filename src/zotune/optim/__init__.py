@@ -53,5 +53,23 @@ def create_optimizer(name: str, model: nn.Module, **hyperparameters):
     return cls(model, **{key: value for key, value in options.items() if key not in cls.data_options})
 
 
-__all__ = ["ALIASES", "OPTIMIZERS", "SGD", "AdaMeZO", "Adam", "Addax", "ForwardGrad", "InPlaceSGD", "MeZO", "MeZOSVRG",
-           "ZOAdam", "ZOSGDConservative", "ZOSGDMomentum", "ZOSGDSign", "create_optimizer", "is_decayed", "resolve", "trainable_groups"]
+__all__ = [
+    "ALIASES",
+    "OPTIMIZERS",
+    "SGD",
+    "AdaMeZO",
+    "Adam",
+    "Addax",
+    "ForwardGrad",
+    "InPlaceSGD",
+    "MeZO",
+    "MeZOSVRG",
+    "ZOAdam",
+    "ZOSGDConservative",
+    "ZOSGDMomentum",
+    "ZOSGDSign",
+    "create_optimizer",
+    "is_decayed",
+    "resolve",
+    "trainable_groups",
+]

@@ -80,11 +80,25 @@ class AdaMeZO(MeZO):
         difference: ``"central"`` or ``"forward"`` (one-sided), as for :class:`MeZO`.
     """
 
-    def __init__(self, params_or_model, lr: float | None = None, eps: float = 1e-3, weight_decay: float = 0.0,
-                 window: int = 10, beta1: float = 0.7, beta2: float = 0.9, delta: float = 1e-5, form: str = "code",
-                 m_scale: float | None = None, distribution: str = "gaussian", seed: int = 0,
-                 num_threads: int | None = None, dual_forward: bool = False,
-                 perturbation: str | None = None, difference: str = "central") -> None:
+    def __init__(
+        self,
+        params_or_model,
+        lr: float | None = None,
+        eps: float = 1e-3,
+        weight_decay: float = 0.0,
+        window: int = 10,
+        beta1: float = 0.7,
+        beta2: float = 0.9,
+        delta: float = 1e-5,
+        form: str = "code",
+        m_scale: float | None = None,
+        distribution: str = "gaussian",
+        seed: int = 0,
+        num_threads: int | None = None,
+        dual_forward: bool = False,
+        perturbation: str | None = None,
+        difference: str = "central",
+    ) -> None:
         if not (isinstance(window, int) and window >= 1):
             raise OptionError(f"window must be a positive integer, got {window!r} (the paper uses 10)")
         for name, beta in (("beta1", beta1), ("beta2", beta2)):
@@ -95,13 +109,22 @@ class AdaMeZO(MeZO):
         if form not in FORMS:
             raise OptionError(f"form must be 'code' or 'paper', got {form!r}")
         if form == "paper" and m_scale is not None:
-            raise OptionError("m_scale applies to form='code' only (the paper has no factor on m): drop it, "
-                              "or multiply lr by it")
+            raise OptionError("m_scale applies to form='code' only (the paper has no factor on m): drop it, or multiply lr by it")
         if lr is None:
             lr = CODE_LR if form == "code" else self.paper_lr(CODE_LR, beta1, beta2)
-        super().__init__(params_or_model, lr=lr, eps=eps, weight_decay=weight_decay, n_directions=1,
-                         distribution=distribution, seed=seed, num_threads=num_threads,
-                         dual_forward=dual_forward, perturbation=perturbation, difference=difference)
+        super().__init__(
+            params_or_model,
+            lr=lr,
+            eps=eps,
+            weight_decay=weight_decay,
+            n_directions=1,
+            distribution=distribution,
+            seed=seed,
+            num_threads=num_threads,
+            dual_forward=dual_forward,
+            perturbation=perturbation,
+            difference=difference,
+        )
         self.window, self.beta1, self.beta2, self.delta, self.form = window, beta1, beta2, delta, form
         if form == "code":
             self.m_scale = CODE_M_SCALE if m_scale is None else m_scale
@@ -126,15 +149,20 @@ class AdaMeZO(MeZO):
     def _update(self, estimates) -> None:
         estimate = estimates[0]
         stream = self.state["zo"]
-        history = [*stream["window"], [estimate.seed, estimate.projected_gradient]][-self.window:]
+        history = [*stream["window"], [estimate.seed, estimate.projected_gradient]][-self.window :]
         self.state["zo"] = {**stream, "window": history}
         if stream["step"] <= self.plain_steps:  # the step counter already counts this step
             return super()._update(estimates)
         momentum_only = self.beta2 == 0
         # Momentum only: v is not used; add_moments fills both buffers in one pass, so v's coefficients are zero.
-        terms = [(seed, self.norm1 * self.beta1**k * projected,
-                  0.0 if momentum_only else self.norm2 * self.beta2**k * projected * projected)
-                 for k, (seed, projected) in enumerate(history[::-1])]
+        terms = [
+            (
+                seed,
+                self.norm1 * self.beta1**k * projected,
+                0.0 if momentum_only else self.norm2 * self.beta2**k * projected * projected,
+            )
+            for k, (seed, projected) in enumerate(history[::-1])
+        ]
         restore = estimate.restore
         for group, indices in zip(self.param_groups, self.group_indices):
             lr = group["lr"]

@@ -88,8 +88,7 @@ class Addax(UpdatesInBackward, ZerothOrder):
     @classmethod
     def data_plan(cls, examples, batch_size, options, seed, measure=None, from_first=int):
         """D0 (longer than L_T) feeds the ``K0 batch``, D1 the ``K1 batch`` (see :func:`zotune.lengths.plan_addax`)."""
-        plan = agreed_plan(plan_addax(options, examples, batch_size, measure), from_first, options, examples,
-                           batch_size)
+        plan = agreed_plan(plan_addax(options, examples, batch_size, measure), from_first, options, examples, batch_size)
         return AddaxBatches(plan.split, plan.k0, plan.k1, seed, plan.notes)
 
     def data_parallel(self, group) -> None:
@@ -102,9 +101,11 @@ class Addax(UpdatesInBackward, ZerothOrder):
         long, short = batches.get("K0 batch"), batches.get("K1 batch")
         self.step(long and (lambda: loss(long)), short and (lambda: loss(short)))
         losses, sizes = self.last_losses, {"zo": len(long or ()), "fo": len(short or ())}
-        record = dict(loss=sum(losses[key] * sizes[key] for key in losses) / sum(sizes[key] for key in losses),
-                      **{f"loss_{key}": value for key, value in losses.items()},
-                      forward_passes=2 * ("zo" in losses) + ("fo" in losses))
+        record = dict(
+            loss=sum(losses[key] * sizes[key] for key in losses) / sum(sizes[key] for key in losses),
+            **{f"loss_{key}": value for key, value in losses.items()},
+            forward_passes=2 * ("zo" in losses) + ("fo" in losses),
+        )
         if self.last_estimates:
             estimate = self.last_estimates[0]
             record.update(projected_grad=estimate.projected_gradient, seed=estimate.seed)
@@ -128,15 +129,28 @@ class Addax(UpdatesInBackward, ZerothOrder):
             raise OptionError(f"Addax mixing must be one of {', '.join(MIXINGS)}, got {mixing!r}")
         if not (isinstance(alpha, (int, float)) and 0 <= alpha and (mixing == "additive" or alpha <= 1)):
             raise OptionError(f"Addax alpha must be in [0, 1] for convex mixing (>= 0 for additive), got {alpha!r}")
-        super().__init__(params_or_model, lr=lr, eps=eps, weight_decay=weight_decay, distribution=distribution,
-                         seed=seed, num_threads=num_threads, difference=difference)
+        super().__init__(
+            params_or_model,
+            lr=lr,
+            eps=eps,
+            weight_decay=weight_decay,
+            distribution=distribution,
+            seed=seed,
+            num_threads=num_threads,
+            difference=difference,
+        )
         self.alpha, self.mixing = float(alpha), mixing
         self.last_losses: dict[str, float] = {}
         self._pending: tuple[list, float] | None = None  # (seed, w0·c) pairs and w1, during backward
         self._updated: set[int] = set()
-        self._register_update_hooks(((param, self._updater(group, index))
-                                     for group, indices in zip(self.param_groups, self.group_indices)
-                                     for param, index in zip(group["params"], indices)), clip_grad_norm)
+        self._register_update_hooks(
+            (
+                (param, self._updater(group, index))
+                for group, indices in zip(self.param_groups, self.group_indices)
+                for param, index in zip(group["params"], indices)
+            ),
+            clip_grad_norm,
+        )
 
     @property
     def weights(self) -> tuple[float, float]:
@@ -173,15 +187,14 @@ class Addax(UpdatesInBackward, ZerothOrder):
                 block.work.mul_(decay)
             for seed, coef in terms:
                 block.work.add_(block.z(seed), alpha=coef)
-            block.work.add_(flat[block.start:block.start + block.work.numel()], alpha=alpha)
+            block.work.add_(flat[block.start : block.start + block.work.numel()], alpha=alpha)
 
         self.engine.transform(update, (index,))
 
     @torch.no_grad()
     def step(self, zo_closure: Closure | None = None, fo_closure: Closure | None = None) -> float:  # type: ignore[override]
         if zo_closure is None and fo_closure is None:
-            raise TypeError("Addax.step needs zo_closure (loss on the long batch), fo_closure (loss on the short "
-                            "batch), or both")
+            raise TypeError("Addax.step needs zo_closure (loss on the long batch), fo_closure (loss on the short batch), or both")
         if fo_closure is not None:
             self._refuse_held_gradients("call optimizer.zero_grad() before step()")
         step, seed = self.state["zo"]["step"], self.step_seed()
@@ -194,8 +207,7 @@ class Addax(UpdatesInBackward, ZerothOrder):
             self.last_estimates = [estimate]
         if fo_closure is None:
             # MeZO's update (w0 = 1), the pending in-place restore folded in
-            self.apply_by_group(lambda group: [(seed, -group["lr"] * estimate.projected_gradient)],
-                                restore=estimate.restore)
+            self.apply_by_group(lambda group: [(seed, -group["lr"] * estimate.projected_gradient)], restore=estimate.restore)
         else:
             w0, w1 = self.weights if estimate is not None else (0.0, 1.0)
             zo_pairs = [(seed, w0 * estimate.projected_gradient)] if estimate is not None else []
@@ -218,6 +230,5 @@ class Addax(UpdatesInBackward, ZerothOrder):
             untouched = tuple(i for i in indices if i not in self._updated)
             if untouched:
                 lr = group["lr"]
-                self.engine.apply([(s, -lr * a) for s, a in zo_pairs], untouched,
-                                  scale=1.0 - lr * group["weight_decay"])
+                self.engine.apply([(s, -lr * a) for s, a in zo_pairs], untouched, scale=1.0 - lr * group["weight_decay"])
         return value

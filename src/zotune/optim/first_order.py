@@ -35,7 +35,13 @@ class Adam(BackwardThenStep, torch.optim.Adam):
         eps: added to the denominator.
     """
 
-    def __init__(self, params_or_model, lr: float = 1e-3, weight_decay: float = 0.0,
-                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> None:
+    def __init__(
+        self,
+        params_or_model,
+        lr: float = 1e-3,
+        weight_decay: float = 0.0,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+    ) -> None:
         super().__init__(trainable_groups(params_or_model, weight_decay)[1], lr=lr, betas=tuple(betas), eps=eps)
         self._setup_protocol()

@@ -57,14 +57,23 @@ class ForwardGrad(ZerothOrder):
     def fsdp_problem(cls, options: dict) -> str | None:
         return "its forward-mode pass needs the whole model's parameters as dual tensors"
 
-    def __init__(self, params_or_model, lr: float = 1e-6, weight_decay: float = 0.0, n_directions: int = 1,
-                 distribution: str = GAUSSIAN, seed: int = 0, num_threads: int | None = None) -> None:
+    def __init__(
+        self,
+        params_or_model,
+        lr: float = 1e-6,
+        weight_decay: float = 0.0,
+        n_directions: int = 1,
+        distribution: str = GAUSSIAN,
+        seed: int = 0,
+        num_threads: int | None = None,
+    ) -> None:
         if not isinstance(params_or_model, nn.Module):
             raise OptionError("forward-grad runs the model on dual parameters: pass the model, not its parameters")
         if not (isinstance(n_directions, int) and n_directions >= 1):
             raise OptionError(f"n_directions must be a positive integer, got {n_directions!r}")
-        super().__init__(params_or_model, lr=lr, weight_decay=weight_decay, distribution=distribution, seed=seed,
-                         num_threads=num_threads)
+        super().__init__(
+            params_or_model, lr=lr, weight_decay=weight_decay, distribution=distribution, seed=seed, num_threads=num_threads
+        )
         self.model, self.n_directions = params_or_model, n_directions
         names = {id(p): name for name, p in params_or_model.named_parameters()}
         self.names = [f"model.{names[id(p)]}" for p in self.param_list]
@@ -103,8 +112,10 @@ class ForwardGrad(ZerothOrder):
                 loss, derivative = torch.func.jvp(loss_of, primals, tangents)
         except NotImplementedError as error:
             operation = str(error).split(" that ")[0].removeprefix("Trying to use forward AD with ")
-            raise OptionError(f"forward-grad: the model runs {operation}, which has no forward-mode derivative in "
-                              "torch; load the model with attn_implementation=eager or sdpa, or use mezo") from None
+            raise OptionError(
+                f"forward-grad: the model runs {operation}, which has no forward-mode derivative in "
+                "torch; load the model with attn_implementation=eager or sdpa, or use mezo"
+            ) from None
         return float(loss), float(derivative)
 
     @contextmanager

@@ -40,12 +40,15 @@ class UpdatesInBackward(TrainingStep):
     def _register_update_hooks(self, hooks, clip_grad_norm: float | None) -> None:
         """``hooks``: (parameter, hook) pairs; each hook runs when that parameter's gradient is complete and
         updates it, the gradient scaled by ``_gradient_scale``."""
-        if clip_grad_norm is not None and (isinstance(clip_grad_norm, bool) or not isinstance(clip_grad_norm, (int, float))
-                                           or not clip_grad_norm > 0):
+        if clip_grad_norm is not None and (
+            isinstance(clip_grad_norm, bool) or not isinstance(clip_grad_norm, (int, float)) or not clip_grad_norm > 0
+        ):
             raise OptionError(f"clip_grad_norm must be a positive number or None, got {clip_grad_norm!r}")
         hooks = list(hooks)
-        refuse_sharded([param for param, _ in hooks], f"{type(self).__name__} updates each parameter inside backward, "
-                       "before FSDP2 has reduce-scattered its gradient")
+        refuse_sharded(
+            [param for param, _ in hooks],
+            f"{type(self).__name__} updates each parameter inside backward, before FSDP2 has reduce-scattered its gradient",
+        )
         self.clip_grad_norm = None if clip_grad_norm is None else float(clip_grad_norm)
         self.last_grad_norm: float | None = None  # the step's gradient norm before clipping, when clipping
         self._gradient_scale: float | None = None  # set during an updating backward inside step()
@@ -83,8 +86,10 @@ class UpdatesInBackward(TrainingStep):
         the update with this one: refused rather than cleared, since it may be someone's data."""
         held = sum(param.grad is not None for param in self._parameters())
         if held:
-            raise OptionError(f"{type(self).__name__}: {held} parameter{' holds' if held == 1 else 's hold'} a gradient "
-                              f"already, which backward would add to the next update's: {fix}")
+            raise OptionError(
+                f"{type(self).__name__}: {held} parameter{' holds' if held == 1 else 's hold'} a gradient "
+                f"already, which backward would add to the next update's: {fix}"
+            )
 
     def _reduced_gradient(self, param: torch.Tensor) -> torch.Tensor:
         """The parameter's complete gradient, averaged over the ranks when data parallel."""
@@ -96,8 +101,9 @@ class UpdatesInBackward(TrainingStep):
         """The parameter's complete gradient (averaged over the ranks when data parallel), watched."""
         grad = self._reduced_gradient(param)
         total = grad.sum(dtype=torch.float32)
-        self._gradient_total = total if self._gradient_total is None else self._gradient_total + total.to(
-            self._gradient_total.device)
+        self._gradient_total = (
+            total if self._gradient_total is None else self._gradient_total + total.to(self._gradient_total.device)
+        )
         return grad
 
     @torch.no_grad()
@@ -107,8 +113,7 @@ class UpdatesInBackward(TrainingStep):
         grad = self._reduced_gradient(param)
         norm = torch.linalg.vector_norm(grad, dtype=grad.dtype if grad.dtype in FULL_PRECISION else torch.float32)
         square = norm * norm
-        self._squared_norm = square if self._squared_norm is None else self._squared_norm + square.to(
-            self._squared_norm.device)
+        self._squared_norm = square if self._squared_norm is None else self._squared_norm + square.to(self._squared_norm.device)
         param.grad = None
 
     def _clip_scale(self, loss: torch.Tensor, step: int, seed: int | None) -> float:
@@ -183,8 +188,7 @@ class InPlaceSGD(UpdatesInBackward, torch.optim.Optimizer):
             default): no clipping.
     """
 
-    def __init__(self, params_or_model, lr: float = 1e-3, weight_decay: float = 0.0,
-                 clip_grad_norm: float | None = None) -> None:
+    def __init__(self, params_or_model, lr: float = 1e-3, weight_decay: float = 0.0, clip_grad_norm: float | None = None) -> None:
         if lr < 0:
             raise OptionError(f"lr must be >= 0, got {lr}")
         _, groups = trainable_groups(params_or_model, weight_decay)
@@ -192,8 +196,9 @@ class InPlaceSGD(UpdatesInBackward, torch.optim.Optimizer):
         self._steps = 0
         # Before the hooks exist: a refused optimizer must leave none behind on the parameters.
         self._refuse_held_gradients("call model.zero_grad() before creating InPlaceSGD")
-        self._register_update_hooks(((param, self._updater(group)) for group in self.param_groups
-                                     for param in group["params"]), clip_grad_norm)
+        self._register_update_hooks(
+            ((param, self._updater(group)) for group in self.param_groups for param in group["params"]), clip_grad_norm
+        )
 
     def _updater(self, group: dict):
         @torch.no_grad()
@@ -202,8 +207,10 @@ class InPlaceSGD(UpdatesInBackward, torch.optim.Optimizer):
             if scale is None:  # a backward of the caller's own, outside step()
                 if self.clip_grad_norm is not None:
                     param.grad = None
-                    raise OptionError("InPlaceSGD with clip_grad_norm updates only in step(), which measures the "
-                                      "gradient's norm first: call optimizer.step(lambda: loss) instead of loss.backward()")
+                    raise OptionError(
+                        "InPlaceSGD with clip_grad_norm updates only in step(), which measures the "
+                        "gradient's norm first: call optimizer.step(lambda: loss) instead of loss.backward()"
+                    )
                 scale = 1.0
             lr, weight_decay = group["lr"], group["weight_decay"]
             grad = self._take_gradient(param)

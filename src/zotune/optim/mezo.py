@@ -101,9 +101,18 @@ class MeZO(ZerothOrder):
             raise OptionError(f"n_directions must be a positive integer, got {n_directions!r}")
         if not (isinstance(mask_every, int) and mask_every >= 1):
             raise OptionError(f"mask_every must be a positive integer (steps between new masks), got {mask_every!r}")
-        super().__init__(params_or_model, lr=lr, eps=eps, weight_decay=weight_decay, distribution=distribution,
-                         seed=seed, num_threads=num_threads, dual_forward=dual_forward, perturbation=perturbation,
-                         difference=difference)
+        super().__init__(
+            params_or_model,
+            lr=lr,
+            eps=eps,
+            weight_decay=weight_decay,
+            distribution=distribution,
+            seed=seed,
+            num_threads=num_threads,
+            dual_forward=dual_forward,
+            perturbation=perturbation,
+            difference=difference,
+        )
         self.n_directions, self.mask_every = n_directions, mask_every
         shares = shares_of(self.param_list, sparsity, sparse_shares, seed)
         if sparsity:
@@ -113,8 +122,10 @@ class MeZO(ZerothOrder):
         self.blocks = None
         if blocks is not None:
             if self.estimator.module_perturbation is None or dual_forward:
-                raise OptionError("blocks perturbs one block of modules at a time, in module mode: pass the model, "
-                                  "with perturbation=module and dual_forward=false")
+                raise OptionError(
+                    "blocks perturbs one block of modules at a time, in module mode: pass the model, "
+                    "with perturbation=module and dual_forward=false"
+                )
             self.blocks = perturbation_blocks(params_or_model, self.param_list, blocks)
 
     @torch.no_grad()
@@ -135,8 +146,11 @@ class MeZO(ZerothOrder):
             self.engine.mask.seed = derive_seed(self.state["zo"]["seed"], step // self.mask_every, MASK_COUNTER)
         for j in range(self.n_directions):
             for only in self.blocks or [None]:
-                estimates.append(self.estimator.estimate(closure, self.step_seed(j), step, only=only,
-                                                         fuse_restore=j == self.n_directions - 1, loss_here=loss_here))
+                estimates.append(
+                    self.estimator.estimate(
+                        closure, self.step_seed(j), step, only=only, fuse_restore=j == self.n_directions - 1, loss_here=loss_here
+                    )
+                )
                 if self.estimator.one_sided:
                     loss_here = estimates[0].loss_minus
         return estimates
@@ -144,15 +158,20 @@ class MeZO(ZerothOrder):
     def gradient_pairs(self, estimates, index: int | None = None) -> list[Pair]:
         """The step's zeroth-order gradient ĝ = (1/n)·Σ_j c_j·z(s_j) as (seed, coefficient) pairs; block-wise,
         those of parameter ``index``'s block."""
-        return [(e.seed, e.projected_gradient / self.n_directions) for e in estimates
-                if e.indices is None or index in e.indices]
+        return [(e.seed, e.projected_gradient / self.n_directions) for e in estimates if e.indices is None or index in e.indices]
 
     def train_step(self, batches: dict[str, list], loss: Loss, micro_batch: int) -> dict:
         batch = batches["batch"]
         value = self.step(lambda copies=1: loss(batch, copies))
         first = self.last_estimates[0]
-        return dict(loss=value, loss_plus=first.loss_plus, loss_minus=first.loss_minus,
-                    projected_grad=first.projected_gradient, seed=first.seed, forward_passes=self.forwards())
+        return dict(
+            loss=value,
+            loss_plus=first.loss_plus,
+            loss_minus=first.loss_minus,
+            projected_grad=first.projected_gradient,
+            seed=first.seed,
+            forward_passes=self.forwards(),
+        )
 
     def forwards(self) -> int:
         """The forwards the last step ran."""
@@ -171,5 +190,4 @@ class MeZO(ZerothOrder):
         for estimate in estimates:
             parts.setdefault(estimate.indices, []).append(estimate)
         for only, part in parts.items():
-            self.apply_by_group(lambda group, part=part: self.update_pairs(part, group), restore=estimates[-1].restore,
-                                only=only)
+            self.apply_by_group(lambda group, part=part: self.update_pairs(part, group), restore=estimates[-1].restore, only=only)

@@ -32,8 +32,10 @@ def is_sharded(param: torch.Tensor) -> bool:
 def refuse_sharded(params, why: str) -> None:
     """Raises if any parameter is an FSDP2 shard (a DTensor), naming what does support them."""
     if any(is_sharded(p) for p in params):
-        raise OptionError(f"FSDP2-sharded parameters: {why}. With fully_shard use {', '.join(fsdp_optimizers())}, "
-                          "given the parameters, not the model (in-place perturbation)")
+        raise OptionError(
+            f"FSDP2-sharded parameters: {why}. With fully_shard use {', '.join(fsdp_optimizers())}, "
+            "given the parameters, not the model (in-place perturbation)"
+        )
 
 
 def trainable_groups(params_or_model, weight_decay: float = 0.0) -> tuple[nn.Module | None, list[dict]]:

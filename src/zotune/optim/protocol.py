@@ -61,8 +61,15 @@ class TrainingStep:
         number of training examples, when known)."""
 
     @classmethod
-    def data_plan(cls, examples: Sequence, batch_size: int, options: dict, seed: int,
-                  measure: Callable[[list[int]], int] | None = None, from_first: Callable[[int], int] = int):
+    def data_plan(
+        cls,
+        examples: Sequence,
+        batch_size: int,
+        options: dict,
+        seed: int,
+        measure: Callable[[list[int]], int] | None = None,
+        from_first: Callable[[int], int] = int,
+    ):
         """The sampler of this optimizer's batches over ``examples`` (the encoded training set). ``measure``
         gives the peak bytes of a first-order step on some examples; ``from_first`` gives rank 0's value of a
         number, so that every rank of a data-parallel run plans alike."""

@@ -98,34 +98,42 @@ class MeZOSVRG(ZerothOrder):
         difference: str = "central",
     ) -> None:
         if anneal is not None and not anneal > 1:
-            raise OptionError(f"anneal must be > 1 (the divisor of lr and anchor_lr when the loss rises), got {anneal!r}: "
-                              "set anneal=None to turn annealing off")
+            raise OptionError(
+                f"anneal must be > 1 (the divisor of lr and anchor_lr when the loss rises), got {anneal!r}: "
+                "set anneal=None to turn annealing off"
+            )
         if not (isinstance(anneal_window, int) and anneal_window >= 1):
             raise OptionError(f"anneal_window must be a positive integer (steps per loss window), got {anneal_window!r}")
         if anneal_threshold < 0:
-            raise OptionError(f"anneal_threshold must be >= 0 (0.05: anneal on a rise of more than 5%), got "
-                              f"{anneal_threshold}")
+            raise OptionError(f"anneal_threshold must be >= 0 (0.05: anneal on a rise of more than 5%), got {anneal_threshold}")
         if anneal_min_lr < 0 or anneal_min_anchor_lr < 0:
-            raise OptionError(f"anneal_min_lr and anneal_min_anchor_lr must be >= 0, got {anneal_min_lr} and "
-                              f"{anneal_min_anchor_lr}")
+            raise OptionError(
+                f"anneal_min_lr and anneal_min_anchor_lr must be >= 0, got {anneal_min_lr} and {anneal_min_anchor_lr}"
+            )
         if weight_decay:
-            raise OptionError(f"MeZO-SVRG takes no weight decay (got {weight_decay}): the paper has none, and decay would "
-                              "take θ off the (seed, scalar) path from the anchor; set weight_decay=0")
+            raise OptionError(
+                f"MeZO-SVRG takes no weight decay (got {weight_decay}): the paper has none, and decay would "
+                "take θ off the (seed, scalar) path from the anchor; set weight_decay=0"
+            )
         if memory not in MEMORY_MODES:
             raise OptionError(f"MeZO-SVRG memory must be one of {', '.join(MEMORY_MODES)}, got {memory!r}")
         if not (isinstance(anchor_every, int) and anchor_every >= 2):
-            raise OptionError(f"anchor_every (q) must be an integer >= 2, got {anchor_every!r}: q = 1 would be MeZO "
-                              "on the large batch")
+            raise OptionError(
+                f"anchor_every (q) must be an integer >= 2, got {anchor_every!r}: q = 1 would be MeZO on the large batch"
+            )
         if anchor_lr < 0:
             raise OptionError(f"anchor_lr must be >= 0, got {anchor_lr}")
-        super().__init__(params_or_model, lr=lr, eps=eps, distribution=distribution, seed=seed, num_threads=num_threads,
-                         difference=difference)
+        super().__init__(
+            params_or_model, lr=lr, eps=eps, distribution=distribution, seed=seed, num_threads=num_threads, difference=difference
+        )
         for group in self.param_groups:
             group.setdefault("anchor_lr", anchor_lr)
         self.anchor_every, self.memory = anchor_every, memory
         if memory == "dense":
-            refuse_sharded([p for group in self.param_groups for p in group["params"]],
-                           "memory=dense swaps whole parameter tensors for the anchor's")
+            refuse_sharded(
+                [p for group in self.param_groups for p in group["params"]],
+                "memory=dense swaps whole parameter tensors for the anchor's",
+            )
         self.state["zo"] = {**self.state["zo"], "anchor_gradient": None, "path": []}
         self.anneal, self.anneal_window, self.anneal_threshold = anneal, anneal_window, anneal_threshold
         self.anneal_min_lr, self.anneal_min_anchor_lr = anneal_min_lr, anneal_min_anchor_lr
@@ -147,10 +155,11 @@ class MeZOSVRG(ZerothOrder):
     @classmethod
     def check_data_options(cls, options, batch_size, size):
         large = options.get("large_batch", size)
-        if large is not None and (not isinstance(large, int) or isinstance(large, bool)
-                                  or not 1 <= large <= (size or large)):
-            raise ConfigError(f"optimizer_options.large_batch must be a number of training examples from 1 to "
-                              f"{size or 'the training set'} (the training set), got {large!r}")
+        if large is not None and (not isinstance(large, int) or isinstance(large, bool) or not 1 <= large <= (size or large)):
+            raise ConfigError(
+                f"optimizer_options.large_batch must be a number of training examples from 1 to "
+                f"{size or 'the training set'} (the training set), got {large!r}"
+            )
 
     @classmethod
     def data_plan(cls, examples, batch_size, options, seed, measure=None, from_first=int):
@@ -165,13 +174,20 @@ class MeZOSVRG(ZerothOrder):
             micro = [large[i : i + micro_batch] for i in range(0, len(large), micro_batch)]
             value = self.step(None, mean_over_micro_batches(loss, micro))
             live = self.last_estimates[0]
-            return dict(loss=value, projected_grad=live.projected_gradient, seed=live.seed, anchor=True,
-                        forward_passes=2 * len(micro))
+            return dict(
+                loss=value, projected_grad=live.projected_gradient, seed=live.seed, anchor=True, forward_passes=2 * len(micro)
+            )
         batch = batches["batch"]
         value = self.step(lambda: loss(batch))
         live, anchored = self.last_estimates
-        return dict(loss=value, projected_grad=live.projected_gradient, seed=live.seed, anchor=False,
-                    projected_grad_at_anchor=anchored.projected_gradient, forward_passes=4)
+        return dict(
+            loss=value,
+            projected_grad=live.projected_gradient,
+            seed=live.seed,
+            anchor=False,
+            projected_grad_at_anchor=anchored.projected_gradient,
+            forward_passes=4,
+        )
 
     @property
     def is_anchor_step(self) -> bool:
@@ -184,7 +200,7 @@ class MeZOSVRG(ZerothOrder):
         self._anneal_if_the_loss_rose()
         loss = self._svrg_step(closure, large_batch_closure)
         # A new list (not appended in place), so that a state_dict() taken earlier stays a snapshot.
-        losses = [*self.state["zo"].get("anneal_losses", []), loss][-3 * self.anneal_window:]
+        losses = [*self.state["zo"].get("anneal_losses", []), loss][-3 * self.anneal_window :]
         self.state["zo"] = {**self.state["zo"], "anneal_losses": losses}
         return loss
 
@@ -195,7 +211,7 @@ class MeZOSVRG(ZerothOrder):
         losses = stream.get("anneal_losses", [])
         if stream["step"] % window or stream["step"] <= 4 * window or len(losses) < 3 * window:
             return
-        recent, earlier = sum(losses[-window:]) / window, sum(losses[-3 * window:-2 * window]) / window
+        recent, earlier = sum(losses[-window:]) / window, sum(losses[-3 * window : -2 * window]) / window
         if recent <= (1 + self.anneal_threshold) * earlier:
             return
         for group in self.param_groups:
@@ -208,17 +224,22 @@ class MeZOSVRG(ZerothOrder):
         seed = self.step_seed()
         if self.is_anchor_step:
             if large_batch_closure is None:
-                raise TypeError(f"step {step} is an anchor step (every {self.anchor_every}): pass large_batch_closure, "
-                                "the loss on the large batch")
+                raise TypeError(
+                    f"step {step} is an anchor step (every {self.anchor_every}): pass large_batch_closure, "
+                    "the loss on the large batch"
+                )
             estimate = self.estimator.estimate(large_batch_closure, seed, step)
             gradient = (seed, estimate.projected_gradient)
             if self.memory == "dense":
                 for index, param in enumerate(self.engine.params):  # new dicts: an earlier state_dict() stays a snapshot
-                    self.state[param] = {"anchor": param.detach().clone(),
-                                         "anchor_gradient": gradient[1] * self.engine.direction(index, seed).to(param.dtype)}
+                    self.state[param] = {
+                        "anchor": param.detach().clone(),
+                        "anchor_gradient": gradient[1] * self.engine.direction(index, seed).to(param.dtype),
+                    }
             path: list[Pair] = []
-            self._apply_by_group(lambda group: [(seed, -group["anchor_lr"] * gradient[1])],
-                                 path if self.memory == "seeds" else None)
+            self._apply_by_group(
+                lambda group: [(seed, -group["anchor_lr"] * gradient[1])], path if self.memory == "seeds" else None
+            )
             self.state["zo"] = {**stream, "step": step + 1, "anchor_gradient": list(gradient), "path": path}
             self.last_estimates = [estimate]
             return (estimate.loss_plus + estimate.loss_minus) / 2
@@ -233,8 +254,7 @@ class MeZOSVRG(ZerothOrder):
                 for param in group["params"]:
                     param.add_(self.state[param]["anchor_gradient"], alpha=-group["lr"])
         else:
-            self._apply_by_group(lambda group: [(seed, -group["lr"] * difference), (anchor_seed, -group["lr"] * anchor_c)],
-                                 path)
+            self._apply_by_group(lambda group: [(seed, -group["lr"] * difference), (anchor_seed, -group["lr"] * anchor_c)], path)
         self.state["zo"] = {**stream, "step": step + 1, "path": path}
         self.last_estimates = [live, anchored]
         return (live.loss_plus + live.loss_minus) / 2
@@ -254,8 +274,10 @@ class MeZOSVRG(ZerothOrder):
     def _apply_by_group(self, pairs_of, path: list | None) -> None:
         """Apply each group's pairs; record them on the ``path`` from θ̃ if given (one entry per seed, summed)."""
         if path is not None and len({(g["lr"], g["anchor_lr"]) for g in self.param_groups}) > 1:
-            raise OptionError("MeZO-SVRG in seeds mode needs the same lr and anchor_lr in every parameter group (the "
-                              "path from the anchor is one list of pairs): use memory=dense for per-group rates")
+            raise OptionError(
+                "MeZO-SVRG in seeds mode needs the same lr and anchor_lr in every parameter group (the "
+                "path from the anchor is one list of pairs): use memory=dense for per-group rates"
+            )
         for group, indices in zip(self.param_groups, self.group_indices):
             self.engine.apply(pairs_of(group), indices)
         for seed, coefficient in pairs_of(self.param_groups[0]) if path is not None else []:

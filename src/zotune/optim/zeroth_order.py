@@ -48,9 +48,19 @@ class ZerothOrder(TrainingStep, torch.optim.Optimizer):
     def fsdp_problem(cls, options: dict) -> str | None:
         return None  # given the parameters, it perturbs and updates each rank's shard in place
 
-    def __init__(self, params_or_model, lr: float, eps: float = 1e-3, weight_decay: float = 0.0,
-                 distribution: str = GAUSSIAN, seed: int = 0, num_threads: int | None = None,
-                 dual_forward: bool = False, perturbation: str | None = None, difference: str = "central") -> None:
+    def __init__(
+        self,
+        params_or_model,
+        lr: float,
+        eps: float = 1e-3,
+        weight_decay: float = 0.0,
+        distribution: str = GAUSSIAN,
+        seed: int = 0,
+        num_threads: int | None = None,
+        dual_forward: bool = False,
+        perturbation: str | None = None,
+        difference: str = "central",
+    ) -> None:
         if lr < 0:
             raise OptionError(f"lr must be >= 0, got {lr}")
         if weight_decay < 0:
@@ -60,16 +70,18 @@ class ZerothOrder(TrainingStep, torch.optim.Optimizer):
         if perturbation not in PERTURBATIONS:
             raise OptionError(f"perturbation must be one of {', '.join(PERTURBATIONS)}, got {perturbation!r}")
         if perturbation == "module" and model is None:
-            raise OptionError("perturbation=module runs each module on perturbed copies of its parameters: pass the "
-                              "model, not its parameters")
+            raise OptionError(
+                "perturbation=module runs each module on perturbed copies of its parameters: pass the model, not its parameters"
+            )
         super().__init__(groups, {"lr": lr, "weight_decay": weight_decay})
         params = [p for group in self.param_groups for p in group["params"]]
         self.param_list = params  # by engine index
         if perturbation == "module":
             refuse_sharded(params, "module perturbation swaps whole parameter tensors, which FSDP2 owns")
         self.engine = DirectionEngine(params, distribution, num_threads)
-        self.estimator = TwoPointEstimator(self.engine, eps, model, dual_forward, in_place=perturbation == "inplace",
-                                           difference=difference)
+        self.estimator = TwoPointEstimator(
+            self.engine, eps, model, dual_forward, in_place=perturbation == "inplace", difference=difference
+        )
         offsets = [0]
         for group in self.param_groups:
             offsets.append(offsets[-1] + len(group["params"]))
@@ -90,8 +102,13 @@ class ZerothOrder(TrainingStep, torch.optim.Optimizer):
         stream = self.state["zo"]
         self.state["zo"] = {**stream, "step": stream["step"] + 1, **changes}
 
-    def apply_by_group(self, pairs_of: Callable[[dict], Sequence[Pair]], restore: Sequence[Pair] = (),
-                       decay: bool = True, only: frozenset[int] | None = None) -> None:
+    def apply_by_group(
+        self,
+        pairs_of: Callable[[dict], Sequence[Pair]],
+        restore: Sequence[Pair] = (),
+        decay: bool = True,
+        only: frozenset[int] | None = None,
+    ) -> None:
         """θ ← θ·(1 − lr·wd) + Σ a·z(s) in each group, over the group's ``pairs_of(group)``; ``restore``: pairs
         an in-place estimate left pending, folded into the same pass; ``only``: these engine indices alone."""
         for group, indices in zip(self.param_groups, self.group_indices):
@@ -100,8 +117,9 @@ class ZerothOrder(TrainingStep, torch.optim.Optimizer):
             if chosen:
                 self.engine.apply(list(pairs_of(group)), chosen, restore=restore, scale=scale)
 
-    def dense_update(self, update: Callable[[Block, dict, dict[str, torch.Tensor]], None], names: Sequence[str],
-                     restore: Sequence[Pair] = ()) -> None:
+    def dense_update(
+        self, update: Callable[[Block, dict, dict[str, torch.Tensor]], None], names: Sequence[str], restore: Sequence[Pair] = ()
+    ) -> None:
         """An update with per-parameter state: on every block of every group, ``restore`` (an in-place estimate's
         pending pairs) is folded in and θ decayed by (1 − lr·wd), then ``update(block, group, state)`` changes
         ``block.work``, ``state[name]`` being this block's part of the parameter's buffer ``name`` (float32, or
@@ -120,8 +138,9 @@ class ZerothOrder(TrainingStep, torch.optim.Optimizer):
                 if decay != 1.0:
                     block.work.mul_(decay)
                 stop = block.start + block.work.numel()
-                stored = {name: self.state[self.param_list[block.param_index]][name].view(-1)[block.start:stop]
-                          for name in names}
+                stored = {
+                    name: self.state[self.param_list[block.param_index]][name].view(-1)[block.start : stop] for name in names
+                }
                 state = {name: working(value) for name, value in stored.items()}
                 update(block, group, state)
                 for name, value in state.items():
@@ -140,5 +159,6 @@ class ZerothOrder(TrainingStep, torch.optim.Optimizer):
             raise CheckpointError(
                 f"this optimizer state was saved by a zotune whose directions came from stream {saved}, and this one "
                 f"draws stream {STREAM_VERSION}: its seeds would name other directions than those it was trained with. "
-                "Resume with the zotune version that saved it, or start the run again.")
+                "Resume with the zotune version that saved it, or start the run again."
+            )
         super().load_state_dict(state_dict)

@@ -25,8 +25,9 @@ class ZOAdam(MeZO):
         delta: δ > 0, added to the root (Adam's eps; ``eps`` is the perturbation's scale here); 1e-8.
     """
 
-    def __init__(self, params_or_model, lr: float = 1e-5, betas: tuple[float, float] = (0.9, 0.999),
-                 delta: float = 1e-8, **options) -> None:
+    def __init__(
+        self, params_or_model, lr: float = 1e-5, betas: tuple[float, float] = (0.9, 0.999), delta: float = 1e-8, **options
+    ) -> None:
         betas = tuple(betas)
         if len(betas) != 2 or not all(0.0 <= beta < 1.0 for beta in betas):
             raise OptionError(f"betas must be two numbers in [0, 1), got {betas}")

@@ -27,8 +27,10 @@ class ZOSGDConservative(MeZO):
 
     def __init__(self, params_or_model, lr: float = 1e-6, weight_decay: float = 0.0, **options) -> None:
         if weight_decay:
-            raise OptionError("zo-cons compares the loss at θ and at θ ∓ lr·ĝ and keeps the best: weight decay "
-                              "would move θ off those points; set weight_decay=0")
+            raise OptionError(
+                "zo-cons compares the loss at θ and at θ ∓ lr·ĝ and keeps the best: weight decay "
+                "would move θ off those points; set weight_decay=0"
+            )
         if options.get("blocks"):
             raise OptionError("zo-cons evaluates its candidates with the whole model moved along ĝ: drop blocks")
         super().__init__(params_or_model, lr=lr, **options)

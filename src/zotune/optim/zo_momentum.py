@@ -29,8 +29,9 @@ class ZOSGDMomentum(MeZO):
         window: h, the steps a replayed buffer holds (a positive integer; replay only).
     """
 
-    def __init__(self, params_or_model, lr: float = 1e-6, momentum: float = 0.9, buffer: str = "dense",
-                 window: int = 50, **options) -> None:
+    def __init__(
+        self, params_or_model, lr: float = 1e-6, momentum: float = 0.9, buffer: str = "dense", window: int = 50, **options
+    ) -> None:
         if not 0.0 <= momentum < 1.0:
             raise OptionError(f"momentum must be in [0, 1), got {momentum}")
         if buffer not in BUFFERS:
@@ -38,8 +39,10 @@ class ZOSGDMomentum(MeZO):
         if not (isinstance(window, int) and window >= 1):
             raise OptionError(f"window must be a positive integer, got {window!r}")
         if buffer == "replay" and (options.get("sparsity") or options.get("blocks")):
-            raise OptionError("buffer=replay rebuilds the buffer from whole-model directions of past steps: use "
-                              "buffer=dense with sparsity or blocks")
+            raise OptionError(
+                "buffer=replay rebuilds the buffer from whole-model directions of past steps: use "
+                "buffer=dense with sparsity or blocks"
+            )
         super().__init__(params_or_model, lr=lr, **options)
         self.momentum, self.buffer, self.window = momentum, buffer, window
         if buffer == "replay":
@@ -57,11 +60,12 @@ class ZOSGDMomentum(MeZO):
         if self.buffer == "replay":
             pairs = self.gradient_pairs(estimates)
             stream = self.state["zo"]
-            history = [*stream["window"], [[seed, coef] for seed, coef in pairs]][-self.window:]
+            history = [*stream["window"], [[seed, coef] for seed, coef in pairs]][-self.window :]
             self.state["zo"] = {**stream, "window": history}
             replayed = [(seed, self.momentum**k * coef) for k, step in enumerate(history[::-1]) for seed, coef in step]
-            self.apply_by_group(lambda group: [(seed, -group["lr"] * coef) for seed, coef in replayed],
-                                restore=estimates[-1].restore)
+            self.apply_by_group(
+                lambda group: [(seed, -group["lr"] * coef) for seed, coef in replayed], restore=estimates[-1].restore
+            )
             return
 
         def update(block, group, state) -> None:

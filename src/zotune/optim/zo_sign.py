@@ -37,6 +37,7 @@ class ZOSGDSign(MeZO):
     def _update(self, estimates) -> None:
         if self.sign == "scalar":
             return super()._update(estimates)
+
         def update(block, group, state) -> None:
             for seed, coef in self.gradient_pairs(estimates, block.param_index):
                 block.work.add_(block.z(seed).sign(), alpha=-group["lr"] * _sign(coef) / self.n_directions)

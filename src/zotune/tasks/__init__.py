@@ -64,7 +64,9 @@ def load_task(
 def _hub_task(name: str, sizes: dict, seed: int) -> LoadedTask:
     task = hub.HUB_TASKS[name][2]
     rows = hub.load_rows(name)
-    train_dev = split_rows(rows["train"], {"train": sizes["train"] or len(rows["train"]), "dev": sizes["dev"] or 0, "test": 0}, seed)
+    train_dev = split_rows(
+        rows["train"], {"train": sizes["train"] or len(rows["train"]), "dev": sizes["dev"] or 0, "test": 0}, seed
+    )
     split_sources = {"train": train_dev["train"], "dev": train_dev["dev"], "test": rows["validation"]}
     splits = {split: task.examples(split_rows_, f"{name} ({split})") for split, split_rows_ in split_sources.items()}
     splits["test"] = sample(splits["test"], sizes["test"], seed)
@@ -86,12 +88,20 @@ def _local_task(options: dict):
     required = ["train", "dev", "test", "template", *([] if generation else ["verbalizer"])]
     missing = [key for key in required if key not in options]
     if missing:
-        raise DataError(f"task 'local' needs task_options.{missing[0]} (required: {', '.join(required)}; "
-                        "verbalizer (or labels) for classification, answer_field for generation; text_fields may "
-                        "stand for the template)")
+        raise DataError(
+            f"task 'local' needs task_options.{missing[0]} (required: {', '.join(required)}; "
+            "verbalizer (or labels) for classification, answer_field for generation; text_fields may "
+            "stand for the template)"
+        )
     verbalizer = {str(label): text for label, text in dict(options.get("verbalizer", {})).items()}
-    task = Task("local", options["template"], verbalizer, options.get("label_field", "label"),
-                answer_field=options.get("answer_field"), mlm_template=options.get("mlm_template"))
+    task = Task(
+        "local",
+        options["template"],
+        verbalizer,
+        options.get("label_field", "label"),
+        answer_field=options.get("answer_field"),
+        mlm_template=options.get("mlm_template"),
+    )
     return task, {split: options[split] for split in SPLITS}
 
 

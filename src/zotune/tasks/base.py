@@ -87,8 +87,13 @@ class Task:
         before, _, after = (self.mlm_template or self.template + "{mask}").partition("{mask}")
         # LM-BFF drops a sentence's final punctuation before the "?" its NLI templates add ("Cats purr?<mask>").
         masked = (re.sub(r"[.!?;,]+\?$", "?", before.format(**values)), after.format(**values))
-        return Example(self.template.format(**values), tuple(self.verbalizer[name] for name in labels),
-                       labels.index(label), texts=tuple(values.values()), masked=masked)
+        return Example(
+            self.template.format(**values),
+            tuple(self.verbalizer[name] for name in labels),
+            labels.index(label),
+            texts=tuple(values.values()),
+            masked=masked,
+        )
 
     def examples(self, rows: Sequence[dict], source: str) -> list[Example]:
         if not rows:
@@ -112,7 +117,9 @@ def read_rows(path: str | Path) -> list[dict]:
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as error:
-                raise DataError(f"{path}, row {number}: not valid JSON ({error.msg}); each line must be one JSON object") from None
+                raise DataError(
+                    f"{path}, row {number}: not valid JSON ({error.msg}); each line must be one JSON object"
+                ) from None
             if not isinstance(row, dict):
                 raise DataError(f"{path}, row {number}: expected a JSON object, got {type(row).__name__}")
             rows.append(row)
@@ -139,5 +146,3 @@ def sample(examples: list[Example], size: int | None, seed: int) -> list[Example
     if size is None or size >= len(examples):
         return examples
     return random.Random(seed).sample(examples, size)
-
-

@@ -68,28 +68,45 @@ TASKS = {
     "bigbench-sentiment": (
         "multiemo/all_sentence_en/task.json",
         _sentiment,
-        Task("bigbench-sentiment", "{sentence} It was", {"negative": " terrible", "positive": " great"},
-             mlm_template=SENTIMENT_MLM, description="English opinion sentences (BIG-bench multiemo), positive vs negative"),
+        Task(
+            "bigbench-sentiment",
+            "{sentence} It was",
+            {"negative": " terrible", "positive": " great"},
+            mlm_template=SENTIMENT_MLM,
+            description="English opinion sentences (BIG-bench multiemo), positive vs negative",
+        ),
     ),
     "bigbench-epistemic": (
         "epistemic_reasoning/task.json",
         _premise_hypothesis(r"Premise:\s*(?P<premise>.*?)\s*Hypothesis:\s*(?P<hypothesis>.*)"),
-        Task("bigbench-epistemic", '{premise}\nDoes this mean that "{hypothesis}" is true? Yes or No?\n',
-             {"entailment": "Yes", "non-entailment": "No"}, mlm_template=NLI_MLM,
-             description="RTE-style two-way NLI (BIG-bench epistemic_reasoning)"),
+        Task(
+            "bigbench-epistemic",
+            '{premise}\nDoes this mean that "{hypothesis}" is true? Yes or No?\n',
+            {"entailment": "Yes", "non-entailment": "No"},
+            mlm_template=NLI_MLM,
+            description="RTE-style two-way NLI (BIG-bench epistemic_reasoning)",
+        ),
     ),
     "bigbench-presuppositions": (
         "presuppositions_as_nli/task.json",
         _premise_hypothesis(r"Sentence 1:\s*(?P<premise>.*?)\s*Sentence 2:\s*(?P<hypothesis>.*?)\s*The answer is:"),
-        Task("bigbench-presuppositions", '{premise}\nDoes this mean that "{hypothesis}" is true? Yes, No, or Maybe?\n',
-             {"entailment": "Yes", "contradiction": "No", "neutral": "Maybe"}, mlm_template=NLI_MLM,
-             description="CB-style three-way NLI (BIG-bench presuppositions_as_nli)"),
+        Task(
+            "bigbench-presuppositions",
+            '{premise}\nDoes this mean that "{hypothesis}" is true? Yes, No, or Maybe?\n',
+            {"entailment": "Yes", "contradiction": "No", "neutral": "Maybe"},
+            mlm_template=NLI_MLM,
+            description="CB-style three-way NLI (BIG-bench presuppositions_as_nli)",
+        ),
     ),
     "bigbench-strategyqa": (
         "strategyqa/task.json",
         _question,
-        Task("bigbench-strategyqa", "Question: {question}\nAnswer:", {"No": " No", "Yes": " Yes"},
-             description="Yes/no questions needing implicit reasoning (BIG-bench strategyqa)"),
+        Task(
+            "bigbench-strategyqa",
+            "Question: {question}\nAnswer:",
+            {"No": " No", "Yes": " Yes"},
+            description="Yes/no questions needing implicit reasoning (BIG-bench strategyqa)",
+        ),
     ),
 }
 
@@ -103,8 +120,10 @@ def split_paths(name: str, full: bool) -> dict[str, Path]:
     folder = (full_data_dir() if full else VENDORED) / name
     paths = {split: folder / f"{split}.jsonl" for split in SPLITS}
     if full and not all(path.is_file() for path in paths.values()):
-        raise DataError(f"the full task {name!r} is not in {folder}: run `zotune data fetch bigbench` first "
-                        "(or use the vendored extract: data=extract)")
+        raise DataError(
+            f"the full task {name!r} is not in {folder}: run `zotune data fetch bigbench` first "
+            "(or use the vendored extract: data=extract)"
+        )
     return paths
 
 
@@ -143,8 +162,9 @@ def pip_index_url() -> str:
     if os.environ.get("PIP_INDEX_URL"):
         return os.environ["PIP_INDEX_URL"]
     try:
-        listed = subprocess.run([sys.executable, "-m", "pip", "config", "list"], capture_output=True, text=True,
-                                timeout=60).stdout
+        listed = subprocess.run(
+            [sys.executable, "-m", "pip", "config", "list"], capture_output=True, text=True, timeout=60
+        ).stdout
     except (OSError, subprocess.TimeoutExpired):
         return PYPI
     found = re.findall(r"^(?:global|download)\.index-url='([^']+)'", listed, re.MULTILINE)
@@ -162,8 +182,10 @@ def download_sdist(folder: Path) -> Path:
         with urllib.request.urlopen(index, timeout=60) as response:  # honours http(s)_proxy
             page = response.read().decode()
     except OSError as error:
-        raise DataError(f"cannot read the package index {index} ({error}): check pip's index-url and proxy, or "
-                        f"download {SDIST_NAME} yourself and pass --sdist") from None
+        raise DataError(
+            f"cannot read the package index {index} ({error}): check pip's index-url and proxy, or "
+            f"download {SDIST_NAME} yourself and pass --sdist"
+        ) from None
     match = re.search(rf'href="([^"#]*{re.escape(SDIST_NAME)})[^"]*"', page)
     if not match:
         raise DataError(f"{index} does not list {SDIST_NAME}: download it yourself and pass --sdist")

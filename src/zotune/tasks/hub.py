@@ -79,30 +79,81 @@ def _drop(row: dict) -> Example:
 
 # name -> (dataset path, config, task). Label order follows the hub's label ids.
 HUB_TASKS = {
-    "sst2": ("glue", "sst2", Task("sst2", "{sentence} It was", {"0": " terrible", "1": " great"},
-                                  mlm_template=SENTIMENT_MLM)),
-    "rte": ("super_glue", "rte", Task("rte", '{premise}\nDoes this mean that "{hypothesis}" is true? Yes or No?\n',
-                                       {"0": "Yes", "1": "No"}, mlm_template=NLI_MLM)),
+    "sst2": ("glue", "sst2", Task("sst2", "{sentence} It was", {"0": " terrible", "1": " great"}, mlm_template=SENTIMENT_MLM)),
+    "rte": (
+        "super_glue",
+        "rte",
+        Task(
+            "rte",
+            '{premise}\nDoes this mean that "{hypothesis}" is true? Yes or No?\n',
+            {"0": "Yes", "1": "No"},
+            mlm_template=NLI_MLM,
+        ),
+    ),
     # MeZO-SVRG's other GLUE tasks (it trains them without prompts, head: classifier); the templates for the
     # lm and mlm heads are LM-BFF's.
-    "mnli": ("glue", "mnli", Task("mnli", '{premise}\nDoes this mean that "{hypothesis}" is true? Yes, No, or Maybe?\n',
-                                  {"0": "Yes", "1": "Maybe", "2": "No"}, mlm_template=NLI_MLM)),
-    "qnli": ("glue", "qnli", Task("qnli", '{question}\nDoes "{sentence}" answer the question? Yes or No?\n',
-                                  {"0": "Yes", "1": "No"}, mlm_template="{question}?{mask}, {sentence}")),
-    "cola": ("glue", "cola", Task("cola", "{sentence} This is", {"0": " incorrect", "1": " correct"},
-                                  mlm_template="{sentence} This is{mask}.")),
-    "cb": ("super_glue", "cb", Task("cb", '{premise}\nDoes this mean that "{hypothesis}" is true? Yes, No, or Maybe?\n',
-                                     {"0": "Yes", "1": "No", "2": "Maybe"})),
+    "mnli": (
+        "glue",
+        "mnli",
+        Task(
+            "mnli",
+            '{premise}\nDoes this mean that "{hypothesis}" is true? Yes, No, or Maybe?\n',
+            {"0": "Yes", "1": "Maybe", "2": "No"},
+            mlm_template=NLI_MLM,
+        ),
+    ),
+    "qnli": (
+        "glue",
+        "qnli",
+        Task(
+            "qnli",
+            '{question}\nDoes "{sentence}" answer the question? Yes or No?\n',
+            {"0": "Yes", "1": "No"},
+            mlm_template="{question}?{mask}, {sentence}",
+        ),
+    ),
+    "cola": (
+        "glue",
+        "cola",
+        Task("cola", "{sentence} This is", {"0": " incorrect", "1": " correct"}, mlm_template="{sentence} This is{mask}."),
+    ),
+    "cb": (
+        "super_glue",
+        "cb",
+        Task(
+            "cb",
+            '{premise}\nDoes this mean that "{hypothesis}" is true? Yes, No, or Maybe?\n',
+            {"0": "Yes", "1": "No", "2": "Maybe"},
+        ),
+    ),
     "boolq": ("super_glue", "boolq", Task("boolq", "{passage} {question}?", {"0": " No", "1": " Yes"})),
-    "wsc": ("super_glue", "wsc.fixed", Task(
-        "wsc", '{text}\nIn the previous sentence, does the pronoun "{span2_text}" refer to {span1_text}? Yes or No?\n',
-        {"0": "No", "1": "Yes"})),
-    "wic": ("super_glue", "wic", Task(
-        "wic", 'Does the word "{word}" have the same meaning in these two sentences? Yes, No?\n{sentence1}\n{sentence2}\n',
-        {"0": "No", "1": "Yes"})),
-    "multirc": ("super_glue", "multirc", Task(
-        "multirc", '{paragraph}\nQuestion: {question}\nI found this answer "{answer}". Is that correct? Yes or No?\n',
-        {"0": "No", "1": "Yes"})),
+    "wsc": (
+        "super_glue",
+        "wsc.fixed",
+        Task(
+            "wsc",
+            '{text}\nIn the previous sentence, does the pronoun "{span2_text}" refer to {span1_text}? Yes or No?\n',
+            {"0": "No", "1": "Yes"},
+        ),
+    ),
+    "wic": (
+        "super_glue",
+        "wic",
+        Task(
+            "wic",
+            'Does the word "{word}" have the same meaning in these two sentences? Yes, No?\n{sentence1}\n{sentence2}\n',
+            {"0": "No", "1": "Yes"},
+        ),
+    ),
+    "multirc": (
+        "super_glue",
+        "multirc",
+        Task(
+            "multirc",
+            '{paragraph}\nQuestion: {question}\nI found this answer "{answer}". Is that correct? Yes or No?\n',
+            {"0": "No", "1": "Yes"},
+        ),
+    ),
     "copa": ("super_glue", "copa", RowTask("copa", ("premise", "choice1", "choice2", "question", "label"), _copa, loss="lm")),
     "record": ("super_glue", "record", RowTask("record", ("passage", "query", "entities", "answers"), _record, loss="lm")),
     "squad": ("squad", None, RowTask("squad", ("title", "context", "question", "answers"), _squad, generation=True, loss="lm")),
@@ -113,8 +164,10 @@ HUB_TASKS = {
 def load_rows(name: str) -> dict[str, list[dict]]:
     """The hub's training and validation rows of a task (needs ``datasets`` and the network)."""
     if os.environ.get("HF_DATASETS_OFFLINE") == "1" or os.environ.get("HF_HUB_OFFLINE") == "1":
-        raise DataError(f"task {name!r} comes from the Hugging Face hub, which is offline here (HF_*_OFFLINE=1): "
-                        "use a bigbench-* task or task=local")
+        raise DataError(
+            f"task {name!r} comes from the Hugging Face hub, which is offline here (HF_*_OFFLINE=1): "
+            "use a bigbench-* task or task=local"
+        )
     if importlib.util.find_spec("datasets") is None:
         raise DataError(f"task {name!r} needs the package datasets: pip install datasets")
     from datasets import load_dataset
