@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     data.add_argument("--sdist", help="a local bigbench-1.0.0.tar.gz instead of downloading it from PyPI")
 
     bench = commands.add_parser("bench", help="benchmarks", add_help=False)
-    bench.add_argument("name", choices=["speed", "memory", "convergence", "parallel"])
+    bench.add_argument("name", choices=["speed", "memory", "convergence", "parallel", "reproduce"])
     bench.add_argument("rest", nargs=argparse.REMAINDER)
 
     args = parser.parse_args(argv)

@@ -21,14 +21,10 @@ import json
 import os
 import platform
 import shlex
-import shutil
-import subprocess
 import sys
 from pathlib import Path
 
-import yaml
-
-from ..config import ConfigError, load_config
+from .runs import dev_curve, train_run
 
 
 def first_reaching(points, target, lower_is_better):
@@ -36,23 +32,6 @@ def first_reaching(points, target, lower_is_better):
         if (point[0] <= target) if lower_is_better else (point[0] >= target):
             return point[1:]
     return None
-
-
-def _same_run(config, folder: Path) -> bool:
-    """Whether ``folder`` holds a run (finished or not) of these settings, as the trainer would resume it
-    (``steps``, intervals and the like may differ: a longer budget continues a finished run)."""
-    from ..train import DEFINING_KEYS
-
-    saved = folder / "config.yaml"
-    if not saved.is_file():
-        return False
-    saved, current = yaml.safe_load(saved.read_text()), config.to_dict()
-    return all(saved.get(key) == current[key] for key in DEFINING_KEYS)
-
-
-def _finished(config, folder: Path) -> bool:
-    summary = folder / "summary.json"
-    return summary.is_file() and json.loads(summary.read_text()).get("steps") == config.steps
 
 
 def main(argv=None):
@@ -83,39 +62,15 @@ def main(argv=None):
         # "adamezo@1e-5": that optimizer at that learning rate; "svrg#dense": a label, to run one optimizer twice
         optimizer, _, lr = name.partition("#")[0].partition("@")
         own = [item.split(":", 1)[1] for item in args.set if item.split(":", 1)[0] == name]
-        overrides = [
-            "export=false",
-            *args.overrides,
-            f"optimizer={optimizer}",
-            f"output_dir={out / name}",
-            *([f"lr={lr}"] if lr else []),
-            *own,
-        ]
-        resolved = load_config(args.config, overrides)  # a bad override fails here, before any run starts
-        if not (args.resume and _same_run(resolved, out / name)):
-            shutil.rmtree(out / name, ignore_errors=True)  # else the trainer would resume an earlier run there
-        if not (args.resume and _finished(resolved, out / name)):
-            finished = subprocess.run([sys.executable, "-m", "zotune.cli", "train", "--config", args.config, *overrides])
-            if finished.returncode != 0:
-                raise ConfigError(f"the {name} run failed (exit code {finished.returncode}); its output is above")
-        config = yaml.safe_load((out / name / "config.yaml").read_text())
-        summary = json.loads((out / name / "summary.json").read_text())
-        records = [json.loads(line) for line in (out / name / "metrics.jsonl").read_text().splitlines()]
+        overrides = ["export=false", *args.overrides, f"optimizer={optimizer}", *([f"lr={lr}"] if lr else []), *own]
+        run = train_run(args.config, overrides, out / name, args.resume, name)
+        config, summary, records = run["config"], run["summary"], run["records"]
         steps = [r for r in records if "loss" in r]
         smoothed = []
         for i, r in enumerate(steps):
             window = steps[max(0, i - args.smooth + 1) : i + 1]
             smoothed.append((sum(w["loss"] for w in window) / len(window), r["forward_passes"], r["seconds"]))
-        by_step = {r["step"]: r for r in steps}
-        evals = [
-            (
-                r["value"],
-                by_step.get(r["step"], {"forward_passes": 0})["forward_passes"],
-                by_step.get(r["step"], {"seconds": 0.0})["seconds"],
-            )
-            for r in records
-            if r.get("split") == "dev"
-        ]
+        evals = dev_curve(records)
         runs[name] = dict(config=config, summary=summary, smoothed=smoothed, evals=evals)
     target_metric = min(max(value for value, *_ in run["evals"]) for run in runs.values())
     target_loss = max(min(loss for loss, *_ in run["smoothed"]) for run in runs.values())

@@ -1,0 +1,91 @@
+"""The papers' claims, and the runs that test each on this machine (``zotune bench reproduce``).
+
+Each claim compares a method with MeZO (and, where the claim is about memory, a first-order baseline) on one
+recipe: a learning-rate grid per optimizer on dev (one seed, ``grid_steps``), then the chosen setting with
+three seeds for ``final_steps``, the best-dev checkpoint scored on test. Budgets are sized for 2 CPU cores;
+``GPU_RECIPES`` names the runs that would test a claim at the papers' scale.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One optimizer of a claim: its grid (values of one key, e.g. ``lr``) and the overrides it always takes.
+    ``seconds_per_step`` is the plan's estimate until a run of it has finished in the suite's folder."""
+
+    label: str
+    optimizer: str
+    grid: tuple[str, tuple]
+    fixed: tuple[str, ...] = ()
+    seconds_per_step: float = 2.0
+    grid_search: bool = True  # False: a reference run at its first grid value (memory, not accuracy)
+
+
+@dataclass(frozen=True)
+class Claim:
+    name: str
+    paper: str  # the paper's figure, from its abstract
+    config: str
+    arms: tuple[Arm, ...]
+    grid_steps: int
+    final_steps: int
+    eval_every: int
+    seeds: tuple[int, ...] = (0, 1, 2)
+    overrides: tuple[str, ...] = field(default=())
+    gpu_recipe: str = ""
+
+
+CLAIMS = {
+    "adamezo": Claim(
+        name="adamezo",
+        paper="AdaMeZO outperforms MeZO with up to 70% fewer forward passes",
+        config="configs/demo-sentiment-mezo.yaml",
+        arms=(
+            Arm("mezo", "mezo", ("lr", (2e-5, 5e-5, 1e-4)), seconds_per_step=2.3),
+            Arm("adamezo", "adamezo", ("lr", (5e-6, 2e-5, 5e-5)), seconds_per_step=5.0),
+        ),
+        grid_steps=100,
+        final_steps=300,
+        eval_every=25,
+        gpu_recipe="configs/paper/adamezo-opt1.3b-sst2.yaml (OPT-1.3B, SST-2, thousands of steps)",
+    ),
+    "addax": Claim(
+        name="addax",
+        paper="Addax beats MeZO in accuracy and reaches it far sooner (15-30x on OPT-13B/30B), in memory close to "
+        "MeZO's; IP-SGD needs much more memory",
+        config="configs/addax-sentiment.yaml",
+        arms=(
+            Arm("mezo", "mezo", ("lr", (2e-5, 5e-5, 1e-4)), ("optimizer_options={eps: 1.0e-3}",), seconds_per_step=4.0),
+            Arm("addax", "addax", ("lr", (3e-4, 1e-3, 3e-3)), seconds_per_step=4.0),
+            Arm("ip-sgd", "ip-sgd", ("lr", (1e-3,)), ("optimizer_options={}",), seconds_per_step=6.0, grid_search=False),
+        ),
+        grid_steps=60,
+        final_steps=200,
+        eval_every=20,
+        gpu_recipe="configs/paper/addax-opt13b-sst2.yaml (OPT-13B, SST-2)",
+    ),
+    "svrg": Claim(
+        name="svrg",
+        paper="MeZO-SVRG: up to 20% higher test accuracy than MeZO, MeZO's peak accuracy with about half the "
+        "GPU-hours, about 2x less memory than first-order SGD",
+        config="configs/minilm-classifier-sentiment.yaml",
+        arms=(
+            Arm("mezo", "mezo", ("lr", (1e-4, 3e-4, 1e-3)), seconds_per_step=0.4),
+            Arm(
+                "svrg",
+                "svrg",
+                ("lr", (1e-4, 3e-4, 1e-3)),
+                ("optimizer_options={anchor_lr: 1.0e-3, anchor_every: 2, eps: 1.0e-3, large_batch: 64}",),
+                seconds_per_step=1.2,
+            ),
+            Arm("sgd", "sgd", ("lr", (1e-2,)), ("optimizer_options={}",), seconds_per_step=0.5, grid_search=False),
+        ),
+        grid_steps=500,
+        final_steps=2000,
+        eval_every=100,
+        gpu_recipe="configs/paper/svrg-roberta-large-sst2.yaml (RoBERTa-large, SST-2, the paper's prompt-free setting)",
+    ),
+}

@@ -1,0 +1,103 @@
+"""zotune bench reproduce: the plan, the grid's choice on dev, the budget, resuming, the verdicts and the report."""
+
+import math
+from dataclasses import replace
+
+import pytest
+
+from zotune.bench import claims, reproduce
+from zotune.bench.claims import Arm, Claim
+
+
+@pytest.fixture
+def tiny_claim(tmp_path, monkeypatch):
+    config = tmp_path / "tiny.yaml"
+    config.write_text(
+        "model: random:tiny\nnum_train: 16\nnum_dev: 8\nnum_test: 8\nbatch_size: 4\nmax_length: 48\noptimizer: mezo\nlr: 1.0e-3\n"
+    )
+    claim = Claim(
+        name="adamezo",
+        paper="a paper's figure",
+        config=str(config),
+        arms=(Arm("mezo", "mezo", ("lr", (1e-3, 1e-2))), Arm("adamezo", "adamezo", ("lr", (1e-3,)))),
+        grid_steps=2,
+        final_steps=3,
+        eval_every=1,
+        seeds=(0, 1),
+    )
+    monkeypatch.setitem(claims.CLAIMS, "adamezo", claim)
+    monkeypatch.setattr(reproduce, "CLAIMS", claims.CLAIMS)
+    return claim, tmp_path / "suite"
+
+
+def test_the_plan_runs_within_its_budget_resumes_and_reports(tiny_claim, tmp_path, capsys):
+    claim, out = tiny_claim
+    reproduce.main(["--claim", "adamezo", "--out", str(out), "--plan"])
+    printed = capsys.readouterr().out
+    assert printed.count("| adamezo | grid |") == 3 and printed.count("chosen on dev") == 4
+    assert not out.exists()  # the plan alone runs nothing
+    assert reproduce.execute([claim], out, budget_hours=1e-9) is False  # no run fits: none starts
+    assert not out.exists()
+    assert reproduce.execute([claim], out, budget_hours=None) is True
+    grid_dev = {v: reproduce._summary(out / "adamezo" / "grid" / f"mezo@{v}")["dev"] for v in (1e-3, 1e-2)}
+    best = max(grid_dev, key=grid_dev.get) if grid_dev[1e-3] != grid_dev[1e-2] else 1e-3
+    assert reproduce.chosen(claim, claim.arms[0], out) == best
+    finals = [run for run in reproduce.plan(claim, out) if run.phase == "final"]
+    assert len(finals) == 4 and all(reproduce.status(run) == "done" for run in finals)
+    # A run stopped before its end (its summary gone) is the only one trained again.
+    kept = {run.folder: (run.folder / "summary.json").stat().st_mtime_ns for run in finals}
+    (finals[-1].folder / "summary.json").unlink()
+    assert reproduce.execute([claim], out, budget_hours=None) is True
+    changed = [folder for folder, mtime in kept.items() if (folder / "summary.json").stat().st_mtime_ns != mtime]
+    assert changed == [finals[-1].folder]
+    document = tmp_path / "docs" / "results.md"
+    reproduce.main(["--claim", "adamezo", "--out", str(out), "--report", str(document)])
+    text = document.read_text()
+    row = next(line for line in text.splitlines() if line.startswith("| adamezo | a paper's figure |"))
+    assert any(f"| {verdict} |" in row for verdict in ("holds", "does not hold", "inconclusive"))
+    assert "| mezo | lr=" in text and (tmp_path / "docs" / "results" / "adamezo.png").stat().st_size > 1000
+
+
+def test_a_claim_not_run_to_the_end_is_reported_as_such(tiny_claim, tmp_path):
+    claim, out = tiny_claim
+    document = tmp_path / "results.md"
+    reproduce.report([claim], out, document)
+    assert "| adamezo | a paper's figure | not run to the end yet | — |" in document.read_text()
+
+
+def arm(tests, passes, seconds=None, memory=1000.0):
+    return dict(
+        runs=[{}] * len(tests),
+        test=(sum(tests) / len(tests), _sd(tests)),
+        passes_to_target=passes,
+        seconds_to_target=seconds if seconds is not None else passes,
+        peak_memory_mb=memory,
+    )
+
+
+def _sd(values):
+    mean = sum(values) / len(values)
+    return math.sqrt(sum((v - mean) ** 2 for v in values) / max(1, len(values) - 1))
+
+
+def test_verdict_rules():
+    mezo = arm([0.70, 0.71, 0.72], 300)
+    assert reproduce.verdict("adamezo", {"mezo": mezo, "adamezo": arm([0.71, 0.72, 0.73], 150)})[0] == "holds"
+    assert reproduce.verdict("adamezo", {"mezo": mezo, "adamezo": arm([0.71, 0.72, 0.73], 250)})[0] == "inconclusive"
+    assert reproduce.verdict("adamezo", {"mezo": mezo, "adamezo": arm([0.60, 0.61, 0.62], 100)})[0] == "does not hold"
+    assert reproduce.verdict("adamezo", {"mezo": mezo, "adamezo": arm([0.72, 0.72, 0.72], math.inf)})[0] == "does not hold"
+    assert reproduce.verdict("addax", {"mezo": mezo, "addax": arm([0.80, 0.81, 0.82], 100, memory=1200)})[0] == "holds"
+    assert reproduce.verdict("addax", {"mezo": mezo, "addax": arm([0.80, 0.81, 0.82], 100, memory=3000)})[0] == "inconclusive"
+    sgd = arm([0.9], 1, memory=4000)
+    assert reproduce.verdict("svrg", {"mezo": mezo, "svrg": arm([0.80, 0.81, 0.82], 120), "sgd": sgd})[0] == "holds"
+    assert reproduce.verdict("svrg", {"mezo": mezo, "svrg": arm([0.80, 0.81, 0.82], 200), "sgd": sgd})[0] == "inconclusive"
+
+
+def test_every_claim_names_a_recipe_and_a_mezo_baseline():
+    from pathlib import Path
+
+    root = Path(__file__).parents[1]
+    for claim in claims.CLAIMS.values():
+        assert (root / claim.config).is_file() and (root / claim.gpu_recipe.split()[0]).is_file()
+        assert "mezo" in {a.label for a in claim.arms} and claim.final_steps > claim.grid_steps
+        assert replace(claim).seeds == (0, 1, 2)
