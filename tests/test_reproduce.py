@@ -23,6 +23,10 @@ def tiny_claim(tmp_path, monkeypatch):
         grid_steps=2,
         final_steps=3,
         eval_every=1,
+        method="adamezo",
+        sooner="passes",
+        max_ratio=0.7,
+        better=False,
         seeds=(0, 1),
     )
     monkeypatch.setitem(claims.CLAIMS, "adamezo", claim)
@@ -81,16 +85,18 @@ def _sd(values):
 
 
 def test_verdict_rules():
+    adamezo, addax, svrg = (claims.CLAIMS[name] for name in ("adamezo", "addax", "svrg"))
     mezo = arm([0.70, 0.71, 0.72], 300)
-    assert reproduce.verdict("adamezo", {"mezo": mezo, "adamezo": arm([0.71, 0.72, 0.73], 150)})[0] == "holds"
-    assert reproduce.verdict("adamezo", {"mezo": mezo, "adamezo": arm([0.71, 0.72, 0.73], 250)})[0] == "inconclusive"
-    assert reproduce.verdict("adamezo", {"mezo": mezo, "adamezo": arm([0.60, 0.61, 0.62], 100)})[0] == "does not hold"
-    assert reproduce.verdict("adamezo", {"mezo": mezo, "adamezo": arm([0.72, 0.72, 0.72], math.inf)})[0] == "does not hold"
-    assert reproduce.verdict("addax", {"mezo": mezo, "addax": arm([0.80, 0.81, 0.82], 100, memory=1200)})[0] == "holds"
-    assert reproduce.verdict("addax", {"mezo": mezo, "addax": arm([0.80, 0.81, 0.82], 100, memory=3000)})[0] == "inconclusive"
+    assert reproduce.verdict(adamezo, {"mezo": mezo, "adamezo": arm([0.71, 0.72, 0.73], 150)})[0] == "holds"
+    assert reproduce.verdict(adamezo, {"mezo": mezo, "adamezo": arm([0.71, 0.72, 0.73], 250)})[0] == "inconclusive"
+    assert reproduce.verdict(adamezo, {"mezo": mezo, "adamezo": arm([0.60, 0.61, 0.62], 100)})[0] == "does not hold"
+    assert reproduce.verdict(adamezo, {"mezo": mezo, "adamezo": arm([0.72, 0.72, 0.72], math.inf)})[0] == "does not hold"
+    assert reproduce.verdict(addax, {"mezo": mezo, "addax": arm([0.80, 0.81, 0.82], 100, memory=1200)})[0] == "holds"
+    assert reproduce.verdict(addax, {"mezo": mezo, "addax": arm([0.80, 0.81, 0.82], 100, memory=3000)})[0] == "inconclusive"
+    assert reproduce.verdict(addax, {"mezo": mezo, "addax": arm([0.71, 0.71, 0.71], 100)})[0] == "inconclusive"
     sgd = arm([0.9], 1, memory=4000)
-    assert reproduce.verdict("svrg", {"mezo": mezo, "svrg": arm([0.80, 0.81, 0.82], 120), "sgd": sgd})[0] == "holds"
-    assert reproduce.verdict("svrg", {"mezo": mezo, "svrg": arm([0.80, 0.81, 0.82], 200), "sgd": sgd})[0] == "inconclusive"
+    assert reproduce.verdict(svrg, {"mezo": mezo, "svrg": arm([0.80, 0.81, 0.82], 120), "sgd": sgd})[0] == "holds"
+    assert reproduce.verdict(svrg, {"mezo": mezo, "svrg": arm([0.80, 0.81, 0.82], 200), "sgd": sgd})[0] == "inconclusive"
 
 
 def test_every_claim_names_a_recipe_and_a_mezo_baseline():

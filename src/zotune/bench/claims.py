@@ -26,6 +26,12 @@ class Arm:
 
 @dataclass(frozen=True)
 class Claim:
+    """A claim and its test. The verdict (``zotune.bench.reproduce.verdict``) compares ``method`` with MeZO:
+    its accuracy must be better (``better``; else not worse), it must reach MeZO's best dev metric in at most
+    ``max_ratio`` of MeZO's ``sooner`` ("passes" or "seconds"), and, with ``memory`` = (arm, bound), the
+    method's peak over MeZO's must be at most ``bound`` (arm "mezo") or that arm's peak over the method's at
+    least ``bound`` (a first-order arm)."""
+
     name: str
     paper: str  # the paper's figure, from its abstract
     config: str
@@ -33,6 +39,11 @@ class Claim:
     grid_steps: int
     final_steps: int
     eval_every: int
+    method: str
+    sooner: str
+    max_ratio: float
+    better: bool
+    memory: tuple[str, float] | None = None
     seeds: tuple[int, ...] = (0, 1, 2)
     overrides: tuple[str, ...] = field(default=())
     gpu_recipe: str = ""
@@ -50,6 +61,10 @@ CLAIMS = {
         grid_steps=100,
         final_steps=300,
         eval_every=25,
+        method="adamezo",
+        sooner="passes",
+        max_ratio=0.7,
+        better=False,
         gpu_recipe="configs/paper/adamezo-opt1.3b-sst2.yaml (OPT-1.3B, SST-2, thousands of steps)",
     ),
     "addax": Claim(
@@ -65,6 +80,11 @@ CLAIMS = {
         grid_steps=60,
         final_steps=200,
         eval_every=20,
+        method="addax",
+        sooner="seconds",
+        max_ratio=1.0,
+        better=True,
+        memory=("mezo", 1.5),
         gpu_recipe="configs/paper/addax-opt13b-sst2.yaml (OPT-13B, SST-2)",
     ),
     "svrg": Claim(
@@ -86,6 +106,11 @@ CLAIMS = {
         grid_steps=500,
         final_steps=2000,
         eval_every=100,
+        method="svrg",
+        sooner="seconds",
+        max_ratio=0.5,
+        better=True,
+        memory=("sgd", 2.0),
         gpu_recipe="configs/paper/svrg-roberta-large-sst2.yaml (RoBERTa-large, SST-2, the paper's prompt-free setting)",
     ),
 }

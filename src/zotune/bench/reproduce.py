@@ -194,42 +194,40 @@ def analyse(claim: Claim, out: Path) -> dict | None:
         entry["passes_to_target"] = statistics.mean(p for p, _ in reached) if all(reached) else math.inf
         entry["seconds_to_target"] = statistics.mean(s for _, s in reached) if all(reached) else math.inf
     metric = _summary(finals[0].folder)["metric"]
-    return dict(claim=claim.name, metric=metric, target=target, arms=arms, verdict=verdict(claim.name, arms))
+    return dict(claim=claim.name, metric=metric, target=target, arms=arms, verdict=verdict(claim, arms))
 
 
-def verdict(name: str, arms: dict) -> tuple[str, str]:
-    """(holds | does not hold | inconclusive, why), from the final runs' statistics:
+def verdict(claim: Claim, arms: dict) -> tuple[str, str]:
+    """(holds | does not hold | inconclusive, why), from the final runs' statistics (see :class:`Claim`).
 
-    - accuracy is *better* when the mean test difference to MeZO exceeds twice its standard error over seeds,
-      *worse* when it is below minus twice that, else *level*;
-    - *sooner*: the method's mean forward passes (adamezo) or seconds (addax, svrg) to MeZO's best dev metric,
-      every seed reaching it, over MeZO's own; memory: peak over MeZO's (addax) or first-order SGD's over the
-      method's (svrg).
-    adamezo holds if accuracy is not worse and passes ≤ 0.7 of MeZO's; addax if accuracy is better, seconds
-    below MeZO's and memory ≤ 1.5× MeZO's; svrg if accuracy is better, seconds ≤ 0.5 of MeZO's and SGD's memory
-    ≥ 2× its. Each does not hold if accuracy is worse or the method is not sooner (ratio ≥ 1); else inconclusive.
+    Accuracy is *better* when the mean test difference to MeZO exceeds twice its standard error over seeds,
+    *worse* when it is below minus twice that, else *level*. *Sooner*: the method's mean forward passes or
+    seconds to MeZO's best dev metric (every seed reaching it) over MeZO's own. The claim holds when accuracy is
+    better (or, where the claim asks no more, not worse), the ratio is within ``max_ratio`` (below 1 where that
+    is 1) and the memory bound is met; it does not hold when accuracy is worse or the method is not sooner
+    (ratio ≥ 1 where the claim says sooner); else it is inconclusive.
     """
-    method = {"adamezo": "adamezo", "addax": "addax", "svrg": "svrg"}[name]
-    m, b = arms[method], arms[BASELINE]
-    n_m, n_b = len(m["runs"]), len(b["runs"])
+    m, b = arms[claim.method], arms[BASELINE]
     diff = m["test"][0] - b["test"][0]
-    se = math.sqrt(m["test"][1] ** 2 / n_m + b["test"][1] ** 2 / n_b)
+    se = math.sqrt(m["test"][1] ** 2 / len(m["runs"]) + b["test"][1] ** 2 / len(b["runs"]))
     accuracy = "better" if diff > 2 * se and diff > 0 else "worse" if diff < -2 * se and diff < 0 else "level"
-    unit = "passes_to_target" if name == "adamezo" else "seconds_to_target"
-    own = b[unit]
-    ratio = m[unit] / own if own not in (0, math.inf) else math.inf
-    why = f"test {diff * 100:+.1f} points (±{2 * se * 100:.1f}), {accuracy}; {unit.split('_')[0]} to MeZO's best dev ×{ratio:.2f}"
-    if name == "adamezo":
-        holds = accuracy != "worse" and ratio <= 0.7
-    elif name == "addax":
-        memory = m["peak_memory_mb"] / b["peak_memory_mb"]
-        why += f"; memory ×{memory:.2f} MeZO's"
-        holds = accuracy == "better" and ratio < 1 and memory <= 1.5
-    else:
-        memory = arms["sgd"]["peak_memory_mb"] / m["peak_memory_mb"]
-        why += f"; SGD's memory ×{memory:.2f} its"
-        holds = accuracy == "better" and ratio <= 0.5 and memory >= 2
-    if holds:
+    unit = f"{claim.sooner}_to_target"
+    ratio = m[unit] / b[unit] if b[unit] not in (0, math.inf) else math.inf
+    why = f"test {diff * 100:+.1f} points (±{2 * se * 100:.1f}), {accuracy}; {claim.sooner} to MeZO's best dev ×{ratio:.2f}"
+    memory_ok = True
+    if claim.memory is not None:
+        arm, bound = claim.memory
+        if arm == BASELINE:
+            memory = m["peak_memory_mb"] / b["peak_memory_mb"]
+            why += f"; memory ×{memory:.2f} MeZO's"
+            memory_ok = memory <= bound
+        else:
+            memory = arms[arm]["peak_memory_mb"] / m["peak_memory_mb"]
+            why += f"; {arm}'s memory ×{memory:.2f} its"
+            memory_ok = memory >= bound
+    sooner = ratio < 1 if claim.max_ratio >= 1 else ratio <= claim.max_ratio
+    good_accuracy = accuracy == "better" if claim.better else accuracy != "worse"
+    if good_accuracy and sooner and memory_ok:
         return "holds", why
     if accuracy == "worse" or ratio >= 1:
         return "does not hold", why
