@@ -13,7 +13,8 @@ whole, so that each rank perturbs and updates its own shard and no direction or 
 network. Each operation hands the parameters to their backend (:mod:`zotune.backends`: numba on the CPU,
 Triton on CUDA, torch ops for the dtypes those kernels do not take); :meth:`DirectionEngine.transform` runs
 a caller's update on every block of the parameters, spread over the threads (:mod:`zotune.workers`).
-Parameters on devices other than the CPU and CUDA are refused.
+Parameters on devices other than the CPU and CUDA are refused. With :meth:`DirectionEngine.mask_directions`
+every operation draws sparse directions instead (:mod:`zotune.sparse_masks`).
 """
 
 from __future__ import annotations

@@ -4,7 +4,8 @@ and :func:`mean_over_micro_batches`, the closure of gradient accumulation.
 ``c = (L(θ+εz) − L(θ−εz)) / 2ε`` estimates the directional derivative along ``z``; ``c·z`` is the
 zeroth-order gradient, kept as the pair ``(seed, c)``. ``difference="forward"`` takes the one-sided
 ``(L(θ+εz) − L(θ)) / ε`` instead (the ZO benchmark's option): a bias of order ε·zᵀHz against the central
-difference's ε², for one forward of θ that every direction of a step shares.
+difference's ε², for one forward of θ that every direction of a step shares. A block-wise estimate
+(``only``: the indices of one block's parameters, :mod:`zotune.blocks`) perturbs that block alone.
 
 Perturbation modes:
 
