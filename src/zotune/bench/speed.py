@@ -16,7 +16,7 @@ the median ratio of the rounds and their range. The items:
 - a forward + backward (what backward adds to the first-order steps);
 - every registered optimizer with its defaults and each variant it declares (the entries of ``zotune bench
   memory``: ``mezo-dual``, ``mezo-inplace``, ``svrg-dense``, ``zo-momentum-replay``, ...), built before its
-  item (untimed) and past its warm-up (``skip_warm_up``: AdaMeZO with a full window), taking two steps
+  item, past its warm-up (``skip_warm_up``: AdaMeZO with a full window) and one step (all untimed), taking two steps
   through the training-step protocol on the batches its own data plan draws from the batch (MeZO-SVRG: an
   anchor step with the batch as its large batch, then an ordinary step); its time is per step. Addax's
   plan splits the batch at L_T into two halves of the same length, ZO on one and first-order on the other.
@@ -205,13 +205,16 @@ def run(shape, batch, length, threads, repeats, distribution, device="cpu", dtyp
         optimizer.skip_warm_up()
         sampler = cls.data_plan(rows, batch, data, 0)
 
+        def step():
+            batches = {key: [rows[i] for i in indices] for key, indices in sampler.next_batches(optimizer).items() if indices}
+            optimizer.train_step(batches, loss, batch)
+
+        step()  # untimed: state allocated on a first step (Adam's moments, dense buffers) is not a steady step's
+
         def steps():
             try:
                 for _ in range(STEPS):
-                    batches = {
-                        key: [rows[i] for i in indices] for key, indices in sampler.next_batches(optimizer).items() if indices
-                    }
-                    optimizer.train_step(batches, loss, batch)
+                    step()
             finally:
                 optimizer.remove_hooks()
                 model.zero_grad(set_to_none=True)
