@@ -178,9 +178,9 @@ def test_memory_benchmark_orders_addax_between_mezo_and_sgd(tmp_path, capsys):
                 "model=random:tiny",
                 "max_length=600",
                 "optimizer_options.L_T=150",
-                "optimizer_options.K0=16",
+                "optimizer_options.K0=32",
                 "optimizer_options.K1=4",
-                "num_train=128",
+                "num_train=256",
                 "num_dev=4",
                 "num_test=4",
             ]
