@@ -97,7 +97,8 @@ def test_registry_builds_every_optimizer_with_the_decay_rule(name, tiny_llama):
 
 def test_unknown_optimizer_name(tiny_llama):
     with pytest.raises(
-        ValueError, match="unknown optimizer .mezzo.: choose one of adam, adamezo, addax, addax-wa, forward-grad, ip-sgd, mezo, sgd, svrg, zo-adam"
+        ValueError,
+        match="unknown optimizer .mezzo.: choose one of adam, adamezo, addax, addax-wa, forward-grad, ip-sgd, mezo, sgd, svrg, zo-adam",
     ):
         create_optimizer("mezzo", tiny_llama)
 
