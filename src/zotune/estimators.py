@@ -115,22 +115,16 @@ class TwoPointEstimator:
         is the loss at the point itself when the caller has it (one forward saved), else it is evaluated."""
         if self.one_sided:
             return self._one_sided(closure, seed, step, base, only, loss_here)
-        if only is not None:
-            with self.module_perturbation([*base, (seed, self.eps)], only):
-                loss_plus = self._evaluate(closure)
-            with self.module_perturbation([*base, (seed, -self.eps)], only):
-                loss_minus = self._evaluate(closure)
-            return self._checked(Estimate(seed, self.eps, *self._reduced(loss_plus, loss_minus), indices=only), step)
-        if self.dual_forward and not base:
+        if self.dual_forward and not base and only is None:
             with self.module_perturbation.dual(seed, self.eps):
                 loss_plus, loss_minus = self._evaluate_copies(closure)
             estimate = Estimate(seed, self.eps, *self._reduced(loss_plus, loss_minus))
         elif self.module_perturbation is not None:
-            with self.module_perturbation([*base, (seed, self.eps)]):
+            with self.module_perturbation([*base, (seed, self.eps)], only):
                 loss_plus = self._evaluate(closure)
-            with self.module_perturbation([*base, (seed, -self.eps)]):
+            with self.module_perturbation([*base, (seed, -self.eps)], only):
                 loss_minus = self._evaluate(closure)
-            estimate = Estimate(seed, self.eps, *self._reduced(loss_plus, loss_minus))
+            estimate = Estimate(seed, self.eps, *self._reduced(loss_plus, loss_minus), indices=only)
         elif base:
             self.engine.apply(base)
             try:
@@ -215,14 +209,8 @@ class TwoPointEstimator:
             with torch.inference_mode(), NoDropout():
                 yield
             return
-        training = {module: module.training for module in self.model.modules()}
-        self.model.eval()
-        try:
-            with torch.inference_mode():
-                yield
-        finally:
-            for module, mode in training.items():
-                module.training = mode
+        with eval_mode(self.model), torch.inference_mode():
+            yield
 
     def _evaluate(self, closure: Closure) -> float:
         with self._forwards():
@@ -246,6 +234,18 @@ class TwoPointEstimator:
                 "mean loss of each of the two copies of the batch"
             )
         return losses[0], losses[1]
+
+
+@contextmanager
+def eval_mode(model: nn.Module):
+    """``model`` in eval mode for the duration (no dropout), each module's own mode restored after."""
+    training = {module: module.training for module in model.modules()}
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, mode in training.items():
+            module.training = mode
 
 
 def _finite(estimate: Estimate) -> bool:

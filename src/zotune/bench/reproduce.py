@@ -30,6 +30,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import yaml
+
 from ..config import ConfigError
 from .claims import CLAIMS, Arm, Claim
 from .runs import dev_curve, train_run
@@ -104,7 +106,11 @@ def seconds_per_step(claim: Claim, arm: Arm, out: Path) -> float:
     for summary_path in (out / claim.name).glob("**/summary.json"):
         config_path = summary_path.parent / "config.yaml"
         summary = json.loads(summary_path.read_text())
-        if config_path.is_file() and f"optimizer: {arm.optimizer}\n" in config_path.read_text() and summary["steps"]:
+        if (
+            config_path.is_file()
+            and yaml.safe_load(config_path.read_text()).get("optimizer") == arm.optimizer
+            and summary["steps"]
+        ):
             measured.append(summary["seconds"] / summary["steps"])
     return statistics.mean(measured) if measured else arm.seconds_per_step
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -14,6 +13,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..directions import GAUSSIAN
 from ..errors import NonFiniteLossError, OptionError
+from ..estimators import eval_mode
 from .protocol import Loss
 from .zeroth_order import ZerothOrder
 
@@ -108,7 +108,8 @@ class ForwardGrad(ZerothOrder):
             return torch.func.functional_call(call, dict(zip(self.names, values)), ())
 
         try:
-            with self._eval_mode(), sdpa_kernel([SDPBackend.MATH]):
+            # No dropout: a random mask would make d the derivative of another function at each step.
+            with eval_mode(self.model), sdpa_kernel([SDPBackend.MATH]):
                 loss, derivative = torch.func.jvp(loss_of, primals, tangents)
         except NotImplementedError as error:
             operation = str(error).split(" that ")[0].removeprefix("Trying to use forward AD with ")
@@ -117,17 +118,6 @@ class ForwardGrad(ZerothOrder):
                 "torch; load the model with attn_implementation=eager or sdpa, or use mezo"
             ) from None
         return float(loss), float(derivative)
-
-    @contextmanager
-    def _eval_mode(self):
-        """No dropout (one pass, but a random mask would make d the derivative of another function each step)."""
-        training = {module: module.training for module in self.model.modules()}
-        self.model.eval()
-        try:
-            yield
-        finally:
-            for module, mode in training.items():
-                module.training = mode
 
     def train_step(self, batches: dict[str, list], loss: Loss, micro_batch: int) -> dict:
         batch = batches["batch"]
