@@ -1,4 +1,5 @@
 import copy
+import json
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -107,3 +108,14 @@ class NaNGradient(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         return grad * float("nan")
+
+
+def train_tiny(tmp_path, *overrides):
+    """``zotune train`` through the real CLI on a tiny random model (16 training examples, batch 4, no evaluation
+    during training), with ``overrides``; the step records of its metrics.jsonl."""
+    from zotune.cli import main
+
+    common = ["model=random:tiny", "num_train=16", "num_dev=8", "num_test=8", "batch_size=4", "max_length=48"]
+    assert main(["train", *common, "eval_every=0", *overrides, f"output_dir={tmp_path}"]) == 0
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in records if "loss" in r]

@@ -1,12 +1,9 @@
 """Forward-Grad: the directional derivative by a forward-mode pass, against backward's gradient · z."""
 
-import json
-
 import pytest
 import torch
-from conftest import keyed_direction, lm_loss, loss_before_and_after, resume_and_compare
+from conftest import keyed_direction, lm_loss, loss_before_and_after, resume_and_compare, train_tiny
 
-from zotune.cli import main
 from zotune.directions import derive_seed
 from zotune.errors import OptionError
 from zotune.models import random_llama
@@ -59,27 +56,7 @@ def test_forward_grad_lowers_the_loss_of_a_tiny_model(batch):
 
 
 def test_it_trains_through_the_cli(tmp_path):
-    assert (
-        main(
-            [
-                "train",
-                "model=random:tiny",
-                "num_train=16",
-                "num_dev=8",
-                "num_test=8",
-                "batch_size=4",
-                "max_length=48",
-                "optimizer=forward-grad",
-                "lr=1e-3",
-                "steps=2",
-                "eval_every=0",
-                f"output_dir={tmp_path}",
-            ]
-        )
-        == 0
-    )
-    steps = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    steps = [r for r in steps if "loss" in r]
+    steps = train_tiny(tmp_path, "optimizer=forward-grad", "lr=1e-3", "steps=2")
     assert len(steps) == 2 and all({"projected_grad", "seed"} <= r.keys() for r in steps)
 
 

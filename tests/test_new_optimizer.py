@@ -2,13 +2,10 @@
 clipped to [−1, 1], built from MeZO's estimate and a new update rule, checked against a naive reference and
 trained through the real CLI code path."""
 
-import json
-
 import torch
 
-from conftest import keyed_direction, lm_loss
+from conftest import keyed_direction, lm_loss, train_tiny
 from zotune import optim
-from zotune.cli import main
 from zotune.directions import derive_seed
 from zotune.models import random_llama
 
@@ -36,26 +33,6 @@ def test_the_new_rule_matches_a_naive_reference_with_stored_directions(batch):
 
 def test_one_registry_line_trains_it_through_the_cli(tmp_path, monkeypatch):
     monkeypatch.setitem(optim.OPTIMIZERS, "zo-clipped", ClippedMeZO)
-    assert (
-        main(
-            [
-                "train",
-                "model=random:tiny",
-                "num_train=16",
-                "num_dev=8",
-                "num_test=8",
-                "batch_size=4",
-                "max_length=48",
-                "optimizer=zo-clipped",
-                "lr=1e-3",
-                "steps=3",
-                "eval_every=0",
-                f"output_dir={tmp_path}",
-            ]
-        )
-        == 0
-    )
-    steps = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    steps = [r for r in steps if "loss" in r]
+    steps = train_tiny(tmp_path, "optimizer=zo-clipped", "lr=1e-3", "steps=3")
     assert len(steps) == 3 and all({"loss_plus", "loss_minus", "projected_grad", "seed"} <= r.keys() for r in steps)
     assert steps[-1]["forward_passes"] == 6

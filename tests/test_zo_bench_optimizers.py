@@ -5,7 +5,7 @@ import math
 
 import pytest
 import torch
-from conftest import keyed_direction, lm_loss, loss_before_and_after, resume_and_compare
+from conftest import keyed_direction, lm_loss, loss_before_and_after, resume_and_compare, train_tiny
 
 from zotune.directions import derive_seed
 from zotune.errors import OptionError
@@ -218,31 +218,6 @@ def test_every_two_point_optimizer_takes_the_one_sided_difference(name, tiny_lla
 
 
 def test_the_estimator_options_reach_the_optimizer_through_the_cli(tmp_path):
-    import json
-
-    from zotune.cli import main
-
-    assert (
-        main(
-            [
-                "train",
-                "model=random:tiny",
-                "num_train=16",
-                "num_dev=8",
-                "num_test=8",
-                "batch_size=4",
-                "max_length=48",
-                "optimizer=zo-momentum",
-                "lr=1e-3",
-                "steps=2",
-                "eval_every=0",
-                "optimizer_options.blocks=layer",
-                "optimizer_options.sparsity=0.5",
-                "optimizer_options.difference=forward",
-                f"output_dir={tmp_path}",
-            ]
-        )
-        == 0
-    )
-    steps = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert [r["forward_passes"] for r in steps if "loss" in r][-1] == 2 * (1 + 4)  # a step: θ once, then 4 blocks
+    options = ["optimizer_options.blocks=layer", "optimizer_options.sparsity=0.5", "optimizer_options.difference=forward"]
+    steps = train_tiny(tmp_path, "optimizer=zo-momentum", "lr=1e-3", "steps=2", *options)
+    assert [r["forward_passes"] for r in steps][-1] == 2 * (1 + 4)  # a step: θ once, then 4 blocks
