@@ -1,10 +1,10 @@
-# Two commands: `make demo` and `make test`. Both create .venv and install the pinned environment first.
+# Two commands: `make demo` and `make test` (`make docs` builds the site). Both create .venv and install the pinned environment first.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
 
-.PHONY: install demo test bench-speed clean
+.PHONY: install demo test docs bench-speed clean
 
 install: $(VENV)/.installed
 
@@ -25,10 +25,14 @@ demo: install
 test: install
 	$(PY) -m ruff check src tests examples
 	$(PY) -m ruff format --check src tests examples
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --quiet --site-dir $(VENV)/site-check
 	$(OFFLINE) $(PY) -m pytest -q
+
+docs: install
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
 
 bench-speed: install
 	$(OFFLINE) $(PY) -m zotune.cli bench speed
 
 clean:
-	rm -rf $(VENV) runs results .pytest_cache
+	rm -rf $(VENV) runs site .pytest_cache  # results/ holds bench reproduce's committed run records

@@ -272,12 +272,13 @@ def test_bad_files_and_folders_are_one_line_errors(tmp_path, capsys, case):
     ] in error
 
 
-def test_the_readmes_optimizer_table_says_what_each_optimizer_declares():
+@pytest.mark.parametrize("page", ["README.md", "docs/guide/optimizers.md"])
+def test_the_optimizer_tables_say_what_each_optimizer_declares(page):
     from pathlib import Path
 
     from zotune.optim import OPTIMIZERS
 
-    text = (Path(__file__).parents[1] / "README.md").read_text()
+    text = (Path(__file__).parents[1] / page).read_text()
     table = text[text.index("| optimizer (`optimizer:`)") :].split("\n\n")[0]
     rows = [line.split("|")[1:-1] for line in table.splitlines() if line.startswith("| `")]
     listed = {}

@@ -103,6 +103,9 @@ class Backend:
         self.distribution, self.workers = distribution, workers
 
     def fill(self, out: torch.Tensor, offset: int, key: int) -> None:
+        """``out`` ← z of the parameter key ``key`` at the flat positions ``offset`` .. ``offset + out.numel()``
+        of the whole parameter. ``out``: a flat float32 tensor on the parameter's device. Every other operation
+        of the base class draws z through it."""
         raise NotImplementedError
 
     def _z(self, offset: int, numel: int, key: int, device: torch.device) -> torch.Tensor:
@@ -119,6 +122,18 @@ class Backend:
         coefficients: Sequence[float],
         scale: float,
     ) -> None:
+        """``targets[p]`` ← ``targets[p]·scale + Σ_t coefficients[t]·z(keys[p][t])`` for every p, many tensors in
+        one call (an update over the parameters of one backend).
+
+        Args:
+            targets: flat tensors, changed in place; ``targets[p]`` holds a parameter's values from its flat
+                position ``offsets[p]``.
+            offsets: where each target starts in its whole parameter.
+            keys: for each target, the parameter keys of its terms, one per coefficient.
+            coefficients: the terms' coefficients, the same for every target.
+            scale: the factor on the old values (weight decay's 1 − lr·wd; 1.0: none).
+        """
+
         def process(p: int, start: int, stop: int) -> None:
             target = targets[p][start:stop]
             work = working(target)
@@ -136,6 +151,10 @@ class Backend:
     def pair(
         self, source: torch.Tensor, plus: torch.Tensor, minus: torch.Tensor | None, offset: int, key: int, coefficient: float
     ) -> None:
+        """``plus`` ← source + d and, unless ``minus`` is None, ``minus`` ← source − d, with d = coefficient·z(key)
+        rounded before the add (as a dense θ + c·z computes it): both sides of a two-point estimate from one
+        generation of z. ``source``, ``plus`` and ``minus`` are flat tensors of one size and dtype, ``source``
+        starting at flat position ``offset`` of its parameter; ``source`` is not changed."""
         wide = source.dtype == torch.float64
 
         def process(_: int, start: int, stop: int) -> None:
@@ -151,6 +170,9 @@ class Backend:
     def copy(
         self, source: torch.Tensor, target: torch.Tensor, offset: int, keys: Sequence[int], coefficients: Sequence[float]
     ) -> None:
+        """``target`` ← source + Σ_t coefficients[t]·z(keys[t]) (flat tensors of one size, ``source`` starting at
+        flat position ``offset`` of its parameter, and not changed): :meth:`pair` for one term, else summed in
+        the work dtype (:func:`work_dtype`) and rounded once."""
         if len(keys) == 1:
             self.pair(source, target, None, offset, keys[0], coefficients[0])
             return
@@ -174,6 +196,7 @@ class NumbaBackend(Backend):
 
     @staticmethod
     def takes(tensor: torch.Tensor) -> bool:
+        """Whether this backend handles ``tensor``: float32 on the CPU."""
         return tensor.device.type == "cpu" and tensor.dtype == torch.float32
 
     def fill(self, out: torch.Tensor, offset: int, key: int) -> None:
@@ -214,6 +237,7 @@ class TritonBackend(Backend):
 
     @staticmethod
     def takes(tensor: torch.Tensor) -> bool:
+        """Whether this backend handles ``tensor``: float32, bf16 or fp16 on CUDA."""
         return tensor.device.type == "cuda" and tensor.dtype in (torch.float32, torch.bfloat16, torch.float16)
 
     @functools.cached_property

@@ -35,6 +35,7 @@ def _fsynced(path: Path, write: Callable) -> None:
 
 
 def checksum_path(path: Path) -> Path:
+    """Where the SHA-256 of ``path`` is kept: beside it, ``.sha256`` appended to its name."""
     return path.with_suffix(path.suffix + ".sha256")
 
 
@@ -76,6 +77,7 @@ class Checkpoints:
         self.folder, self.keep = folder, keep
 
     def paths(self) -> list[Path]:
+        """The folder's ``checkpoint-NNNNNN.pt`` files, oldest first (in the order of their names)."""
         return sorted(self.folder.glob("checkpoint-[0-9]*.pt"))
 
     def save(self, step: int, state: dict) -> Path:

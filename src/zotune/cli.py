@@ -13,6 +13,16 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The ``zotune`` command: ``train``, ``eval``, ``export``, ``data fetch`` and ``bench`` (each benchmark's own
+    ``main`` takes the arguments after its name).
+
+    Args:
+        argv: the arguments after ``zotune``; None: ``sys.argv[1:]``.
+
+    Returns:
+        The exit status: 0, 2 after a one-line message for a zotune error, or 128 + the signal's number for a run
+        stopped by SIGINT or SIGTERM after saving its step.
+    """
     parser = argparse.ArgumentParser(prog="zotune", description="Zeroth-order and hybrid fine-tuning of language models.")
     commands = parser.add_subparsers(dest="command", required=True)
 

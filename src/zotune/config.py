@@ -20,6 +20,10 @@ class ConfigError(ZotuneError, ValueError):
 
 @dataclass
 class TrainConfig:
+    """Every setting of a run, with its default; the comment beside each field says what it takes (``zotune
+    train --help`` lists them from this source). Built from a recipe by :func:`load_config`, which checks the
+    types and the choices, and saved as the run folder's ``config.yaml``."""
+
     model: str = "smollm2-135m"  # built-in, random:<shape>, a local folder or a hub id
     dtype: str = "fp32"  # fp32 | bf16 | fp16
     device: str = "auto"  # auto (the GPU if there is one) | cpu | cuda | cuda:N
@@ -65,6 +69,7 @@ class TrainConfig:
     output_dir: str = "runs/run"
 
     def to_dict(self) -> dict:
+        """The settings as a plain dict (nested dicts copied), as ``config.yaml`` and checkpoints hold them."""
         return dataclasses.asdict(self)
 
 

@@ -22,6 +22,15 @@ RECIPES = ("configs/demo-sentiment-ipsgd.yaml", "configs/demo-sentiment-mezo.yam
 
 
 def main(argv: list[str] | None = None) -> None:
+    """``make demo``: trains the three recipes one after another (see the module docstring), then writes and
+    prints the table and the plot.
+
+    Args:
+        argv: ``key=value`` overrides for every recipe; None: ``sys.argv[1:]``.
+
+    Raises:
+        TrainingError: when a run's process fails.
+    """
     from .config import load_config
     from .errors import TrainingError
 

@@ -128,6 +128,7 @@ class DirectionEngine:
         return self.mask
 
     def masked(self, param_index: int) -> bool:
+        """Whether z of parameter ``param_index`` has entries zeroed (sparse directions with a share above 0)."""
         return self.mask is not None and self.mask.thresholds[param_index] is not None
 
     def _flat(self, param_index: int) -> torch.Tensor:

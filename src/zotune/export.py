@@ -116,6 +116,15 @@ def _is_peft(model: nn.Module) -> bool:
 
 
 def model_card(config: TrainConfig, results: dict, contents: str) -> str:
+    """A folder's ``README.md``: YAML front matter (library, base model, tags), a table of the run (base model,
+    task, trainable parameters, optimizer, steps, dev and test metrics, seed) and how to load the folder.
+
+    Args:
+        config: the run's config.
+        results: the figures, as for :func:`export`; a missing ``dev`` or ``test`` shows as n/a.
+        contents: what the folder holds, in words (``This folder holds {contents}``).
+    """
+
     def pct(value):
         return "n/a" if value is None else f"{100 * value:.1f}%"
 

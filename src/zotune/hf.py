@@ -47,6 +47,9 @@ class ZOTrainer(Trainer):
         self._zotune = None
 
     def create_optimizer(self, model=None):
+        """The zotune optimizer (``zo_optimizer`` with ``zo_options`` and the ``TrainingArguments``' learning rate
+        and weight decay) on ``model`` (None: the Trainer's), unless one was passed in. Its ``step()`` without a
+        closure, which the Trainer's loop calls after :meth:`training_step` has taken the step, does nothing."""
         if self.optimizer is None:
             self.optimizer = create_optimizer(
                 self.zo_optimizer,
@@ -65,6 +68,9 @@ class ZOTrainer(Trainer):
         return self.optimizer
 
     def training_step(self, model, inputs, num_items_in_batch=None) -> torch.Tensor:
+        """A whole zotune optimizer step on the Trainer's batch ``inputs``, the loss being the Trainer's
+        ``compute_loss`` on it (``num_items_in_batch`` is not used). Returns the step's loss as a tensor without
+        a graph, for the Trainer's logging."""
         model.train()
         inputs = self._prepare_inputs(inputs)
 

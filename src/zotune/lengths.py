@@ -36,6 +36,7 @@ _UNITS = {
 
 
 def example_length(example: EncodedExample) -> int:
+    """The tokens of the example's longest sequence (prompt + candidate)."""
     return max(len(sequence) for sequence in example.sequences)
 
 
@@ -57,6 +58,7 @@ class LengthSplit:
 
     @classmethod
     def by_threshold(cls, lengths: Sequence[int], threshold: int) -> LengthSplit:
+        """The split of examples of these lengths (by index) at ``threshold``: longer ones to D0, the rest to D1."""
         return cls(
             threshold,
             tuple(i for i, n in enumerate(lengths) if n > threshold),

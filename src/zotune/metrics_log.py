@@ -24,6 +24,7 @@ class MetricsLog:
             path.write_text("".join(line + "\n" for line in kept))
 
     def write(self, record: dict) -> None:
+        """Appends ``record`` as one JSON line and hands it to each sink; nothing when disabled."""
         if not self.enabled:
             return
         with open(self.path, "a") as file:
@@ -32,6 +33,7 @@ class MetricsLog:
             sink.write(record)
 
     def records(self) -> list[dict]:
+        """Every record in the file, in order: a resumed run's include those kept from before it resumed."""
         return [json.loads(line) for line in self.path.read_text().splitlines()]
 
 

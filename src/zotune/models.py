@@ -300,6 +300,10 @@ class PrefixDecoder(torch.nn.Module):
         self.prefix_values = torch.nn.Parameter(torch.stack([layer.values[0] for layer in cache.layers]))
 
     def forward(self, input_ids, attention_mask=None, **kwargs):
+        """The body's forward with the prefix as every layer's past keys and values: the attention mask (2-D,
+        or a 4-D block mask from :mod:`zotune.packing`) gains the prefix's positions, seen by every token, and
+        given ``position_ids`` are shifted past them. Returns the last hidden states (and the hidden states
+        and attentions if asked for), without a cache."""
         from transformers import DynamicCache
         from transformers.modeling_outputs import BaseModelOutputWithPast
 
@@ -340,9 +344,11 @@ class PrefixTunedLM(torch.nn.Module):
         self.config = model.config
 
     def get_decoder(self):
+        """The decoder the scorers run: the :class:`PrefixDecoder`, prefix included."""
         return self.prefix
 
     def get_output_embeddings(self):
+        """The frozen LM's output layer (its vocabulary head)."""
         return self.lm.get_output_embeddings()
 
 

@@ -33,7 +33,9 @@ class ProjectedGradientMonitor:
         return report
 
     def state_dict(self) -> dict:
+        """The recent values, for checkpoints."""
         return {"recent": list(self.recent)}
 
     def load_state_dict(self, state: dict) -> None:
+        """Continues from a :meth:`state_dict`."""
         self.recent = list(state["recent"])

@@ -7,6 +7,8 @@ from pathlib import Path
 
 
 def cache_dir() -> Path:
+    """The folder of converted models and fetched data: ``$ZOTUNE_CACHE`` if set and not empty, else
+    ``~/.cache/zotune`` (not created here)."""
     return Path(os.environ.get("ZOTUNE_CACHE") or Path.home() / ".cache" / "zotune")
 
 

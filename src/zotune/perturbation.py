@@ -188,6 +188,14 @@ class ModulePerturbation:
 
     @contextmanager
     def dual(self, seed: int, eps: float):
+        """Within the block, a forward over a batch stacked twice along dim 0 runs its first half at
+        θ + eps·z(seed) and its second at θ − eps·z(seed), z generated once per module for both; the stored
+        parameters are not changed.
+
+        Raises:
+            OptionError: on entering, for a model with a batch-wide position bias (T5's); during a forward, for
+                inputs that do not split into two halves along dim 0, or outputs that cannot be joined back.
+        """
         if self._batch_wide is not None:
             raise OptionError(
                 f"dual_forward: {self._batch_wide} computes one position bias for the whole batch "

@@ -30,6 +30,8 @@ def dev_points(records: list[dict]) -> list[tuple[int, int, float, float]]:
 
 
 def plot(records: list[dict], path: Path, title: str) -> None:
+    """Draws a run's ``metrics.jsonl`` records into ``path`` (PNG): the training loss by step, each batch's and
+    its moving mean over about 2% of the steps, then the dev metric by step, forward passes and seconds."""
     import matplotlib
 
     matplotlib.use("Agg")

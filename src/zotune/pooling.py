@@ -22,6 +22,9 @@ class MeanPooledClassifier(nn.Module):
         nn.init.zeros_(self.score.bias)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **_):
+        """The labels' logits (``.logits`` of a ``SequenceClassifierOutput``) from the mean of the last hidden
+        states over the tokens ``attention_mask`` keeps (None: every token); other keyword arguments are
+        ignored."""
         from transformers.modeling_outputs import SequenceClassifierOutput
 
         if attention_mask is None:

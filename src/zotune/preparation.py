@@ -49,6 +49,12 @@ def resolve_device(name: str) -> torch.device:
 
 
 def prepare(config: TrainConfig) -> Prepared:
+    """The model, the encoded splits, the metric and the training loss of a run, from its config.
+
+    Sets torch's threads (``threads``), checks the head and the trainable mode against the task before anything
+    loads, loads the task's sampled splits and the model (on its device, its trainable parameters selected),
+    encodes every split for the head, and refuses examples longer than the model's context
+    (:func:`check_context`)."""
     if config.threads:
         torch.set_num_threads(config.threads)
     definition = task_definition(config.task, config.task_options)
@@ -99,6 +105,8 @@ def head_labels(config: TrainConfig, task) -> int | None:
 
 
 def check_trainable_fits(config: TrainConfig, generation: bool) -> None:
+    """Refuses, before anything loads, a trainable mode that the head or the task cannot train: ``prefix``
+    needs ``head: lm`` and a classification task (``generation``: whether the task generates its answers)."""
     check_head_trainable(config.trainable, config.head)
     if generation and config.trainable == "prefix":
         raise ConfigError(

@@ -21,9 +21,12 @@ class BatchSampler:
         self.notes: list[str] = []
 
     def next_batches(self, optimizer) -> dict[str, list[int]]:
+        """The next step's ``batch`` (``optimizer`` is not consulted: every step takes one)."""
         return {"batch": self.next_batch()}
 
     def next_batch(self) -> list[int]:
+        """The next ``batch_size`` indices of the shuffled passes; a batch that reaches the end of an epoch is
+        completed from the start of the next one."""
         batch = []
         while len(batch) < self.batch_size:
             if self.position == self.size:
@@ -38,9 +41,12 @@ class BatchSampler:
         return torch.randperm(self.size, generator=generator).tolist()
 
     def state_dict(self) -> dict:
+        """Where the passes stand (epoch and position in it): with the seed, all a resumed run needs to draw
+        the same batches."""
         return {"epoch": self.epoch, "position": self.position}
 
     def load_state_dict(self, state: dict) -> None:
+        """Continues from a :meth:`state_dict`."""
         self.epoch, self.position = state["epoch"], state["position"]
 
 
@@ -57,6 +63,8 @@ class AddaxBatches:
         ]
 
     def next_batches(self, optimizer=None) -> dict[str, list[int] | None]:
+        """The next step's ``K0 batch`` (from D0, the long examples) and ``K1 batch`` (from D1), as indices
+        into the training set; None for an empty bucket's."""
         buckets = (self.split.long, self.split.short)
         return {
             name: None if sampler is None else [bucket[i] for i in sampler.next_batch()]
@@ -64,9 +72,11 @@ class AddaxBatches:
         }
 
     def state_dict(self) -> dict:
+        """Each bucket's sampler state (None for an empty bucket)."""
         return {"buckets": [None if s is None else s.state_dict() for s in self.samplers]}
 
     def load_state_dict(self, state: dict) -> None:
+        """Continues from a :meth:`state_dict`."""
         for sampler, saved in zip(self.samplers, state["buckets"]):
             if sampler is not None:
                 sampler.load_state_dict(saved)
@@ -88,8 +98,10 @@ class SVRGBatches:
         return {"batch": self.small.next_batch()}
 
     def state_dict(self) -> dict:
+        """The states of the minibatch sampler and of the large-batch sampler."""
         return {"small": self.small.state_dict(), "large": self.large.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
+        """Continues from a :meth:`state_dict`."""
         self.small.load_state_dict(state["small"])
         self.large.load_state_dict(state["large"])

@@ -35,6 +35,8 @@ class Schedule:
         return self.schedule != "constant" or self.warmup_steps > 0
 
     def before(self, step: int) -> None:
+        """Sets every group's rates for step ``step`` (1-based) to the base rates times :func:`lr_factor`; a
+        constant schedule without warm-up leaves them as they are."""
         if not self.active:
             return
         factor = lr_factor(self.schedule, step, self.steps, self.warmup_steps)

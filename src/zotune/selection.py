@@ -45,6 +45,11 @@ class DevSelection:
         return self.patience is not None and self.stale >= self.patience
 
     def best_weights(self) -> dict:
+        """The model state dict kept in ``best.pt`` (with ``keep_best``).
+
+        Raises:
+            TrainingError: when the file is missing, fails its checksum or does not load.
+        """
         try:
             return load_checked(self.path)["model"]
         except (OSError, ValueError) as error:
@@ -57,6 +62,8 @@ class DevSelection:
             save_atomically(dict(step=step, dev=value, model=weights), self.path)
 
     def state_dict(self) -> dict:
+        """The best step and value, the evaluations since, the last value and the early stop's step, for
+        checkpoints (the best weights stay in ``best.pt``)."""
         return dict(
             best_step=self.best_step,
             best_value=self.best_value,
@@ -66,5 +73,6 @@ class DevSelection:
         )
 
     def load_state_dict(self, state: dict) -> None:
+        """Continues from a :meth:`state_dict`."""
         self.best_step, self.best_value, self.stale = state["best_step"], state["best_value"], state["stale"]
         self.last_value, self.stopped_at = state["last_value"], state["stopped_at"]

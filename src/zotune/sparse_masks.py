@@ -39,6 +39,7 @@ class SparseMask:
         self.seed = 0
 
     def key(self, param_index: int) -> int:
+        """The key of the Gaussian stream whose draws mask parameter ``param_index`` under the current seed."""
         return param_key(self.seed, param_index)
 
 
@@ -51,6 +52,7 @@ class MaskedBackend(Backend):
         self.inner, self.gaussian, self.mask, self.param_index = inner, gaussian, mask, param_index
 
     def fill(self, out: torch.Tensor, offset: int, key: int) -> None:
+        """z from the parameter's own backend, with the entries the current mask zeroes set to 0."""
         self.inner.fill(out, offset, key)
         threshold, mask_key, size = (
             self.mask.thresholds[self.param_index],

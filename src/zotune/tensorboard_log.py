@@ -28,6 +28,14 @@ STEP_FIELDS = (
 
 
 class TensorBoardLog:
+    """A sink of :class:`zotune.metrics_log.MetricsLog` that writes each record as TensorBoard scalars into
+    ``folder`` (see the module docstring); ``resume_step``: the checkpoint's step on a resumed run, whose
+    later events are purged, else None.
+
+    Raises:
+        ConfigError: when the tensorboard package is not installed.
+    """
+
     def __init__(self, folder: Path, resume_step: int | None) -> None:
         if importlib.util.find_spec("tensorboard") is None:
             raise ConfigError(
@@ -40,6 +48,9 @@ class TensorBoardLog:
         self.last_step: dict = {}
 
     def write(self, record: dict) -> None:
+        """A step record's numeric fields as ``train/<field>``; an evaluation's value as ``<split>/<metric>``
+        by step, forward passes and seconds (those of the last step record written); other records (notes)
+        are skipped."""
         step = record["step"]
         if "loss" in record:
             for field in STEP_FIELDS:
@@ -56,4 +67,5 @@ class TensorBoardLog:
         self.writer.flush()
 
     def close(self) -> None:
+        """Flushes and closes the event file."""
         self.writer.close()

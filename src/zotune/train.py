@@ -161,6 +161,8 @@ def make_run_folder(run_dir: Path) -> None:
 
 
 def load_weights(model: torch.nn.Module, weights: dict, fsdp: bool) -> None:
+    """Loads a full state dict into ``model``: into this rank's shards with ``fsdp`` (every rank calls it), else
+    by ``load_state_dict``."""
     load_full_state_dict(model, weights) if fsdp else model.load_state_dict(weights)
 
 
@@ -222,12 +224,15 @@ class Run:
                 self.metrics.write({"step": 0, "note": note})
 
     def say(self, text: str) -> None:
+        """Prints ``text`` above the progress bar, on the first rank only."""
         if self.main:
             tqdm.write(text)
 
     # -- setup ---------------------------------------------------------------------------------------------
 
     def loss(self, examples: list, copies: int = 1) -> torch.Tensor:
+        """The training loss of ``examples`` on the run's model, the closure the optimizers step on; with
+        ``copies`` above 1, the batch stacked that many times and one mean loss per copy (the dual forward)."""
         return self.prepared.loss(self.model, examples, self.prepared.tokenizer.pad_token_id, copies)
 
     def _data_plan(self):
@@ -273,6 +278,8 @@ class Run:
     # -- evaluation ----------------------------------------------------------------------------------------
 
     def evaluate(self, step: int, split: str) -> float | None:
+        """The metric on ``split``, logged at ``step``; None on the ranks that do not evaluate (every rank but the
+        first, except under FSDP, where all of them run the forwards)."""
         if not self.main and not self.config.fsdp:  # the other ranks go on to the next all-reduce and wait there
             return None
         value = self.prepared.evaluate(split)  # with FSDP on every rank: each forward gathers from all of them
@@ -280,6 +287,7 @@ class Run:
         return value
 
     def weights(self) -> dict:
+        """The model's full state dict; under FSDP gathered from the shards, so every rank must call it."""
         return full_state_dict(self.model) if self.config.fsdp else self.model.state_dict()  # FSDP: all ranks gather
 
     def observe_dev(self, step: int, value: float | None) -> None:
@@ -344,6 +352,11 @@ class Run:
             return dict(skipped=str(error), forward_passes=0)
 
     def log_step(self, step: int, record: dict, started: float) -> dict:
+        """Completes a step's record and writes it to the log: the outlier check of its projected gradient,
+        the forward passes and seconds so far, the rate, the peak memory and, data parallel, the bytes
+        communicated. ``record``: what the step returned, whose ``forward_passes`` are added to the run's count;
+        ``started``: the ``time.perf_counter()`` at which this process began training. Returns the record as
+        logged."""
         report = self.monitor.check(record["projected_grad"]) if "projected_grad" in record else None
         if report is not None:
             self.say(f"step {step}: {report}")
@@ -363,6 +376,8 @@ class Run:
         return record
 
     def checkpoint(self, step: int, seconds: float) -> None:
+        """Saves the checkpoint of ``step`` (weights, optimizer, sampler, monitor, selection, counters and config;
+        ``seconds``: the training time so far). Every rank gathers the weights under FSDP; the first writes."""
         saved = self.weights()
         if self.main:
             self.checkpoints.save(
@@ -382,6 +397,14 @@ class Run:
             )
 
     def train(self) -> dict | None:
+        """The loop: the zero-shot dev evaluation of a fresh run (``zero_shot_eval``), then every step from the
+        resumed one to ``steps`` or the early stop, with its evaluations and checkpoints, then :meth:`finish`.
+        Returns the summary (None on every rank but the first).
+
+        Raises:
+            RunInterrupted: when SIGINT or SIGTERM arrived, after saving the step in progress.
+            TrainingError: for a non-finite step that ``on_nonfinite`` does not skip.
+        """
         config = self.config
         if self.start_step == 0 and config.zero_shot_eval:
             zero_shot = self.evaluate(0, "dev")

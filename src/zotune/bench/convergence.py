@@ -28,6 +28,8 @@ from .runs import dev_curve, train_run
 
 
 def first_reaching(points, target, lower_is_better):
+    """(forward passes, seconds) of the first of ``points`` (value, forward passes, seconds), in order, whose
+    value reaches ``target``: at or below it with ``lower_is_better``, else at or above; None if none does."""
     for point in points:
         if (point[0] <= target) if lower_is_better else (point[0] >= target):
             return point[1:]
@@ -35,6 +37,12 @@ def first_reaching(points, target, lower_is_better):
 
 
 def main(argv=None):
+    """``zotune bench convergence``: trains every optimizer of ``--optimizers`` (see the module docstring), then
+    writes and prints the comparison. ``argv``: the arguments after ``convergence`` (None: ``sys.argv[1:]``).
+
+    Raises:
+        ConfigError: for a bad override, or when a run fails.
+    """
     parser = argparse.ArgumentParser(prog="zotune bench convergence", description=__doc__.splitlines()[0])
     parser.add_argument("--config", required=True)
     parser.add_argument(

@@ -47,6 +47,8 @@ def entries() -> dict[str, tuple[str, dict] | None]:
 
 
 def reset_peak() -> None:
+    """Starts a new peak, after a garbage collection: the CUDA allocator's when a GPU is present, else the
+    process's peak resident set (VmHWM)."""
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.synchronize()
@@ -56,6 +58,7 @@ def reset_peak() -> None:
 
 
 def peak_bytes() -> int:
+    """The peak since :func:`reset_peak`: the CUDA allocator's when a GPU is present, else the process's VmHWM."""
     if torch.cuda.is_available():
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated()
@@ -63,6 +66,8 @@ def peak_bytes() -> int:
 
 
 def current_bytes() -> int:
+    """What is held now: the CUDA allocator's allocated bytes when a GPU is present, else the process's resident
+    set (VmRSS)."""
     if torch.cuda.is_available():
         return torch.cuda.memory_allocated()
     return int(re.search(r"VmRSS:\s+(\d+) kB", Path("/proc/self/status").read_text()).group(1)) * 1024
@@ -132,6 +137,14 @@ def measure(name: str, config_path: str | None, overrides: list[str]) -> dict:
 
 
 def main(argv=None):
+    """``zotune bench memory``: measures each entry of ``--optimizers`` in a fresh process (this module with
+    ``--child``, which prints one entry's measurement as JSON), then writes and prints the table. ``argv``:
+    the arguments after ``memory`` (None: ``sys.argv[1:]``).
+
+    Raises:
+        ConfigError: for an unknown entry.
+        SystemExit: when a measurement fails (its output is shown).
+    """
     parser = argparse.ArgumentParser(prog="zotune bench memory", description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="configs/addax-sentiment.yaml")
     known = entries()

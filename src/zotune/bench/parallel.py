@@ -29,6 +29,13 @@ DEFAULTS = ["eval_every=0", "zero_shot_eval=false", "num_dev=8", "num_test=8"]
 
 
 def main(argv=None):
+    """``zotune bench parallel``: trains the recipe under torchrun once per process count of ``--processes``
+    (see the module docstring), then writes and prints the throughput table. ``argv``: the arguments after
+    ``parallel`` (None: ``sys.argv[1:]``).
+
+    Raises:
+        ConfigError: for a bad override, a run that fails, or fewer than 2 steps.
+    """
     parser = argparse.ArgumentParser(prog="zotune bench parallel", description=__doc__.splitlines()[0])
     parser.add_argument("--config", required=True)
     parser.add_argument("--processes", default="1,2", help="comma-separated process counts (default 1,2)")

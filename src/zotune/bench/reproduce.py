@@ -41,6 +41,9 @@ BASELINE = "mezo"
 
 @dataclass
 class Run:
+    """One training run of a claim's suite: an arm's grid run at one value (seed 0), or a final run of its
+    chosen setting with one seed, in its own folder."""
+
     claim: Claim
     arm: Arm
     phase: str  # "grid" or "final"
@@ -53,6 +56,9 @@ class Run:
         return self.claim.grid_steps if self.phase == "grid" else self.claim.final_steps
 
     def overrides(self) -> list[str]:
+        """The run's ``key=value`` overrides of the claim's recipe: the arm's optimizer and fixed overrides, the
+        claim's, the grid value, the steps, a dev evaluation every ``eval_every`` steps and a checkpoint every
+        two, ``select=best_dev``, the seed, and no export."""
         key, _ = self.arm.grid
         every = self.claim.eval_every
         return [
@@ -90,6 +96,8 @@ def chosen(claim: Claim, arm: Arm, out: Path):
 
 
 def plan(claim: Claim, out: Path) -> list[Run]:
+    """Every run of a claim, in the order they run: the grid runs of the arms that search, then each arm's
+    final runs (their ``value`` None while the arm's grid has not finished)."""
     runs = []
     for arm in claim.arms:
         if arm.grid_search:
@@ -116,6 +124,7 @@ def seconds_per_step(claim: Claim, arm: Arm, out: Path) -> float:
 
 
 def status(run: Run) -> str:
+    """``done`` (its summary reports the run's steps), ``partial`` (checkpoints, not finished) or ``to do``."""
     summary = _summary(run.folder)
     if summary is not None and summary.get("steps") == run.steps:
         return "done"
@@ -123,6 +132,8 @@ def status(run: Run) -> str:
 
 
 def print_plan(runs: list[Run], out: Path) -> float:
+    """Prints the runs as a Markdown table with each one's estimated minutes and status; returns the minutes
+    the unfinished ones still need."""
     total = 0.0
     print("| claim | phase | optimizer | setting | seed | steps | estimate (min) | status |")
     print("|---|---|---|---|---|---|---|---|")
@@ -329,6 +340,13 @@ def _plot(result: dict, path: Path) -> None:
 
 
 def main(argv=None):
+    """``zotune bench reproduce``: prints each claim's plan and runs it within ``--budget-hours``; with ``--plan``
+    only prints it; with ``--report`` writes the results document from the finished runs. ``argv``: the
+    arguments after ``reproduce`` (None: ``sys.argv[1:]``).
+
+    Raises:
+        ConfigError: for an unknown claim, or when a run fails.
+    """
     parser = argparse.ArgumentParser(prog="zotune bench reproduce", description=__doc__.splitlines()[0])
     parser.add_argument("--claim", required=True, help=f"one of {', '.join(CLAIMS)}, or all")
     parser.add_argument("--out", default="results/reproduce")

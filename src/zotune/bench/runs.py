@@ -27,6 +27,7 @@ def same_run(config, folder: Path) -> bool:
 
 
 def finished(config, folder: Path) -> bool:
+    """Whether ``folder`` holds a run that ended after ``config.steps`` steps (its ``summary.json`` says so)."""
     summary = folder / "summary.json"
     return summary.is_file() and json.loads(summary.read_text()).get("steps") == config.steps
 

@@ -134,10 +134,24 @@ def bracketed_timings(baseline, actions, repeats, synchronize=lambda: None, prep
 
 
 def spread(values):
+    """The median, lowest and highest of ``values``."""
     return dict(median=statistics.median(values), low=min(values), high=max(values))
 
 
 def run(shape, batch, length, threads, repeats, distribution, device="cpu", dtype="fp32"):
+    """Times every item of the module docstring on a random Llama and a random batch, in this process; returns
+    what ``speed.json`` holds and :func:`markdown` shows.
+
+    Args:
+        shape (str): the model's shape, a name of ``zotune.models.LLAMA_SHAPES``.
+        batch (int): the sequences in the batch.
+        length (int): the tokens of each sequence.
+        threads (int): torch's threads, and the direction engines'.
+        repeats (int): the timed rounds, after a warm-up round.
+        distribution (str): the directions' distribution, ``gaussian`` or ``rademacher``.
+        device (str): where the model runs, ``cpu`` or ``cuda``.
+        dtype (str): the model's dtype, a name of ``zotune.models.DTYPES``.
+    """
     torch.set_num_threads(threads)
     model = random_llama(shape, dtype=DTYPES[dtype], seed=0).to(device).eval()
     generator = torch.Generator().manual_seed(0)
@@ -267,6 +281,8 @@ def run(shape, batch, length, threads, repeats, distribution, device="cpu", dtyp
 
 
 def markdown(result):
+    """A :func:`run` result as a Markdown table: each item's median seconds and its ratio to two forwards (median
+    and range over the rounds), then the speed-up of the fastest MeZO mode over the reference step."""
     seconds, ratios, speedup = result["seconds"], result["over_two_forwards"], result["speedup_over_reference"]
 
     def ratio(name):
@@ -294,6 +310,9 @@ def markdown(result):
 
 
 def main(argv=None):
+    """``zotune bench speed``: times a random model's steps with :func:`run` and writes the report into
+    ``--out``; with ``--task``, the benchmark on a task's real batch (:func:`zotune.bench.task_speed.main`).
+    ``argv``: the arguments after ``speed`` (None: ``sys.argv[1:]``)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     if any(arg == "--task" or arg.startswith("--task=") for arg in argv):  # a real task's batch: its own bench
         from .task_speed import main as task_main

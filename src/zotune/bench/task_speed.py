@@ -64,6 +64,19 @@ def in_order_accuracy(model, examples, pad_id, batch_size) -> float:
 
 
 def run(config, names: list[str], repeats: int, eval_examples: int) -> dict:
+    """Times the forwards, the steps of the optimizers ``names`` and the dev evaluation on the task's real
+    batch (see the module docstring); returns what ``task_speed.json`` holds and :func:`markdown` shows.
+
+    Args:
+        config (TrainConfig): the run's config (model, task, batch size, lengths); its ``optimizer`` and
+            ``optimizer_options`` are set to each optimizer's in turn, and left at the last one's.
+        names: optimizer names of the registry.
+        repeats: the timed rounds, after a warm-up round.
+        eval_examples: how many dev examples the evaluation is timed on.
+
+    Raises:
+        ConfigError: for a head other than ``lm``.
+    """
     from ..optim import OPTIMIZERS
     from ..train import build_optimizer, prepare, split_options
 
@@ -176,6 +189,9 @@ def run(config, names: list[str], repeats: int, eval_examples: int) -> dict:
 
 
 def markdown(result) -> str:
+    """A :func:`run` result as a Markdown report: each optimizer's step time, packed and separate, with
+    packing's speed-up, then the forwards and the evaluation against the packed forward."""
+
     def ratio(r):
         return f"{r['median']:.2f}× ({r['low']:.2f}–{r['high']:.2f})"
 
@@ -210,6 +226,12 @@ def markdown(result) -> str:
 
 
 def main(argv=None):
+    """``zotune bench speed --task``: builds the config from the arguments (see the module docstring), times
+    with :func:`run` and writes the report into ``--out``. ``argv``: the arguments after ``speed``.
+
+    Raises:
+        ConfigError: for an unknown optimizer or a bad config.
+    """
     from ..config import load_config
     from ..optim import OPTIMIZERS
 

@@ -60,7 +60,8 @@ class AdaMeZO(MeZO):
     fp16 sums overflow once P² exceeds 65504. The cost is ``window`` generation sweeps per update instead of one.
 
     Args:
-        params_or_model: the model or its parameters, as for :class:`MeZO`.
+        params_or_model (nn.Module | Iterable[torch.Tensor] | Iterable[dict]): the model or its parameters, as for
+            :class:`MeZO`.
         lr: the learning rate; None fits the form (see above): 1e-7 for "code", ``paper_lr(1e-7, beta1, beta2)``
             for "paper".
         eps: ε, the perturbation's scale, > 0; 1e-3 is the official example's.

@@ -56,8 +56,8 @@ class Addax(UpdatesInBackward, ZerothOrder):
     read from it (see configs/paper/addax-opt13b-sst2.yaml).
 
     Args:
-        params_or_model: the model (module perturbation for the estimate on B0, MeZO's weight-decay rule) or its
-            parameters (in-place perturbation), as for :class:`MeZO`.
+        params_or_model (nn.Module | Iterable[torch.Tensor] | Iterable[dict]): the model (module perturbation for the
+            estimate on B0, MeZO's weight-decay rule) or its parameters (in-place perturbation), as for :class:`MeZO`.
         lr: the learning rate of the mixed update, >= 0.
         alpha: α, the weight of the zeroth-order term: in [0, 1] for convex mixing, >= 0 for additive; small
             (default 1e-3) because c·z has about √d times the gradient's norm.
@@ -193,6 +193,16 @@ class Addax(UpdatesInBackward, ZerothOrder):
 
     @torch.no_grad()
     def step(self, zo_closure: Closure | None = None, fo_closure: Closure | None = None) -> float:  # type: ignore[override]
+        """One Addax step (see the class docstring): the estimate on B0 from ``zo_closure``, then backward on
+        ``fo_closure``'s loss over B1, which applies the mixed update; either closure may be None. Returns the
+        mean of the losses it saw (each in ``last_losses``). The seed stream advances only once the step is done.
+
+        Raises:
+            TypeError: when both closures are None.
+            OptionError: with ``fo_closure``, when a parameter already holds a gradient.
+            NonFiniteLossError: for a non-finite loss, before any update.
+            NonFiniteGradientError: for a non-finite gradient of the first-order loss, as in IP-SGD.
+        """
         if zo_closure is None and fo_closure is None:
             raise TypeError("Addax.step needs zo_closure (loss on the long batch), fo_closure (loss on the short batch), or both")
         if fo_closure is not None:

@@ -13,7 +13,8 @@ class SGD(BackwardThenStep, torch.optim.SGD):
     """``torch.optim.SGD``. Holds every gradient at once, unlike IP-SGD.
 
     Args:
-        params_or_model: a model (its trainable parameters, no decay on biases and norms) or parameters.
+        params_or_model (nn.Module | Iterable[torch.Tensor] | Iterable[dict]): a model (its trainable parameters, no decay on
+            biases and norms) or parameters.
         lr: the learning rate.
         weight_decay: L2 decay, as ``torch.optim.SGD`` applies it.
         momentum: as ``torch.optim.SGD`` (0: plain SGD).
@@ -28,7 +29,8 @@ class Adam(BackwardThenStep, torch.optim.Adam):
     """``torch.optim.Adam``: the memory reference (two moment tensors per parameter, and every gradient).
 
     Args:
-        params_or_model: a model (its trainable parameters, no decay on biases and norms) or parameters.
+        params_or_model (nn.Module | Iterable[torch.Tensor] | Iterable[dict]): a model (its trainable parameters, no decay on
+            biases and norms) or parameters.
         lr: the learning rate.
         weight_decay: L2 decay, as ``torch.optim.Adam`` applies it.
         betas: the moments' decay rates.

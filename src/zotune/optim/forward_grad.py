@@ -45,10 +45,13 @@ class ForwardGrad(ZerothOrder):
     kernels cannot run it and are refused with the operation named. The loss must be differentiable.
 
     Args:
-        params_or_model: the model (needed: the pass gives the model dual parameters for one call).
-        lr: the learning rate (>= 0). weight_decay: MeZO's θ·(1 − lr·wd) (>= 0).
+        params_or_model (nn.Module): the model (needed: the pass gives the model dual parameters for one call).
+        lr: the learning rate (>= 0).
+        weight_decay: wd in MeZO's θ·(1 − lr·wd) (>= 0).
         n_directions: forward-mode passes per step, a positive integer.
-        distribution, seed, num_threads: as for :class:`MeZO`.
+        distribution: ``"gaussian"`` or ``"rademacher"``, as for :class:`MeZO`.
+        seed: the base of the seed stream, as for :class:`MeZO`.
+        num_threads: the threads for CPU parameters, as for :class:`MeZO` (None: ``torch.get_num_threads()``).
     """
 
     needs_differentiable_loss = True
@@ -81,6 +84,15 @@ class ForwardGrad(ZerothOrder):
         self.last_loss = math.nan
 
     def step(self, closure: Callable[[], torch.Tensor]) -> float:  # type: ignore[override]
+        """One step: for each of the n directions z(s_j), the loss of ``closure`` (the differentiable loss on
+        the batch, run in eval mode) and its derivative d_j along z(s_j) by one forward-mode pass, then the
+        update. Returns the mean loss; ``last_derivatives`` holds the (seed, d_j) pairs.
+
+        Raises:
+            TypeError: without a closure.
+            NonFiniteLossError: for a non-finite loss or derivative, before any update.
+            OptionError: when the model runs an operation without a forward-mode derivative.
+        """
         if closure is None:
             raise TypeError("ForwardGrad.step needs a closure that returns the (differentiable) loss")
         step = self.state["zo"]["step"]

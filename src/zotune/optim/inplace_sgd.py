@@ -181,7 +181,8 @@ class InPlaceSGD(UpdatesInBackward, torch.optim.Optimizer):
     cleared: backward would add them to the update's gradient.
 
     Args:
-        params_or_model: a model (its trainable parameters, no decay on biases and norms) or parameters.
+        params_or_model (nn.Module | Iterable[torch.Tensor] | Iterable[dict]): a model (its trainable parameters, no decay on
+            biases and norms) or parameters.
         lr: the learning rate, >= 0.
         weight_decay: wd in θ·(1 − lr·wd), applied before the gradient step; 0: none.
         clip_grad_norm: the global gradient norm to clip to, > 0 (see above; LOMO's recipe: 1.0); None (the
@@ -225,6 +226,16 @@ class InPlaceSGD(UpdatesInBackward, torch.optim.Optimizer):
         return update
 
     def step(self, closure=None):  # type: ignore[override]
+        """One step: ``closure()`` returns the loss (a tensor with its graph, backward not called), and the
+        backward run here updates each parameter as its gradient completes. Returns the loss's value (averaged
+        over the ranks, data parallel); without a closure, does nothing and returns None.
+
+        Raises:
+            OptionError: when a parameter already holds a gradient.
+            NonFiniteLossError: for a non-finite loss, before backward.
+            NonFiniteGradientError: for a non-finite gradient, which has already reached the weights unless
+                ``clip_grad_norm``'s measuring backward caught it.
+        """
         if closure is None:
             return None
         self._refuse_held_gradients("call optimizer.zero_grad() before step()")

@@ -49,8 +49,9 @@ class MeZO(ZerothOrder):
     all-reduce. The step's estimates are kept in ``last_estimates`` for logging.
 
     Args:
-        params_or_model: the model (module perturbation by default, MeZO's weight-decay rule) or its parameters
-            or parameter groups (in-place perturbation; every parameter decayed unless its group says otherwise).
+        params_or_model (nn.Module | Iterable[torch.Tensor] | Iterable[dict]): the model (module perturbation by default,
+            MeZO's weight-decay rule) or its parameters or parameter groups (in-place perturbation; every parameter
+            decayed unless its group says otherwise).
         lr: the learning rate, >= 0; the paper's full fine-tuning uses 1e-6 or 1e-7.
         eps: ε, the perturbation's scale, > 0; 1e-3 is the paper's.
         weight_decay: wd in θ·(1 − lr·wd), >= 0; 0: none.
@@ -130,6 +131,14 @@ class MeZO(ZerothOrder):
 
     @torch.no_grad()
     def step(self, closure: Closure) -> float:  # type: ignore[override]
+        """One MeZO step (see the class docstring): the n estimates from ``closure`` (the loss on the batch,
+        without backward; taking ``copies`` with ``dual_forward``), then the update. Returns the mean of the
+        estimates' losses (θ ± εz; one-sided, θ + εz and θ); ``last_estimates`` holds the estimates.
+
+        Raises:
+            TypeError: without a closure.
+            NonFiniteLossError: for a non-finite loss; the parameters are left as they were.
+        """
         if closure is None:
             raise TypeError("MeZO.step needs a closure that returns the loss (without calling backward)")
         estimates = self.estimates(closure)

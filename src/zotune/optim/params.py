@@ -24,6 +24,7 @@ def fsdp_optimizers() -> list[str]:
 
 
 def is_sharded(param: torch.Tensor) -> bool:
+    """Whether ``param`` is an FSDP2 shard (a DTensor)."""
     from torch.distributed.tensor import DTensor
 
     return isinstance(param, DTensor)

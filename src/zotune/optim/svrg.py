@@ -55,8 +55,8 @@ class MeZOSVRG(ZerothOrder):
     losses are in ``state_dict()``; losses are reduced across ranks first, so all ranks anneal alike.
 
     Args:
-        params_or_model: the model (module perturbation) or its parameters (in-place perturbation), as for
-            :class:`MeZO`.
+        params_or_model (nn.Module | Iterable[torch.Tensor] | Iterable[dict]): the model (module perturbation) or its
+            parameters (in-place perturbation), as for :class:`MeZO`.
         lr: η2, the rate of the ordinary steps, >= 0; the paper's is 1e-6.
         anchor_lr: η1, the rate of the anchor steps, >= 0; the paper's is 1e-4 (searched over 1e-3, 1e-4, 1e-5).
             A parameter group's own ``anchor_lr`` is kept.
@@ -195,6 +195,16 @@ class MeZOSVRG(ZerothOrder):
 
     @torch.no_grad()
     def step(self, closure: Closure, large_batch_closure: Closure | None = None) -> float:  # type: ignore[override]
+        """One MeZO-SVRG step, whichever the step counter says (``is_anchor_step``): an anchor step, G estimated
+        on ``large_batch_closure`` at θ̃ ← θ and θ ← θ − η1·G (``closure`` is not called), or an ordinary step,
+        the corrected update from four forwards of ``closure``'s minibatch. Both closures return the loss
+        without backward. With ``anneal``, the rates are checked before the step. Returns the mean of the two
+        losses at θ ± εz (the large batch's on an anchor step).
+
+        Raises:
+            TypeError: on an anchor step without ``large_batch_closure``.
+            NonFiniteLossError: for a non-finite loss, before any update.
+        """
         if self.anneal is None:
             return self._svrg_step(closure, large_batch_closure)
         self._anneal_if_the_loss_rose()

@@ -27,7 +27,8 @@ class ZerothOrder(TrainingStep, torch.optim.Optimizer):
     writes ``step`` and ``train_step``.
 
     Args:
-        params_or_model: the model (module perturbation, MeZO's decay rule) or parameters / groups (in place).
+        params_or_model (nn.Module | Iterable[torch.Tensor] | Iterable[dict]): the model (module perturbation, MeZO's decay
+            rule) or parameters / groups (in place).
         lr: the learning rate (>= 0), in every group.
         eps: the perturbation's scale ε (> 0).
         weight_decay: θ ← θ·(1 − lr·wd) at each update (>= 0).
@@ -153,6 +154,12 @@ class ZerothOrder(TrainingStep, torch.optim.Optimizer):
         self.estimator.reduce = group.mean  # the ranks share the seed stream: only the losses are averaged
 
     def load_state_dict(self, state_dict: dict) -> None:
+        """``torch.optim``'s, seed stream included, once the state is known to come from this direction stream.
+
+        Raises:
+            CheckpointError: when the state was saved by a zotune drawing another stream
+                (:data:`zotune.counter_rng.STREAM_VERSION`): its seeds would name other directions.
+        """
         # States from before the version was recorded lack it: they were written with stream 1.
         saved = state_dict["state"].get("zo", {}).get("stream", 1)
         if saved != STREAM_VERSION:

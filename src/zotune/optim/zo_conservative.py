@@ -38,6 +38,14 @@ class ZOSGDConservative(MeZO):
 
     @torch.no_grad()
     def step(self, closure: Closure) -> float:  # type: ignore[override]
+        """One ZO-SGD-Cons step (see the class docstring) on ``closure``'s batch (the loss, without backward):
+        the loss at θ, MeZO's estimate, the losses at θ ∓ lr·ĝ, then the move to the best of the three points
+        (``last_move``: −1 for θ − lr·ĝ, 1 for θ + lr·ĝ, 0 for θ kept). Returns the loss at θ before the move.
+
+        Raises:
+            TypeError: without a closure.
+            NonFiniteLossError: for a non-finite loss, before any move.
+        """
         if closure is None:
             raise TypeError("ZOSGDConservative.step needs a closure that returns the loss (without calling backward)")
         step = self.state["zo"]["step"]

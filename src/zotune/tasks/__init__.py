@@ -10,11 +10,14 @@ from .base import DEFAULT_SIZES, SPLITS, DataError, Example, Task, read_rows, sa
 
 @dataclass
 class LoadedTask:
+    """A task's definition and its examples by split (train, dev, test), as :func:`load_task` returns them."""
+
     task: Task | hub.RowTask
     splits: dict[str, list[Example]]
 
 
 def task_names() -> list[str]:
+    """Every task name :func:`load_task` takes, sorted: the BIG-bench tasks, the hub tasks and ``local``."""
     return sorted([*bigbench.TASKS, *hub.HUB_TASKS, "local"])
 
 

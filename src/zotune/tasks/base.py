@@ -69,6 +69,13 @@ class Task:
         return [name for _, name, _, _ in string.Formatter().parse(self.template) if name]
 
     def example(self, row: dict, where: str) -> Example:
+        """The example of one data row: the prompt from the template and the candidates from the verbalizer
+        (with the other heads' views of it), or a generation task's answer. ``where``: the row, as error
+        messages name it.
+
+        Raises:
+            DataError: for a missing field, an empty answer or a label the verbalizer does not know.
+        """
         needed = [*self.fields, self.answer_field or self.label_field]
         missing = [name for name in needed if name not in row]
         if missing:
@@ -96,6 +103,12 @@ class Task:
         )
 
     def examples(self, rows: Sequence[dict], source: str) -> list[Example]:
+        """The examples of a split's rows, in order; ``source``: the split, as error messages name it (with the
+        row's number, from 1).
+
+        Raises:
+            DataError: for an empty split or an unusable row.
+        """
         if not rows:
             raise DataError(f"{source}: the split is empty; task {self.name!r} needs at least one example")
         return [self.example(row, f"{source}, row {number}") for number, row in enumerate(rows, start=1)]

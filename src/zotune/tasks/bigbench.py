@@ -112,6 +112,7 @@ TASKS = {
 
 
 def full_data_dir() -> Path:
+    """Where ``zotune data fetch bigbench`` writes the full tasks: ``data/bigbench`` in the zotune cache."""
     return cache_dir() / "data" / "bigbench"
 
 
@@ -208,4 +209,5 @@ def fetch(sdist: Path | None = None) -> dict[str, dict[str, int]]:
 
 
 def rows(name: str, split: str, full: bool = False) -> list[dict]:
+    """The rows of one split of a BIG-bench task: from the vendored extract, or from the fetched full task."""
     return read_rows(split_paths(name, full)[split])

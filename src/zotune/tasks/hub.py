@@ -31,12 +31,24 @@ class RowTask:
     loss: str = "classification"
 
     def example(self, row: dict, where: str) -> Example:
+        """The example ``build`` makes of one row, once the row is known to hold the task's ``fields``;
+        ``where``: the row, as error messages name it.
+
+        Raises:
+            DataError: for a missing field, or a row ``build`` cannot use.
+        """
         missing = [name for name in self.fields if name not in row]
         if missing:
             raise DataError(f"{where}: missing field {missing[0]!r} (task {self.name!r} needs {list(self.fields)})")
         return self.build(row)
 
     def examples(self, rows, source: str) -> list[Example]:
+        """The examples of a split's rows, in order; ``source``: the split, as error messages name it (with the
+        row's number, from 1).
+
+        Raises:
+            DataError: for an empty split or an unusable row.
+        """
         if not rows:
             raise DataError(f"{source}: the split is empty; task {self.name!r} needs at least one example")
         return [self.example(row, f"{source}, row {number}") for number, row in enumerate(rows, start=1)]
