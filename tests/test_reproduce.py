@@ -107,3 +107,45 @@ def test_every_claim_names_a_recipe_and_a_mezo_baseline():
         assert (root / claim.config).is_file() and (root / claim.gpu_recipe.split()[0]).is_file()
         assert "mezo" in {a.label for a in claim.arms} and claim.final_steps > claim.grid_steps
         assert replace(claim).seeds == (0, 1, 2)
+
+
+def fake_run(folder, steps, dev_curve, test, passes_per_step=2):
+    """A finished run's records as the trainer writes them: a dev evaluation after every step."""
+    import json
+
+    folder.mkdir(parents=True)
+    (folder / "config.yaml").write_text("optimizer: mezo\n")
+    records = []
+    for step, value in enumerate(dev_curve, start=1):
+        records.append(dict(step=step, loss=1.0, forward_passes=passes_per_step * step, seconds=float(step)))
+        records.append(dict(step=step, split="dev", value=value))
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    summary = dict(steps=steps, dev=max(dev_curve), test=test, peak_memory_mb=100.0, seconds=float(steps), metric="accuracy")
+    (folder / "summary.json").write_text(json.dumps(summary))
+
+
+def test_the_target_is_a_dev_level_every_mezo_seed_reached(tiny_claim):
+    claim, out = tiny_claim
+    for value in (1e-3, 1e-2):
+        fake_run(out / "adamezo" / "grid" / f"mezo@{value}", claim.grid_steps, [0.5, 0.6 if value == 1e-3 else 0.55], 0.5)
+    fake_run(out / "adamezo" / "grid" / "adamezo@0.001", claim.grid_steps, [0.5, 0.6], 0.5)
+    # MeZO's seeds peak at 0.70 and 0.80: their mean, 0.75, is beyond seed 0, which never gets there.
+    fake_run(out / "adamezo" / "final" / "mezo" / "seed0", claim.final_steps, [0.5, 0.6, 0.7], 0.70)
+    fake_run(out / "adamezo" / "final" / "mezo" / "seed1", claim.final_steps, [0.5, 0.7, 0.8], 0.71)
+    fake_run(out / "adamezo" / "final" / "adamezo" / "seed0", claim.final_steps, [0.8, 0.8, 0.8], 0.72)
+    fake_run(out / "adamezo" / "final" / "adamezo" / "seed1", claim.final_steps, [0.8, 0.8, 0.8], 0.71)
+    result = reproduce.analyse(claim, out)
+    assert result["target"] == 0.7
+    assert result["arms"]["mezo"]["passes_to_target"] == (6 + 4) / 2  # steps 3 and 2, 2 forwards a step
+    assert result["arms"]["adamezo"]["passes_to_target"] == 2
+    assert result["verdict"][0] == "holds"  # a fifth of MeZO's passes, accuracy level
+
+
+def test_an_early_stopped_run_counts_as_done(tiny_claim):
+    claim, out = tiny_claim
+    run = next(run for run in reproduce.plan(claim, out) if run.phase == "grid")
+    fake_run(run.folder, 1, [0.5], 0.5)
+    assert reproduce.status(run) == "to do"  # one of its two steps, not stopped: it continues
+    summary = run.folder / "summary.json"
+    summary.write_text(summary.read_text().replace('"steps": 1', '"steps": 1, "early_stopped_at": 1'))
+    assert reproduce.status(run) == "done"

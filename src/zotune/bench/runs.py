@@ -26,10 +26,16 @@ def same_run(config, folder: Path) -> bool:
     return all(saved.get(key) == current[key] for key in DEFINING_KEYS)
 
 
+def ended(summary: dict | None, steps: int) -> bool:
+    """Whether a run's ``summary`` says it has ended: all ``steps`` trained, or stopped early by its patience
+    (a stopped run is not continued by a longer budget)."""
+    return summary is not None and (summary.get("steps") == steps or summary.get("early_stopped_at") is not None)
+
+
 def finished(config, folder: Path) -> bool:
     """Whether ``folder`` holds a run that ended after ``config.steps`` steps (its ``summary.json`` says so)."""
     summary = folder / "summary.json"
-    return summary.is_file() and json.loads(summary.read_text()).get("steps") == config.steps
+    return ended(json.loads(summary.read_text()) if summary.is_file() else None, config.steps)
 
 
 def train_run(config_path: str, overrides: list[str], folder: Path, resume: bool, label: str) -> dict:
