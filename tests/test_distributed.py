@@ -159,8 +159,9 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM
 
 
 def test_torchrun_training_equals_one_process_and_only_rank_0_writes(tmp_path):
-    """Addax through the CLI: both of its batches are sharded, and it uses both kinds of all-reduce."""
-    options = ["optimizer=addax", "lr=5e-2"]
+    """Addax through the CLI: both of its batches are sharded, and it uses both kinds of all-reduce. With the
+    zero-shot evaluation, which rank 0 alone runs."""
+    options = ["optimizer=addax", "lr=5e-2", "zero_shot_eval=true"]
     one, two = tmp_path / "one", tmp_path / "two"
     subprocess.run(
         [sys.executable, "-m", "zotune.cli", *TRAIN, *options, f"output_dir={one}"], env=ENV, check=True, capture_output=True

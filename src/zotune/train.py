@@ -408,7 +408,8 @@ class Run:
         config = self.config
         if self.start_step == 0 and config.zero_shot_eval:
             zero_shot = self.evaluate(0, "dev")
-            self.say(f"zero-shot dev {self.prepared.metric}: {zero_shot:.3f}")
+            if zero_shot is not None:  # data parallel: rank 0 alone evaluates
+                self.say(f"zero-shot dev {self.prepared.metric}: {zero_shot:.3f}")
         started = time.perf_counter()
         last_step = self.selection.stopped_at or config.steps
         bar = tqdm(
