@@ -25,7 +25,7 @@ class Sequences(torch.utils.data.Dataset):
         return {"input_ids": self.tokens[index], "labels": self.tokens[index]}
 
 
-def make_trainer(tmp_path, optimizer="mezo", lr=3e-3, steps=40, **extra):
+def make_trainer(tmp_path, optimizer="mezo", lr=3e-3, steps=40, zo_options=None, **extra):
     data = Sequences(torch.randint(0, 64, (32, 16), generator=torch.Generator().manual_seed(0)))
     args = TrainingArguments(
         output_dir=str(tmp_path),
@@ -46,7 +46,7 @@ def make_trainer(tmp_path, optimizer="mezo", lr=3e-3, steps=40, **extra):
         train_dataset=data,
         eval_dataset=data,
         zo_optimizer=optimizer,
-        zo_options={"eps": 1e-3} if optimizer not in ("ip-sgd", "forward-grad") else {},
+        zo_options=zo_options or ({"eps": 1e-3} if optimizer not in ("ip-sgd", "forward-grad") else {}),
     )
 
 
@@ -81,6 +81,8 @@ def test_zotrainer_refuses_what_it_cannot_do(tmp_path):
         make_trainer(tmp_path, optimizer="addax")
     with pytest.raises(OptionError, match="set gradient_accumulation_steps=1"):
         make_trainer(tmp_path, gradient_accumulation_steps=2)
+    with pytest.raises(OptionError, match="ZOTrainer cannot take dual_forward"):  # it would get one loss for two
+        make_trainer(tmp_path, zo_options={"dual_forward": True})
 
 
 @pytest.mark.parametrize(

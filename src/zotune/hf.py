@@ -32,6 +32,11 @@ class ZOTrainer(Trainer):
                 f"ZOTrainer supports {', '.join(SUPPORTED)}, got {zo_optimizer!r}: it needs batches the "
                 "Trainer does not make (or is the Trainer's own kind), so train it with `zotune train`"
             )
+        if (zo_options or {}).get("dual_forward"):
+            raise OptionError(
+                "ZOTrainer cannot take dual_forward: the Trainer's compute_loss gives one loss, not one per copy of "
+                "the batch; drop it, or train with `zotune train` (optimizer_options: {dual_forward: true})"
+            )
         super().__init__(*args, **kwargs)
         if self.args.gradient_accumulation_steps != 1:
             raise OptionError(
