@@ -100,3 +100,51 @@ def test_examples_run_and_lower_the_loss(tmp_path, script, args):
     else:
         before, after = (float(x) for x in re.search(r"eval loss ([0-9.]+) -> ([0-9.]+)", output).groups())
     assert after < before - 0.5, output
+
+
+def task_trainer(tmp_path, zo_options, steps=6):
+    from zotune.config import load_config
+    from zotune.hf import examples_collator, task_loss
+    from zotune.preparation import prepare
+
+    config = load_config(None, ["model=random:tiny", "task=bigbench-sentiment", "num_train=16", "num_dev=8", "max_length=48"])
+    prepared = prepare(config)
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        max_steps=steps,
+        learning_rate=1e-2,
+        per_device_train_batch_size=4,
+        report_to=[],
+        use_cpu=True,
+        seed=0,
+        save_strategy="no",
+    )
+    trainer = ZOTrainer(
+        model=prepared.model,
+        args=args,
+        train_dataset=prepared.splits["train"],
+        eval_dataset=prepared.splits["dev"],
+        data_collator=examples_collator,
+        zo_optimizer="mezo",
+        zo_options=zo_options,
+        zo_loss=task_loss(prepared),
+    )
+    return trainer, prepared
+
+
+def test_zotrainer_trains_a_zotune_task_with_its_candidate_scorer(tmp_path):
+    """zo_loss: the Trainer's batches are the task's encoded examples, the loss zotune train's (packed candidate
+    scoring), evaluated by the Trainer too; with it the dual forward takes the same steps as two forwards."""
+    trainer, prepared = task_trainer(tmp_path, {"eps": 1e-3})
+    with torch.no_grad():
+        expected = prepared.loss(prepared.model, prepared.splits["dev"], prepared.tokenizer.pad_token_id).item()
+    assert trainer.evaluate()["eval_loss"] == pytest.approx(expected, rel=1e-5)  # one batch of 8: the same mean
+    initial = {name: p.detach().clone() for name, p in prepared.model.named_parameters()}
+    trainer.train()
+    assert trainer.optimizer.optimizer.state["zo"]["step"] == 6
+    trained = dict(prepared.model.named_parameters())
+    assert any(not torch.equal(trained[name], value) for name, value in initial.items())
+    dual, dual_prepared = task_trainer(tmp_path / "dual", {"eps": 1e-3, "dual_forward": True})
+    dual.train()
+    for name, p in dual_prepared.model.named_parameters():
+        torch.testing.assert_close(p.detach(), trained[name].detach(), rtol=0, atol=1e-5, msg=name)

@@ -5,9 +5,15 @@ forwards under inference mode, no backward) instead of computing gradients for t
 to apply. Everything else stays the Trainer's: data loading, learning-rate schedules (they drive the
 zotune optimizer's ``lr``), logging, evaluation, checkpoints and callbacks. An existing script switches
 by replacing ``Trainer(...)`` with ``ZOTrainer(..., zo_optimizer="mezo", zo_options={"eps": 1e-3})``.
+
+On a zotune task, ``zo_loss=task_loss(prepared)`` with ``data_collator=examples_collator`` trains on the task's
+encoded examples with the trainer's own loss (for the ``lm`` head, candidates scored behind one pass over
+their shared prompt), in place of the model's ``compute_loss``; that loss also takes the dual forward.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 from transformers import Trainer
@@ -26,16 +32,18 @@ class ZOTrainer(Trainer):
     ``SUPPORTED``; ``zo_options``: its options besides ``lr`` and ``weight_decay``, which come from the
     ``TrainingArguments``). An optimizer passed as ``optimizers=(zotune_optimizer, None)`` is used as is."""
 
-    def __init__(self, *args, zo_optimizer: str = "mezo", zo_options: dict | None = None, **kwargs) -> None:
+    def __init__(
+        self, *args, zo_optimizer: str = "mezo", zo_options: dict | None = None, zo_loss: Callable | None = None, **kwargs
+    ) -> None:
         if not resolve(zo_optimizer)[0].hf_trainer:
             raise OptionError(
                 f"ZOTrainer supports {', '.join(SUPPORTED)}, got {zo_optimizer!r}: it needs batches the "
                 "Trainer does not make (or is the Trainer's own kind), so train it with `zotune train`"
             )
-        if (zo_options or {}).get("dual_forward"):
+        if (zo_options or {}).get("dual_forward") and zo_loss is None:
             raise OptionError(
                 "ZOTrainer cannot take dual_forward: the Trainer's compute_loss gives one loss, not one per copy of "
-                "the batch; drop it, or train with `zotune train` (optimizer_options: {dual_forward: true})"
+                "the batch; pass a zo_loss that takes copies (zotune.hf.task_loss), or drop it"
             )
         super().__init__(*args, **kwargs)
         if self.args.gradient_accumulation_steps != 1:
@@ -48,7 +56,7 @@ class ZOTrainer(Trainer):
                 "ZOTrainer runs in one process; for data parallel runs use `torchrun ... zotune train`, "
                 "whose ranks exchange only the losses"
             )
-        self.zo_optimizer, self.zo_options = zo_optimizer, dict(zo_options or {})
+        self.zo_optimizer, self.zo_options, self.zo_loss = zo_optimizer, dict(zo_options or {}), zo_loss
         self._zotune = None
 
     def create_optimizer(self, model=None):
@@ -81,7 +89,34 @@ class ZOTrainer(Trainer):
 
         def loss(batch, copies=1):
             with self.compute_loss_context_manager():
-                return self.compute_loss(model, batch)
+                return self.compute_loss(model, batch) if self.zo_loss is None else self.zo_loss(model, batch, copies)
 
         record = self._zotune.train_step({"batch": inputs}, loss, self.args.per_device_train_batch_size)
         return torch.tensor(float(record["loss"]), device=self.args.device)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """``zo_loss`` on the batch when one was given (no model outputs to return), else the Trainer's own."""
+        if self.zo_loss is None:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        loss = self.zo_loss(model, inputs)
+        return (loss, None) if return_outputs else loss
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        """With ``zo_loss``, the evaluation loss of the batch (no logits or labels); else the Trainer's own."""
+        if self.zo_loss is None:
+            return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
+        with torch.no_grad():
+            return self.zo_loss(model, self._prepare_inputs(inputs)).detach(), None, None
+
+
+def task_loss(prepared) -> Callable:
+    """A ``zo_loss`` for :class:`ZOTrainer` from a prepared zotune task (:func:`zotune.preparation.prepare`): the
+    loss ``zotune train`` minimises, on a batch of the task's encoded examples, ``copies`` of it for the dual
+    forward."""
+    pad_id = prepared.tokenizer.pad_token_id
+    return lambda model, examples, copies=1: prepared.loss(model, examples, pad_id, copies)
+
+
+def examples_collator(features: list) -> list:
+    """A ``data_collator`` that hands a batch of encoded examples to ``zo_loss`` as they are."""
+    return list(features)
