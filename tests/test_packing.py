@@ -152,3 +152,15 @@ def test_the_log_says_once_when_a_model_runs_long_candidates_one_row_each():
     assert packing_note(causal_model("llama"), examples) is None
     assert "phi models are not known to take a block-causal" in packing_note(causal_model("phi"), examples)
     assert packing_note(causal_model("phi"), examples[:1]) is None  # single-token candidates share a row anyway
+
+
+@pytest.mark.parametrize("name", ["llama", "opt", "gpt2", "qwen2", "mistral", "gemma"])
+def test_scores_from_a_kv_cache_of_the_prompts_equal_one_sequence_per_candidate(name):
+    """The scheme bench speed --task times beside packing (zotune.cached_scoring)."""
+    from zotune.cached_scoring import cached_candidate_scores
+
+    model = causal_model(name)
+    examples = mixed_examples()
+    with torch.no_grad():
+        cached, separate = cached_candidate_scores(model, examples, PAD), separate_candidate_scores(model, examples, PAD)
+    torch.testing.assert_close(cached, separate, rtol=0, atol=1e-10)

@@ -243,6 +243,7 @@ def test_task_speed_times_every_optimizer_with_both_scorers_on_a_real_batch(tmp_
             "6",
             "--optimizers",
             "mezo,svrg,ip-sgd",
+            "--cached",
             "--out",
             str(tmp_path),
             "num_train=16",
@@ -253,9 +254,13 @@ def test_task_speed_times_every_optimizer_with_both_scorers_on_a_real_batch(tmp_
     result = json.loads((tmp_path / "task_speed.json").read_text())
     assert set(result["steps"]) == {"mezo", "svrg", "ip-sgd"}
     for step in result["steps"].values():
-        assert all(step["seconds"][scorer] > 0 for scorer in ("packed", "separate"))
+        assert all(step["seconds"][scorer] > 0 for scorer in ("packed", "separate", "cached"))
+        assert step["cached_over_packed"]["median"] > 0
         assert 0 < step["speedup"]["low"] <= step["speedup"]["median"] <= step["speedup"]["high"]
-    assert set(result["forward"]) == {"separate forward", "reference forward", "reference MeZO step"}
+    assert set(result["forward"]) == {"separate forward", "cached forward", "reference forward", "reference MeZO step"}
     assert result["mezo_over_reference"]["median"] > 0 and result["evaluation"]["examples"] == 6
     assert result["config"]["candidates"] == "2-2" and result["config"]["batch"] == 4
-    assert "packing's speed-up" in (tmp_path / "task_speed.md").read_text()
+    assert (
+        "packing's speed-up" in (tmp_path / "task_speed.md").read_text()
+        and "cached ÷ packed" in (tmp_path / "task_speed.md").read_text()
+    )

@@ -13,7 +13,9 @@ process over ``--repeats`` rounds after a warm-up round:
   (:func:`zotune.scoring.separate_candidate_scores`), the scoring before packing;
 - **reference**: as MeZO's code computes the loss: one sequence per candidate with logits over every
   position and the whole vocabulary, in a reference MeZO step (global reseed, ``torch.normal``
-  per parameter, four passes over the parameters; :func:`zotune.bench.speed.reference_mezo_step`).
+  per parameter, four passes over the parameters; :func:`zotune.bench.speed.reference_mezo_step`);
+- **cached** (its forward always; the steps with ``--cached``): the prompts in one model call, the candidates
+  from their KV cache in a second (:mod:`zotune.cached_scoring`), the other way of running a prompt once.
 
 Each optimizer's steps (packed and separate, on the same batches) are timed within rounds against the packed
 forward, as :func:`zotune.bench.speed.bracketed_timings` does; the table gives each step's time and the
@@ -35,11 +37,12 @@ from pathlib import Path
 import torch
 
 from ..config import ConfigError
+from ..cached_scoring import cached_candidate_scores
 from ..scoring import accuracy, candidate_means, candidate_scores, one_row_per_candidate, separate_candidate_scores
 from .report import write_report
 from .speed import bracketed_timings, reference_mezo_step, spread
 
-SCORERS = ("packed", "separate")
+SCORERS = ("packed", "separate")  # the steps' scorers; --cached adds "cached"
 STEPS = 2  # an item: two steps from the same sampler state
 
 
@@ -63,7 +66,7 @@ def in_order_accuracy(model, examples, pad_id, batch_size) -> float:
     return correct / len(examples)
 
 
-def run(config, names: list[str], repeats: int, eval_examples: int) -> dict:
+def run(config, names: list[str], repeats: int, eval_examples: int, cached: bool = False) -> dict:
     """Times the forwards, the steps of the optimizers ``names`` and the dev evaluation on the task's real
     batch (see the module docstring); returns what ``task_speed.json`` holds and :func:`markdown` shows.
 
@@ -73,6 +76,7 @@ def run(config, names: list[str], repeats: int, eval_examples: int) -> dict:
         names: optimizer names of the registry.
         repeats: the timed rounds, after a warm-up round.
         eval_examples: how many dev examples the evaluation is timed on.
+        cached: also time every step with the KV-cache scorer.
 
     Raises:
         ConfigError: for a head other than ``lm``.
@@ -88,7 +92,8 @@ def run(config, names: list[str], repeats: int, eval_examples: int) -> dict:
     model, pad = prepared.model, prepared.tokenizer.pad_token_id
     train, dev = prepared.splits["train"], prepared.splits["dev"][:eval_examples]
     batch = train[: config.batch_size]
-    scorers = dict(packed=candidate_scores, separate=separate_candidate_scores)
+    scorers = dict(packed=candidate_scores, separate=separate_candidate_scores, cached=cached_candidate_scores)
+    timed = (*SCORERS, "cached") if cached else SCORERS
     losses = {name: partial(prepared.loss, scorer=scorer) for name, scorer in scorers.items()}
     model.train()
 
@@ -115,6 +120,7 @@ def run(config, names: list[str], repeats: int, eval_examples: int) -> dict:
 
     actions = {
         "separate forward": lambda: forward("separate"),
+        "cached forward": lambda: forward("cached"),
         "reference forward": reference_forward,
         "reference MeZO step": reference_step,
     }
@@ -143,15 +149,17 @@ def run(config, names: list[str], repeats: int, eval_examples: int) -> dict:
                 optimizer.train_step(batches, loss_with(scorer), config.batch_size)
 
         try:
-            seconds, step_ratios = bracketed_timings(forward, {s: partial(step, s) for s in SCORERS}, repeats)
+            seconds, step_ratios = bracketed_timings(forward, {s: partial(step, s) for s in timed}, repeats)
         finally:
             optimizer.remove_hooks()
         speedups = [a / b for a, b in zip(step_ratios["separate"], step_ratios["packed"])]
         steps[name] = dict(
-            seconds={s: statistics.median(seconds[s]) / STEPS for s in SCORERS},
-            over_packed_forward={s: spread([r / STEPS for r in step_ratios[s]]) for s in SCORERS},
+            seconds={s: statistics.median(seconds[s]) / STEPS for s in timed},
+            over_packed_forward={s: spread([r / STEPS for r in step_ratios[s]]) for s in timed},
             speedup=spread(speedups),
         )
+        if cached:
+            steps[name]["cached_over_packed"] = spread([a / b for a, b in zip(step_ratios["cached"], step_ratios["packed"])])
     evaluation = {}
     if dev:
         timed, eval_ratios = bracketed_timings(
@@ -206,11 +214,16 @@ def markdown(result) -> str:
         lines.append(
             f"| {name} | {step['seconds']['packed']:.3f} | {step['seconds']['separate']:.3f} | {ratio(step['speedup'])} |"
         )
+    cached = {name: step for name, step in result["steps"].items() if "cached_over_packed" in step}
+    if cached:
+        lines += ["", "| optimizer | step, cached (s) | cached ÷ packed: median (range) |", "|---|---|---|"]
+        lines += [f"| {n} | {s['seconds']['cached']:.3f} | {ratio(s['cached_over_packed'])} |" for n, s in cached.items()]
     forward = result["forward"]
     lines += [
         "",
         "Against the packed forward (loss closure, no gradient), within rounds:",
         f"- separate forward: {ratio(forward['separate forward'])}",
+        f"- cached forward (prompts, then candidates from their KV cache): {ratio(forward['cached forward'])}",
         f"- reference forward (full logits): {ratio(forward['reference forward'])}",
         f"- reference MeZO step: {ratio(forward['reference MeZO step'])}",
     ]
@@ -245,6 +258,7 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--eval-examples", type=int, default=64, help="dev examples to time evaluation on")
     parser.add_argument("--optimizers", default=",".join(OPTIMIZERS), help=f"comma-separated, from {', '.join(OPTIMIZERS)}")
+    parser.add_argument("--cached", action="store_true", help="also time the steps with the KV-cache scorer")
     parser.add_argument("--out", default="results/task_speed")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_args(argv)
@@ -261,7 +275,7 @@ def main(argv=None):
         *args.overrides,
     ]
     config = load_config(args.config, overrides)
-    result = run(config, names, args.repeats, args.eval_examples)
+    result = run(config, names, args.repeats, args.eval_examples, args.cached)
     write_report(
         Path(args.out),
         "task_speed",
