@@ -77,6 +77,10 @@ def test_a_lora_run_writes_its_adapter_and_the_merged_model(tmp_path):
     merged = AutoModelForCausalLM.from_pretrained(folder / "merged")
     torch.testing.assert_close(dev_scores(merged, run_dir), expected, rtol=1e-5, atol=1e-5)
     assert not (folder / "model.safetensors").exists()  # the adapter alone, not a copy of the base model
+    adapter_card, merged_card = (folder / "README.md").read_text(), (folder / "merged" / "README.md").read_text()
+    assert "library_name: peft" in adapter_card and "PeftModel.from_pretrained" in adapter_card
+    assert "library_name: transformers" in merged_card and "AutoModelForCausalLM.from_pretrained(folder)" in merged_card
+    assert "peft" not in merged_card.lower() and "| trainable | lora (merged into the base weights) |" in merged_card
 
 
 def test_zotune_export_writes_any_checkpoint_as_the_run_did(tmp_path, capsys):

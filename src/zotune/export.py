@@ -62,7 +62,9 @@ def export(model: nn.Module, tokenizer, config: TrainConfig, out: Path, results:
         merged = model.merge_and_unload()  # the run is over: its adapters are folded into the base weights
         merged.save_pretrained(out / "merged", safe_serialization=True)
         tokenizer.save_pretrained(out / "merged")
-        (out / "merged" / "README.md").write_text(model_card(config, results, "the base model with the adapter merged"))
+        (out / "merged" / "README.md").write_text(
+            model_card(config, results, "the base model with the adapter merged", merged=True)
+        )
         written.append("the merged model in merged/")
     (out / "README.md").write_text(model_card(config, results, ", ".join(written)))
     return out
@@ -115,7 +117,7 @@ def _is_peft(model: nn.Module) -> bool:
     return hasattr(model, "peft_config")
 
 
-def model_card(config: TrainConfig, results: dict, contents: str) -> str:
+def model_card(config: TrainConfig, results: dict, contents: str, merged: bool = False) -> str:
     """A folder's ``README.md``: YAML front matter (library, base model, tags), a table of the run (base model,
     task, trainable parameters, optimizer, steps, dev and test metrics, seed) and how to load the folder.
 
@@ -123,15 +125,18 @@ def model_card(config: TrainConfig, results: dict, contents: str) -> str:
         config: the run's config.
         results: the figures, as for :func:`export`; a missing ``dev`` or ``test`` shows as n/a.
         contents: what the folder holds, in words (``This folder holds {contents}``).
+        merged: the folder holds a LoRA run's adapter merged into the base model (``merged/``): a plain
+            transformers model, which loads without peft.
     """
 
     def pct(value):
         return "n/a" if value is None else f"{100 * value:.1f}%"
 
     metric = results.get("metric", "accuracy")
+    adapter = config.trainable == "lora" and not merged  # peft loads the adapter; the merged model needs no peft
     lines = [
         "---",
-        "library_name: transformers" if config.trainable != "lora" else "library_name: peft",
+        "library_name: peft" if adapter else "library_name: transformers",
         f"base_model: {config.model}",
         "tags: [zotune, zeroth-order]",
         "---",
@@ -144,7 +149,7 @@ def model_card(config: TrainConfig, results: dict, contents: str) -> str:
         "|---|---|",
         f"| base model | {config.model} ({config.dtype}) |",
         f"| task | {config.task} (head: {config.head}{', pooling: ' + config.pooling if config.head == 'classifier' else ''}) |",
-        f"| trainable | {config.trainable} |",
+        f"| trainable | {config.trainable}{' (merged into the base weights)' if merged else ''} |",
         f"| optimizer | {config.optimizer}, lr {config.lr:g}, schedule {config.lr_schedule}, options {config.optimizer_options or '{}'} |",
         f"| steps | {results.get('steps')} of batch {config.batch_size} (weights of step {results.get('selected_step')}, select: {config.select}) |",
         f"| dev {metric} | {pct(results.get('dev'))} |",
@@ -158,7 +163,7 @@ def model_card(config: TrainConfig, results: dict, contents: str) -> str:
             "non-padding tokens, and apply the linear layer in `score.safetensors` (`weight`, `bias`).",
             "",
         ]
-    elif config.trainable == "lora":
+    elif adapter:
         lines += [
             "Load with `PeftModel.from_pretrained(base_model, folder)`"
             + (", or the merged model in `merged/` with `from_pretrained`." if config.merge else "."),
