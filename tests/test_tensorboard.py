@@ -48,3 +48,34 @@ def test_without_the_tensorboard_package_the_run_stops_with_one_line(tmp_path, m
     assert main(["train", *TINY, "steps=2", "logger=tensorboard", f"output_dir={tmp_path / 'run'}"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "logger=tensorboard needs the tensorboard package" in err[0]
+
+
+def test_a_resumed_run_s_scalars_are_those_of_its_metrics_on_every_axis_once(tmp_path, monkeypatch):
+    """Resumed from step 2 of 4 (checkpoint-4 lost), each series holds each kept or redone record once: a purge by
+    step would drop the forward-pass and seconds series' earlier points, no purge would keep steps 3 and 4 twice."""
+    from zotune.tensorboard_log import TensorBoardLog
+
+    closed = []
+    close = TensorBoardLog.close
+    monkeypatch.setattr(TensorBoardLog, "close", lambda self: closed.append(close(self)))
+    run_dir = tmp_path / "run"
+    args = ["train", *TINY, "steps=4", "eval_every=1", "checkpoint_every=2", "keep_checkpoints=2", "logger=tensorboard"]
+    assert main([*args, f"output_dir={run_dir}"]) == 0
+    for path in (run_dir / "checkpoint-000004.pt", run_dir / "checkpoint-000004.pt.sha256"):
+        path.unlink()
+    assert main([*args, f"output_dir={run_dir}"]) == 0
+    assert len(closed) == 2  # each run closes its event file
+    logged = scalars(run_dir / "tensorboard")
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [step for step, _ in logged["train/loss"]] == [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4]
+    last, expected = {}, {}
+    for record in records:
+        if "loss" in record:
+            last = record
+        elif "split" in record:
+            tag = f"{record['split']}/{record['metric']}"
+            for name, x in ((tag, record["step"]), (f"{tag}_by_forward_passes", last.get("forward_passes", 0))):
+                expected.setdefault(name, []).append((x, round(record["value"], 5)))
+            expected.setdefault(f"{tag}_by_seconds", []).append((round(last.get("seconds", 0)), round(record["value"], 5)))
+    assert [step for step, _ in expected["dev/accuracy"]] == [0, 1, 2, 3, 4]
+    assert {tag: [(x, round(v, 5)) for x, v in logged[tag]] for tag in expected} == expected

@@ -10,7 +10,8 @@ import torch
 
 
 class MetricsLog:
-    """Append-only JSONL; on resume, records past the checkpoint's step are dropped (they will be redone)."""
+    """Append-only JSONL; on resume, records past the checkpoint's step are dropped (they will be redone), and the
+    kept ones are handed to the sinks again, which start afresh."""
 
     def __init__(self, path: Path, resume_step: int | None, enabled: bool = True, sinks=()) -> None:
         self.path, self.enabled = path, enabled  # disabled on every rank but the first of a distributed run
@@ -22,6 +23,9 @@ class MetricsLog:
         elif path.exists():
             kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= resume_step]
             path.write_text("".join(line + "\n" for line in kept))
+            for record in map(json.loads, kept):
+                for sink in self.sinks:
+                    sink.write(record)
 
     def write(self, record: dict) -> None:
         """Appends ``record`` as one JSON line and hands it to each sink; nothing when disabled."""
@@ -31,6 +35,11 @@ class MetricsLog:
             file.write(json.dumps(record) + "\n")
         for sink in self.sinks:
             sink.write(record)
+
+    def close(self) -> None:
+        """Closes the sinks (their files)."""
+        for sink in self.sinks:
+            sink.close()
 
     def records(self) -> list[dict]:
         """Every record in the file, in order: a resumed run's include those kept from before it resumed."""

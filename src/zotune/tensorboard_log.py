@@ -3,8 +3,10 @@
 Steps give ``train/<field>`` (loss, the losses at θ ± εz, the projected gradient, lr, peak memory, forward
 passes, seconds) against the step; evaluations give ``<split>/<metric>`` against the step, and again against
 the forward passes and the seconds run so far (``..._by_forward_passes``, ``..._by_seconds``), the axes on
-which zeroth-order and first-order optimizers compare fairly. A resumed run purges what followed its
-checkpoint, as ``metrics.jsonl`` does.
+which zeroth-order and first-order optimizers compare fairly. Each run writes the folder's event files afresh,
+a resumed one starting with the records ``metrics.jsonl`` kept (up to its checkpoint, with the resume's wall
+times), so each series holds each record once; TensorBoard's purge by step number would also cut the
+forward-pass and seconds series at that number.
 """
 
 from __future__ import annotations
@@ -29,14 +31,13 @@ STEP_FIELDS = (
 
 class TensorBoardLog:
     """A sink of :class:`zotune.metrics_log.MetricsLog` that writes each record as TensorBoard scalars into
-    ``folder`` (see the module docstring); ``resume_step``: the checkpoint's step on a resumed run, whose
-    later events are purged, else None.
+    ``folder``, replacing the event files there (see the module docstring).
 
     Raises:
         ConfigError: when the tensorboard package is not installed.
     """
 
-    def __init__(self, folder: Path, resume_step: int | None) -> None:
+    def __init__(self, folder: Path) -> None:
         if importlib.util.find_spec("tensorboard") is None:
             raise ConfigError(
                 "logger=tensorboard needs the tensorboard package: pip install tensorboard, or set "
@@ -44,7 +45,9 @@ class TensorBoardLog:
             )
         from torch.utils.tensorboard import SummaryWriter
 
-        self.writer = SummaryWriter(str(folder), purge_step=None if resume_step is None else resume_step + 1)
+        for stale in Path(folder).glob("events.out.tfevents.*"):  # an earlier run's; a resumed one hands over what it kept
+            stale.unlink()
+        self.writer = SummaryWriter(str(folder))
         self.last_step: dict = {}
 
     def write(self, record: dict) -> None:

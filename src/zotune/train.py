@@ -175,7 +175,11 @@ def train(config: TrainConfig, force_resume: bool = False) -> dict | None:
     joined = not torch.distributed.is_initialized()
     group = from_environment(cuda=config.device != "cpu" and torch.cuda.is_available())
     try:
-        return Run(config, group).train()
+        run = Run(config, group)
+        try:
+            return run.train()
+        finally:
+            run.metrics.close()  # the sinks' files, also when the run stops early
     finally:
         if group is not None and joined:
             torch.distributed.destroy_process_group()
@@ -205,11 +209,7 @@ class Run:
         self.selection = DevSelection(self.run_dir, config.select == "best_dev", config.early_stopping_patience)
         self.start_step, self.forward_passes, self.seconds_before, self.skipped_in_a_row = 0, 0, 0.0, 0
         resumed = self._resume()
-        sinks = (
-            [TensorBoardLog(self.run_dir / "tensorboard", self.start_step if resumed else None)]
-            if config.logger == "tensorboard" and self.main
-            else []
-        )
+        sinks = [TensorBoardLog(self.run_dir / "tensorboard")] if config.logger == "tensorboard" and self.main else []
         self.metrics = MetricsLog(
             self.run_dir / "metrics.jsonl", self.start_step if resumed else None, enabled=self.main, sinks=sinks
         )
