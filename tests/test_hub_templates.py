@@ -130,3 +130,29 @@ def test_hub_sampling_train_and_dev_from_train_test_from_validation(monkeypatch)
     assert len(prompts["train"]) == 10 and len(prompts["dev"]) == 5 and len(prompts["test"]) == 20
     assert not set(prompts["train"]) & set(prompts["dev"])
     assert all(p.startswith("t") for p in prompts["train"] + prompts["dev"]) and all(p.startswith("v") for p in prompts["test"])
+
+
+def test_a_null_hub_size_keeps_the_rows_the_other_split_leaves(monkeypatch):
+    """null keeps the whole split, as for the BIG-bench and local tasks: train and dev share the hub's training
+    split, so a null one takes all the rows the other does not; both null is a one-line error."""
+    from zotune.tasks import hub
+
+    rows = {
+        "train": [{"sentence": f"t{i}", "label": i % 2} for i in range(40)],
+        "validation": [{"sentence": f"v{i}", "label": i % 2} for i in range(30)],
+    }
+    monkeypatch.setattr(hub, "load_rows", lambda name: rows)
+    for sizes, expected in (
+        ({"train": 10, "dev": None, "test": None}, {"train": 10, "dev": 30, "test": 30}),
+        ({"train": None, "dev": 5, "test": 20}, {"train": 35, "dev": 5, "test": 20}),
+    ):
+        loaded = load_task("sst2", sizes=sizes, seed=3)
+        assert {split: len(examples) for split, examples in loaded.splits.items()} == expected
+        prompts = {split: {e.prompt for e in examples} for split, examples in loaded.splits.items()}
+        assert len(prompts["train"] | prompts["dev"]) == 40  # disjoint, and every training row is used
+    for sizes, message in (
+        ({"train": None, "dev": None}, "num_train and num_dev cannot both be null"),
+        ({"train": 40, "dev": None}, "num_train=40 leaves none of the hub's 40 training rows for dev"),
+    ):
+        with pytest.raises(DataError, match=message):
+            load_task("sst2", sizes=sizes)

@@ -37,6 +37,17 @@ def test_split_rows_shrinks_proportionally_when_rows_run_out():
     assert {k: len(v) for k, v in splits.items()} == {"train": 100, "dev": 50, "test": 100}
 
 
+def test_split_rows_leaves_no_split_asked_for_rows_empty():
+    """A share that rounds down to nothing keeps one row, taken from the largest; a split asked for none stays empty."""
+    splits = split_rows([{"i": i} for i in range(250)], {"train": 1000, "dev": 2, "test": 0})
+    assert {k: len(v) for k, v in splits.items()} == {"train": 249, "dev": 1, "test": 0}
+    splits = split_rows([{"i": i} for i in range(3)], {"train": 100, "dev": 1, "test": 1})
+    assert sorted(row["i"] for rows in splits.values() for row in rows) == [0, 1, 2]
+    assert {k: len(v) for k, v in splits.items()} == {"train": 1, "dev": 1, "test": 1}
+    with pytest.raises(DataError, match="2 rows are too few for train, dev, test"):
+        split_rows([{"i": i} for i in range(2)], {"train": 100, "dev": 1, "test": 1})
+
+
 def write_jsonl(path, rows):
     path.write_text("".join((row if isinstance(row, str) else json.dumps(row)) + "\n" for row in rows))
     return str(path)

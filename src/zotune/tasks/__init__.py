@@ -65,11 +65,24 @@ def load_task(
 
 
 def _hub_task(name: str, sizes: dict, seed: int) -> LoadedTask:
+    """Train and dev are disjoint samples of the hub's training split, so there a null size (elsewhere the whole
+    split) keeps the rows the other leaves; test is a sample of the validation split."""
     task = hub.HUB_TASKS[name][2]
     rows = hub.load_rows(name)
-    train_dev = split_rows(
-        rows["train"], {"train": sizes["train"] or len(rows["train"]), "dev": sizes["dev"] or 0, "test": 0}, seed
-    )
+    train, dev, count = sizes["train"], sizes["dev"], len(rows["train"])
+    if train is None and dev is None:
+        raise DataError(
+            f"task {name!r} samples train and dev from the hub's training split: num_train and num_dev cannot both "
+            "be null (each keeps the rows the other leaves): set one of them"
+        )
+    if (train is None or dev is None) and (train or dev) >= count:
+        key, other = ("num_train", "dev") if dev is None else ("num_dev", "train")
+        raise DataError(
+            f"task {name!r}: {key}={train or dev} leaves none of the hub's {count} training rows for {other} "
+            f"(num_{other}=null keeps the rest): set {key} below {count}"
+        )
+    shares = {"train": count - dev if train is None else train, "dev": count - train if dev is None else dev, "test": 0}
+    train_dev = split_rows(rows["train"], shares, seed)
     split_sources = {"train": train_dev["train"], "dev": train_dev["dev"], "test": rows["validation"]}
     splits = {split: task.examples(split_rows_, f"{name} ({split})") for split, split_rows_ in split_sources.items()}
     splits["test"] = sample(splits["test"], sizes["test"], seed)

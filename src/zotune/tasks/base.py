@@ -141,10 +141,20 @@ def read_rows(path: str | Path) -> list[dict]:
 
 def split_rows(rows: Sequence[dict], sizes: dict[str, int], seed: int = 0) -> dict[str, list[dict]]:
     """Disjoint train/dev/test samples of the given sizes from one seeded shuffle; with too few rows every
-    size shrinks in proportion, so no split is left empty."""
+    size shrinks in proportion, and a share that rounds down to nothing keeps one row (taken from the largest),
+    so no split asked for rows is left empty.
+
+    Raises:
+        DataError: for fewer rows than splits asked for rows.
+    """
     total = sum(sizes[split] for split in SPLITS)
     if len(rows) < total:
-        sizes = {split: len(rows) * sizes[split] // total for split in SPLITS}
+        wanted = [split for split in SPLITS if sizes[split]]
+        if len(rows) < len(wanted):
+            raise DataError(f"{len(rows)} rows are too few for {', '.join(wanted)}: each needs at least one")
+        sizes = {split: max(len(rows) * sizes[split] // total, 1) if sizes[split] else 0 for split in SPLITS}
+        largest = max(SPLITS, key=sizes.get)
+        sizes[largest] -= max(sum(sizes.values()) - len(rows), 0)
     order = list(range(len(rows)))
     random.Random(seed).shuffle(order)
     splits, start = {}, 0
