@@ -85,23 +85,67 @@ def test_global_shares_follow_the_weights_magnitudes():
     assert shares_of([small, large], 0.5, "layer", seed=0) == [0.5, 0.5]
 
 
+@pytest.mark.parametrize("shares", ["global", "magnitude"])
 @pytest.mark.parametrize("name", ["mezo", "zo-adam", "zo-cons"])
-def test_sparse_steps_at_zero_lr_are_bit_exact_and_resume_exactly(name, batch):
+def test_sparse_steps_at_zero_lr_are_bit_exact_and_resume_exactly(name, shares, batch):
     model = random_llama("tiny", dtype=torch.bfloat16, seed=2)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    optimizer = create_optimizer(name, model, lr=0.0, sparsity=0.5, sparse_shares="global")
+    optimizer = create_optimizer(name, model, lr=0.0, sparsity=0.5, sparse_shares=shares)
     for _ in range(2):
         optimizer.step(lambda: lm_loss(model, batch))
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
-    resume_and_compare(
-        lambda m: create_optimizer(name, m, lr=1e-4, seed=3, sparsity=0.5, mask_every=2), batch, steps_before=3, steps_after=3
+    options = dict(lr=1e-4, weight_decay=0.0 if name == "zo-cons" else 0.1, seed=3, sparsity=0.5, mask_every=2)
+    resume_and_compare(lambda m: create_optimizer(name, m, sparse_shares=shares, **options), batch, steps_before=3, steps_after=3)
+
+
+@pytest.mark.parametrize("perturbation", ["module", "inplace"])
+def test_magnitude_masked_mezo_matches_stored_directions_zeroed_on_the_largest_weights(perturbation, batch):
+    """Sparse MeZO's mask: each step z zeroed where |θ| (as the step starts) is above a limit found every
+    ``mask_every`` steps, the magnitude of the ⌈(1 − s)·n⌉-th smallest entry."""
+    model = random_llama("tiny", dtype=torch.float64, seed=0)
+    theta = {name: p.detach().clone() for name, p in model.named_parameters()}
+    optimizer = MeZO(
+        model, lr=1e-2, eps=1e-3, seed=3, sparsity=0.3, sparse_shares="magnitude", mask_every=2, perturbation=perturbation
     )
+    name_of = {id(p): name for name, p in model.named_parameters()}
+    order = [name_of[id(p)] for p in optimizer.param_list]
+    plain = DirectionEngine([theta[name] for name in order])
+    for step in range(3):
+        if step % 2 == 0:  # the limits of this epoch of mask_every steps
+            limits = {}
+            for name in order:
+                magnitudes = theta[name].abs().reshape(-1)
+                limits[name] = magnitudes.kthvalue(magnitudes.numel() - round(0.3 * magnitudes.numel())).values
+        optimizer.step(lambda: lm_loss(model, batch))
+        z = {}
+        for i, name in enumerate(order):
+            dense = plain.direction(i, derive_seed(3, step, 0)).double()
+            z[name] = dense.masked_fill(theta[name].abs() > limits[name], 0.0)
+        if step % 2 == 0:  # the share asked for, up to ties; later in the epoch the weights have moved
+            assert abs((z["model.embed_tokens.weight"] == 0).float().mean().item() - 0.3) < 1e-3
+        with torch.no_grad():
+            plus = lm_loss(model, batch, {k: theta[k] + 1e-3 * z[k] for k in theta}).item()
+            minus = lm_loss(model, batch, {k: theta[k] - 1e-3 * z[k] for k in theta}).item()
+        for name in theta:
+            theta[name] = theta[name] - 1e-2 * (plus - minus) / 2e-3 * z[name]
+    for name, param in model.named_parameters():
+        torch.testing.assert_close(param.detach(), theta[name], rtol=0, atol=1e-9 if perturbation == "inplace" else 1e-12)
+
+
+def test_magnitude_masks_refuse_fsdp_shards_and_pack_one_bit_per_weight():
+    from zotune.sparse_masks import bits_at, packed_bits
+
+    flags = torch.rand(1003, generator=torch.Generator().manual_seed(0)) > 0.5
+    bits = packed_bits(flags)
+    assert bits.dtype == torch.uint8 and bits.numel() == 126
+    assert torch.equal(bits_at(bits, torch.arange(1003)), flags)
+    assert torch.equal(bits_at(bits, torch.tensor([[5, 1002], [0, 999]])), flags[torch.tensor([[5, 1002], [0, 999]])])
 
 
 def test_bad_sparse_options(tiny_llama):
     for build, message in [
         (lambda: MeZO(tiny_llama, sparsity=1.0), r"sparsity must be .* in \[0, 1\)"),
-        (lambda: MeZO(tiny_llama, sparsity=0.5, sparse_shares="rows"), "layer or global"),
+        (lambda: MeZO(tiny_llama, sparsity=0.5, sparse_shares="rows"), "layer, global or magnitude"),
         (lambda: MeZO(tiny_llama, sparsity=0.5, mask_every=0), "mask_every must be a positive"),
         (lambda: ZOSGDMomentum(tiny_llama, buffer="replay", sparsity=0.5), "use buffer=dense"),
     ]:

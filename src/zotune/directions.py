@@ -27,7 +27,7 @@ from . import counter_rng
 from .backends import Backend, Backends, NumbaBackend, check_devices, perturb, work_dtype, working
 from .errors import OptionError
 from .keys import BLOCK_SIZE, local_view, param_key
-from .sparse_masks import MaskedBackend, SparseMask
+from .sparse_masks import MagnitudeMask, MaskedBackend, SparseMask
 from .keys import block_key as block_key, derive_seed as derive_seed  # re-exported: their import path until now
 from .workers import CUDA_CHUNK as CUDA_CHUNK  # re-exported: its import path until now
 from .workers import Stretch, Workers
@@ -118,18 +118,20 @@ class DirectionEngine:
         self.num_threads = max(1, num_threads or torch.get_num_threads())
         self._workers = Workers(self.num_threads)
         self._backends = Backends(distribution, self._workers)
-        self.mask: SparseMask | None = None  # sparse directions (zotune.sparse_masks), set by mask_directions
+        self.mask: SparseMask | MagnitudeMask | None = None  # sparse directions (zotune.sparse_masks), set by mask_directions
         self._masked: dict[tuple[int, int], MaskedBackend] = {}
 
-    def mask_directions(self, shares: Sequence[float]) -> SparseMask:
-        """From now on z_i has the share ``shares[i]`` of its entries zeroed, under the returned mask's seed."""
-        self.mask = SparseMask(shares)
+    def mask_directions(self, shares: Sequence[float], magnitude: bool = False) -> SparseMask | MagnitudeMask:
+        """From now on z_i has the share ``shares[i]`` of its entries zeroed: seeded entries under the returned
+        mask's seed, or with ``magnitude`` those of largest magnitude (:class:`zotune.sparse_masks.MagnitudeMask`,
+        whose limits and bits the caller renews and reads)."""
+        self.mask = MagnitudeMask(shares, self.params) if magnitude else SparseMask(shares)
         self._mask_generator = Backends(GAUSSIAN, self._workers)
         return self.mask
 
     def masked(self, param_index: int) -> bool:
         """Whether z of parameter ``param_index`` has entries zeroed (sparse directions with a share above 0)."""
-        return self.mask is not None and self.mask.thresholds[param_index] is not None
+        return self.mask is not None and self.mask.covers(param_index)
 
     def _flat(self, param_index: int) -> torch.Tensor:
         return self.params[param_index].detach().view(-1)
@@ -263,9 +265,7 @@ class DirectionEngine:
             z = torch.empty(source.shape, dtype=torch.float32)
             self._backends.numba.fill_rows(z, offsets, key)
             if self.masked(param_index):
-                drawn = torch.empty(source.shape, dtype=torch.float32)
-                self._mask_generator.numba.fill_rows(drawn, offsets, self.mask.key(param_index))
-                z.masked_fill_(drawn < self.mask.thresholds[param_index], 0.0)
+                self.mask.zero_rows(z, offsets, param_index, self._mask_generator.numba)
             return z
 
         out = torch.empty_like(source)

@@ -9,6 +9,12 @@ the share itself, so a share s zeroes Φ(s) of them: 0.5 zeroes 69%.) The mask s
 ``mask_every`` steps and is derived from the optimizer's seed and the step, so a resumed run draws the same
 masks.
 
+:class:`MagnitudeMask` is Sparse MeZO's instead: z zeroed on each parameter's entries of largest magnitude,
+its share ``share_i`` of them, so that the small weights are the ones perturbed and trained. The limit
+between kept and zeroed magnitudes is found anew every ``mask_every`` steps (and kept in the optimizer's
+state, so a resumed run finds the same), and the mask is read off the weights at the start of every step
+(one bit per weight, held for the step), so that every operation of the step sees the same mask.
+
 A masked parameter's operations run through :class:`MaskedBackend`: the base backend's torch operations on
 masked z, not the fused numba/Triton kernels, which do not mask.
 """
@@ -25,7 +31,7 @@ from .errors import OptionError
 from .keys import param_key
 from .workers import chunk_size
 
-SHARES = ("layer", "global")
+SHARES = ("layer", "global", "magnitude")
 MASK_COUNTER = 1 << 62  # the mask's seeds are derive_seed(seed, epoch, MASK_COUNTER): never a direction's (seed, step, j)
 SAMPLE = 10_000_000  # entries sampled to estimate a global magnitude quantile, as the benchmark does
 
@@ -34,36 +40,111 @@ class SparseMask:
     """The zeroed share of each parameter (by engine index; 0: not masked) and the current mask seed."""
 
     def __init__(self, shares: Sequence[float]) -> None:
+        self.seed = 0
+        self.reshare(shares)
+
+    def reshare(self, shares: Sequence[float]) -> None:
+        """Sets each parameter's zeroed share (a resumed run's, measured when the run began)."""
         self.thresholds = [NormalDist().inv_cdf(share) if share > 0 else None for share in shares]
         self.shares = list(shares)
-        self.seed = 0
 
     def key(self, param_index: int) -> int:
         """The key of the Gaussian stream whose draws mask parameter ``param_index`` under the current seed."""
         return param_key(self.seed, param_index)
+
+    def covers(self, param_index: int) -> bool:
+        """Whether parameter ``param_index`` has entries zeroed (a share above 0)."""
+        return self.thresholds[param_index] is not None
+
+    def zero(self, out: torch.Tensor, offset: int, param_index: int, gaussian: Backend, workers) -> None:
+        """Zeroes the masked entries of ``out``, z of parameter ``param_index`` at flat positions from ``offset``:
+        the mask's Gaussian stream drawn (by ``gaussian``) a scratch chunk at a time."""
+        threshold, mask_key, size = self.thresholds[param_index], self.key(param_index), chunk_size(out.device)
+        for start in range(0, out.numel(), size):
+            part = out[start : start + size]
+            drawn = workers.buffer("mask", part.numel(), out.device)
+            gaussian.fill(drawn, offset + start, mask_key)
+            part.masked_fill_(drawn < threshold, 0.0)
+
+    def zero_rows(self, z: torch.Tensor, offsets, param_index: int, gaussian) -> None:
+        """Zeroes the masked entries of ``z``, rows of parameter ``param_index`` starting at flat ``offsets``
+        (a numpy array), the mask drawn for those rows only by ``gaussian`` (the numba backend)."""
+        drawn = torch.empty(z.shape, dtype=torch.float32)
+        gaussian.fill_rows(drawn, offsets, self.key(param_index))
+        z.masked_fill_(drawn < self.thresholds[param_index], 0.0)
+
+
+class MagnitudeMask:
+    """Sparse MeZO's mask: the share ``shares[i]`` of parameter i's entries with the largest magnitudes zeroed
+    in z. ``limits[i]``: the magnitude above which entries are zeroed, set by :meth:`renew`; ``bits[i]``: the
+    mask read off the weights by :meth:`read`, one bit per entry. Whole parameters only (not FSDP shards)."""
+
+    def __init__(self, shares: Sequence[float], params: Sequence[torch.Tensor]) -> None:
+        self.shares, self.params = list(shares), list(params)
+        self.limits: list[float | None] = [None] * len(self.params)
+        self.bits: list[torch.Tensor | None] = [None] * len(self.params)
+
+    def covers(self, param_index: int) -> bool:
+        """Whether parameter ``param_index`` has entries zeroed (a share above 0)."""
+        return self.shares[param_index] > 0
+
+    def renew(self) -> list[float | None]:
+        """Each masked parameter's limit from its weights now: the magnitude of its ⌈(1 − share)·n⌉-th smallest
+        entry, so that the share of entries above it is zeroed (fewer on ties). Returns the limits."""
+        for i, (param, share) in enumerate(zip(self.params, self.shares)):
+            if share:
+                magnitudes = param.detach().reshape(-1).abs()
+                if magnitudes.dtype in (torch.float16, torch.bfloat16):  # exactly, where kthvalue takes it
+                    magnitudes = magnitudes.float()
+                keep = max(1, magnitudes.numel() - round(share * magnitudes.numel()))
+                self.limits[i] = magnitudes.kthvalue(keep).values.item()
+        return list(self.limits)
+
+    def read(self) -> None:
+        """The mask of this step, read off the weights as they are now against the limits."""
+        for i, (param, limit) in enumerate(zip(self.params, self.limits)):
+            if self.covers(i):
+                self.bits[i] = packed_bits(param.detach().reshape(-1).abs() > limit)
+
+    def zero(self, out: torch.Tensor, offset: int, param_index: int, gaussian: Backend, workers) -> None:
+        """Zeroes the masked entries of ``out``, z of parameter ``param_index`` at flat positions from ``offset``."""
+        size = chunk_size(out.device)
+        for start in range(0, out.numel(), size):
+            part = out[start : start + size]
+            positions = torch.arange(offset + start, offset + start + part.numel(), device=out.device)
+            part.masked_fill_(bits_at(self.bits[param_index], positions), 0.0)
+
+    def zero_rows(self, z: torch.Tensor, offsets, param_index: int, gaussian) -> None:
+        """Zeroes the masked entries of ``z``, rows of parameter ``param_index`` starting at flat ``offsets``."""
+        positions = torch.from_numpy(offsets)[:, None] + torch.arange(z.shape[1])
+        z.masked_fill_(bits_at(self.bits[param_index], positions), 0.0)
+
+
+def packed_bits(flags: torch.Tensor) -> torch.Tensor:
+    """Flat boolean ``flags`` eight to a byte (flag 8k + b is bit b of byte k), on their device."""
+    padded = torch.zeros(-(-flags.numel() // 8) * 8, dtype=torch.uint8, device=flags.device)
+    padded[: flags.numel()] = flags
+    shifts = torch.arange(8, dtype=torch.uint8, device=flags.device)
+    return (padded.view(-1, 8) << shifts).sum(dim=1, dtype=torch.uint8)
+
+
+def bits_at(bits: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """The flags packed by :func:`packed_bits` at ``positions`` (an integer tensor of any shape)."""
+    return (bits[positions >> 3] >> (positions & 7).to(torch.uint8)) & 1 == 1
 
 
 class MaskedBackend(Backend):
     """One parameter's operations on masked z: ``fill`` draws z by the parameter's backend and zeroes the masked
     entries; update, pair and copy are the base class's torch operations on it."""
 
-    def __init__(self, inner: Backend, gaussian: Backend, mask: SparseMask, param_index: int) -> None:
+    def __init__(self, inner: Backend, gaussian: Backend, mask: SparseMask | MagnitudeMask, param_index: int) -> None:
         super().__init__(inner.distribution, inner.workers)
         self.inner, self.gaussian, self.mask, self.param_index = inner, gaussian, mask, param_index
 
     def fill(self, out: torch.Tensor, offset: int, key: int) -> None:
         """z from the parameter's own backend, with the entries the current mask zeroes set to 0."""
         self.inner.fill(out, offset, key)
-        threshold, mask_key, size = (
-            self.mask.thresholds[self.param_index],
-            self.mask.key(self.param_index),
-            chunk_size(out.device),
-        )
-        for start in range(0, out.numel(), size):  # the mask drawn a scratch chunk at a time
-            part = out[start : start + size]
-            drawn = self.workers.buffer("mask", part.numel(), out.device)
-            self.gaussian.fill(drawn, offset + start, mask_key)
-            part.masked_fill_(drawn < threshold, 0.0)
+        self.mask.zero(out, offset, self.param_index, self.gaussian, self.workers)
 
 
 def shares_of(params: Sequence[torch.Tensor], sparsity: float, grouping: str, seed: int) -> list[float]:
@@ -73,8 +154,8 @@ def shares_of(params: Sequence[torch.Tensor], sparsity: float, grouping: str, se
     if not (isinstance(sparsity, (int, float)) and not isinstance(sparsity, bool) and 0 <= sparsity < 1):
         raise OptionError(f"sparsity must be the share of z's entries zeroed, in [0, 1), got {sparsity!r}")
     if grouping not in SHARES:
-        raise OptionError(f"sparse_shares must be layer or global, got {grouping!r}")
-    if grouping == "layer" or sparsity == 0:
+        raise OptionError(f"sparse_shares must be layer, global or magnitude, got {grouping!r}")
+    if grouping in ("layer", "magnitude") or sparsity == 0:
         return [float(sparsity)] * len(params)
     magnitudes = torch.cat([p.detach().reshape(-1).abs().float().cpu() for p in params])
     generator = torch.Generator().manual_seed(seed)

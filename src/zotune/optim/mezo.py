@@ -8,7 +8,7 @@ from ..blocks import perturbation_blocks
 from ..directions import GAUSSIAN, Pair, derive_seed
 from ..errors import OptionError
 from ..estimators import Closure
-from ..sparse_masks import MASK_COUNTER, shares_of
+from ..sparse_masks import MASK_COUNTER, MagnitudeMask, shares_of
 from .params import refuse_sharded
 from .protocol import Loss
 from .zeroth_order import ZerothOrder
@@ -70,8 +70,11 @@ class MeZO(ZerothOrder):
             one forward at θ shared by the step's n directions (n + 1 forwards a step).
         sparsity: the share of z's entries zeroed, in [0, 1) (:mod:`zotune.sparse_masks`); 0: dense directions.
         sparse_shares: ``"layer"`` (``sparsity`` in every parameter) or ``"global"`` (the benchmark's: each
-            parameter's share of weights at or below the ``sparsity`` quantile of all weights' magnitudes).
-        mask_every: the steps between new masks, a positive integer (1: a new mask every step).
+            parameter's share of weights at or below the ``sparsity`` quantile of all weights' magnitudes), both
+            seeded masks; or ``"magnitude"`` (Sparse MeZO's): in every parameter, z zeroed on its ``sparsity``
+            share of entries of largest magnitude, read off the weights at every step.
+        mask_every: the steps between new masks, a positive integer (1: a new mask every step); for
+            ``"magnitude"``, between new limits on the magnitudes.
         blocks: None (the whole model perturbed at once) or block-wise perturbation (:mod:`zotune.blocks`):
             ``"layer"``, ``"attention-mlp"`` or ``"module"``: each block perturbed alone along its part of z(s_j),
             its own c_{j,b} from 2 forwards (one-sided: 1, plus the shared loss at θ), and its parameters updated
@@ -117,9 +120,11 @@ class MeZO(ZerothOrder):
         self.n_directions, self.mask_every = n_directions, mask_every
         shares = shares_of(self.param_list, sparsity, sparse_shares, seed)
         if sparsity:
-            if sparse_shares == "global":
-                refuse_sharded(self.param_list, "sparse_shares=global measures whole parameters' magnitudes")
-            self.engine.mask_directions(shares)
+            if sparse_shares in ("global", "magnitude"):
+                refuse_sharded(self.param_list, f"sparse_shares={sparse_shares} measures whole parameters' magnitudes")
+            self.engine.mask_directions(shares, magnitude=sparse_shares == "magnitude")
+            if sparse_shares == "global":  # measured on the weights as the run begins: a resumed run keeps them
+                self.state["zo"]["mask_shares"] = shares
         self.blocks = None
         if blocks is not None:
             if self.estimator.module_perturbation is None or dual_forward:
@@ -152,7 +157,7 @@ class MeZO(ZerothOrder):
         all n); the last one's in-place restore is left pending, for the update to fold in."""
         step, estimates = self.state["zo"]["step"], []
         if self.engine.mask is not None:
-            self.engine.mask.seed = derive_seed(self.state["zo"]["seed"], step // self.mask_every, MASK_COUNTER)
+            self._renew_mask(step)
         for j in range(self.n_directions):
             for only in self.blocks or [None]:
                 estimates.append(
@@ -163,6 +168,25 @@ class MeZO(ZerothOrder):
                 if self.estimator.one_sided:
                     loss_here = estimates[0].loss_minus
         return estimates
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """The state, seed stream and sparse masks' shares included (see :meth:`ZerothOrder.load_state_dict`)."""
+        super().load_state_dict(state_dict)
+        if "mask_shares" in self.state["zo"]:
+            self.engine.mask.reshare(self.state["zo"]["mask_shares"])
+
+    def _renew_mask(self, step: int) -> None:
+        """This step's sparse mask: a seeded mask's seed for the step's epoch of ``mask_every`` steps; a magnitude
+        mask read off the weights, against limits found at the epoch's first step (kept in the state, so that a
+        resumed run reads the same masks)."""
+        mask, zo, epoch = self.engine.mask, self.state["zo"], step // self.mask_every
+        if isinstance(mask, MagnitudeMask):
+            if zo.get("mask_epoch") != epoch:
+                zo["mask_limits"], zo["mask_epoch"] = mask.renew(), epoch
+            mask.limits = list(zo["mask_limits"])
+            mask.read()
+        else:
+            mask.seed = derive_seed(zo["seed"], epoch, MASK_COUNTER)
 
     def gradient_pairs(self, estimates, index: int | None = None) -> list[Pair]:
         """The step's zeroth-order gradient ĝ = (1/n)·Σ_j c_j·z(s_j) as (seed, coefficient) pairs; block-wise,
