@@ -83,6 +83,32 @@ def test_a_lora_run_writes_its_adapter_and_the_merged_model(tmp_path):
     assert "peft" not in merged_card.lower() and "| trainable | lora (merged into the base weights) |" in merged_card
 
 
+def test_a_lora_mean_pooled_run_merges_into_a_body_and_a_head_that_load_as_the_card_says(tmp_path):
+    from safetensors.torch import load_file
+    from transformers import AutoModel
+
+    from zotune.heads import label_logits
+    from zotune.scoring import padded_batch
+
+    lora = ("trainable=lora", "head=classifier", "pooling=mean", "merge=true")
+    run_dir = trained(tmp_path, "lora-mean", "optimizer=mezo", "lr=1e-2", *lora)
+    merged = run_dir / "model" / "merged"
+    card = (merged / "README.md").read_text()
+    assert "library_name: transformers" in card and "AutoModel.from_pretrained(folder)" in card and "score.safetensors" in card
+    prepared = prepare(load_config(run_dir / "config.yaml"))
+    examples, pad_id = prepared.splits["dev"], prepared.tokenizer.pad_token_id
+    input_ids, attention = padded_batch([example.sequences[0] for example in examples], pad_id, "cpu")
+    with torch.no_grad():
+        untrained = label_logits(prepared.model.eval(), examples, pad_id)
+        expected = label_logits(checkpoint_model(run_dir).eval(), examples, pad_id)
+        hidden = AutoModel.from_pretrained(merged).eval()(input_ids=input_ids, attention_mask=attention).last_hidden_state
+        weights = attention[..., None].to(hidden.dtype)
+        score = load_file(merged / "score.safetensors")
+        logits = ((hidden * weights).sum(1) / weights.sum(1)) @ score["weight"].T + score["bias"]
+    assert not torch.allclose(untrained, expected)  # training moved it
+    torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
+
+
 def test_zotune_export_writes_any_checkpoint_as_the_run_did(tmp_path, capsys):
     from transformers import AutoModelForCausalLM
 

@@ -2,7 +2,7 @@
 
 - ``trainable: full``: the model (``save_pretrained``, safetensors) and its tokenizer;
 - ``trainable: lora``: the PEFT adapter (``PeftModel.from_pretrained(base, folder)``), and with ``merge: true``
-  the adapter merged into the base model in ``merged/``;
+  the adapter merged into the base model in ``merged/`` (written as the mean-pooled model below where it is one);
 - ``head: classifier`` with ``pooling: mean``: the encoder body, and the linear head in ``score.safetensors``
   (transformers has no mean-pooling head; the card says how to apply it);
 - ``trainable: prefix``: refused, since transformers cannot load a trained key/value prefix (the run's
@@ -45,26 +45,23 @@ def export(model: nn.Module, tokenizer, config: TrainConfig, out: Path, results:
     if problem is not None:
         raise ExportError(f"cannot export: {problem}")
     out.mkdir(parents=True, exist_ok=True)
-    written = []
     if isinstance(model, MeanPooledClassifier):
-        from safetensors.torch import save_file
-
-        model.body.save_pretrained(out, safe_serialization=True)
-        save_file(
-            {name: value.detach().contiguous() for name, value in model.score.state_dict().items()}, out / "score.safetensors"
-        )
-        written.append("the encoder body, and the mean-pooling head in score.safetensors")
+        _save_mean_pooled(model, out)
+        written = ["the encoder body, and the mean-pooling head in score.safetensors"]
     else:
         model.save_pretrained(out, safe_serialization=True)
-        written.append("the PEFT adapter" if _is_peft(model) else "the model")
+        written = ["the PEFT adapter" if _is_peft(model) else "the model"]
     tokenizer.save_pretrained(out)
     if _is_peft(model) and config.merge:
         merged = model.merge_and_unload()  # the run is over: its adapters are folded into the base weights
-        merged.save_pretrained(out / "merged", safe_serialization=True)
+        if isinstance(merged, MeanPooledClassifier):  # a LoRA run of a mean-pooled classifier: no save_pretrained
+            _save_mean_pooled(merged, out / "merged")
+            contents = "the encoder body with the adapter merged, and the mean-pooling head in score.safetensors"
+        else:
+            merged.save_pretrained(out / "merged", safe_serialization=True)
+            contents = "the base model with the adapter merged"
         tokenizer.save_pretrained(out / "merged")
-        (out / "merged" / "README.md").write_text(
-            model_card(config, results, "the base model with the adapter merged", merged=True)
-        )
+        (out / "merged" / "README.md").write_text(model_card(config, results, contents, merged=True))
         written.append("the merged model in merged/")
     (out / "README.md").write_text(model_card(config, results, ", ".join(written)))
     return out
@@ -111,6 +108,17 @@ def export_checkpoint(checkpoint: Path, out: Path) -> Path:
         test=summary.get("test") if same else None,
     )
     return export(model, tokenizer, config, out, results)
+
+
+def _save_mean_pooled(model: MeanPooledClassifier, folder: Path) -> None:
+    """Writes ``model`` into ``folder`` as its body (``save_pretrained``) and its linear head in
+    ``score.safetensors``, since transformers has no mean-pooling head."""
+    from safetensors.torch import save_file
+
+    model.body.save_pretrained(folder, safe_serialization=True)
+    save_file(
+        {name: value.detach().contiguous() for name, value in model.score.state_dict().items()}, folder / "score.safetensors"
+    )
 
 
 def _is_peft(model: nn.Module) -> bool:
