@@ -8,6 +8,7 @@ import yaml
 
 from zotune.cli import main
 from zotune.config import ConfigError, load_config
+from zotune.metrics_log import MetricsLog
 from zotune.optim import OPTIMIZERS
 from zotune.sampling import BatchSampler
 
@@ -108,6 +109,31 @@ def test_resumed_run_is_bit_identical_to_an_uninterrupted_one(tmp_path, optimize
         "checkpoint-000006.pt",
         "checkpoint-000009.pt",
     ]
+
+
+def test_a_run_resumed_from_its_final_checkpoint_logs_the_end_of_the_run_once(tmp_path):
+    common = ["optimizer=mezo", "lr=5e-3", "steps=4", "eval_every=2", "select=best_dev"]
+    run_cli([*common, f"output_dir={tmp_path / 'whole'}"])
+    run_cli([*common, f"output_dir={tmp_path / 'parts'}"])
+    metrics = tmp_path / "parts" / "metrics.jsonl"
+    lines = metrics.read_text().splitlines()
+    final_dev = max(i for i, line in enumerate(lines) if json.loads(line).get("split") == "dev")
+    assert json.loads(lines[final_dev])["step"] == 4 and final_dev < len(lines) - 1
+    metrics.write_text("".join(line + "\n" for line in lines[: final_dev + 1]))  # as if killed in the test evaluation
+    run_cli([*common, f"output_dir={tmp_path / 'parts'}"])  # resumes from checkpoint-000004.pt, then ends the run
+
+    def strip(records):
+        return [{k: v for k, v in r.items() if k not in ("seconds", "peak_memory_mb")} for r in records]
+
+    assert strip(read_metrics(tmp_path / "whole")) == strip(read_metrics(tmp_path / "parts"))
+
+
+def test_a_metrics_log_resumed_keeps_the_records_written_before_the_checkpoint_or_by_step_for_an_older_one(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    for resume_records, kept in [(3, [0, 1, 2]), (None, [0, 1, 2, 2])]:  # None: a checkpoint that does not hold the count
+        path.write_text("".join(json.dumps({"step": step}) + "\n" for step in (0, 1, 2, 2, 3)))
+        log = MetricsLog(path, 2, resume_records=resume_records)
+        assert [record["step"] for record in log.records()] == kept and log.count == len(kept)
 
 
 ADDAX = ["max_length=200", "lr=0.05", "optimizer_options.alpha=0.01", "optimizer_options.K0=4", "optimizer_options.K1=4"]

@@ -10,19 +10,32 @@ import torch
 
 
 class MetricsLog:
-    """Append-only JSONL; on resume, records past the checkpoint's step are dropped (they will be redone), and the
-    kept ones are handed to the sinks again, which start afresh."""
+    """Append-only JSONL; on resume, the records written after the checkpoint are dropped (they will be redone), and
+    the kept ones are handed to the sinks again, which start afresh. ``count``: the records in the file, which a
+    checkpoint saves as ``resume_records``."""
 
-    def __init__(self, path: Path, resume_step: int | None, enabled: bool = True, sinks=()) -> None:
+    def __init__(
+        self, path: Path, resume_step: int | None, enabled: bool = True, sinks=(), resume_records: int | None = None
+    ) -> None:
+        """``resume_step``: the step of the checkpoint resumed from (None: a fresh run, whose file starts empty);
+        ``resume_records``: how many records had been written when it was saved, those kept. Kept by step, the
+        records of its step written after it (the final dev evaluation and the test of a run that ended there)
+        would be logged twice, so the step is the rule only for checkpoints written before they held the count."""
         self.path, self.enabled = path, enabled  # disabled on every rank but the first of a distributed run
+        self.count = 0
         self.sinks = list(sinks)  # more writers of each record (zotune.tensorboard_log)
         if not enabled:
             return
         if resume_step is None:
             path.write_text("")
         elif path.exists():
-            kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= resume_step]
+            lines = path.read_text().splitlines()
+            if resume_records is None:
+                kept = [line for line in lines if json.loads(line)["step"] <= resume_step]
+            else:
+                kept = lines[:resume_records]
             path.write_text("".join(line + "\n" for line in kept))
+            self.count = len(kept)
             for record in map(json.loads, kept):
                 for sink in self.sinks:
                     sink.write(record)
@@ -33,6 +46,7 @@ class MetricsLog:
             return
         with open(self.path, "a") as file:
             file.write(json.dumps(record) + "\n")
+        self.count += 1
         for sink in self.sinks:
             sink.write(record)
 

@@ -208,10 +208,15 @@ class Run:
         self.monitor = ProjectedGradientMonitor(config.outlier_factor)
         self.selection = DevSelection(self.run_dir, config.select == "best_dev", config.early_stopping_patience)
         self.start_step, self.forward_passes, self.seconds_before, self.skipped_in_a_row = 0, 0, 0.0, 0
+        self.resume_records = None  # the metrics records written before the checkpoint resumed from
         resumed = self._resume()
         sinks = [TensorBoardLog(self.run_dir / "tensorboard")] if config.logger == "tensorboard" and self.main else []
         self.metrics = MetricsLog(
-            self.run_dir / "metrics.jsonl", self.start_step if resumed else None, enabled=self.main, sinks=sinks
+            self.run_dir / "metrics.jsonl",
+            self.start_step if resumed else None,
+            enabled=self.main,
+            sinks=sinks,
+            resume_records=self.resume_records,
         )
         packing = packing_note(self.prepared.model, self.prepared.splits["train"]) if config.head == "lm" else None
         for note in [
@@ -273,6 +278,7 @@ class Run:
         self.monitor.load_state_dict(state["monitor"])
         self.skipped_in_a_row = state["skipped_in_a_row"]
         self.start_step, self.forward_passes, self.seconds_before = state["step"], state["forward_passes"], state["seconds"]
+        self.resume_records = state.get("metrics_records")  # absent from checkpoints written before it was saved
         return True
 
     # -- evaluation ----------------------------------------------------------------------------------------
@@ -376,8 +382,9 @@ class Run:
         return record
 
     def checkpoint(self, step: int, seconds: float) -> None:
-        """Saves the checkpoint of ``step`` (weights, optimizer, sampler, monitor, selection, counters and config;
-        ``seconds``: the training time so far). Every rank gathers the weights under FSDP; the first writes."""
+        """Saves the checkpoint of ``step`` (weights, optimizer, sampler, monitor, selection, counters, the number of
+        metrics records so far and config; ``seconds``: the training time so far). Every rank gathers the weights
+        under FSDP; the first writes."""
         saved = self.weights()
         if self.main:
             self.checkpoints.save(
@@ -392,6 +399,7 @@ class Run:
                     forward_passes=self.forward_passes,
                     seconds=seconds,
                     selection=self.selection.state_dict(),
+                    metrics_records=self.metrics.count,  # those after it are redone on resume
                     config=self.config.to_dict(),
                 ),
             )
