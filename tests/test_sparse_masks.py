@@ -147,7 +147,23 @@ def test_bad_sparse_options(tiny_llama):
         (lambda: MeZO(tiny_llama, sparsity=1.0), r"sparsity must be .* in \[0, 1\)"),
         (lambda: MeZO(tiny_llama, sparsity=0.5, sparse_shares="rows"), "layer, global or magnitude"),
         (lambda: MeZO(tiny_llama, sparsity=0.5, mask_every=0), "mask_every must be a positive"),
-        (lambda: ZOSGDMomentum(tiny_llama, buffer="replay", sparsity=0.5), "use buffer=dense"),
+        (lambda: ZOSGDMomentum(tiny_llama, buffer="replay", blocks="layer"), "use buffer=dense with blocks"),
+        (lambda: ZOSGDMomentum(tiny_llama, buffer="replay", sparsity=0.5, sparse_shares="magnitude"), "or buffer=dense"),
     ]:
         with pytest.raises(OptionError, match=message):
             build()
+
+
+def test_replayed_sparse_momentum_replays_each_step_under_its_own_mask(batch):
+    """Within its window the replayed buffer equals the stored one, which added each step's z under that step's
+    mask; masks renewed every step, so every replayed direction needs its own."""
+    models = [random_llama("tiny", dtype=torch.float64, seed=0) for _ in range(2)]
+    options = dict(lr=1e-2, momentum=0.8, sparsity=0.5, mask_every=1, seed=5)
+    dense = ZOSGDMomentum(models[0], buffer="dense", **options)
+    replay = ZOSGDMomentum(models[1], buffer="replay", window=10, **options)
+    for _ in range(4):
+        dense.step(lambda: lm_loss(models[0], batch))
+        replay.step(lambda: lm_loss(models[1], batch))
+    for a, b in zip(models[0].parameters(), models[1].parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+    resume_and_compare(lambda m: ZOSGDMomentum(m, buffer="replay", window=3, **options), batch, steps_before=4, steps_after=2)

@@ -265,7 +265,7 @@ class DirectionEngine:
             z = torch.empty(source.shape, dtype=torch.float32)
             self._backends.numba.fill_rows(z, offsets, key)
             if self.masked(param_index):
-                self.mask.zero_rows(z, offsets, param_index, self._mask_generator.numba)
+                self.mask.zero_rows(z, offsets, param_index, key, self._mask_generator.numba)
             return z
 
         out = torch.empty_like(source)

@@ -41,6 +41,7 @@ class SparseMask:
 
     def __init__(self, shares: Sequence[float]) -> None:
         self.seed = 0
+        self.earlier: dict[int, int] = {}  # a direction's key -> the mask seed of its step, where not the current
         self.reshare(shares)
 
     def reshare(self, shares: Sequence[float]) -> None:
@@ -48,29 +49,35 @@ class SparseMask:
         self.thresholds = [NormalDist().inv_cdf(share) if share > 0 else None for share in shares]
         self.shares = list(shares)
 
-    def key(self, param_index: int) -> int:
-        """The key of the Gaussian stream whose draws mask parameter ``param_index`` under the current seed."""
-        return param_key(self.seed, param_index)
+    def key(self, param_index: int, direction_key: int | None = None) -> int:
+        """The key of the Gaussian stream whose draws mask parameter ``param_index``: under the mask seed of the
+        step whose direction is ``direction_key`` (see :meth:`remember`), else under the current seed."""
+        return param_key(self.earlier.get(direction_key, self.seed), param_index)
+
+    def remember(self, mask_seeds: dict[int, int]) -> None:
+        """Masks earlier steps' directions with their own masks: ``mask_seeds`` maps each direction seed (a
+        window's, replayed by AdaMeZO or momentum) to the mask seed of its step; replaces what was remembered."""
+        self.earlier = {param_key(seed, i): mask_seed for seed, mask_seed in mask_seeds.items() for i in range(len(self.shares))}
 
     def covers(self, param_index: int) -> bool:
         """Whether parameter ``param_index`` has entries zeroed (a share above 0)."""
         return self.thresholds[param_index] is not None
 
-    def zero(self, out: torch.Tensor, offset: int, param_index: int, gaussian: Backend, workers) -> None:
-        """Zeroes the masked entries of ``out``, z of parameter ``param_index`` at flat positions from ``offset``:
-        the mask's Gaussian stream drawn (by ``gaussian``) a scratch chunk at a time."""
-        threshold, mask_key, size = self.thresholds[param_index], self.key(param_index), chunk_size(out.device)
+    def zero(self, out: torch.Tensor, offset: int, param_index: int, key: int, gaussian: Backend, workers) -> None:
+        """Zeroes the masked entries of ``out``, z of parameter ``param_index`` under direction key ``key`` at flat
+        positions from ``offset``: the mask's Gaussian stream drawn (by ``gaussian``) a scratch chunk at a time."""
+        threshold, mask_key, size = self.thresholds[param_index], self.key(param_index, key), chunk_size(out.device)
         for start in range(0, out.numel(), size):
             part = out[start : start + size]
             drawn = workers.buffer("mask", part.numel(), out.device)
             gaussian.fill(drawn, offset + start, mask_key)
             part.masked_fill_(drawn < threshold, 0.0)
 
-    def zero_rows(self, z: torch.Tensor, offsets, param_index: int, gaussian) -> None:
-        """Zeroes the masked entries of ``z``, rows of parameter ``param_index`` starting at flat ``offsets``
-        (a numpy array), the mask drawn for those rows only by ``gaussian`` (the numba backend)."""
+    def zero_rows(self, z: torch.Tensor, offsets, param_index: int, key: int, gaussian) -> None:
+        """Zeroes the masked entries of ``z``, rows of parameter ``param_index`` under direction key ``key``
+        starting at flat ``offsets`` (a numpy array), the mask drawn for those rows only by ``gaussian`` (numba's)."""
         drawn = torch.empty(z.shape, dtype=torch.float32)
-        gaussian.fill_rows(drawn, offsets, self.key(param_index))
+        gaussian.fill_rows(drawn, offsets, self.key(param_index, key))
         z.masked_fill_(drawn < self.thresholds[param_index], 0.0)
 
 
@@ -106,15 +113,16 @@ class MagnitudeMask:
             if self.covers(i):
                 self.bits[i] = packed_bits(param.detach().reshape(-1).abs() > limit)
 
-    def zero(self, out: torch.Tensor, offset: int, param_index: int, gaussian: Backend, workers) -> None:
-        """Zeroes the masked entries of ``out``, z of parameter ``param_index`` at flat positions from ``offset``."""
+    def zero(self, out: torch.Tensor, offset: int, param_index: int, key: int, gaussian: Backend, workers) -> None:
+        """Zeroes the masked entries of ``out``, z of parameter ``param_index`` at flat positions from ``offset``
+        (under this step's mask, whatever the direction ``key``)."""
         size = chunk_size(out.device)
         for start in range(0, out.numel(), size):
             part = out[start : start + size]
             positions = torch.arange(offset + start, offset + start + part.numel(), device=out.device)
             part.masked_fill_(bits_at(self.bits[param_index], positions), 0.0)
 
-    def zero_rows(self, z: torch.Tensor, offsets, param_index: int, gaussian) -> None:
+    def zero_rows(self, z: torch.Tensor, offsets, param_index: int, key: int, gaussian) -> None:
         """Zeroes the masked entries of ``z``, rows of parameter ``param_index`` starting at flat ``offsets``."""
         positions = torch.from_numpy(offsets)[:, None] + torch.arange(z.shape[1])
         z.masked_fill_(bits_at(self.bits[param_index], positions), 0.0)
@@ -144,7 +152,7 @@ class MaskedBackend(Backend):
     def fill(self, out: torch.Tensor, offset: int, key: int) -> None:
         """z from the parameter's own backend, with the entries the current mask zeroes set to 0."""
         self.inner.fill(out, offset, key)
-        self.mask.zero(out, offset, self.param_index, self.gaussian, self.workers)
+        self.mask.zero(out, offset, self.param_index, key, self.gaussian, self.workers)
 
 
 def shares_of(params: Sequence[torch.Tensor], sparsity: float, grouping: str, seed: int) -> list[float]:

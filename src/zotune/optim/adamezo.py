@@ -79,6 +79,11 @@ class AdaMeZO(MeZO):
         dual_forward: both sides of the estimate in one forward of the doubled batch, as for :class:`MeZO`.
         perturbation: ``"module"`` or ``"inplace"`` (None: module given the model), as for :class:`MeZO`.
         difference: ``"central"`` or ``"forward"`` (one-sided), as for :class:`MeZO`.
+        sparsity: the share of z's entries zeroed by a seeded mask, as for :class:`MeZO`; each direction of the
+            window is replayed under the mask of its own step.
+        sparse_shares: ``"layer"`` or ``"global"``, as for :class:`MeZO` (not ``"magnitude"``, whose masks are
+            read off the weights of each step and so cannot be replayed).
+        mask_every: the steps between new masks, as for :class:`MeZO`.
     """
 
     def __init__(
@@ -99,7 +104,15 @@ class AdaMeZO(MeZO):
         dual_forward: bool = False,
         perturbation: str | None = None,
         difference: str = "central",
+        sparsity: float = 0.0,
+        sparse_shares: str = "layer",
+        mask_every: int = 1,
     ) -> None:
+        if sparsity and sparse_shares == "magnitude":
+            raise OptionError(
+                "AdaMeZO replays its window's directions, and a magnitude mask is read off each step's weights, so "
+                "the earlier masks are gone: use sparse_shares=layer or global"
+            )
         if not (isinstance(window, int) and window >= 1):
             raise OptionError(f"window must be a positive integer, got {window!r} (the paper uses 10)")
         for name, beta in (("beta1", beta1), ("beta2", beta2)):
@@ -125,6 +138,9 @@ class AdaMeZO(MeZO):
             dual_forward=dual_forward,
             perturbation=perturbation,
             difference=difference,
+            sparsity=sparsity,
+            sparse_shares=sparse_shares,
+            mask_every=mask_every,
         )
         self.window, self.beta1, self.beta2, self.delta, self.form = window, beta1, beta2, delta, form
         if form == "code":
@@ -133,6 +149,8 @@ class AdaMeZO(MeZO):
         else:
             self.m_scale, self.plain_steps, self.norm1, self.norm2 = 1.0, 0, 1.0 - beta1, 1.0 - beta2
         self.state["zo"] = {**self.state["zo"], "window": []}
+        if self.engine.mask is not None:
+            self.state["zo"]["window_masks"] = []  # the mask seed of each window entry's step
 
     def skip_warm_up(self) -> None:
         """Past the plain steps, with the window filled up by pairs of projected gradient 0: they add nothing to
@@ -140,6 +158,8 @@ class AdaMeZO(MeZO):
         stream = self.state["zo"]
         filler = [[derive_seed(stream["seed"], -1, k), 0.0] for k in range(self.window - 1 - len(stream["window"]))]
         self.state["zo"] = {**stream, "step": max(stream["step"], self.plain_steps), "window": [*filler, *stream["window"]]}
+        if "window_masks" in stream:
+            self.state["zo"]["window_masks"] = [0] * len(filler) + stream["window_masks"]
 
     @staticmethod
     def paper_lr(code_lr: float, beta1: float, beta2: float) -> float:
@@ -152,6 +172,10 @@ class AdaMeZO(MeZO):
         stream = self.state["zo"]
         history = [*stream["window"], [estimate.seed, estimate.projected_gradient]][-self.window :]
         self.state["zo"] = {**stream, "window": history}
+        if "window_masks" in stream:
+            masks = [*stream["window_masks"], self.engine.mask.seed][-self.window :]
+            self.state["zo"]["window_masks"] = masks
+            self.engine.mask.remember({seed: mask for (seed, _), mask in zip(history, masks)})
         if stream["step"] <= self.plain_steps:  # the step counter already counts this step
             return super()._update(estimates)
         momentum_only = self.beta2 == 0

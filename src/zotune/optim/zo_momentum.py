@@ -19,7 +19,8 @@ class ZOSGDMomentum(MeZO):
     the trainable weights). buffer="replay": b_t is never stored but rebuilt from the last ``window`` steps'
     pairs, b_t ≈ Σ_{k<h} μ^k·ĝ_{t−k}: the update is a sum of h·n directions, applied in one generation sweep
     (h generations per block instead of one), nothing of parameter size kept. It equals the dense buffer while
-    t ≤ h, and drops terms of weight μ^h after (μ = 0.9, h = 50: 0.5%).
+    t ≤ h, and drops terms of weight μ^h after (μ = 0.9, h = 50: 0.5%). With seeded sparse directions each
+    step's directions are replayed under that step's mask.
 
     Weight decay is MeZO's decoupled θ·(1 − lr·wd), not added to the buffer.
 
@@ -38,15 +39,21 @@ class ZOSGDMomentum(MeZO):
             raise OptionError(f"buffer must be dense or replay, got {buffer!r}")
         if not (isinstance(window, int) and window >= 1):
             raise OptionError(f"window must be a positive integer, got {window!r}")
-        if buffer == "replay" and (options.get("sparsity") or options.get("blocks")):
+        if buffer == "replay" and options.get("blocks"):
             raise OptionError(
-                "buffer=replay rebuilds the buffer from whole-model directions of past steps: use "
-                "buffer=dense with sparsity or blocks"
+                "buffer=replay rebuilds the buffer from whole-model directions of past steps: use buffer=dense with blocks"
+            )
+        if buffer == "replay" and options.get("sparsity") and options.get("sparse_shares") == "magnitude":
+            raise OptionError(
+                "buffer=replay replays past steps' directions, and a magnitude mask is read off each step's weights, so "
+                "the earlier masks are gone: use sparse_shares=layer or global, or buffer=dense"
             )
         super().__init__(params_or_model, lr=lr, **options)
         self.momentum, self.buffer, self.window = momentum, buffer, window
         if buffer == "replay":
             self.state["zo"] = {**self.state["zo"], "window": []}
+            if self.engine.mask is not None:
+                self.state["zo"]["window_masks"] = []  # the mask seed of each window entry's step
 
     variants = {"replay": {"buffer": "replay"}}
 
@@ -62,6 +69,10 @@ class ZOSGDMomentum(MeZO):
             stream = self.state["zo"]
             history = [*stream["window"], [[seed, coef] for seed, coef in pairs]][-self.window :]
             self.state["zo"] = {**stream, "window": history}
+            if "window_masks" in stream:
+                masks = [*stream["window_masks"], self.engine.mask.seed][-self.window :]
+                self.state["zo"]["window_masks"] = masks
+                self.engine.mask.remember({seed: mask for step, mask in zip(history, masks) for seed, _ in step})
             replayed = [(seed, self.momentum**k * coef) for k, step in enumerate(history[::-1]) for seed, coef in step]
             self.apply_by_group(
                 lambda group: [(seed, -group["lr"] * coef) for seed, coef in replayed], restore=estimates[-1].restore
