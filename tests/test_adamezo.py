@@ -272,3 +272,38 @@ def test_sparse_adamezo_replays_each_direction_under_its_own_steps_mask(exact, b
     resume_and_compare(lambda m: AdaMeZO(m, lr=1e-5, window=3, sparsity=0.5, mask_every=2), batch, steps_before=5, steps_after=3)
     with pytest.raises(OptionError, match="use sparse_shares=layer or global"):
         AdaMeZO(model, sparsity=0.5, sparse_shares="magnitude")
+
+
+def test_blockwise_adamezo_builds_each_blocks_moments_from_its_own_projected_gradients(batch):
+    """blocks: one estimate per transformer block (the others at θ), and each parameter's m and v from its own
+    block's projected gradients over the window (the naive reference stores them with every z)."""
+    hyper = dict(lr=1e-4, eps=1e-3, window=2, beta1=0.7, beta2=0.9, delta=1e-5, seed=11)
+    model = random_llama("tiny", dtype=torch.float64, seed=0)
+    theta = {name: p.detach().clone() for name, p in model.named_parameters()}
+    optimizer = AdaMeZO(model, blocks="layer", **hyper)
+    direction = keyed_direction(model, optimizer)
+    name_of = {id(p): name for name, p in model.named_parameters()}
+    blocks = [[name_of[id(optimizer.param_list[i])] for i in block] for block in optimizer.blocks]
+    assert len(blocks) > 2
+    history = []  # (z, the blocks' projected gradients), newest last
+    for step in range(6):  # window + 1 plain steps, then 3 windowed ones
+        optimizer.step(lambda: lm_loss(model, batch))
+        z = {name: direction(name, derive_seed(11, step, 0)).double() for name in theta}
+        projected = []
+        with torch.no_grad():
+            for names in blocks:
+                plus = lm_loss(model, batch, {n: v + 1e-3 * z[n] if n in names else v for n, v in theta.items()}).item()
+                minus = lm_loss(model, batch, {n: v - 1e-3 * z[n] if n in names else v for n, v in theta.items()}).item()
+                projected.append((plus - minus) / 2e-3)
+        history = (history + [(z, projected)])[-2:]
+        for b, names in enumerate(blocks):
+            for name in names:
+                if step + 1 <= 3:
+                    theta[name] = theta[name] - 1e-4 * projected[b] * z[name]
+                else:
+                    m = sum(0.7**k * p[b] * zs[name] for k, (zs, p) in enumerate(reversed(history)))
+                    v = sum(0.9**k * p[b] ** 2 * zs[name] ** 2 for k, (zs, p) in enumerate(reversed(history)))
+                    theta[name] = theta[name] - 1e-4 * 100 * m / (v.sqrt() + 1e-5)
+    for name, param in model.named_parameters():
+        torch.testing.assert_close(param.detach(), theta[name], rtol=0, atol=1e-10, msg=name)
+    resume_and_compare(lambda m: AdaMeZO(m, lr=1e-5, window=2, blocks="layer"), batch, steps_before=4, steps_after=2)

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import lm_loss
+from conftest import lm_loss, resume_and_compare
 from torch import nn
 
 from zotune.blocks import perturbation_blocks
@@ -78,7 +78,21 @@ def test_blocks_that_cannot_work_are_one_line_errors(tiny_llama):
         (lambda: MeZO(tiny_llama, blocks="layer", perturbation="inplace"), "perturbation=module"),
         (lambda: MeZO(tiny_llama, blocks="layer", dual_forward=True), "dual_forward=false"),
         (lambda: ZOSGDConservative(tiny_llama, blocks="layer"), "drop blocks"),
-        (lambda: ZOSGDMomentum(tiny_llama, buffer="replay", blocks="layer"), "use buffer=dense"),
     ]:
         with pytest.raises(OptionError, match=message):
             build()
+
+
+def test_replayed_blockwise_momentum_equals_the_stored_buffer_within_its_window(batch):
+    """Block-wise, each block's replayed buffer holds its own estimates: within the window it equals the
+    stored buffer, which adds each block's c·z to its parameters' buffers."""
+    models = [random_llama("tiny", dtype=torch.float64, seed=0) for _ in range(2)]
+    options = dict(lr=1e-2, momentum=0.8, blocks="layer", seed=5)
+    dense = ZOSGDMomentum(models[0], buffer="dense", **options)
+    replay = ZOSGDMomentum(models[1], buffer="replay", window=10, **options)
+    for _ in range(3):
+        dense.step(lambda: lm_loss(models[0], batch))
+        replay.step(lambda: lm_loss(models[1], batch))
+    for a, b in zip(models[0].parameters(), models[1].parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+    resume_and_compare(lambda m: ZOSGDMomentum(m, buffer="replay", window=2, **options), batch, steps_before=3, steps_after=2)

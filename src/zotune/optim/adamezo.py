@@ -84,6 +84,8 @@ class AdaMeZO(MeZO):
         sparse_shares: ``"layer"`` or ``"global"``, as for :class:`MeZO` (not ``"magnitude"``, whose masks are
             read off the weights of each step and so cannot be replayed).
         mask_every: the steps between new masks, as for :class:`MeZO`.
+        blocks: block-wise perturbation, as for :class:`MeZO`: each block's own projected gradients make the
+            moments of its parameters (the window holds one per block and step).
     """
 
     def __init__(
@@ -107,6 +109,7 @@ class AdaMeZO(MeZO):
         sparsity: float = 0.0,
         sparse_shares: str = "layer",
         mask_every: int = 1,
+        blocks: str | None = None,
     ) -> None:
         if sparsity and sparse_shares == "magnitude":
             raise OptionError(
@@ -141,7 +144,10 @@ class AdaMeZO(MeZO):
             sparsity=sparsity,
             sparse_shares=sparse_shares,
             mask_every=mask_every,
+            blocks=blocks,
         )
+        # Block-wise, each parameter's moments come from its own block's projected gradients.
+        self.block_of = {i: b for b, block in enumerate(self.blocks or []) for i in block}
         self.window, self.beta1, self.beta2, self.delta, self.form = window, beta1, beta2, delta, form
         if form == "code":
             self.m_scale = CODE_M_SCALE if m_scale is None else m_scale
@@ -156,7 +162,8 @@ class AdaMeZO(MeZO):
         """Past the plain steps, with the window filled up by pairs of projected gradient 0: they add nothing to
         m or v, so the updates are those of the window so far, at the cost of a full one (what benchmarks time)."""
         stream = self.state["zo"]
-        filler = [[derive_seed(stream["seed"], -1, k), 0.0] for k in range(self.window - 1 - len(stream["window"]))]
+        nothing = [0.0] * len(self.blocks) if self.blocks else 0.0
+        filler = [[derive_seed(stream["seed"], -1, k), nothing] for k in range(self.window - 1 - len(stream["window"]))]
         self.state["zo"] = {**stream, "step": max(stream["step"], self.plain_steps), "window": [*filler, *stream["window"]]}
         if "window_masks" in stream:
             self.state["zo"]["window_masks"] = [0] * len(filler) + stream["window_masks"]
@@ -170,7 +177,8 @@ class AdaMeZO(MeZO):
     def _update(self, estimates) -> None:
         estimate = estimates[0]
         stream = self.state["zo"]
-        history = [*stream["window"], [estimate.seed, estimate.projected_gradient]][-self.window :]
+        projected = [e.projected_gradient for e in estimates] if self.blocks else estimate.projected_gradient
+        history = [*stream["window"], [estimate.seed, projected]][-self.window :]
         self.state["zo"] = {**stream, "window": history}
         if "window_masks" in stream:
             masks = [*stream["window_masks"], self.engine.mask.seed][-self.window :]
@@ -179,15 +187,17 @@ class AdaMeZO(MeZO):
         if stream["step"] <= self.plain_steps:  # the step counter already counts this step
             return super()._update(estimates)
         momentum_only = self.beta2 == 0
-        # Momentum only: v is not used; add_moments fills both buffers in one pass, so v's coefficients are zero.
-        terms = [
-            (
-                seed,
-                self.norm1 * self.beta1**k * projected,
-                0.0 if momentum_only else self.norm2 * self.beta2**k * projected * projected,
-            )
-            for k, (seed, projected) in enumerate(history[::-1])
-        ]
+
+        def moment_terms(part: int | None) -> list[tuple[int, float, float]]:
+            """(seed, m's and v's coefficients) over the window; ``part``: the block whose projected gradients."""
+            # Momentum only: v is not used; add_moments fills both buffers in one pass, so v's coefficients are 0.
+            terms = []
+            for k, (seed, projected) in enumerate(history[::-1]):
+                p = projected if part is None else projected[part]
+                terms.append((seed, self.norm1 * self.beta1**k * p, 0.0 if momentum_only else self.norm2 * self.beta2**k * p * p))
+            return terms
+
+        terms = {part: moment_terms(part) for part in (range(len(self.blocks)) if self.blocks else [None])}
         restore = estimate.restore
         for group, indices in zip(self.param_groups, self.group_indices):
             lr = group["lr"]
@@ -197,7 +207,7 @@ class AdaMeZO(MeZO):
                 m, v = block.scratch("m").zero_(), block.scratch("v").zero_()
                 for seed, _ in restore:  # needed twice: drawn once into a buffer rather than generated twice
                     block.z(seed)
-                block.add_moments(m, v, terms)
+                block.add_moments(m, v, terms[self.block_of.get(block.param_index)])
                 for seed, coef in restore:
                     block.work.add_(block.z(seed), alpha=coef)
                 if decay != 1.0:

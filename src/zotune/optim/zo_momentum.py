@@ -20,7 +20,8 @@ class ZOSGDMomentum(MeZO):
     pairs, b_t ≈ Σ_{k<h} μ^k·ĝ_{t−k}: the update is a sum of h·n directions, applied in one generation sweep
     (h generations per block instead of one), nothing of parameter size kept. It equals the dense buffer while
     t ≤ h, and drops terms of weight μ^h after (μ = 0.9, h = 50: 0.5%). With seeded sparse directions each
-    step's directions are replayed under that step's mask.
+    step's directions are replayed under that step's mask; block-wise, each block's buffer from its own
+    estimates.
 
     Weight decay is MeZO's decoupled θ·(1 − lr·wd), not added to the buffer.
 
@@ -39,10 +40,6 @@ class ZOSGDMomentum(MeZO):
             raise OptionError(f"buffer must be dense or replay, got {buffer!r}")
         if not (isinstance(window, int) and window >= 1):
             raise OptionError(f"window must be a positive integer, got {window!r}")
-        if buffer == "replay" and options.get("blocks"):
-            raise OptionError(
-                "buffer=replay rebuilds the buffer from whole-model directions of past steps: use buffer=dense with blocks"
-            )
         if buffer == "replay" and options.get("sparsity") and options.get("sparse_shares") == "magnitude":
             raise OptionError(
                 "buffer=replay replays past steps' directions, and a magnitude mask is read off each step's weights, so "
@@ -65,18 +62,26 @@ class ZOSGDMomentum(MeZO):
 
     def _update(self, estimates) -> None:
         if self.buffer == "replay":
-            pairs = self.gradient_pairs(estimates)
+            # A window entry: the step's pairs, or block-wise one list of pairs per block.
+            parts = [sorted(block) for block in self.blocks] if self.blocks else [None]
+            pairs = [[[s, c] for s, c in self.gradient_pairs(estimates, None if p is None else p[0])] for p in parts]
             stream = self.state["zo"]
-            history = [*stream["window"], [[seed, coef] for seed, coef in pairs]][-self.window :]
+            history = [*stream["window"], pairs if self.blocks else pairs[0]][-self.window :]
             self.state["zo"] = {**stream, "window": history}
+            by_part = history if self.blocks else [[entry] for entry in history]
             if "window_masks" in stream:
                 masks = [*stream["window_masks"], self.engine.mask.seed][-self.window :]
                 self.state["zo"]["window_masks"] = masks
-                self.engine.mask.remember({seed: mask for step, mask in zip(history, masks) for seed, _ in step})
-            replayed = [(seed, self.momentum**k * coef) for k, step in enumerate(history[::-1]) for seed, coef in step]
-            self.apply_by_group(
-                lambda group: [(seed, -group["lr"] * coef) for seed, coef in replayed], restore=estimates[-1].restore
-            )
+                self.engine.mask.remember(
+                    {seed: mask for entry, mask in zip(by_part, masks) for part in entry for seed, _ in part}
+                )
+            for b, part in enumerate(parts):
+                replayed = [(seed, self.momentum**k * c) for k, entry in enumerate(by_part[::-1]) for seed, c in entry[b]]
+                self.apply_by_group(
+                    lambda group, replayed=replayed: [(seed, -group["lr"] * c) for seed, c in replayed],
+                    restore=estimates[-1].restore,
+                    only=None if part is None else frozenset(part),
+                )
             return
 
         def update(block, group, state) -> None:
