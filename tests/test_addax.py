@@ -1,3 +1,4 @@
+import copy
 import math
 
 import pytest
@@ -270,3 +271,60 @@ def test_bad_options(tiny_llama):
         Addax(tiny_llama).step()
     with pytest.raises(OptionError, match="clip_grad_norm must be a positive number or None, got -1"):
         Addax(tiny_llama, clip_grad_norm=-1)
+
+
+@pytest.mark.parametrize("exact", [True, False], ids=["module", "inplace"])
+def test_sparse_addax_matches_naive_reference_with_masked_directions(exact):
+    """sparsity: the zeroth-order term's z under each step's seeded mask (renewed every 2 steps), in the
+    estimate on the long batch and in the update inside backward alike."""
+    from test_sparse_masks import naive_masked
+
+    from zotune.sparse_masks import MASK_COUNTER
+
+    long_batch, short_batch = batches()
+    model = random_llama("tiny", seed=0).double()
+    reference_model = random_llama("tiny", seed=0).double()
+    options = dict(lr=0.05, alpha=0.3, mixing="convex", eps=1e-3, weight_decay=0.0, seed=7)
+    optimizer = Addax(model if exact else list(model.parameters()), **options, sparsity=0.5, mask_every=2)
+    for _ in range(3):
+        optimizer.step(lambda: lm_loss(model, long_batch), lambda: lm_loss(model, short_batch))
+    params = [p.detach() for p in optimizer.param_list]
+    name_of = {id(p): name for name, p in model.named_parameters()}
+    order = [name_of[id(p)] for p in optimizer.param_list]
+    step_of = {derive_seed(7, step, 0): step for step in range(3)}
+
+    def direction(name, s):
+        mask_seed = derive_seed(7, step_of[s] // 2, MASK_COUNTER)
+        return naive_masked(params, s, mask_seed, [0.5] * len(params))[order.index(name)]
+
+    expected = naive_addax(reference_model, long_batch, short_batch, steps=3, direction=direction, **options)
+    for name, param in model.named_parameters():
+        torch.testing.assert_close(param, expected[name], rtol=1e-10, atol=1e-10, msg=name)
+
+
+@pytest.mark.parametrize("shares", ["layer", "magnitude"])
+def test_sparse_addax_at_zero_lr_is_bit_exact_and_resumes_exactly(shares):
+    long_batch, short_batch = batches()
+    model = random_llama("tiny", seed=0, dtype=torch.bfloat16)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    optimizer = Addax(model, lr=0.0, alpha=0.1, seed=2, sparsity=0.5, sparse_shares=shares)
+    for _ in range(2):
+        optimizer.step(lambda: lm_loss(model, long_batch), lambda: lm_loss(model, short_batch))
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    model = random_llama("tiny", seed=0)
+    build = lambda m: Addax(m, lr=0.01, alpha=0.1, seed=2, sparsity=0.5, sparse_shares=shares, mask_every=2)  # noqa: E731
+    optimizer = build(model)
+    step = lambda m, o: o.step(lambda: lm_loss(m, long_batch), lambda: lm_loss(m, short_batch))  # noqa: E731
+    for _ in range(3):
+        step(model, optimizer)
+    saved_model, saved_state = {k: v.clone() for k, v in model.state_dict().items()}, copy.deepcopy(optimizer.state_dict())
+    for _ in range(2):
+        step(model, optimizer)
+    resumed = random_llama("tiny", seed=9)
+    resumed.load_state_dict(saved_model)
+    resumed_optimizer = build(resumed)
+    resumed_optimizer.load_state_dict(saved_state)
+    for _ in range(2):
+        step(resumed, resumed_optimizer)
+    for a, b in zip(model.parameters(), resumed.parameters()):
+        assert torch.equal(a, b)

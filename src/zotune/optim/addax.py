@@ -69,6 +69,10 @@ class Addax(UpdatesInBackward, ZerothOrder):
         num_threads: the threads for CPU parameters, as for :class:`MeZO` (None: ``torch.get_num_threads()``).
         clip_grad_norm: the global norm, > 0, that ∇L_B1 is clipped to (see above); None (the default): no clipping.
         difference: ``"central"`` or ``"forward"`` (one-sided) for the zeroth-order estimate.
+        sparsity: the share of z's entries zeroed (the ZO term's directions), as for :class:`MeZO`.
+        sparse_shares: ``"layer"``, ``"global"`` or ``"magnitude"``, as for :class:`MeZO`; a magnitude mask is read
+            off the weights as the step starts, before the first-order update moves them.
+        mask_every: the steps between new masks, as for :class:`MeZO`.
     """
 
     needs_differentiable_loss = True  # the first-order batch runs backward
@@ -124,6 +128,9 @@ class Addax(UpdatesInBackward, ZerothOrder):
         num_threads: int | None = None,
         clip_grad_norm: float | None = None,
         difference: str = "central",
+        sparsity: float = 0.0,
+        sparse_shares: str = "layer",
+        mask_every: int = 1,
     ) -> None:
         if mixing not in MIXINGS:
             raise OptionError(f"Addax mixing must be one of {', '.join(MIXINGS)}, got {mixing!r}")
@@ -140,6 +147,7 @@ class Addax(UpdatesInBackward, ZerothOrder):
             difference=difference,
         )
         self.alpha, self.mixing = float(alpha), mixing
+        self.sparse_directions(sparsity, sparse_shares, mask_every)
         self.last_losses: dict[str, float] = {}
         self._pending: tuple[list, float] | None = None  # (seed, w0·c) pairs and w1, during backward
         self._updated: set[int] = set()
@@ -208,6 +216,7 @@ class Addax(UpdatesInBackward, ZerothOrder):
         if fo_closure is not None:
             self._refuse_held_gradients("call optimizer.zero_grad() before step()")
         step, seed = self.state["zo"]["step"], self.step_seed()
+        self.renew_mask(step)
         losses: dict[str, float] = {}
         estimate, self.last_estimates, self.last_grad_norm = None, [], None
         if zo_closure is not None:

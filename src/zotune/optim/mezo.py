@@ -5,11 +5,9 @@ from __future__ import annotations
 import torch
 
 from ..blocks import perturbation_blocks
-from ..directions import GAUSSIAN, Pair, derive_seed
+from ..directions import GAUSSIAN, Pair
 from ..errors import OptionError
 from ..estimators import Closure
-from ..sparse_masks import MASK_COUNTER, MagnitudeMask, shares_of
-from .params import refuse_sharded
 from .protocol import Loss
 from .zeroth_order import ZerothOrder
 
@@ -103,8 +101,6 @@ class MeZO(ZerothOrder):
     ) -> None:
         if not (isinstance(n_directions, int) and n_directions >= 1):
             raise OptionError(f"n_directions must be a positive integer, got {n_directions!r}")
-        if not (isinstance(mask_every, int) and mask_every >= 1):
-            raise OptionError(f"mask_every must be a positive integer (steps between new masks), got {mask_every!r}")
         super().__init__(
             params_or_model,
             lr=lr,
@@ -117,14 +113,8 @@ class MeZO(ZerothOrder):
             perturbation=perturbation,
             difference=difference,
         )
-        self.n_directions, self.mask_every = n_directions, mask_every
-        shares = shares_of(self.param_list, sparsity, sparse_shares, seed)
-        if sparsity:
-            if sparse_shares in ("global", "magnitude"):
-                refuse_sharded(self.param_list, f"sparse_shares={sparse_shares} measures whole parameters' magnitudes")
-            self.engine.mask_directions(shares, magnitude=sparse_shares == "magnitude")
-            if sparse_shares == "global":  # measured on the weights as the run begins: a resumed run keeps them
-                self.state["zo"]["mask_shares"] = shares
+        self.n_directions = n_directions
+        self.sparse_directions(sparsity, sparse_shares, mask_every)
         self.blocks = None
         if blocks is not None:
             if self.estimator.module_perturbation is None or dual_forward:
@@ -156,8 +146,7 @@ class MeZO(ZerothOrder):
         """This step's n estimates at θ (one-sided: the loss at θ, ``loss_here`` if given, evaluated once for
         all n); the last one's in-place restore is left pending, for the update to fold in."""
         step, estimates = self.state["zo"]["step"], []
-        if self.engine.mask is not None:
-            self._renew_mask(step)
+        self.renew_mask(step)
         for j in range(self.n_directions):
             for only in self.blocks or [None]:
                 estimates.append(
@@ -168,25 +157,6 @@ class MeZO(ZerothOrder):
                 if self.estimator.one_sided:
                     loss_here = estimates[0].loss_minus
         return estimates
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        """The state, seed stream and sparse masks' shares included (see :meth:`ZerothOrder.load_state_dict`)."""
-        super().load_state_dict(state_dict)
-        if "mask_shares" in self.state["zo"]:
-            self.engine.mask.reshare(self.state["zo"]["mask_shares"])
-
-    def _renew_mask(self, step: int) -> None:
-        """This step's sparse mask: a seeded mask's seed for the step's epoch of ``mask_every`` steps; a magnitude
-        mask read off the weights, against limits found at the epoch's first step (kept in the state, so that a
-        resumed run reads the same masks)."""
-        mask, zo, epoch = self.engine.mask, self.state["zo"], step // self.mask_every
-        if isinstance(mask, MagnitudeMask):
-            if zo.get("mask_epoch") != epoch:
-                zo["mask_limits"], zo["mask_epoch"] = mask.renew(), epoch
-            mask.limits = list(zo["mask_limits"])
-            mask.read()
-        else:
-            mask.seed = derive_seed(zo["seed"], epoch, MASK_COUNTER)
 
     def gradient_pairs(self, estimates, index: int | None = None) -> list[Pair]:
         """The step's zeroth-order gradient ĝ = (1/n)·Σ_j c_j·z(s_j) as (seed, coefficient) pairs; block-wise,

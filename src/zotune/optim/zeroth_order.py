@@ -16,6 +16,7 @@ from ..counter_rng import STREAM_VERSION
 from ..directions import GAUSSIAN, Block, DirectionEngine, Pair, derive_seed
 from ..errors import CheckpointError, OptionError
 from ..estimators import TwoPointEstimator
+from ..sparse_masks import MASK_COUNTER, MagnitudeMask, shares_of
 from .params import refuse_sharded, trainable_groups
 from .protocol import TrainingStep
 
@@ -92,6 +93,34 @@ class ZerothOrder(TrainingStep, torch.optim.Optimizer):
         self.state["zo"] = {"seed": int(seed), "step": 0, "stream": STREAM_VERSION}
         self.last_estimates = []
 
+    def sparse_directions(self, sparsity: float, sparse_shares: str, mask_every: int) -> None:
+        """Sparse directions from now on (:mod:`zotune.sparse_masks`): each step's z with the ``sparsity`` share of
+        its entries zeroed, by a seeded mask (``sparse_shares`` layer or global) or by the weights' magnitudes
+        (magnitude), renewed every ``mask_every`` steps (see :meth:`renew_mask`). Sparsity 0: dense directions."""
+        if not (isinstance(mask_every, int) and mask_every >= 1):
+            raise OptionError(f"mask_every must be a positive integer (steps between new masks), got {mask_every!r}")
+        self.mask_every = mask_every
+        shares = shares_of(self.param_list, sparsity, sparse_shares, self.state["zo"]["seed"])
+        if sparsity:
+            if sparse_shares in ("global", "magnitude"):
+                refuse_sharded(self.param_list, f"sparse_shares={sparse_shares} measures whole parameters' magnitudes")
+            self.engine.mask_directions(shares, magnitude=sparse_shares == "magnitude")
+            if sparse_shares == "global":  # measured on the weights as the run begins: a resumed run keeps them
+                self.state["zo"]["mask_shares"] = shares
+
+    def renew_mask(self, step: int) -> None:
+        """Step ``step``'s sparse mask, before its estimate: a seeded mask's seed for the step's epoch of
+        ``mask_every`` steps; a magnitude mask read off the weights, against limits found at the epoch's first
+        step (kept in the state, so that a resumed run reads the same masks). Nothing for dense directions."""
+        mask, zo, epoch = self.engine.mask, self.state["zo"], step // self.mask_every
+        if isinstance(mask, MagnitudeMask):
+            if zo.get("mask_epoch") != epoch:
+                zo["mask_limits"], zo["mask_epoch"] = mask.renew(), epoch
+            mask.limits = list(zo["mask_limits"])
+            mask.read()
+        elif mask is not None:
+            mask.seed = derive_seed(zo["seed"], epoch, MASK_COUNTER)
+
     def step_seed(self, index: int = 0) -> int:
         """The seed of this step's ``index``-th direction."""
         stream = self.state["zo"]
@@ -154,7 +183,8 @@ class ZerothOrder(TrainingStep, torch.optim.Optimizer):
         self.estimator.reduce = group.mean  # the ranks share the seed stream: only the losses are averaged
 
     def load_state_dict(self, state_dict: dict) -> None:
-        """``torch.optim``'s, seed stream included, once the state is known to come from this direction stream.
+        """``torch.optim``'s, seed stream (and sparse masks' shares) included, once the state is known to come from
+        this direction stream.
 
         Raises:
             CheckpointError: when the state was saved by a zotune drawing another stream
@@ -169,3 +199,5 @@ class ZerothOrder(TrainingStep, torch.optim.Optimizer):
                 "Resume with the zotune version that saved it, or start the run again."
             )
         super().load_state_dict(state_dict)
+        if "mask_shares" in self.state["zo"]:  # sparse masks' shares, measured when the run began
+            self.engine.mask.reshare(self.state["zo"]["mask_shares"])
