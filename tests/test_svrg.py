@@ -296,3 +296,54 @@ def test_bad_options_and_missing_large_batch(tiny_llama):
         MeZOSVRG(tiny_llama, anneal=5.0, anneal_min_anchor_lr=-1e-5)
     with pytest.raises(TypeError, match="step 0 is an anchor step"):
         MeZOSVRG(tiny_llama).step(lambda: 0.0)
+
+
+@pytest.mark.parametrize("memory", ["seeds", "dense"])
+def test_sparse_svrg_matches_naive_reference_with_each_steps_masked_direction(memory):
+    """Masks renewed every step: in seeds mode the estimate at θ̃ replays the path's directions (G's among
+    them) under their own steps' masks."""
+    from test_sparse_masks import naive_masked
+
+    from zotune.sparse_masks import MASK_COUNTER
+
+    batches, large = data(7)
+    model = random_llama("tiny", seed=0).double()
+    reference_model = random_llama("tiny", seed=0).double()
+    options = dict(lr=0.005, anchor_lr=0.01, anchor_every=3, eps=1e-3, seed=5)
+    optimizer = MeZOSVRG(model, memory=memory, sparsity=0.5, **options)
+    for batch in batches:
+        optimizer.step(lambda: lm_loss(model, batch), lambda: lm_loss(model, large))
+    params = [p.detach() for p in optimizer.param_list]
+    name_of = {id(p): name for name, p in model.named_parameters()}
+    order = [name_of[id(p)] for p in optimizer.param_list]
+    step_of = {derive_seed(5, step, 0): step for step in range(7)}
+
+    def direction(name, s):
+        return naive_masked(params, s, derive_seed(5, step_of[s], MASK_COUNTER), [0.5] * len(params))[order.index(name)]
+
+    expected = naive_svrg(reference_model, batches, large, direction=direction, **options)
+    for name, param in model.named_parameters():
+        torch.testing.assert_close(param, expected[name], rtol=1e-10, atol=1e-10, msg=name)
+
+
+@pytest.mark.parametrize("memory,shares", [("seeds", "layer"), ("dense", "magnitude")])
+def test_sparse_svrg_resumes_exactly(memory, shares):
+    batches, large = data(6)
+    model = random_llama("tiny", seed=0)
+    options = dict(lr=0.01, anchor_lr=0.02, anchor_every=3, memory=memory, seed=4, sparsity=0.5, sparse_shares=shares)
+    optimizer = MeZOSVRG(model, **options)
+    for batch in batches[:2]:
+        optimizer.step(lambda: lm_loss(model, batch), lambda: lm_loss(model, large))
+    saved_model, saved_state = {k: v.clone() for k, v in model.state_dict().items()}, optimizer.state_dict()
+    for batch in batches[2:]:
+        optimizer.step(lambda: lm_loss(model, batch), lambda: lm_loss(model, large))
+    resumed = random_llama("tiny", seed=9)
+    resumed.load_state_dict(saved_model)
+    resumed_optimizer = MeZOSVRG(resumed, **options)
+    resumed_optimizer.load_state_dict(saved_state)
+    for batch in batches[2:]:
+        resumed_optimizer.step(lambda: lm_loss(resumed, batch), lambda: lm_loss(resumed, large))
+    for a, b in zip(model.parameters(), resumed.parameters()):
+        assert torch.equal(a, b)
+    with pytest.raises(OptionError, match="or memory=dense"):
+        MeZOSVRG(model, sparsity=0.5, sparse_shares="magnitude")

@@ -10,6 +10,7 @@ from ..errors import OptionError
 from ..estimators import Closure, mean_over_micro_batches
 from ..scoring import by_length
 from ..sampling import SVRGBatches
+from ..sparse_masks import SparseMask
 from .zeroth_order import ZerothOrder
 from .params import refuse_sharded
 from .protocol import Loss
@@ -76,6 +77,11 @@ class MeZOSVRG(ZerothOrder):
         anneal_min_lr: the floor, >= 0, that annealing does not take ``lr`` below; the code's 1e-6.
         anneal_min_anchor_lr: the floor, >= 0, for ``anchor_lr``; the code's 1e-5.
         difference: ``"central"`` or ``"forward"`` (one-sided, each estimate with its own loss at the point).
+        sparsity: the share of z's entries zeroed, as for :class:`MeZO`; in seeds memory each direction on the
+            path from θ̃ (G's among them) is replayed under the mask of its own step.
+        sparse_shares: ``"layer"`` or ``"global"``, as for :class:`MeZO`; ``"magnitude"`` with memory=dense only
+            (a magnitude mask is read off each step's weights, so the path's earlier masks are gone).
+        mask_every: the steps between new masks, as for :class:`MeZO`.
     """
 
     def __init__(
@@ -96,7 +102,15 @@ class MeZOSVRG(ZerothOrder):
         anneal_min_lr: float = 1e-6,
         anneal_min_anchor_lr: float = 1e-5,
         difference: str = "central",
+        sparsity: float = 0.0,
+        sparse_shares: str = "layer",
+        mask_every: int = 1,
     ) -> None:
+        if sparsity and sparse_shares == "magnitude" and memory == "seeds":
+            raise OptionError(
+                "memory=seeds replays the path from the anchor, and a magnitude mask is read off each step's weights, "
+                "so the path's earlier masks are gone: use sparse_shares=layer or global, or memory=dense"
+            )
         if anneal is not None and not anneal > 1:
             raise OptionError(
                 f"anneal must be > 1 (the divisor of lr and anchor_lr when the loss rises), got {anneal!r}: "
@@ -128,6 +142,7 @@ class MeZOSVRG(ZerothOrder):
         )
         for group in self.param_groups:
             group.setdefault("anchor_lr", anchor_lr)
+        self.sparse_directions(sparsity, sparse_shares, mask_every)
         self.anchor_every, self.memory = anchor_every, memory
         if memory == "dense":
             refuse_sharded(
@@ -232,6 +247,12 @@ class MeZOSVRG(ZerothOrder):
         stream = self.state["zo"]
         step = stream["step"]
         seed = self.step_seed()
+        self.renew_mask(step)
+        if isinstance(self.engine.mask, SparseMask):
+            # Seeded masks: the path's directions replayed under their own steps' masks (G's seed opens the path).
+            kept = {} if self.is_anchor_step else stream.get("path_masks", {})
+            stream = {**stream, "path_masks": {**kept, seed: self.engine.mask.seed}}
+            self.engine.mask.remember(stream["path_masks"])
         if self.is_anchor_step:
             if large_batch_closure is None:
                 raise TypeError(
