@@ -328,3 +328,34 @@ def test_sparse_addax_at_zero_lr_is_bit_exact_and_resumes_exactly(shares):
         step(resumed, resumed_optimizer)
     for a, b in zip(model.parameters(), resumed.parameters()):
         assert torch.equal(a, b)
+
+
+def test_blockwise_addax_mixes_each_blocks_own_estimate_into_its_parameters_updates():
+    """blocks: one estimate on the long batch per transformer block (the others at θ), and each parameter's
+    zeroth-order term its own block's c·z, beside the full gradient of the short batch."""
+    long_batch, short_batch = batches()
+    model = random_llama("tiny", seed=0).double()
+    theta = {name: p.detach().clone() for name, p in model.named_parameters()}
+    optimizer = Addax(model, lr=0.05, alpha=0.3, eps=1e-3, seed=7, blocks="layer")
+    direction = keyed_direction(model, optimizer)
+    name_of = {id(p): name for name, p in model.named_parameters()}
+    block_of = {name_of[id(optimizer.param_list[i])]: b for b, block in enumerate(optimizer.blocks) for i in block}
+    for step in range(2):
+        optimizer.step(lambda: lm_loss(model, long_batch), lambda: lm_loss(model, short_batch))
+        z = {name: direction(name, derive_seed(7, step, 0)).double() for name in theta}
+
+        def moved(b, sign):
+            return {n: v + sign * 1e-3 * z[n] if block_of[n] == b else v for n, v in theta.items()}
+
+        with torch.no_grad():
+            projected = [
+                (lm_loss(model, long_batch, moved(b, 1)).item() - lm_loss(model, long_batch, moved(b, -1)).item()) / 2e-3
+                for b in range(len(optimizer.blocks))
+            ]
+        leaves = {n: t.clone().requires_grad_(True) for n, t in theta.items()}
+        grads = dict(zip(leaves, torch.autograd.grad(lm_loss(model, short_batch, leaves), list(leaves.values()))))
+        theta = {n: v - 0.05 * (0.7 * grads[n] + 0.3 * projected[block_of[n]] * z[n]) for n, v in theta.items()}
+    assert len(set(projected)) == len(projected) > 2  # the blocks' estimates differ
+    for name, param in model.named_parameters():
+        torch.testing.assert_close(param, theta[name], rtol=1e-10, atol=1e-10, msg=name)
+    assert len(optimizer.last_estimates) == len(optimizer.blocks)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from ..directions import GAUSSIAN
@@ -73,6 +75,8 @@ class Addax(UpdatesInBackward, ZerothOrder):
         sparse_shares: ``"layer"``, ``"global"`` or ``"magnitude"``, as for :class:`MeZO`; a magnitude mask is read
             off the weights as the step starts, before the first-order update moves them.
         mask_every: the steps between new masks, as for :class:`MeZO`.
+        blocks: block-wise perturbation of the estimate on B0, as for :class:`MeZO` (2 forwards per block; one-
+            sided, 1 and the shared loss at θ): each parameter's zeroth-order term is its own block's c·z.
     """
 
     needs_differentiable_loss = True  # the first-order batch runs backward
@@ -108,7 +112,7 @@ class Addax(UpdatesInBackward, ZerothOrder):
         record = dict(
             loss=sum(losses[key] * sizes[key] for key in losses) / sum(sizes[key] for key in losses),
             **{f"loss_{key}": value for key, value in losses.items()},
-            forward_passes=2 * ("zo" in losses) + ("fo" in losses),
+            forward_passes=sum(e.forwards for e in self.last_estimates) + ("fo" in losses),
         )
         if self.last_estimates:
             estimate = self.last_estimates[0]
@@ -131,6 +135,7 @@ class Addax(UpdatesInBackward, ZerothOrder):
         sparsity: float = 0.0,
         sparse_shares: str = "layer",
         mask_every: int = 1,
+        blocks: str | None = None,
     ) -> None:
         if mixing not in MIXINGS:
             raise OptionError(f"Addax mixing must be one of {', '.join(MIXINGS)}, got {mixing!r}")
@@ -148,8 +153,10 @@ class Addax(UpdatesInBackward, ZerothOrder):
         )
         self.alpha, self.mixing = float(alpha), mixing
         self.sparse_directions(sparsity, sparse_shares, mask_every)
+        self.block_wise(params_or_model, blocks)
         self.last_losses: dict[str, float] = {}
-        self._pending: tuple[list, float] | None = None  # (seed, w0·c) pairs and w1, during backward
+        # During backward: each engine index's (seed, w0·c) pairs, and w1.
+        self._pending: tuple[Callable[[int], list], float] | None = None
         self._updated: set[int] = set()
         self._register_update_hooks(
             (
@@ -172,7 +179,7 @@ class Addax(UpdatesInBackward, ZerothOrder):
                 return
             zo_pairs, w1 = self._pending
             lr = group["lr"]
-            terms, decay = [(s, -lr * a) for s, a in zo_pairs], 1.0 - lr * group["weight_decay"]
+            terms, decay = [(s, -lr * a) for s, a in zo_pairs(index)], 1.0 - lr * group["weight_decay"]
             grad, alpha = self._take_gradient(param), -lr * w1 * self._gradient_scale
             if param.dtype in FULL_PRECISION:
                 self.engine.apply(terms, (index,), scale=decay)
@@ -218,24 +225,39 @@ class Addax(UpdatesInBackward, ZerothOrder):
         step, seed = self.state["zo"]["step"], self.step_seed()
         self.renew_mask(step)
         losses: dict[str, float] = {}
-        estimate, self.last_estimates, self.last_grad_norm = None, [], None
+        estimates, self.last_estimates, self.last_grad_norm = [], [], None
         if zo_closure is not None:
-            # With a first-order batch to follow, θ must be restored before its forward: no fused restore.
-            estimate = self.estimator.estimate(zo_closure, seed, step, fuse_restore=fo_closure is None)
-            losses["zo"] = (estimate.loss_plus + estimate.loss_minus) / 2
-            self.last_estimates = [estimate]
+            loss_here = None
+            for only in self.blocks or [None]:
+                # With a first-order batch to follow, θ must be restored before its forward: no fused restore.
+                estimate = self.estimator.estimate(
+                    zo_closure, seed, step, fuse_restore=fo_closure is None, only=only, loss_here=loss_here
+                )
+                estimates.append(estimate)
+                if self.estimator.one_sided:
+                    loss_here = estimates[0].loss_minus
+            losses["zo"] = sum(e.loss_plus + e.loss_minus for e in estimates) / (2 * len(estimates))
+            self.last_estimates = estimates
+        by_index = {i: e for e in estimates for i in (e.indices or ())}  # block-wise: each index's own estimate
         if fo_closure is None:
             # MeZO's update (w0 = 1), the pending in-place restore folded in
-            self.apply_by_group(lambda group: [(seed, -group["lr"] * estimate.projected_gradient)], restore=estimate.restore)
+            for e in estimates:
+                self.apply_by_group(
+                    lambda group, e=e: [(seed, -group["lr"] * e.projected_gradient)], restore=e.restore, only=e.indices
+                )
         else:
-            w0, w1 = self.weights if estimate is not None else (0.0, 1.0)
-            zo_pairs = [(seed, w0 * estimate.projected_gradient)] if estimate is not None else []
+            w0, w1 = self.weights if estimates else (0.0, 1.0)
+
+            def zo_pairs(index: int) -> list:
+                estimate = by_index.get(index, estimates[0] if estimates else None)
+                return [(seed, w0 * estimate.projected_gradient)] if estimate is not None else []
+
             losses["fo"] = self._first_order_pass(fo_closure, zo_pairs, w1, step, seed)
         self.advance()  # only now: a step refused for a non-finite loss leaves the optimizer as it was
         self.last_losses = losses
         return sum(losses.values()) / len(losses)
 
-    def _first_order_pass(self, fo_closure: Closure, zo_pairs: list, w1: float, step: int, seed: int) -> float:
+    def _first_order_pass(self, fo_closure: Closure, zo_pairs: Callable[[int], list], w1: float, step: int, seed: int) -> float:
         """Backward on B1; each tensor is updated in its hook, then any tensor B1 did not reach."""
         with torch.enable_grad():
             loss = fo_closure()
@@ -246,8 +268,7 @@ class Addax(UpdatesInBackward, ZerothOrder):
             finally:
                 self._pending = None
         for group, indices in zip(self.param_groups, self.group_indices):
-            untouched = tuple(i for i in indices if i not in self._updated)
-            if untouched:
-                lr = group["lr"]
-                self.engine.apply([(s, -lr * a) for s, a in zo_pairs], untouched, scale=1.0 - lr * group["weight_decay"])
+            lr = group["lr"]
+            for index in (i for i in indices if i not in self._updated):
+                self.engine.apply([(s, -lr * a) for s, a in zo_pairs(index)], (index,), scale=1.0 - lr * group["weight_decay"])
         return value

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import torch
 
-from ..blocks import perturbation_blocks
 from ..directions import GAUSSIAN, Pair
 from ..errors import OptionError
 from ..estimators import Closure
@@ -115,14 +114,7 @@ class MeZO(ZerothOrder):
         )
         self.n_directions = n_directions
         self.sparse_directions(sparsity, sparse_shares, mask_every)
-        self.blocks = None
-        if blocks is not None:
-            if self.estimator.module_perturbation is None or dual_forward:
-                raise OptionError(
-                    "blocks perturbs one block of modules at a time, in module mode: pass the model, "
-                    "with perturbation=module and dual_forward=false"
-                )
-            self.blocks = perturbation_blocks(params_or_model, self.param_list, blocks)
+        self.block_wise(params_or_model, blocks)
 
     @torch.no_grad()
     def step(self, closure: Closure) -> float:  # type: ignore[override]

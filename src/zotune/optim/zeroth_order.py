@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from ..backends import working
+from ..blocks import perturbation_blocks
 from ..counter_rng import STREAM_VERSION
 from ..directions import GAUSSIAN, Block, DirectionEngine, Pair, derive_seed
 from ..errors import CheckpointError, OptionError
@@ -107,6 +108,18 @@ class ZerothOrder(TrainingStep, torch.optim.Optimizer):
             self.engine.mask_directions(shares, magnitude=sparse_shares == "magnitude")
             if sparse_shares == "global":  # measured on the weights as the run begins: a resumed run keeps them
                 self.state["zo"]["mask_shares"] = shares
+
+    def block_wise(self, model, level: str | None) -> None:
+        """Block-wise perturbation (:mod:`zotune.blocks`) at ``level``, or None for the whole model at once:
+        ``self.blocks``, the blocks' sets of engine indices, each perturbed alone with its own estimate."""
+        self.blocks = None
+        if level is not None:
+            if self.estimator.module_perturbation is None or self.estimator.dual_forward:
+                raise OptionError(
+                    "blocks perturbs one block of modules at a time, in module mode: pass the model, "
+                    "with perturbation=module and dual_forward=false"
+                )
+            self.blocks = perturbation_blocks(model, self.param_list, level)
 
     def renew_mask(self, step: int) -> None:
         """Step ``step``'s sparse mask, before its estimate: a seeded mask's seed for the step's epoch of
