@@ -9,7 +9,7 @@ from zotune.blocks import perturbation_blocks
 from zotune.directions import derive_seed
 from zotune.errors import OptionError
 from zotune.models import random_llama
-from zotune.optim import MeZO, ZOAdam, ZOSGDConservative, ZOSGDMomentum, create_optimizer
+from zotune.optim import MeZO, ZOAdam, ZOSGDMomentum, create_optimizer
 
 
 def test_blocks_follow_the_models_structure_and_cover_every_parameter_once():
@@ -77,7 +77,6 @@ def test_blocks_that_cannot_work_are_one_line_errors(tiny_llama):
         (lambda: MeZO(tiny_llama, blocks="rows"), "blocks must be one of layer, attention-mlp"),
         (lambda: MeZO(tiny_llama, blocks="layer", perturbation="inplace"), "perturbation=module"),
         (lambda: MeZO(tiny_llama, blocks="layer", dual_forward=True), "dual_forward=false"),
-        (lambda: ZOSGDConservative(tiny_llama, blocks="layer"), "drop blocks"),
     ]:
         with pytest.raises(OptionError, match=message):
             build()

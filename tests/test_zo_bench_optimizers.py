@@ -221,3 +221,35 @@ def test_the_estimator_options_reach_the_optimizer_through_the_cli(tmp_path):
     options = ["optimizer_options.blocks=layer", "optimizer_options.sparsity=0.5", "optimizer_options.difference=forward"]
     steps = train_tiny(tmp_path, "optimizer=zo-momentum", "lr=1e-3", "steps=2", *options)
     assert [r["forward_passes"] for r in steps][-1] == 2 * (1 + 4)  # a step: θ once, then 4 blocks
+
+
+def test_blockwise_zo_cons_builds_its_candidates_from_each_blocks_own_estimate():
+    """blocks: ĝ's part in each block is that block's estimate (the other blocks at θ); the three points are
+    compared for the whole model."""
+    model, batch, theta, direction, optimizer = run(ZOSGDConservative, steps=5, lr=0.1, blocks="layer")
+    name_of = {id(p): name for name, p in model.named_parameters()}
+    block_of = {name_of[id(optimizer.param_list[i])]: b for b, block in enumerate(optimizer.blocks) for i in block}
+    moves = []
+    for step in range(5):
+        z = {name: direction(name, derive_seed(SEED, step, 0)).double() for name in theta}
+        with torch.no_grad():
+
+            def at(move):
+                return lm_loss(model, batch, move).item()
+
+            projected = [
+                (
+                    at({n: v + EPS * z[n] if block_of[n] == b else v for n, v in theta.items()})
+                    - at({n: v - EPS * z[n] if block_of[n] == b else v for n, v in theta.items()})
+                )
+                / (2 * EPS)
+                for b in range(len(optimizer.blocks))
+            ]
+            g = {n: projected[block_of[n]] * z[n] for n in theta}
+            here, down, up = (at({n: v + sign * 0.1 * g[n] for n, v in theta.items()}) for sign in (0, -1, 1))
+        move = (0 if here < up else 1) if down > here else (-1 if down < up else 1)
+        moves.append(move)
+        theta = {n: v + move * 0.1 * g[n] for n, v in theta.items()}
+    assert_params(model, theta)
+    assert len(set(moves)) > 1, moves
+    assert optimizer.forwards() == 1 + 2 * len(optimizer.blocks) + 2

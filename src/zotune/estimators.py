@@ -165,14 +165,14 @@ class TwoPointEstimator:
             Estimate(seed, self.eps, loss_plus, loss_here, one_sided=True, forwards=forwards, indices=only), step
         )
 
-    def loss_at(self, closure: Closure, pairs: Sequence[Pair] = (), step: int = 0) -> float:
-        """The loss at θ + Σ a·z(s) over ``pairs`` (θ itself for none), without dropout, averaged over the ranks
-        (data parallel); in module mode the stored weights are not touched, in place they are moved there and
-        back (rounding drift)."""
-        if not pairs:
+    def loss_at(self, closure: Closure, pairs: Sequence[Pair] | Callable[[int], Sequence[Pair]] = (), step: int = 0) -> float:
+        """The loss at θ + Σ a·z(s) over ``pairs`` (θ itself for none; in module mode, also each engine index's
+        own pairs, a block-wise move), without dropout, averaged over the ranks (data parallel); in module mode
+        the stored weights are not touched, in place they are moved there and back (rounding drift)."""
+        if not callable(pairs) and not pairs:
             value = self._evaluate(closure)
         elif self.module_perturbation is not None:
-            with self.module_perturbation(list(pairs)):
+            with self.module_perturbation(pairs if callable(pairs) else list(pairs)):
                 value = self._evaluate(closure)
         else:
             value = self._evaluate_in_place(closure, pairs)

@@ -25,7 +25,7 @@ Copies come from :meth:`zotune.directions.DirectionEngine.perturbed_copy`, ``per
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 
 import torch
@@ -131,10 +131,12 @@ class ModulePerturbation:
                 self._recycle(copy)
 
     @contextmanager
-    def __call__(self, pairs: Sequence[Pair], only: frozenset[int] | None = None):
-        """Forwards at θ + Σ a·z(s); ``only``: the engine indices of the parameters perturbed (a block-wise
-        estimate's block, whole modules), the others left at θ."""
+    def __call__(self, pairs: Sequence[Pair] | Callable[[int], Sequence[Pair]], only: frozenset[int] | None = None):
+        """Forwards at θ + Σ a·z(s); ``pairs``: the same for every parameter, or each engine index's own (a
+        block-wise move, whose blocks hold whole modules: a module's parameters share theirs); ``only``: the
+        engine indices of the parameters perturbed (a block-wise estimate's block), the others left at θ."""
         originals: dict[int, torch.Tensor] = {}  # shared parameters stay perturbed until the context exits
+        pairs_of = pairs if callable(pairs) else (lambda index, same=list(pairs): same)
 
         def replacement(module, params, forward):
             if _looks_up_rows(module, params):
@@ -143,7 +145,7 @@ class ModulePerturbation:
                 def lookup(input):
                     if index in originals:  # a shared table, already swapped for its copy by another module
                         return F.embedding(input, table)
-                    return self._lookup(index, pairs, input)
+                    return self._lookup(index, pairs_of(index), input)
 
                 return lookup
             sliced = _sliced(module, params)
@@ -155,19 +157,19 @@ class ModulePerturbation:
                         return perturbed_forward(input)
 
                     def fill(rows, buffer):
-                        self.engine.perturbed_copy(weight, pairs, buffer[0], rows)
+                        self.engine.perturbed_copy(weight, pairs_of(weight), buffer[0], rows)
                         return buffer
 
                     if type(module) is nn.Embedding:
                         return self._lookup_in_slices(weight, [input], fill)[0]
-                    bias = self._bias_copies(module, [pairs])
+                    bias = self._bias_copies(module, [pairs_of(weight)])
                     return self._linear_in_slices(module, input[None], bias, fill)[0]
 
             def perturbed_forward(*args, **kwargs):
                 for index, param in params:
                     if index not in originals:
                         originals[index] = param.data
-                        param.data = self.engine.perturbed_copy(index, pairs, self._copy_buffer(param))
+                        param.data = self.engine.perturbed_copy(index, pairs_of(index), self._copy_buffer(param))
                 try:
                     return forward(*args, **kwargs)
                 finally:

@@ -20,7 +20,9 @@ class ZOSGDConservative(MeZO):
     candidates): 5 for n = 1, as in the benchmark. In module mode the candidates are evaluated on perturbed
     copies, so θ is written once, by the chosen move (none when θ is kept): lr = 0 stays bit-identical.
     Weight decay is refused: the comparison is between the three points, and decay would move θ off them.
-    Every group takes the first group's lr (the candidates perturb all parameters alike).
+    Every group takes the first group's lr (the candidates perturb all parameters alike). Block-wise
+    (``blocks``), ĝ is made of each block's own estimate (2 forwards per block) and the three points are
+    compared for the whole model.
 
     Args: those of :class:`MeZO` (``weight_decay`` must be 0).
     """
@@ -31,8 +33,6 @@ class ZOSGDConservative(MeZO):
                 "zo-cons compares the loss at θ and at θ ∓ lr·ĝ and keeps the best: weight decay "
                 "would move θ off those points; set weight_decay=0"
             )
-        if options.get("blocks"):
-            raise OptionError("zo-cons evaluates its candidates with the whole model moved along ĝ: drop blocks")
         super().__init__(params_or_model, lr=lr, **options)
         self.last_move = 0
 
@@ -56,15 +56,22 @@ class ZOSGDConservative(MeZO):
             estimates[-1].restore = []
         self.advance()
         lr = self.param_groups[0]["lr"]
-        descent = [(seed, -lr * coef) for seed, coef in self.gradient_pairs(estimates)]
-        loss_down = self.estimator.loss_at(closure, descent, step)
-        loss_up = self.estimator.loss_at(closure, [(seed, -coef) for seed, coef in descent], step)
+
+        def descent(index: int | None = None) -> list:  # −lr·ĝ; block-wise, each index's own block's estimate
+            return [(seed, -lr * coef) for seed, coef in self.gradient_pairs(estimates, index)]
+
+        def ascent(index: int | None = None) -> list:
+            return [(seed, -coef) for seed, coef in descent(index)]
+
+        loss_down = self.estimator.loss_at(closure, descent if self.blocks else descent(), step)
+        loss_up = self.estimator.loss_at(closure, ascent if self.blocks else ascent(), step)
         if loss_down > loss_here:
             move = 0 if loss_here < loss_up else 1
         else:
             move = -1 if loss_down < loss_up else 1
-        if move:
-            self.engine.apply([(seed, -move * coef) for seed, coef in descent])
+        for block in (self.blocks or [None]) if move else []:
+            index = None if block is None else next(iter(block))
+            self.engine.apply([(seed, -move * coef) for seed, coef in descent(index)], None if block is None else sorted(block))
         self.last_estimates, self.last_move = estimates, move
         return loss_here
 
