@@ -347,3 +347,41 @@ def test_sparse_svrg_resumes_exactly(memory, shares):
         assert torch.equal(a, b)
     with pytest.raises(OptionError, match="or memory=dense"):
         MeZOSVRG(model, sparsity=0.5, sparse_shares="magnitude")
+
+
+def test_blockwise_svrg_in_dense_memory_takes_each_blocks_own_estimates():
+    """blocks (memory=dense): G, c(θ) and c(θ̃) one estimate per block, the other blocks at the same point
+    (θ̃ for c(θ̃)), each parameter updated with its own block's."""
+    batches, large = data(5)
+    model = random_llama("tiny", seed=0).double()
+    theta = {name: p.detach().clone() for name, p in model.named_parameters()}
+    options = dict(lr=0.005, anchor_lr=0.01, anchor_every=3, eps=1e-3, seed=5)
+    optimizer = MeZOSVRG(model, memory="dense", blocks="layer", **options)
+    for batch in batches:
+        optimizer.step(lambda: lm_loss(model, batch), lambda: lm_loss(model, large))
+    direction = keyed_direction(model, optimizer)
+    name_of = {id(p): name for name, p in model.named_parameters()}
+    block_of = {name_of[id(optimizer.param_list[i])]: b for b, block in enumerate(optimizer.blocks) for i in block}
+
+    def projected(point, z, batch):
+        """Each block's c at ``point``, the block alone moved by ±εz."""
+        out = []
+        with torch.no_grad():
+            for b in range(len(optimizer.blocks)):
+                moved = [{n: v + s * 1e-3 * z[n] if block_of[n] == b else v for n, v in point.items()} for s in (1, -1)]
+                out.append((lm_loss(model, batch, moved[0]).item() - lm_loss(model, batch, moved[1]).item()) / 2e-3)
+        return out
+
+    for step, batch in enumerate(batches):
+        z = {name: direction(name, derive_seed(5, step, 0)).double() for name in theta}
+        if step % 3 == 0:
+            anchor, c = dict(theta), projected(theta, z, large)
+            full = {n: c[block_of[n]] * z[n] for n in theta}
+            theta = {n: v - 0.01 * full[n] for n, v in theta.items()}
+        else:
+            here, there = projected(theta, z, batch), projected(anchor, z, batch)
+            theta = {n: v - 0.005 * ((here[block_of[n]] - there[block_of[n]]) * z[n] + full[n]) for n, v in theta.items()}
+    for name, param in model.named_parameters():
+        torch.testing.assert_close(param, theta[name], rtol=1e-10, atol=1e-10, msg=name)
+    with pytest.raises(OptionError, match="takes blocks with memory=dense"):
+        MeZOSVRG(model, blocks="layer")

@@ -82,6 +82,9 @@ class MeZOSVRG(ZerothOrder):
         sparse_shares: ``"layer"`` or ``"global"``, as for :class:`MeZO`; ``"magnitude"`` with memory=dense only
             (a magnitude mask is read off each step's weights, so the path's earlier masks are gone).
         mask_every: the steps between new masks, as for :class:`MeZO`.
+        blocks: block-wise perturbation, as for :class:`MeZO`, with memory=dense: G, c(θ) and c(θ̃) each one
+            estimate per block (the whole model at θ̃ for the latter), every parameter updated with its block's.
+            In seeds memory the path from θ̃ would need a coefficient per block and seed: not built.
     """
 
     def __init__(
@@ -105,7 +108,13 @@ class MeZOSVRG(ZerothOrder):
         sparsity: float = 0.0,
         sparse_shares: str = "layer",
         mask_every: int = 1,
+        blocks: str | None = None,
     ) -> None:
+        if blocks is not None and memory == "seeds":
+            raise OptionError(
+                "MeZO-SVRG takes blocks with memory=dense: in seeds memory the path from the anchor would need a "
+                "coefficient per block and seed; set memory=dense, or drop blocks"
+            )
         if sparsity and sparse_shares == "magnitude" and memory == "seeds":
             raise OptionError(
                 "memory=seeds replays the path from the anchor, and a magnitude mask is read off each step's weights, "
@@ -143,6 +152,7 @@ class MeZOSVRG(ZerothOrder):
         for group in self.param_groups:
             group.setdefault("anchor_lr", anchor_lr)
         self.sparse_directions(sparsity, sparse_shares, mask_every)
+        self.block_wise(params_or_model, blocks)
         self.anchor_every, self.memory = anchor_every, memory
         if memory == "dense":
             refuse_sharded(
@@ -189,19 +199,18 @@ class MeZOSVRG(ZerothOrder):
             micro = [large[i : i + micro_batch] for i in range(0, len(large), micro_batch)]
             value = self.step(None, mean_over_micro_batches(loss, micro))
             live = self.last_estimates[0]
-            return dict(
-                loss=value, projected_grad=live.projected_gradient, seed=live.seed, anchor=True, forward_passes=2 * len(micro)
-            )
+            forwards = 2 * len(micro) * len(self.last_estimates)
+            return dict(loss=value, projected_grad=live.projected_gradient, seed=live.seed, anchor=True, forward_passes=forwards)
         batch = batches["batch"]
         value = self.step(lambda: loss(batch))
-        live, anchored = self.last_estimates
+        live, anchored = self.last_estimates[0], self.last_estimates[len(self.last_estimates) // 2]
         return dict(
             loss=value,
             projected_grad=live.projected_gradient,
             seed=live.seed,
             anchor=False,
             projected_grad_at_anchor=anchored.projected_gradient,
-            forward_passes=4,
+            forward_passes=2 * len(self.last_estimates),
         )
 
     @property
@@ -259,58 +268,74 @@ class MeZOSVRG(ZerothOrder):
                     f"step {step} is an anchor step (every {self.anchor_every}): pass large_batch_closure, "
                     "the loss on the large batch"
                 )
-            estimate = self.estimator.estimate(large_batch_closure, seed, step)
-            gradient = (seed, estimate.projected_gradient)
+            estimates = [self.estimator.estimate(large_batch_closure, seed, step, only=only) for only in self.parts]
+            gradient = (seed, estimates[0].projected_gradient)
             if self.memory == "dense":
-                for index, param in enumerate(self.engine.params):  # new dicts: an earlier state_dict() stays a snapshot
-                    self.state[param] = {
-                        "anchor": param.detach().clone(),
-                        "anchor_gradient": gradient[1] * self.engine.direction(index, seed).to(param.dtype),
-                    }
+                for e in estimates:
+                    for index in e.indices or range(len(self.engine.params)):
+                        param = self.engine.params[index]  # new dicts: an earlier state_dict() stays a snapshot
+                        self.state[param] = {
+                            "anchor": param.detach().clone(),
+                            "anchor_gradient": e.projected_gradient * self.engine.direction(index, seed).to(param.dtype),
+                        }
             path: list[Pair] = []
-            self._apply_by_group(
-                lambda group: [(seed, -group["anchor_lr"] * gradient[1])], path if self.memory == "seeds" else None
-            )
+            for e in estimates:
+                self._apply_by_group(
+                    lambda group, e=e: [(seed, -group["anchor_lr"] * e.projected_gradient)],
+                    path if self.memory == "seeds" else None,
+                    e.indices,
+                )
             self.state["zo"] = {**stream, "step": step + 1, "anchor_gradient": list(gradient), "path": path}
-            self.last_estimates = [estimate]
-            return (estimate.loss_plus + estimate.loss_minus) / 2
-        live = self.estimator.estimate(closure, seed, step)
+            self.last_estimates = estimates
+            return sum(e.loss_plus + e.loss_minus for e in estimates) / (2 * len(estimates))
+        live = [self.estimator.estimate(closure, seed, step, only=only) for only in self.parts]
         anchored = self._estimate_at_anchor(closure, seed, step)
-        difference = live.projected_gradient - anchored.projected_gradient
         anchor_seed, anchor_c = stream["anchor_gradient"]
         path = [tuple(pair) for pair in stream["path"]]
         if self.memory == "dense":
-            self._apply_by_group(lambda group: [(seed, -group["lr"] * difference)], None)
+            for here, there in zip(live, anchored):
+                difference = here.projected_gradient - there.projected_gradient
+                self._apply_by_group(lambda group, d=difference: [(seed, -group["lr"] * d)], None, here.indices)
             for group in self.param_groups:  # the stored G, as the paper
                 for param in group["params"]:
                     param.add_(self.state[param]["anchor_gradient"], alpha=-group["lr"])
         else:
+            difference = live[0].projected_gradient - anchored[0].projected_gradient
             self._apply_by_group(lambda group: [(seed, -group["lr"] * difference), (anchor_seed, -group["lr"] * anchor_c)], path)
         self.state["zo"] = {**stream, "step": step + 1, "path": path}
-        self.last_estimates = [live, anchored]
-        return (live.loss_plus + live.loss_minus) / 2
+        self.last_estimates = [*live, *anchored]
+        return sum(e.loss_plus + e.loss_minus for e in live) / (2 * len(live))
 
-    def _estimate_at_anchor(self, closure: Closure, seed: int, step: int):
+    @property
+    def parts(self) -> list[frozenset[int] | None]:
+        """What each estimate perturbs: every block in turn (block-wise), or the whole model (None)."""
+        return self.blocks or [None]
+
+    def _estimate_at_anchor(self, closure: Closure, seed: int, step: int) -> list:
+        """The estimates at θ̃ along this step's z, one per part (:attr:`parts`)."""
         if self.memory == "seeds":
-            return self.estimator.estimate(closure, seed, step, base=[(s, -a) for s, a in self.state["zo"]["path"]])
+            return [self.estimator.estimate(closure, seed, step, base=[(s, -a) for s, a in self.state["zo"]["path"]])]
         live = [param.data for param in self.engine.params]
         for param in self.engine.params:
             param.data = self.state[param]["anchor"]
         try:
-            return self.estimator.estimate(closure, seed, step)
+            return [self.estimator.estimate(closure, seed, step, only=only) for only in self.parts]
         finally:
             for param, data in zip(self.engine.params, live):
                 param.data = data
 
-    def _apply_by_group(self, pairs_of, path: list | None) -> None:
-        """Apply each group's pairs; record them on the ``path`` from θ̃ if given (one entry per seed, summed)."""
+    def _apply_by_group(self, pairs_of, path: list | None, only: frozenset[int] | None = None) -> None:
+        """Apply each group's pairs (to the engine indices ``only``, if given); record them on the ``path`` from
+        θ̃ if given (one entry per seed, summed)."""
         if path is not None and len({(g["lr"], g["anchor_lr"]) for g in self.param_groups}) > 1:
             raise OptionError(
                 "MeZO-SVRG in seeds mode needs the same lr and anchor_lr in every parameter group (the "
                 "path from the anchor is one list of pairs): use memory=dense for per-group rates"
             )
         for group, indices in zip(self.param_groups, self.group_indices):
-            self.engine.apply(pairs_of(group), indices)
+            chosen = [i for i in indices if only is None or i in only]
+            if chosen:
+                self.engine.apply(pairs_of(group), chosen)
         for seed, coefficient in pairs_of(self.param_groups[0]) if path is not None else []:
             for i, (known, total) in enumerate(path):
                 if known == seed:
