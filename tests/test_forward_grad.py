@@ -78,3 +78,26 @@ def test_parameters_alone_and_operations_without_forward_mode_are_one_line_error
     with pytest.raises(OptionError, match="has no forward-mode derivative in torch"):
         optimizer.step(lambda: lm_loss(tiny_llama, batch))
     handle.remove()
+
+
+@pytest.mark.parametrize("shares", ["layer", "magnitude"])
+def test_sparse_steps_take_backwards_gradient_along_the_masked_directions(shares, batch):
+    """sparsity: the tangent and the update are the masked z (the optimizer's own masked directions, which
+    tests/test_sparse_masks.py checks against stored masks), d = ∇L·z with the masked z."""
+    model = random_llama("tiny", dtype=torch.float64, seed=0)
+    reference = random_llama("tiny", dtype=torch.float64, seed=0)
+    optimizer = ForwardGrad(model, lr=1e-2, seed=5, sparsity=0.5, sparse_shares=shares)
+    direction = keyed_direction(model, optimizer)
+    for step in range(2):
+        optimizer.step(lambda: lm_loss(model, batch))
+        z = {name: direction(name, derive_seed(5, step, 0)).double() for name, _ in model.named_parameters()}
+        assert 0.45 < (z["model.embed_tokens.weight"] == 0).float().mean().item() < 0.55
+        reference.zero_grad()
+        lm_loss(reference, batch).backward()
+        with torch.no_grad():
+            params = dict(reference.named_parameters())
+            derivative = sum((p.grad * z[name]).sum() for name, p in params.items())
+            for name, p in params.items():
+                p.sub_(1e-2 * derivative * z[name])
+    for (name, param), expected in zip(model.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(param.detach(), expected.detach(), rtol=0, atol=1e-11, msg=name)

@@ -52,6 +52,9 @@ class ForwardGrad(ZerothOrder):
         distribution: ``"gaussian"`` or ``"rademacher"``, as for :class:`MeZO`.
         seed: the base of the seed stream, as for :class:`MeZO`.
         num_threads: the threads for CPU parameters, as for :class:`MeZO` (None: ``torch.get_num_threads()``).
+        sparsity: the share of z's entries zeroed (the tangent's and the update's), as for :class:`MeZO`.
+        sparse_shares: ``"layer"``, ``"global"`` or ``"magnitude"``, as for :class:`MeZO`.
+        mask_every: the steps between new masks, as for :class:`MeZO`.
     """
 
     needs_differentiable_loss = True
@@ -69,6 +72,9 @@ class ForwardGrad(ZerothOrder):
         distribution: str = GAUSSIAN,
         seed: int = 0,
         num_threads: int | None = None,
+        sparsity: float = 0.0,
+        sparse_shares: str = "layer",
+        mask_every: int = 1,
     ) -> None:
         if not isinstance(params_or_model, nn.Module):
             raise OptionError("forward-grad runs the model on dual parameters: pass the model, not its parameters")
@@ -78,6 +84,7 @@ class ForwardGrad(ZerothOrder):
             params_or_model, lr=lr, weight_decay=weight_decay, distribution=distribution, seed=seed, num_threads=num_threads
         )
         self.model, self.n_directions = params_or_model, n_directions
+        self.sparse_directions(sparsity, sparse_shares, mask_every)
         names = {id(p): name for name, p in params_or_model.named_parameters()}
         self.names = [f"model.{names[id(p)]}" for p in self.param_list]
         self.last_derivatives: list[tuple[int, float]] = []
@@ -96,6 +103,7 @@ class ForwardGrad(ZerothOrder):
         if closure is None:
             raise TypeError("ForwardGrad.step needs a closure that returns the (differentiable) loss")
         step = self.state["zo"]["step"]
+        self.renew_mask(step)
         call, derivatives, losses = _Call(self.model, closure), [], []
         for j in range(self.n_directions):
             seed = self.step_seed(j)
