@@ -260,6 +260,11 @@ def test_task_speed_times_every_optimizer_with_both_scorers_on_a_real_batch(tmp_
     assert set(result["forward"]) == {"separate forward", "cached forward", "reference forward", "reference MeZO step"}
     assert result["mezo_over_reference"]["median"] > 0 and result["evaluation"]["examples"] == 6
     assert result["config"]["candidates"] == "2-2" and result["config"]["batch"] == 4
+    # The baseline forward and the reference step run on the batches MeZO's steps draw, not on others.
+    from zotune.optim import MeZO
+
+    plan = MeZO.data_plan(list(range(16)), 4, {}, 0)
+    assert result["config"]["baseline_batches"] == [plan.next_batch(), plan.next_batch()]
     assert (
         "packing's speed-up" in (tmp_path / "task_speed.md").read_text()
         and "cached ÷ packed" in (tmp_path / "task_speed.md").read_text()

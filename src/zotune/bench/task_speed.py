@@ -18,7 +18,7 @@ process over ``--repeats`` rounds after a warm-up round:
   from their KV cache in a second (:mod:`zotune.cached_scoring`), the other way of running a prompt once.
 
 Each optimizer's steps (packed and separate, on the same batches) are timed within rounds against the packed
-forward, as :func:`zotune.bench.speed.bracketed_timings` does; the table gives each step's time and the
+forward over the batches MeZO's plan draws for its steps (the reference step runs on those batches too), as :func:`zotune.bench.speed.bracketed_timings` does; the table gives each step's time and the
 speed-up of packing. Dev-set evaluation (``--eval-examples`` examples) is timed as the trainer runs it
 (batches of similar lengths, packed) and as before (in order, separate). Writes ``task_speed.json`` and
 ``task_speed.md`` into ``--out``.
@@ -91,7 +91,11 @@ def run(config, names: list[str], repeats: int, eval_examples: int, cached: bool
     prepared = prepare(config)
     model, pad = prepared.model, prepared.tokenizer.pad_token_id
     train, dev = prepared.splits["train"], prepared.splits["dev"][:eval_examples]
-    batch = train[: config.batch_size]
+    # The baseline forward and the reference step run on the batches a one-batch plan (MeZO's) draws for
+    # an item's steps, so that a step and its baseline see the same examples.
+    plan = OPTIMIZERS["mezo"].data_plan(train, config.batch_size, {}, config.seed)
+    drawn = [plan.next_batch() for _ in range(STEPS)]
+    batches = [[train[i] for i in indices] for indices in drawn]
     scorers = dict(packed=candidate_scores, separate=separate_candidate_scores, cached=cached_candidate_scores)
     timed = (*SCORERS, "cached") if cached else SCORERS
     losses = {name: partial(prepared.loss, scorer=scorer) for name, scorer in scorers.items()}
@@ -102,13 +106,15 @@ def run(config, names: list[str], repeats: int, eval_examples: int, cached: bool
 
     @torch.no_grad()
     def forward(name="packed"):
-        losses[name](model, batch, pad)
+        for examples in batches:
+            losses[name](model, examples, pad)
 
     reference_loss = partial(prepared.loss, scorer=reference_scores)
 
     @torch.no_grad()
     def reference_forward():
-        reference_loss(model, batch, pad)
+        for examples in batches:
+            reference_loss(model, examples, pad)
 
     params = [p for p in model.parameters() if p.requires_grad]
     seeds = iter(range(10**9))
@@ -116,7 +122,8 @@ def run(config, names: list[str], repeats: int, eval_examples: int, cached: bool
 
     @torch.no_grad()
     def reference_step():
-        reference_mezo_step(params, lambda: reference_loss(model, batch, pad), next(seeds), 0.0, eps)
+        for examples in batches:
+            reference_mezo_step(params, lambda examples=examples: reference_loss(model, examples, pad), next(seeds), 0.0, eps)
 
     actions = {
         "separate forward": lambda: forward("separate"),
@@ -155,7 +162,7 @@ def run(config, names: list[str], repeats: int, eval_examples: int, cached: bool
         speedups = [a / b for a, b in zip(step_ratios["separate"], step_ratios["packed"])]
         steps[name] = dict(
             seconds={s: statistics.median(seconds[s]) / STEPS for s in timed},
-            over_packed_forward={s: spread([r / STEPS for r in step_ratios[s]]) for s in timed},
+            over_packed_forward={s: spread(step_ratios[s]) for s in timed},  # STEPS steps against STEPS forwards
             speedup=spread(speedups),
         )
         if cached:
@@ -175,19 +182,21 @@ def run(config, names: list[str], repeats: int, eval_examples: int, cached: bool
     if "mezo" in steps:
         mezo = steps["mezo"]["over_packed_forward"]["packed"]["median"]
         results["mezo_over_reference"] = {key: value / mezo for key, value in results["forward"]["reference MeZO step"].items()}
-    candidates = [len(example.sequences) for example in batch]
+    examples = [example for examples in batches for example in examples]
+    candidates = [len(example.sequences) for example in examples]
     return dict(
         config=dict(
             model=config.model,
             task=config.task,
-            batch=len(batch),
+            batch=config.batch_size,
+            baseline_batches=drawn,  # the training examples of the baseline forward and the reference step
             max_length=config.max_length,
             threads=torch.get_num_threads(),
             repeats=repeats,
             dtype=config.dtype,
             candidates=f"{min(candidates)}-{max(candidates)}",
-            candidate_tokens=sorted({n for e in batch for n in e.candidate_lengths}),
-            longest=max(len(s) for e in batch for s in e.sequences),
+            candidate_tokens=sorted({n for e in examples for n in e.candidate_lengths}),
+            longest=max(len(s) for e in examples for s in e.sequences),
         ),
         machine=dict(platform=platform.platform(), cpus=os.cpu_count(), torch=torch.__version__),
         steps=steps,
