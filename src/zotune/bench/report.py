@@ -18,9 +18,10 @@ def write_report(out: Path, name: str, data, table: str, bars: tuple[list[str], 
     import matplotlib.pyplot as plt
 
     labels, values, settings = bars
-    figure, axis = plt.subplots(figsize=(max(5, len(labels)), 4))
+    figure, axis = plt.subplots(figsize=(max(5, 0.45 * len(labels) + 2), 4.5))
     axis.bar(labels, values)
     axis.set(**settings)
+    plt.setp(axis.get_xticklabels(), rotation=45, ha="right")  # long optimizer names side by side
     figure.tight_layout()
     figure.savefig(out / f"{name}.png", dpi=100)
     plt.close(figure)
