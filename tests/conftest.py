@@ -64,25 +64,28 @@ def keyed_direction(model, optimizer):
     return lambda name, s: optimizer.engine.direction(index[id(params[name])], s)
 
 
-def resume_and_compare(build_optimizer, batch, steps_before: int, steps_after: int):
+def resume_and_compare(build_optimizer, batch, steps_before: int, steps_after: int, step=None):
     """Train ``steps_before`` steps, save model and optimizer state, train on; then rebuild a different
     model and a fresh optimizer, load the saved states, train the same steps, and check the parameters are
-    bit-identical. ``build_optimizer(model)`` makes the optimizer; returns the resumed optimizer."""
+    bit-identical. ``build_optimizer(model)`` makes the optimizer; ``step(model, optimizer, k)`` takes step k
+    (default: one closure, the loss on ``batch``); returns the resumed optimizer."""
+    if step is None:
+        step = lambda model, optimizer, k: optimizer.step(lambda: lm_loss(model, batch))  # noqa: E731
     model = random_llama("tiny", seed=4)
     optimizer = build_optimizer(model)
-    for _ in range(steps_before):
-        optimizer.step(lambda: lm_loss(model, batch))
+    for k in range(steps_before):
+        step(model, optimizer, k)
     saved_params = {n: p.detach().clone() for n, p in model.state_dict().items()}
     saved_state = copy.deepcopy(optimizer.state_dict())  # a snapshot: dense state is updated in place, as in torch
-    for _ in range(steps_after):
-        optimizer.step(lambda: lm_loss(model, batch))
+    for k in range(steps_before, steps_before + steps_after):
+        step(model, optimizer, k)
     resumed_model = random_llama("tiny", seed=123)
     resumed_model.load_state_dict(saved_params)
     resumed = build_optimizer(resumed_model)
     resumed.load_state_dict(saved_state)
     loaded_stream = dict(resumed.state["zo"])
-    for _ in range(steps_after):
-        resumed.step(lambda: lm_loss(resumed_model, batch))
+    for k in range(steps_before, steps_before + steps_after):
+        step(resumed_model, resumed, k)
     for a, b in zip(model.parameters(), resumed_model.parameters()):
         assert torch.equal(a, b)
     return loaded_stream

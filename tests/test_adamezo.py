@@ -245,9 +245,7 @@ def test_default_learning_rate_fits_the_form(tiny_llama):
 def test_sparse_adamezo_replays_each_direction_under_its_own_steps_mask(exact, batch):
     """Sparse directions with masks renewed every 2 steps and a window of 3: the moments mix directions drawn
     under different masks, each replayed under its own (the naive reference stores every masked z)."""
-    from test_sparse_masks import naive_masked
-
-    from zotune.sparse_masks import MASK_COUNTER
+    from test_sparse_masks import stored_masked_directions
 
     hyper = dict(lr=1e-4, eps=1e-3, weight_decay=0.0, window=3, beta1=0.7, beta2=0.9, delta=1e-5, seed=11)
     model = random_llama("tiny", dtype=torch.float64, seed=0)
@@ -257,15 +255,7 @@ def test_sparse_adamezo_replays_each_direction_under_its_own_steps_mask(exact, b
     steps = 8  # 4 plain steps, then 4 windowed ones, over masks of 4 epochs
     for _ in range(steps):
         optimizer.step(lambda: lm_loss(model, batch))
-    name_of = {id(p): name for name, p in model.named_parameters()}
-    order = [name_of[id(p)] for p in optimizer.param_list]
-    params = [p.detach() for p in optimizer.param_list]
-    step_of = {derive_seed(11, step, 0): step for step in range(steps)}
-
-    def direction(name, s):
-        mask_seed = derive_seed(11, step_of[s] // 2, MASK_COUNTER)
-        return naive_masked(params, s, mask_seed, [0.5] * len(params))[order.index(name)]
-
+    direction = stored_masked_directions(model, optimizer, 11, steps, 0.5, 2)
     expected = naive_adamezo(reference, batch, steps=steps, direction=direction, **hyper)
     for name, param in model.named_parameters():
         torch.testing.assert_close(param.detach(), expected[name], rtol=0, atol=1e-9 if not exact else 1e-10, msg=name)

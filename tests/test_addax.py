@@ -1,11 +1,10 @@
-import copy
 import math
 
 import pytest
 import torch
 from torch import nn
 
-from conftest import keyed_direction, lm_loss
+from conftest import keyed_direction, lm_loss, resume_and_compare
 from test_inplace_sgd import NaNGradient
 from zotune import Addax, InPlaceSGD, MeZO, NonFiniteGradientError, NonFiniteLossError
 from zotune.config import TrainConfig
@@ -217,6 +216,12 @@ def test_one_sided_steps_are_mezo_and_ip_sgd():
     assert set(addax.last_losses) == {"fo"}
 
 
+def addax_steps():
+    """``step(model, optimizer, k)`` for resume_and_compare: the long and the short batch."""
+    long_batch, short_batch = batches()
+    return lambda model, optimizer, k: optimizer.step(lambda: lm_loss(model, long_batch), lambda: lm_loss(model, short_batch))
+
+
 def test_resume_is_exact():
     long_batch, short_batch = batches()
     model = random_llama("tiny", seed=0)
@@ -277,9 +282,7 @@ def test_bad_options(tiny_llama):
 def test_sparse_addax_matches_naive_reference_with_masked_directions(exact):
     """sparsity: the zeroth-order term's z under each step's seeded mask (renewed every 2 steps), in the
     estimate on the long batch and in the update inside backward alike."""
-    from test_sparse_masks import naive_masked
-
-    from zotune.sparse_masks import MASK_COUNTER
+    from test_sparse_masks import stored_masked_directions
 
     long_batch, short_batch = batches()
     model = random_llama("tiny", seed=0).double()
@@ -288,15 +291,7 @@ def test_sparse_addax_matches_naive_reference_with_masked_directions(exact):
     optimizer = Addax(model if exact else list(model.parameters()), **options, sparsity=0.5, mask_every=2)
     for _ in range(3):
         optimizer.step(lambda: lm_loss(model, long_batch), lambda: lm_loss(model, short_batch))
-    params = [p.detach() for p in optimizer.param_list]
-    name_of = {id(p): name for name, p in model.named_parameters()}
-    order = [name_of[id(p)] for p in optimizer.param_list]
-    step_of = {derive_seed(7, step, 0): step for step in range(3)}
-
-    def direction(name, s):
-        mask_seed = derive_seed(7, step_of[s] // 2, MASK_COUNTER)
-        return naive_masked(params, s, mask_seed, [0.5] * len(params))[order.index(name)]
-
+    direction = stored_masked_directions(model, optimizer, 7, 3, 0.5, 2)
     expected = naive_addax(reference_model, long_batch, short_batch, steps=3, direction=direction, **options)
     for name, param in model.named_parameters():
         torch.testing.assert_close(param, expected[name], rtol=1e-10, atol=1e-10, msg=name)
@@ -311,23 +306,8 @@ def test_sparse_addax_at_zero_lr_is_bit_exact_and_resumes_exactly(shares):
     for _ in range(2):
         optimizer.step(lambda: lm_loss(model, long_batch), lambda: lm_loss(model, short_batch))
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
-    model = random_llama("tiny", seed=0)
     build = lambda m: Addax(m, lr=0.01, alpha=0.1, seed=2, sparsity=0.5, sparse_shares=shares, mask_every=2)  # noqa: E731
-    optimizer = build(model)
-    step = lambda m, o: o.step(lambda: lm_loss(m, long_batch), lambda: lm_loss(m, short_batch))  # noqa: E731
-    for _ in range(3):
-        step(model, optimizer)
-    saved_model, saved_state = {k: v.clone() for k, v in model.state_dict().items()}, copy.deepcopy(optimizer.state_dict())
-    for _ in range(2):
-        step(model, optimizer)
-    resumed = random_llama("tiny", seed=9)
-    resumed.load_state_dict(saved_model)
-    resumed_optimizer = build(resumed)
-    resumed_optimizer.load_state_dict(saved_state)
-    for _ in range(2):
-        step(resumed, resumed_optimizer)
-    for a, b in zip(model.parameters(), resumed.parameters()):
-        assert torch.equal(a, b)
+    resume_and_compare(build, None, steps_before=3, steps_after=2, step=addax_steps())
 
 
 def test_blockwise_addax_mixes_each_blocks_own_estimate_into_its_parameters_updates():

@@ -2,14 +2,14 @@
 
 import pytest
 import torch
-from conftest import lm_loss, resume_and_compare
+from conftest import lm_loss
 from torch import nn
 
 from zotune.blocks import perturbation_blocks
 from zotune.directions import derive_seed
 from zotune.errors import OptionError
 from zotune.models import random_llama
-from zotune.optim import MeZO, ZOAdam, ZOSGDMomentum, create_optimizer
+from zotune.optim import MeZO, ZOAdam, create_optimizer
 
 
 def test_blocks_follow_the_models_structure_and_cover_every_parameter_once():
@@ -80,18 +80,3 @@ def test_blocks_that_cannot_work_are_one_line_errors(tiny_llama):
     ]:
         with pytest.raises(OptionError, match=message):
             build()
-
-
-def test_replayed_blockwise_momentum_equals_the_stored_buffer_within_its_window(batch):
-    """Block-wise, each block's replayed buffer holds its own estimates: within the window it equals the
-    stored buffer, which adds each block's c·z to its parameters' buffers."""
-    models = [random_llama("tiny", dtype=torch.float64, seed=0) for _ in range(2)]
-    options = dict(lr=1e-2, momentum=0.8, blocks="layer", seed=5)
-    dense = ZOSGDMomentum(models[0], buffer="dense", **options)
-    replay = ZOSGDMomentum(models[1], buffer="replay", window=10, **options)
-    for _ in range(3):
-        dense.step(lambda: lm_loss(models[0], batch))
-        replay.step(lambda: lm_loss(models[1], batch))
-    for a, b in zip(models[0].parameters(), models[1].parameters()):
-        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
-    resume_and_compare(lambda m: ZOSGDMomentum(m, buffer="replay", window=2, **options), batch, steps_before=3, steps_after=2)

@@ -3,7 +3,7 @@ from functools import partial
 import pytest
 import torch
 
-from conftest import keyed_direction, lm_loss
+from conftest import keyed_direction, lm_loss, resume_and_compare
 from zotune import MeZO, MeZOSVRG
 from zotune.directions import derive_seed
 from zotune.errors import OptionError
@@ -72,25 +72,16 @@ def test_seeds_mode_holds_no_parameter_sized_state():
     assert all({"anchor", "anchor_gradient"} <= set(dense.state[p]) for p in model.parameters())
 
 
+def svrg_steps(batches, large):
+    """``step(model, optimizer, k)`` for resume_and_compare: step k on ``batches[k]``, ``large`` at anchors."""
+    return lambda model, optimizer, k: optimizer.step(lambda: lm_loss(model, batches[k]), lambda: lm_loss(model, large))
+
+
 @pytest.mark.parametrize("memory", ["seeds", "dense"])
 def test_resume_is_exact(memory):
     batches, large = data(6)
-    model = random_llama("tiny", seed=0)
     build = lambda m: MeZOSVRG(m, lr=0.01, anchor_lr=0.02, anchor_every=3, memory=memory, seed=4)  # noqa: E731
-    optimizer = build(model)
-    for batch in batches[:2]:
-        optimizer.step(lambda: lm_loss(model, batch), lambda: lm_loss(model, large))
-    saved_model, saved_state = {k: v.clone() for k, v in model.state_dict().items()}, optimizer.state_dict()
-    for batch in batches[2:]:
-        optimizer.step(lambda: lm_loss(model, batch), lambda: lm_loss(model, large))
-    resumed = random_llama("tiny", seed=9)
-    resumed.load_state_dict(saved_model)
-    resumed_optimizer = build(resumed)
-    resumed_optimizer.load_state_dict(saved_state)
-    for batch in batches[2:]:
-        resumed_optimizer.step(lambda: lm_loss(resumed, batch), lambda: lm_loss(resumed, large))
-    for a, b in zip(model.parameters(), resumed.parameters()):
-        assert torch.equal(a, b)
+    resume_and_compare(build, None, steps_before=2, steps_after=4, step=svrg_steps(batches, large))
 
 
 def test_svrg_direction_has_lower_variance_than_mezo_near_a_solution():
@@ -302,9 +293,7 @@ def test_bad_options_and_missing_large_batch(tiny_llama):
 def test_sparse_svrg_matches_naive_reference_with_each_steps_masked_direction(memory):
     """Masks renewed every step: in seeds mode the estimate at θ̃ replays the path's directions (G's among
     them) under their own steps' masks."""
-    from test_sparse_masks import naive_masked
-
-    from zotune.sparse_masks import MASK_COUNTER
+    from test_sparse_masks import stored_masked_directions
 
     batches, large = data(7)
     model = random_llama("tiny", seed=0).double()
@@ -313,14 +302,7 @@ def test_sparse_svrg_matches_naive_reference_with_each_steps_masked_direction(me
     optimizer = MeZOSVRG(model, memory=memory, sparsity=0.5, **options)
     for batch in batches:
         optimizer.step(lambda: lm_loss(model, batch), lambda: lm_loss(model, large))
-    params = [p.detach() for p in optimizer.param_list]
-    name_of = {id(p): name for name, p in model.named_parameters()}
-    order = [name_of[id(p)] for p in optimizer.param_list]
-    step_of = {derive_seed(5, step, 0): step for step in range(7)}
-
-    def direction(name, s):
-        return naive_masked(params, s, derive_seed(5, step_of[s], MASK_COUNTER), [0.5] * len(params))[order.index(name)]
-
+    direction = stored_masked_directions(model, optimizer, 5, 7, 0.5, 1)
     expected = naive_svrg(reference_model, batches, large, direction=direction, **options)
     for name, param in model.named_parameters():
         torch.testing.assert_close(param, expected[name], rtol=1e-10, atol=1e-10, msg=name)
@@ -329,22 +311,9 @@ def test_sparse_svrg_matches_naive_reference_with_each_steps_masked_direction(me
 @pytest.mark.parametrize("memory,shares", [("seeds", "layer"), ("dense", "magnitude")])
 def test_sparse_svrg_resumes_exactly(memory, shares):
     batches, large = data(6)
-    model = random_llama("tiny", seed=0)
     options = dict(lr=0.01, anchor_lr=0.02, anchor_every=3, memory=memory, seed=4, sparsity=0.5, sparse_shares=shares)
-    optimizer = MeZOSVRG(model, **options)
-    for batch in batches[:2]:
-        optimizer.step(lambda: lm_loss(model, batch), lambda: lm_loss(model, large))
-    saved_model, saved_state = {k: v.clone() for k, v in model.state_dict().items()}, optimizer.state_dict()
-    for batch in batches[2:]:
-        optimizer.step(lambda: lm_loss(model, batch), lambda: lm_loss(model, large))
-    resumed = random_llama("tiny", seed=9)
-    resumed.load_state_dict(saved_model)
-    resumed_optimizer = MeZOSVRG(resumed, **options)
-    resumed_optimizer.load_state_dict(saved_state)
-    for batch in batches[2:]:
-        resumed_optimizer.step(lambda: lm_loss(resumed, batch), lambda: lm_loss(resumed, large))
-    for a, b in zip(model.parameters(), resumed.parameters()):
-        assert torch.equal(a, b)
+    resume_and_compare(lambda m: MeZOSVRG(m, **options), None, steps_before=2, steps_after=4, step=svrg_steps(batches, large))
+    model = random_llama("tiny", seed=0)
     with pytest.raises(OptionError, match="or memory=dense"):
         MeZOSVRG(model, sparsity=0.5, sparse_shares="magnitude")
 

@@ -253,3 +253,20 @@ def test_blockwise_zo_cons_builds_its_candidates_from_each_blocks_own_estimate()
     assert_params(model, theta)
     assert len(set(moves)) > 1, moves
     assert optimizer.forwards() == 1 + 2 * len(optimizer.blocks) + 2
+
+
+@pytest.mark.parametrize("options", [dict(sparsity=0.5, mask_every=1), dict(blocks="layer")], ids=["sparse", "blocks"])
+def test_replayed_momentum_equals_the_stored_buffer_within_its_window(options, batch):
+    """Sparse, every replayed direction is masked under its own step's mask (renewed every step); block-wise,
+    each block's buffer holds its own estimates. Within its window the replayed buffer equals the stored one,
+    which added each step's c·z as it went."""
+    models = [random_llama("tiny", dtype=torch.float64, seed=0) for _ in range(2)]
+    options = dict(lr=1e-2, momentum=0.8, seed=5, **options)
+    dense = ZOSGDMomentum(models[0], buffer="dense", **options)
+    replay = ZOSGDMomentum(models[1], buffer="replay", window=10, **options)
+    for _ in range(3):
+        dense.step(lambda: lm_loss(models[0], batch))
+        replay.step(lambda: lm_loss(models[1], batch))
+    for a, b in zip(models[0].parameters(), models[1].parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+    resume_and_compare(lambda m: ZOSGDMomentum(m, buffer="replay", window=2, **options), batch, steps_before=3, steps_after=2)
