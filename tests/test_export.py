@@ -95,6 +95,8 @@ def test_a_lora_mean_pooled_run_merges_into_a_body_and_a_head_that_load_as_the_c
     merged = run_dir / "model" / "merged"
     card = (merged / "README.md").read_text()
     assert "library_name: transformers" in card and "AutoModel.from_pretrained(folder)" in card and "score.safetensors" in card
+    adapter_card = (run_dir / "model" / "README.md").read_text()  # the adapter: no score.safetensors beside it
+    assert "score.safetensors" not in adapter_card and "merged/" in adapter_card
     prepared = prepare(load_config(run_dir / "config.yaml"))
     examples, pad_id = prepared.splits["dev"], prepared.tokenizer.pad_token_id
     input_ids, attention = padded_batch([example.sequences[0] for example in examples], pad_id, "cpu")

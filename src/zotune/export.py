@@ -165,7 +165,18 @@ def model_card(config: TrainConfig, results: dict, contents: str, merged: bool =
         f"| seed | {config.seed} |",
         "",
     ]
-    if config.head == "classifier" and config.pooling == "mean":
+    if config.head == "classifier" and config.pooling == "mean" and adapter:
+        lines += [
+            "A PEFT adapter of zotune's mean-pooled classifier (`zotune.pooling.MeanPooledClassifier`), which "
+            "transformers cannot rebuild alone: score it with `zotune eval --checkpoint`"
+            + (
+                ", or load the merged model in `merged/`, which needs no zotune."
+                if config.merge
+                else ", or train with merge: true."
+            ),
+            "",
+        ]
+    elif config.head == "classifier" and config.pooling == "mean":
         lines += [
             "Load the body with `AutoModel.from_pretrained(folder)`, average its last hidden states over the "
             "non-padding tokens, and apply the linear layer in `score.safetensors` (`weight`, `bias`).",
