@@ -12,7 +12,7 @@ import torch
 class MetricsLog:
     """Append-only JSONL; on resume, the records written after the checkpoint are dropped (they will be redone), and
     the kept ones are handed to the sinks again, which start afresh. ``count``: the records in the file, which a
-    checkpoint saves as ``resume_records``."""
+    checkpoint saves as ``metrics_records``."""
 
     def __init__(
         self, path: Path, resume_step: int | None, enabled: bool = True, sinks=(), resume_records: int | None = None

@@ -181,9 +181,7 @@ class AdaMeZO(MeZO):
         history = [*stream["window"], [estimate.seed, projected]][-self.window :]
         self.state["zo"] = {**stream, "window": history}
         if "window_masks" in stream:
-            masks = [*stream["window_masks"], self.engine.mask.seed][-self.window :]
-            self.state["zo"]["window_masks"] = masks
-            self.engine.mask.remember({seed: mask for (seed, _), mask in zip(history, masks)})
+            self.state["zo"]["window_masks"] = self.replay_masks(stream["window_masks"], [[seed] for seed, _ in history])
         if stream["step"] <= self.plain_steps:  # the step counter already counts this step
             return super()._update(estimates)
         momentum_only = self.beta2 == 0

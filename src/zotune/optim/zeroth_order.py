@@ -134,6 +134,15 @@ class ZerothOrder(TrainingStep, torch.optim.Optimizer):
         elif mask is not None:
             mask.seed = derive_seed(zo["seed"], epoch, MASK_COUNTER)
 
+    def replay_masks(self, window_masks: Sequence[int], seeds: Sequence[Sequence[int]]) -> list[int]:
+        """For an optimizer that replays a window of earlier steps' directions under seeded sparse masks: the
+        mask seeds of the window after this step (``window_masks``, the earlier entries', and the current mask's,
+        kept to ``len(seeds)`` entries), with each entry's direction ``seeds`` remembered under its own
+        (:meth:`zotune.sparse_masks.SparseMask.remember`)."""
+        masks = [*window_masks, self.engine.mask.seed][-len(seeds) :]
+        self.engine.mask.remember({seed: mask for entry, mask in zip(seeds, masks) for seed in entry})
+        return masks
+
     def step_seed(self, index: int = 0) -> int:
         """The seed of this step's ``index``-th direction."""
         stream = self.state["zo"]

@@ -70,11 +70,8 @@ class ZOSGDMomentum(MeZO):
             self.state["zo"] = {**stream, "window": history}
             by_part = history if self.blocks else [[entry] for entry in history]
             if "window_masks" in stream:
-                masks = [*stream["window_masks"], self.engine.mask.seed][-self.window :]
-                self.state["zo"]["window_masks"] = masks
-                self.engine.mask.remember(
-                    {seed: mask for entry, mask in zip(by_part, masks) for part in entry for seed, _ in part}
-                )
+                seeds = [[seed for part in entry for seed, _ in part] for entry in by_part]
+                self.state["zo"]["window_masks"] = self.replay_masks(stream["window_masks"], seeds)
             for b, part in enumerate(parts):
                 replayed = [(seed, self.momentum**k * c) for k, entry in enumerate(by_part[::-1]) for seed, c in entry[b]]
                 self.apply_by_group(
