@@ -28,6 +28,7 @@ def tiny_claim(tmp_path, monkeypatch):
         max_ratio=0.7,
         better=False,
         seeds=(0, 1),
+        scale_gap="the gap between scales",
     )
     monkeypatch.setitem(claims.CLAIMS, "adamezo", claim)
     monkeypatch.setattr(reproduce, "CLAIMS", claims.CLAIMS)
@@ -59,6 +60,7 @@ def test_the_plan_runs_within_its_budget_resumes_and_reports(tiny_claim, tmp_pat
     text = document.read_text()
     row = next(line for line in text.splitlines() if line.startswith("| adamezo | a paper's figure |"))
     assert any(f"| {verdict} |" in row for verdict in ("holds", "does not hold", "inconclusive"))
+    assert ("the gap between scales" in text) == ("| holds |" not in row)  # the paragraph on why, where it does not hold
     assert "| mezo | lr=" in text and (tmp_path / "docs" / "results" / "adamezo.png").stat().st_size > 1000
 
 

@@ -283,6 +283,8 @@ def report(claims: list[Claim], out: Path, document: Path) -> None:
                 f"{entry['dev'][0]:.3f} ± {entry['dev'][1]:.3f} | {_shown(entry['passes_to_target'])} | "
                 f"{_shown(entry['seconds_to_target'])} | {entry['peak_memory_mb']:.0f} |"
             )
+        if verdict_text != "holds" and claim.scale_gap:
+            lines += ["", f"Why this scale may differ from the paper's: {claim.scale_gap}"]
         lines += ["", f"![{claim.name}](results/{claim.name}.png)", ""]
         sections.append("\n".join(lines))
     command = "zotune bench reproduce --claim all"
