@@ -141,6 +141,11 @@ def test_the_target_is_a_dev_level_every_mezo_seed_reached(tiny_claim):
     assert result["arms"]["mezo"]["passes_to_target"] == (6 + 4) / 2  # steps 3 and 2, 2 forwards a step
     assert result["arms"]["adamezo"]["passes_to_target"] == 2
     assert result["verdict"][0] == "holds"  # a fifth of MeZO's passes, accuracy level
+    # AdaMeZO was at the target by its first evaluation: its passes to it are only bounded, and the report says so.
+    assert result["arms"]["adamezo"]["at_first_evaluation"] and not result["arms"]["mezo"]["at_first_evaluation"]
+    document = out.parent / "results.md"
+    reproduce.report([claim], out, document)
+    assert "Every adamezo run reached the target at its first dev evaluation" in document.read_text()
 
 
 def test_an_early_stopped_run_counts_as_done(tiny_claim):
