@@ -178,10 +178,10 @@ def first_at(curve: list[tuple[float, int, float]], target: float):
     return next(((passes, seconds) for value, passes, seconds in curve if value >= target - 1e-12), None)
 
 
-def at_first_evaluation(curve: list[tuple[float, int, float]], target: float) -> bool:
-    """Whether ``target`` was reached by the first evaluation after training began (or before it): then the
-    passes and seconds to it are only an upper bound, set by how often dev is evaluated."""
-    reached = first_at(curve, target)
+def at_first_evaluation(curve: list[tuple[float, int, float]], reached) -> bool:
+    """Whether ``reached`` (``first_at``'s answer for the curve) is the first evaluation after training began
+    (or before it): then the passes and seconds to the target are only an upper bound, set by how often dev
+    is evaluated."""
     first = next((passes for _, passes, _ in curve if passes > 0), None)
     return reached is not None and first is not None and reached[0] <= first
 
@@ -211,7 +211,7 @@ def analyse(claim: Claim, out: Path) -> dict | None:
     for entry in arms.values():
         for r in entry["runs"]:
             r["reached"] = first_at(r["curve"], target)
-            r["at_first_evaluation"] = at_first_evaluation(r["curve"], target)
+            r["at_first_evaluation"] = at_first_evaluation(r["curve"], r["reached"])
         entry["test"] = _mean_sd([r["test"] for r in entry["runs"]])
         entry["dev"] = _mean_sd([r["dev"] for r in entry["runs"]])
         entry["peak_memory_mb"] = statistics.mean(r["peak_memory_mb"] for r in entry["runs"])
